@@ -1,0 +1,115 @@
+"""The `spp` command line: a thin click layer over the library.
+
+Imports of torch, OpenCV and the library modules happen inside the
+commands, so ``spp --help`` and ``spp CMD --help`` answer instantly.
+Library errors (:class:`spp_cli.errors.SPPError`) become one-line
+``Error: ...`` messages with exit code 1; Ctrl-C exits 130 with a note
+on how to resume.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from spp_cli import __version__
+
+
+class SPPGroup(click.Group):
+    """A group that turns library errors into clean one-line CLI errors."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        from spp_cli.errors import SPPError
+
+        try:
+            return super().invoke(ctx)
+        except SPPError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("Interrupted. Finished work is kept; run the same command again to resume.", err=True)
+            ctx.exit(130)
+
+
+def input_options(func):
+    """``INPUT...`` or ``--data SPEC [--split NAME]``: what a command runs on."""
+    func = click.option(
+        "--split",
+        metavar="NAME",
+        help="Dataset split: a name (train, test, val...) or a .txt file of image ids. Default: all images.",
+    )(func)
+    func = click.option(
+        "--data",
+        metavar="SPEC",
+        help="A dataset instead of INPUTs: VOC folder, XML-beside-images folder, COCO .json or YOLO data.yaml.",
+    )(func)
+    return click.argument("inputs", nargs=-1, metavar="[INPUT]...")(func)
+
+
+def workers_option(func):
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=lambda: os.cpu_count() or 1,
+        show_default="all cores",
+        help="Worker processes (one image each).",
+    )(func)
+
+
+@click.group(cls=SPPGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", prog_name="spp")
+def cli() -> None:
+    """SPPnet object detection: selective search, one conv pass per image, SVMs.
+
+    \b
+    Typical run:
+      spp propose --data VOCdevkit/VOC2007 --split test --out props.json --report
+    """
+
+
+@cli.command()
+@input_options
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="props.json to write (atomically).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["fast", "quality"]),
+    default="fast",
+    show_default=True,
+    help="Selective search mode: fast (~2000 boxes, ~0.5 s/image) or quality (OpenCV's quality mode, slower).",
+)
+@click.option(
+    "--strategy",
+    default=None,
+    metavar="NAME",
+    help="A named strategy instead of --mode (see README: original-fast, opencv-fast, opencv-quality, ...).",
+)
+@click.option("--max-side", type=click.IntRange(min=0), default=None, help="Downscale so the long side is at most PX before segmenting (0 = full size). Boxes are mapped back to original pixels.")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Keep at most N boxes per image.")
+@click.option("--min-size", type=click.IntRange(min=0), default=None, help="Drop boxes narrower or shorter than PX (original pixels).")
+@workers_option
+@click.option("--report", is_flag=True, help="With ground truth (--data): print recall at IoU 0.5/0.7 and MABO per class.")
+def propose(inputs, data, split, out, mode, strategy, max_side, top, min_size, workers, report) -> None:
+    """Generate selective-search region proposals for images.
+
+    \b
+    Examples:
+      spp propose photos/ --out props.json
+      spp propose --data ../shared/data/raccoon --split test --out props.json --report
+      spp propose "imgs/**/*.jpg" --mode quality --top 3000 --workers 4 --out props.json
+    """
+    from spp_cli.commands.propose import run_propose
+
+    code = run_propose(inputs, data, split, out, mode, strategy, max_side, top, min_size, workers, report)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="spp")

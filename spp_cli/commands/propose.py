@@ -1,0 +1,173 @@
+"""`spp propose`: selective search over a batch, resumable, with a recall report."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from spp_cli import ui
+from spp_cli.errors import SPPError
+from spp_cli.fileio import atomic_write_json, check_writable
+from spp_cli.proposals import (
+    DEFAULT_STRATEGY,
+    ImageProposals,
+    ProposalParams,
+    ProposalTask,
+    TaskFailure,
+    proposals_document,
+    run_proposals,
+)
+from spp_cli.sources import resolve_sources
+
+
+def make_params(mode: str, strategy: str | None, max_side: int | None, top: int | None, min_size: int | None) -> ProposalParams:
+    """Settings from the command line; unset options take the library defaults."""
+    defaults = ProposalParams()
+    name = strategy or (DEFAULT_STRATEGY if mode == "fast" else "opencv-quality")
+    return ProposalParams(
+        strategy=name,
+        max_side=defaults.max_side if max_side is None else max_side,
+        top=defaults.top if top is None else top,
+        min_size=defaults.min_size if min_size is None else min_size,
+    )
+
+
+def partial_path(out: Path) -> Path:
+    """Where finished images are appended while a run is in progress."""
+    return out.with_name(out.name + ".partial")
+
+
+def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, min_size, workers: int, report: bool) -> int:
+    params = make_params(mode, strategy, max_side, top, min_size)
+    if report and not data:
+        raise SPPError("--report needs ground truth: use --data SPEC")
+    check_writable(out)
+    sources = resolve_sources(inputs, data, split)
+    ui.print_warnings(sources.warnings or [])
+    bad: list[tuple[Path | str, str]] = list(sources.bad or [])
+
+    done = _load_partial(partial_path(out), params)
+    tasks = [ProposalTask(s.image_id, str(s.path)) for s in sources.items if str(s.path) not in done]
+    if done:
+        ui.console.print(f"Resuming: {len(sources.items) - len(tasks)} of {len(sources.items)} images already done.")
+
+    results: dict[str, ImageProposals] = dict(done)
+    start = time.perf_counter()
+    with _open_partial(partial_path(out), params, fresh=not done) as partial, ui.progress() as bar:
+        task_id = bar.add_task("propose", total=len(sources.items), completed=len(sources.items) - len(tasks), rate="")
+        finished = 0
+        for result in run_proposals(tasks, params, workers):
+            finished += 1
+            if isinstance(result, TaskFailure):
+                bad.append((result.path, result.message))
+            else:
+                results[result.path] = result
+                partial.write(json.dumps({**result.to_json(), "seconds": round(result.seconds, 4)}) + "\n")
+                partial.flush()
+            elapsed = time.perf_counter() - start
+            bar.update(task_id, advance=1, rate=f"{finished / elapsed:.2f} img/s")
+    wall = time.perf_counter() - start
+
+    ordered = [results[str(s.path)] for s in sources.items if str(s.path) in results]
+    atomic_write_json(out, proposals_document(params, ordered))
+    partial_path(out).unlink(missing_ok=True)
+
+    counts = [len(e.boxes) for e in ordered]
+    seg_seconds = [e.seconds for e in ordered if e.seconds]
+    ui.console.print(
+        f"Wrote {out}: {len(ordered)} images, {np.mean(counts) if counts else 0:.0f} boxes/image "
+        f"(min {min(counts, default=0)}, max {max(counts, default=0)}), "
+        f"{np.mean(seg_seconds) if seg_seconds else 0:.2f} s/image per worker, "
+        f"{wall / max(len(tasks), 1):.2f} s/image wall with {workers} worker(s) "
+        f"({params.strategy}, max side {params.max_side or 'full'}, top {params.top})",
+        markup=False,
+    )
+    if report and sources.dataset is not None:
+        _print_report(sources, ordered)
+    ui.print_bad(bad)
+    return 1 if bad else 0
+
+
+def _load_partial(path: Path, params: ProposalParams) -> dict[str, ImageProposals]:
+    """Images finished by an interrupted run with the same settings."""
+    if not path.exists():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        header = {}
+    if header.get("params") != asdict(params):
+        ui.console.print(f"{path}: left by a run with other settings; starting afresh.")
+        return {}
+    done: dict[str, ImageProposals] = {}
+    for line in lines[1:]:
+        try:
+            e = json.loads(line)
+            done[e["path"]] = ImageProposals(
+                e["id"], e["path"], e["width"], e["height"],
+                np.asarray(e["boxes"], np.float32).reshape(-1, 4), e.get("seconds", 0.0),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            break  # the last line of a killed run may be cut short; redo from there
+    return done
+
+
+class _open_partial:
+    """Append-only journal of finished images, with a header of the settings."""
+
+    def __init__(self, path: Path, params: ProposalParams, fresh: bool):
+        self.path, self.params, self.fresh = path, params, fresh
+
+    def __enter__(self):
+        if self.fresh:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = self.path.open("w", encoding="utf-8")
+            self.file.write(json.dumps({"params": asdict(self.params)}) + "\n")
+        else:
+            # Rewrite to drop a possibly cut-short last line before appending.
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            good = [lines[0]]
+            for line in lines[1:]:
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                good.append(line)
+            self.file = self.path.open("w", encoding="utf-8")
+            self.file.write("\n".join(good) + "\n")
+        return self.file
+
+    def __exit__(self, *exc):
+        self.file.close()
+        return False
+
+
+def _print_report(sources, ordered: list[ImageProposals]) -> None:
+    from rich.table import Table
+
+    from spp_cli.evaluate import proposal_recall
+
+    dataset = sources.dataset
+    by_path = {e.path: e for e in ordered}
+    items = []
+    for s in sources.items:
+        entry = by_path.get(str(s.path))
+        if entry is None:
+            continue
+        r = s.record
+        keep = ~r.iscrowd
+        items.append((entry.boxes, r.boxes[keep], r.labels[keep]))
+    overall, per_class, mabo = proposal_recall(items, dataset.classes)
+    table = Table(title=f"Proposal recall ({overall.count} ground-truth boxes, {len(items)} images)")
+    for col in ("class", "boxes", "recall@0.5", "recall@0.7", "MABO"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    for name in sorted(per_class):
+        st = per_class[name]
+        table.add_row(name, str(st.count), f"{st.recall(0.5):.3f}", f"{st.recall(0.7):.3f}", f"{st.mabo:.3f}")
+    table.add_row("all", str(overall.count), f"{overall.recall(0.5):.3f}", f"{overall.recall(0.7):.3f}", f"{mabo:.3f}", style="bold")
+    ui.console.print(table)

@@ -1,0 +1,112 @@
+"""COCO JSON reader (``instances_*.json``)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from spp_cli.boxes import from_xywh
+from spp_cli.data.records import Dataset, ImageRecord, sanitise
+from spp_cli.data.registry import read_id_list, split_file
+from spp_cli.errors import DatasetError
+
+
+def read_coco(json_path: Path, split: str | None) -> Dataset:
+    """Read a COCO detection file; images are looked up beside it.
+
+    The image folder is the first of ``<root>/images/<stem>``,
+    ``<root>/<stem>``, ``<root>/images``, ``<root>`` (``root`` = the folder
+    above ``annotations/``, ``stem`` = ``train2017`` for
+    ``instances_train2017.json``) that holds the first image. A split is an id
+    list (``<root>/<split>.txt`` or a ``.txt`` path) of file-name stems or
+    numeric COCO ids.
+    """
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{json_path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise DatasetError(f"{json_path}: expected a JSON object with images, annotations, categories")
+    for key in ("images", "annotations", "categories"):
+        if key not in data:
+            raise DatasetError(f"{json_path}: missing key '{key}'")
+    categories = _require_each(json_path, data["categories"], "categories", ("id", "name"))
+    images = _require_each(json_path, data["images"], "images", ("id", "file_name"))
+    annotations = _require_each(json_path, data["annotations"], "annotations", ("image_id", "category_id", "bbox"))
+
+    categories = sorted(categories, key=lambda c: c["id"])
+    classes = [str(c["name"]) for c in categories]
+    class_index = {c["id"]: i for i, c in enumerate(categories)}
+    root = json_path.parent.parent if json_path.parent.name == "annotations" else json_path.parent
+    image_dir = _find_image_dir(json_path, root, images)
+
+    if split is not None:
+        wanted = set(read_id_list(split_file(split, root, json_path)))
+        images = [im for im in images if Path(im["file_name"]).stem in wanted or str(im["id"]) in wanted]
+        if not images:
+            raise DatasetError(f"{json_path}: split '{split}' selects no image of this file")
+
+    by_image = defaultdict(list)
+    for ann in annotations:
+        by_image[ann["image_id"]].append(ann)
+
+    records, warnings, bad = [], [], []
+    for im in images:
+        anns = by_image.get(im["id"], [])
+        try:
+            labels = [_category(json_path, class_index, ann) for ann in anns]
+            xywh = [_bbox(json_path, ann) for ann in anns]
+        except ValueError as exc:
+            bad.append((json_path, str(exc)))
+            continue
+        record = ImageRecord(image_id=Path(im["file_name"]).stem, path=image_dir / im["file_name"], coco_id=im["id"])
+        sanitise(
+            record,
+            from_xywh(xywh) if xywh else [],
+            labels,
+            [False] * len(anns),
+            [bool(ann.get("iscrowd", 0)) for ann in anns],
+            json_path,
+            warnings,
+        )
+        records.append(record)
+    return Dataset(root=json_path, format="coco", classes=classes, records=records, bad=bad, warnings=warnings)
+
+
+def _require_each(path: Path, items: object, key: str, fields: tuple[str, ...]) -> list[dict]:
+    if not isinstance(items, list):
+        raise DatasetError(f"{path}: '{key}' is not a list")
+    for n, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise DatasetError(f"{path}: {key}[{n}] is not an object")
+        for f in fields:
+            if f not in item:
+                raise DatasetError(f"{path}: {key}[{n}] missing key '{f}'")
+    return items
+
+
+def _category(path: Path, class_index: dict, ann: dict) -> int:
+    if ann["category_id"] not in class_index:
+        raise ValueError(f"annotation {ann.get('id', '?')} has unknown category_id {ann['category_id']}")
+    return class_index[ann["category_id"]]
+
+
+def _bbox(path: Path, ann: dict) -> list[float]:
+    bbox = ann["bbox"]
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+        raise ValueError(f"annotation {ann.get('id', '?')} has a bbox that is not [x, y, w, h]")
+    return [float(v) for v in bbox]
+
+
+def _find_image_dir(json_path: Path, root: Path, images: list[dict]) -> Path:
+    stem = json_path.stem.split("_")[-1]  # instances_train2017 -> train2017
+    candidates = [root / "images" / stem, root / stem, root / "images", root, json_path.parent]
+    if not images:
+        return candidates[0]
+    first = images[0]["file_name"]
+    for folder in candidates:
+        if (folder / first).exists():
+            return folder
+    tried = ", ".join(str(c) for c in candidates[:4])
+    raise DatasetError(f"{json_path}: cannot find image '{first}' (looked in {tried})")

@@ -1,0 +1,109 @@
+"""Format detection and split selection for :func:`open_dataset`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spp_cli.data.records import Dataset
+from spp_cli.errors import DatasetError
+
+FORMATS = ("voc", "xml", "coco", "yolo")
+
+_HELP = (
+    "expected a VOC folder (Annotations/, JPEGImages/), an XML-beside-images folder "
+    "(images/, annotations/), a COCO .json file, or a YOLO data.yaml"
+)
+
+
+def open_dataset(spec: str | Path, split: str | None = None) -> Dataset:
+    """Open a dataset, optionally one split of it.
+
+    Args:
+        spec: a dataset folder or annotation file; the format is detected, or
+            named with a prefix: ``voc:DIR``, ``xml:DIR``, ``coco:FILE.json``,
+            ``yolo:data.yaml``.
+        split: a split name (``train``, ``test``, ...) looked up the way the
+            format keeps its id lists, or the path of a ``.txt`` file of image
+            ids (one per line). ``None`` means every image.
+
+    Raises:
+        DatasetError: the layout is not recognised, or a split or annotation
+            file that the whole dataset depends on is missing or malformed.
+    """
+    fmt, path = _detect(str(spec))
+    if fmt == "voc":
+        from spp_cli.data.voc import read_voc
+
+        return read_voc(path, split)
+    if fmt == "xml":
+        from spp_cli.data.voc import read_xml_beside_images
+
+        return read_xml_beside_images(path, split)
+    if fmt == "coco":
+        from spp_cli.data.coco import read_coco
+
+        return read_coco(path, split)
+    from spp_cli.data.yolo import read_yolo
+
+    return read_yolo(path, split)
+
+
+def _detect(spec: str) -> tuple[str, Path]:
+    prefix, sep, rest = spec.partition(":")
+    if sep and prefix in FORMATS and len(prefix) > 1:
+        path = Path(rest)
+        if not path.exists():
+            raise DatasetError(f"{path}: no such file or folder")
+        return prefix, path
+    path = Path(spec)
+    if not path.exists():
+        raise DatasetError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix.lower() == ".json":
+            return "coco", path
+        if path.suffix.lower() in (".yaml", ".yml"):
+            return "yolo", path
+        raise DatasetError(f"{path}: not a dataset ({_HELP})")
+    if (path / "Annotations").is_dir() and (path / "JPEGImages").is_dir():
+        return "voc", path
+    if (path / "data.yaml").is_file():
+        return "yolo", path / "data.yaml"
+    if (path / "annotations").is_dir() and (path / "images").is_dir():
+        jsons = sorted((path / "annotations").glob("*.json"))
+        if any((path / "annotations").glob("*.xml")):
+            return "xml", path
+        if len(jsons) == 1:
+            return "coco", jsons[0]
+        if len(jsons) > 1:
+            names = ", ".join(j.name for j in jsons)
+            raise DatasetError(f"{path}: several COCO files in annotations/ ({names}); pass one with --data FILE.json")
+    raise DatasetError(f"{path}: dataset layout not recognised ({_HELP})")
+
+
+def read_id_list(path: Path) -> list[str]:
+    """Image ids from a split file: one per line, blank lines and ``#`` comments skipped.
+
+    VOC's ``ImageSets/Main/<class>_<split>.txt`` form (``id  1``) is accepted:
+    only the first column is used.
+    """
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DatasetError(f"{path}: split file is not UTF-8 text") from None
+    ids = [line.split()[0] for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not ids:
+        raise DatasetError(f"{path}: split file lists no image ids")
+    return ids
+
+
+def split_file(split: str, default_dir: Path, dataset: Path) -> Path:
+    """The id-list file for ``split``: an explicit ``.txt`` path, or ``default_dir/<split>.txt``."""
+    as_path = Path(split)
+    if as_path.suffix == ".txt" and as_path.is_file():
+        return as_path
+    candidate = default_dir / f"{split}.txt"
+    if candidate.is_file():
+        return candidate
+    available = sorted(p.stem for p in default_dir.glob("*.txt")) if default_dir.is_dir() else []
+    hint = f"; available: {', '.join(available)}" if available else ""
+    raise DatasetError(f"{dataset}: no split '{split}' (looked for {candidate}){hint}")

@@ -1,0 +1,143 @@
+"""YOLO reader: ``data.yaml`` (names, split folders) + ``images/`` + ``labels/``.
+
+Label lines are ``class cx cy w h`` normalised to [0, 1]; a label file is
+found by replacing the last ``images`` folder of the image path with
+``labels`` and the suffix with ``.txt`` (the ultralytics convention).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from spp_cli.boxes import from_cxcywh_normalised
+from spp_cli.data.records import Dataset, ImageRecord, sanitise
+from spp_cli.data.registry import read_id_list
+from spp_cli.errors import DatasetError
+from spp_cli.images import IMAGE_SUFFIXES, image_size
+
+
+class LabelError(Exception):
+    """One label file that cannot be used; its image is skipped."""
+
+
+def read_yolo(yaml_path: Path, split: str | None) -> Dataset:
+    """Read a YOLO dataset described by ``yaml_path``.
+
+    ``split`` names a key of the yaml (``train``, ``val``, ``test``) whose value
+    is an image folder or a ``.txt`` list of images, or is the path of a
+    ``.txt`` file of image ids (file stems) to select from all splits.
+    ``None`` means the images of every split key, without repeats.
+    """
+    try:
+        config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise DatasetError(f"{yaml_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(config, dict) or "names" not in config:
+        raise DatasetError(f"{yaml_path}: missing key 'names'")
+    classes = _names(yaml_path, config["names"])
+    base = Path(config.get("path") or ".")
+    base = base if base.is_absolute() else yaml_path.parent / base
+
+    split_keys = [k for k in ("train", "val", "test") if config.get(k)]
+    id_filter = None
+    if split is None or (split.endswith(".txt") and Path(split).is_file()):
+        if split is not None:
+            id_filter = set(read_id_list(Path(split)))
+        keys = split_keys
+    elif split in config and config[split]:
+        keys = [split]
+    else:
+        raise DatasetError(f"{yaml_path}: no split '{split}' (splits: {', '.join(split_keys) or 'none'})")
+
+    images: list[Path] = []
+    for key in keys:
+        images.extend(_split_images(yaml_path, base, key, config[key], required=(split is not None and id_filter is None)))
+    images = list(dict.fromkeys(images))
+    if id_filter is not None:
+        images = [p for p in images if p.stem in id_filter]
+    if not images:
+        raise DatasetError(f"{yaml_path}: no images found for split '{split or 'all'}'")
+
+    records, warnings, bad = [], [], []
+    for image_path in images:
+        label_path = label_path_for(image_path)
+        try:
+            rows = _read_labels(label_path, len(classes))
+        except LabelError as exc:
+            bad.append((label_path, str(exc)))
+            continue
+        record = ImageRecord(image_id=image_path.stem, path=image_path)
+        try:
+            width, height = image_size(image_path)
+            xyxy = from_cxcywh_normalised([r[1:] for r in rows], width, height) if rows else []
+        except Exception:
+            xyxy = []  # unreadable image: reported when its pixels are read
+            rows = []
+        sanitise(record, xyxy, [r[0] for r in rows], [False] * len(rows), [False] * len(rows), label_path, warnings)
+        records.append(record)
+    return Dataset(root=yaml_path, format="yolo", classes=classes, records=records, bad=bad, warnings=warnings)
+
+
+def label_path_for(image_path: Path) -> Path:
+    """``.../images/x/a.jpg`` -> ``.../labels/x/a.txt``."""
+    parts = list(image_path.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def _names(yaml_path: Path, names: object) -> list[str]:
+    if isinstance(names, list):
+        return [str(n) for n in names]
+    if isinstance(names, dict):
+        try:
+            keys = sorted(int(k) for k in names)
+        except (TypeError, ValueError):
+            raise DatasetError(f"{yaml_path}: 'names' keys must be class indices") from None
+        if keys != list(range(len(keys))):
+            raise DatasetError(f"{yaml_path}: 'names' indices must run 0..{len(keys) - 1}")
+        return [str(names[k] if k in names else names[str(k)]) for k in keys]
+    raise DatasetError(f"{yaml_path}: 'names' must be a list or a mapping")
+
+
+def _split_images(yaml_path: Path, base: Path, key: str, value: object, required: bool) -> list[Path]:
+    entries = value if isinstance(value, list) else [value]
+    out: list[Path] = []
+    for entry in entries:
+        path = Path(str(entry))
+        path = path if path.is_absolute() else base / path
+        if path.is_dir():
+            out.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file() and path.suffix == ".txt":
+            for line in path.read_text(encoding="utf-8").splitlines():
+                if line.strip():
+                    p = Path(line.strip())
+                    out.append(p if p.is_absolute() else base / p)
+        elif required:
+            raise DatasetError(f"{yaml_path}: split '{key}' points to {path}, which does not exist")
+    return out
+
+
+def _read_labels(path: Path, num_classes: int) -> list[tuple[int, float, float, float, float]]:
+    if not path.exists():
+        return []  # YOLO convention: no label file = no objects
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < 5:
+            raise LabelError(f"line {n}: expected 'class cx cy w h', got {len(fields)} fields")
+        try:
+            cls = int(fields[0])
+            cx, cy, w, h = (float(v) for v in fields[1:5])
+        except ValueError:
+            raise LabelError(f"line {n}: not numbers: {line.strip()!r}") from None
+        if not 0 <= cls < num_classes:
+            raise LabelError(f"line {n}: class id {cls} out of range (data.yaml names {num_classes} classes)")
+        rows.append((cls, cx, cy, w, h))
+    return rows

@@ -1,0 +1,176 @@
+"""The single image loader of the toolkit, and input expansion.
+
+Every command reads pixels through :func:`load_image`, so proposals, features
+and drawings see the same image: EXIF orientation applied, any mode
+(grayscale, RGBA, palette, 16-bit, CMYK) converted to 8-bit RGB, and a
+pixel-count limit that turns decompression bombs into a clear error.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from spp_cli.errors import ImageError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
+
+# 100 megapixels: far above any photo a detector is run on (a 12 MP phone
+# photo is 12e6), far below what exhausts memory when decoded (3 bytes/px).
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+def max_pixels() -> int:
+    """The pixel limit: ``SPP_MAX_PIXELS`` from the environment, else the default."""
+    value = os.environ.get("SPP_MAX_PIXELS")
+    return int(value) if value else DEFAULT_MAX_PIXELS
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` after EXIF orientation, reading only the header."""
+    path = Path(path)
+    with _open(path) as im:
+        width, height = im.size
+        if _exif_orientation(im) in (5, 6, 7, 8):
+            width, height = height, width
+    return width, height
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array.
+
+    Raises :class:`ImageError` naming the file for anything unreadable:
+    empty or truncated files, non-images, images over the pixel limit.
+    """
+    path = Path(path)
+    with _open(path) as im:
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return np.asarray(_to_rgb(im))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
+
+
+def _open(path: Path) -> Image.Image:
+    if not path.exists():
+        raise ImageError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageError(f"{path}: is a directory, not an image")
+    if path.stat().st_size == 0:
+        raise ImageError(f"{path}: empty file (0 bytes)")
+    limit = max_pixels()
+    Image.MAX_IMAGE_PIXELS = limit
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns between 1x and 2x the limit and raises above; we want
+            # one rule: over the limit is an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{path}: image has more than {limit:,} pixels (set SPP_MAX_PIXELS to allow it)") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{path}: not an image file Pillow can read") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot open image ({_reason(exc)})") from None
+    if im.size[0] * im.size[1] > limit:
+        im.close()
+        raise ImageError(f"{path}: image has more than {limit:,} pixels (set SPP_MAX_PIXELS to allow it)")
+    return im
+
+
+def _exif_orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # a damaged EXIF block must not make the image unreadable
+        return 1
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale the used range to 8 bits, like a viewer does.
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        # Composite transparency onto white rather than dropping alpha, which
+        # would reveal whatever colour the transparent pixels happen to hold.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Expand command-line inputs to a list of image paths, order kept, no duplicates.
+
+    Each input is an image file, a folder (its images, sorted, not recursive),
+    a glob pattern (``"photos/*.jpg"``, ``**`` allowed), or a ``.txt`` file
+    listing one path per line (relative paths are relative to the list file).
+    A file given explicitly is kept even if it is not an image, so that the
+    command reports it as bad instead of silently ignoring it.
+    """
+    from spp_cli.errors import SPPError
+
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise SPPError(f"{p}: folder contains no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...)")
+            paths.extend(found)
+        elif p.is_file() and p.suffix.lower() == ".txt":
+            paths.extend(_read_list_file(p))
+        elif p.exists():
+            paths.append(p)
+        elif glob.has_magic(item):
+            found = sorted(Path(q) for q in glob.glob(item, recursive=True) if Path(q).is_file())
+            if not found:
+                raise SPPError(f"{item}: pattern matches no files")
+            paths.extend(found)
+        else:
+            raise SPPError(f"{p}: no such file or folder")
+    seen: set[Path] = set()
+    unique = []
+    for path in paths:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def _read_list_file(list_file: Path) -> list[Path]:
+    from spp_cli.errors import SPPError
+
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise SPPError(f"{list_file}: list file is not UTF-8 text") from None
+    out = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        path = Path(line)
+        out.append(path if path.is_absolute() else list_file.parent / path)
+    if not out:
+        raise SPPError(f"{list_file}: list file names no images")
+    return out
