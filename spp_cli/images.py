@@ -77,7 +77,7 @@ def _open(path: Path) -> Image.Image:
     except UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file Pillow can read") from None
     except OSError as exc:
-        raise ImageError(f"{path}: cannot open image ({_reason(exc)})") from None
+        raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
     if im.size[0] * im.size[1] > limit:
         im.close()
         raise ImageError(f"{path}: image has more than {limit:,} pixels (set SPP_MAX_PIXELS to allow it)")

@@ -148,10 +148,34 @@ _COLOUR_CODES = {
 }
 
 
+def _seed_ranking() -> None:
+    """Seed the C library's ``rand()``, which OpenCV's selective search ranks with.
+
+    Seeded before every image, a box list does not depend on which worker
+    ran it or what ran before it: proposals, caches and models reproduce.
+    """
+    global _srand
+    if _srand is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or ctypes.util.find_library("msvcrt"))
+            _srand = libc.srand
+        except (OSError, AttributeError, TypeError):
+            _srand = False
+    if _srand:
+        _srand(0)
+
+
+_srand = None
+
+
 def _selective_search(bgr: np.ndarray, strategy_name: str) -> np.ndarray:
     import cv2
 
     seg = cv2.ximgproc.segmentation
+    _seed_ranking()
     ss = seg.createSelectiveSearchSegmentation()
     ss.setBaseImage(bgr)
     if strategy_name == "opencv-quality":

@@ -1,0 +1,62 @@
+import numpy as np
+import torch
+
+from spp_cli import boxes
+
+
+def test_voc_is_one_based_inclusive():
+    # A VOC box over pixels 1..10 (1-based) covers continuous [0, 10].
+    assert boxes.from_voc(1, 1, 10, 20) == [0.0, 0.0, 10.0, 20.0]
+
+
+def test_xywh_round_trip():
+    b = np.array([[1.5, 2, 10, 20]], np.float32)
+    xyxy = boxes.from_xywh(b)
+    np.testing.assert_allclose(xyxy, [[1.5, 2, 11.5, 22]])
+    np.testing.assert_allclose(boxes.to_xywh(xyxy), b)
+
+
+def test_yolo_normalised_centre_form():
+    out = boxes.from_cxcywh_normalised(np.array([[0.5, 0.5, 0.2, 0.4]]), 100, 50)
+    np.testing.assert_allclose(out, [[40, 15, 60, 35]], atol=1e-5)
+
+
+def test_clip_and_flags():
+    b = np.array([[-5, 2, 70, 40], [10, 10, 10, 20], [1, 1, 2, 2]], np.float32)
+    np.testing.assert_array_equal(boxes.is_outside(b, 64, 48), [True, False, False])
+    np.testing.assert_array_equal(boxes.is_degenerate(b), [False, True, False])
+    np.testing.assert_allclose(boxes.clip(b, 64, 48)[0], [0, 2, 64, 40])
+
+
+def test_outside_tolerance_ignores_rounding():
+    b = np.array([[-0.0001, 0, 64.3, 48]], np.float32)
+    assert boxes.is_outside(b, 64, 48)[0]
+    assert not boxes.is_outside(b, 64, 48, tolerance=1.0)[0]
+
+
+def _slow_iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+def test_iou_matches_slow_reference():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 50, (20, 2))
+    a = np.concatenate([xy, xy + rng.uniform(1, 30, (20, 2))], 1).astype(np.float32)
+    xy = rng.uniform(0, 50, (15, 2))
+    b = np.concatenate([xy, xy + rng.uniform(1, 30, (15, 2))], 1).astype(np.float32)
+    fast = boxes.iou(a, b).numpy()
+    slow = np.array([[_slow_iou(p, q) for q in b] for p in a])
+    np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_iou_of_empty_sets():
+    assert boxes.iou(np.zeros((0, 4)), np.ones((3, 4))).shape == torch.Size([0, 3])
+
+
+def test_dedupe_keeps_first_occurrence_in_order():
+    b = np.array([[3, 3, 4, 4], [1, 1, 2, 2], [3, 3, 4, 4], [0, 0, 1, 1]])
+    np.testing.assert_array_equal(boxes.dedupe(b), [0, 1, 3])

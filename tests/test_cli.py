@@ -1,0 +1,148 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO, write_image
+from spp_cli import __version__
+from spp_cli.cli import cli
+
+COMMANDS = sorted(cli.commands)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output.strip() == f"spp, version {__version__}"
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_does_not_import_torch(command):
+    # A fresh interpreter: this test process has imported torch already.
+    args = ["--help"] if command is None else [command, "--help"]
+    code = (
+        "import sys; from click.testing import CliRunner; from spp_cli.cli import cli;"
+        f"r = CliRunner().invoke(cli, {args!r});"
+        "assert r.exit_code == 0, r.output;"
+        "assert 'Example' in r.output or 'Typical' in r.output, r.output;"
+        "heavy = [m for m in ('torch', 'cv2', 'numpy', 'torchvision') if m in sys.modules];"
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_console_script_and_module_entry_points():
+    for argv in (["spp", "--help"], [sys.executable, "-m", "spp_cli", "--help"]):
+        exe = Path(sys.executable).parent / "spp" if argv[0] == "spp" else None
+        cmd = [str(exe), *argv[1:]] if exe else argv
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        for command in COMMANDS:
+            assert command in out.stdout
+
+
+def test_propose_batch_skips_bad_images_and_writes_good_ones(tmp_path):
+    folder = tmp_path / "in put é"
+    write_image(folder / "good one.jpg", 80, 60)
+    write_image(folder / "ok.png", 80, 60, seed=2)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("plain text")
+    out = tmp_path / "props.json"
+    result = invoke("propose", folder, "--out", out, "--workers", "1", "--max-side", "0")
+    assert result.exit_code == 1
+    assert f"skipped {folder / 'empty.jpg'}: empty file (0 bytes)" in result.stderr
+    assert f"skipped {folder / 'text.jpg'}: not an image file Pillow can read" in result.stderr
+    assert "2 input(s) skipped" in result.stderr
+    doc = json.loads(out.read_text())
+    assert doc["format"] == "spp-proposals" and doc["version"] == 1
+    assert [im["id"] for im in doc["images"]] == ["good one", "ok"]
+    assert all(len(im["boxes"]) > 0 for im in doc["images"])
+    assert not (tmp_path / "props.json.partial").exists()
+
+
+def test_propose_with_two_workers_matches_one(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / "imgs" / f"{i}.jpg", 90, 70, seed=i)
+    outs = []
+    for workers in ("1", "2"):
+        out = tmp_path / f"p{workers}.json"
+        assert invoke("propose", tmp_path / "imgs", "--out", out, "--workers", workers).exit_code == 0
+        outs.append(json.loads(out.read_text())["images"])
+    assert outs[0] == outs[1]
+
+
+def test_propose_resumes_from_partial_journal(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / "imgs" / f"{i}.jpg", 90, 70, seed=i)
+    out = tmp_path / "p.json"
+    assert invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1").exit_code == 0
+    full = json.loads(out.read_text())
+    # Simulate a run killed after the first image: journal with one entry
+    # and a half-written second line.
+    journal = tmp_path / "p.json.partial"
+    first = dict(full["images"][0], seconds=0.1)
+    journal.write_text(json.dumps({"params": full["params"]}) + "\n" + json.dumps(first) + "\n" + '{"id": "1", "pa')
+    out.unlink()
+    result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1")
+    assert result.exit_code == 0
+    assert "Resuming: 1 of 3 images already done." in result.stderr
+    assert json.loads(out.read_text())["images"] == full["images"]
+    assert not journal.exists()
+
+
+def test_existing_output_survives_a_failed_run(tmp_path):
+    out = tmp_path / "p.json"
+    out.write_text("precious")
+    result = invoke("propose", tmp_path / "missing", "--out", out)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {tmp_path / 'missing'}: no such file or folder"
+    assert out.read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "Error: no input: give image files, folders, globs or a .txt list, or --data SPEC"),
+        (["x.jpg", "--data", "d"], "Error: give image INPUTs or --data, not both"),
+        (["--split", "test", "x.jpg"], "Error: --split needs --data"),
+        (["x.jpg", "--report"], "Error: --report needs ground truth: use --data SPEC"),
+        (["x.jpg", "--strategy", "magic"], "Error: unknown proposal strategy 'magic' (valid: opencv-fast, original-fast, opencv-quality)"),
+    ],
+)
+def test_propose_usage_errors(tmp_path, args, message):
+    result = invoke("propose", *args, "--out", tmp_path / "p.json")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == message
+
+
+def test_propose_bad_option_value(tmp_path):
+    result = invoke("propose", "x.jpg", "--top", "abc", "--out", tmp_path / "p.json")
+    assert result.exit_code == 2
+    assert "Invalid value for '--top': 'abc' is not a valid integer" in result.stderr
+
+
+def test_propose_dataset_with_bad_annotation_lists_it(xml_dataset, tmp_path):
+    (xml_dataset / "annotations" / "b.xml").write_text("<annotation><object><name>x</name></object></annotation>")
+    out = tmp_path / "p.json"
+    result = invoke("propose", "--data", xml_dataset, "--out", out, "--workers", "1", "--report")
+    assert result.exit_code == 1
+    assert f"skipped {xml_dataset / 'annotations' / 'b.xml'}: object 1 ('x') has no <bndbox>" in result.stderr
+    assert "recall@0.5" in result.stderr
+    assert [im["id"] for im in json.loads(out.read_text())["images"]] == ["a", "c"]
+
+
+def test_output_into_read_only_folder(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root can write anywhere")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    write_image(tmp_path / "a.jpg")
+    result = invoke("propose", tmp_path / "a.jpg", "--out", ro / "p.json")
+    assert result.exit_code == 1 and "is not writable" in result.stderr

@@ -1,0 +1,164 @@
+import json
+
+import numpy as np
+import pytest
+
+from conftest import coco_document, voc_xml, write_image
+from spp_cli.data import open_dataset
+from spp_cli.errors import DatasetError
+
+
+def test_xml_beside_images_all_and_splits(xml_dataset):
+    ds = open_dataset(xml_dataset)
+    assert ds.format == "xml" and ds.classes == ["cat", "dog"]
+    assert [r.image_id for r in ds.records] == ["a", "b", "c"]
+    a = ds.records[0]
+    np.testing.assert_allclose(a.boxes, [[10, 10, 30, 30], [0, 0, 64, 48]])
+    np.testing.assert_array_equal(a.labels, [0, 1])
+    np.testing.assert_array_equal(a.difficult, [False, True])
+    assert (a.width, a.height) == (64, 48)
+    assert [r.image_id for r in open_dataset(xml_dataset, "train").records] == ["a", "b"]
+    assert [r.image_id for r in open_dataset(xml_dataset, "test").records] == ["c"]
+
+
+def test_split_as_id_file(xml_dataset, tmp_path):
+    ids = tmp_path / "mine.txt"
+    ids.write_text("c\na\n")
+    assert [r.image_id for r in open_dataset(xml_dataset, str(ids)).records] == ["c", "a"]
+
+
+def test_unknown_split_lists_available(xml_dataset):
+    with pytest.raises(DatasetError, match=r"no split 'val' .*available: test, train"):
+        open_dataset(xml_dataset, "val")
+
+
+def test_voc_layout(voc_dataset):
+    ds = open_dataset(voc_dataset, "val")
+    assert ds.format == "voc" and [r.image_id for r in ds.records] == ["000002"]
+    assert ds.records[0].difficult.tolist() == [True]
+    assert ds.records[0].path.name == "000002.jpg"
+    assert len(open_dataset(f"voc:{voc_dataset}")) == 2
+
+
+def test_coco(coco_dataset):
+    ds = open_dataset(coco_dataset)
+    assert ds.format == "coco" and ds.classes == ["cat", "dog"]  # sorted by category id
+    one, two = ds.records
+    assert one.coco_id == 1 and one.path.exists()
+    np.testing.assert_allclose(one.boxes, [[10, 5, 30, 15], [0, 0, 64, 48]])
+    np.testing.assert_array_equal(one.labels, [0, 1])
+    np.testing.assert_array_equal(one.iscrowd, [False, True])
+    np.testing.assert_allclose(two.boxes, [[5.5, 6.5, 15.5, 16.5]])
+    assert ds.num_boxes == 2  # crowd boxes are not counted
+
+
+def test_coco_found_from_its_folder(coco_dataset):
+    assert open_dataset(coco_dataset.parent.parent).format == "coco"
+
+
+@pytest.mark.parametrize("key", ["images", "annotations", "categories"])
+def test_coco_missing_top_level_key(coco_dataset, key):
+    doc = coco_document()
+    del doc[key]
+    coco_dataset.write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match=rf"instances_train\.json: missing key '{key}'$"):
+        open_dataset(coco_dataset)
+
+
+def test_coco_annotation_missing_bbox(coco_dataset):
+    doc = coco_document()
+    del doc["annotations"][1]["bbox"]
+    coco_dataset.write_text(json.dumps(doc))
+    with pytest.raises(DatasetError, match=r"annotations\[1\] missing key 'bbox'$"):
+        open_dataset(coco_dataset)
+
+
+def test_coco_not_json(coco_dataset):
+    coco_dataset.write_text("{not json")
+    with pytest.raises(DatasetError, match=r"instances_train\.json: not valid JSON"):
+        open_dataset(coco_dataset)
+
+
+def test_yolo(yolo_dataset):
+    ds = open_dataset(yolo_dataset)
+    assert ds.format == "yolo" and ds.classes == ["bird", "fish"]
+    p, q = ds.records
+    np.testing.assert_allclose(p.boxes, [[40, 15, 60, 35], [0, 0, 20, 10]], atol=1e-4)
+    np.testing.assert_array_equal(p.labels, [0, 1])
+    assert [r.image_id for r in open_dataset(yolo_dataset, "val").records] == ["q"]
+    assert open_dataset(yolo_dataset.parent).format == "yolo"
+
+
+def test_yolo_class_id_out_of_range_skips_image(yolo_dataset):
+    label = yolo_dataset.parent / "labels" / "train" / "p.txt"
+    label.write_text("0 0.5 0.5 0.2 0.2\n5 0.5 0.5 0.1 0.1\n")
+    ds = open_dataset(yolo_dataset)
+    assert [r.image_id for r in ds.records] == ["q"]
+    assert ds.bad == [(label, "line 2: class id 5 out of range (data.yaml names 2 classes)")]
+
+
+def test_yolo_unknown_split(yolo_dataset):
+    with pytest.raises(DatasetError, match=r"data\.yaml: no split 'test' \(splits: train, val\)"):
+        open_dataset(yolo_dataset, "test")
+
+
+def _one_xml(root, body: str):
+    write_image(root / "images" / "x.jpg")
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    path = root / "annotations" / "x.xml"
+    path.write_text(body)
+    return path
+
+
+def test_xml_without_bndbox_skips_image(tmp_path):
+    path = _one_xml(tmp_path / "d", "<annotation><object><name>cat</name></object></annotation>")
+    ds = open_dataset(tmp_path / "d")
+    assert ds.records == [] and ds.bad == [(path, "object 1 ('cat') has no <bndbox>")]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # external entity (XXE): would read a local file
+        '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+        "<annotation><object><name>&x;</name></object></annotation>",
+        # entity expansion (billion laughs)
+        '<?xml version="1.0"?><!DOCTYPE a [<!ENTITY l "lol"><!ENTITY l2 "&l;&l;&l;&l;&l;&l;&l;&l;">]>'
+        "<annotation><object><name>&l2;</name></object></annotation>",
+    ],
+)
+def test_xml_entities_are_refused(tmp_path, body):
+    path = _one_xml(tmp_path / "d", body)
+    ds = open_dataset(tmp_path / "d")
+    assert ds.records == []
+    assert ds.bad[0][0] == path and ds.bad[0][1].startswith("unsafe XML refused")
+
+
+def test_box_outside_image_is_clipped_with_warning(tmp_path):
+    path = _one_xml(tmp_path / "d", voc_xml("x.jpg", 64, 48, [("cat", 1, 1, 100, 30)]))
+    ds = open_dataset(tmp_path / "d")
+    np.testing.assert_allclose(ds.records[0].boxes, [[0, 0, 64, 30]])
+    assert ds.warnings == [f"{path}: box 1 [0, 0, 100, 30] extends beyond the 64x48 image; clipped"]
+
+
+def test_inverted_box_is_dropped_with_warning(tmp_path):
+    path = _one_xml(tmp_path / "d", voc_xml("x.jpg", 64, 48, [("cat", 20, 5, 10, 30), ("dog", 1, 1, 5, 5)]))
+    ds = open_dataset(tmp_path / "d")
+    assert ds.records[0].labels.tolist() == [1] and ds.classes == ["cat", "dog"]
+    assert ds.warnings == [f"{path}: box 1 [19, 4, 10, 30] has no area (x2 <= x1 or y2 <= y1); dropped"]
+
+
+def test_unrecognised_layout(tmp_path):
+    with pytest.raises(DatasetError, match="dataset layout not recognised"):
+        open_dataset(tmp_path)
+    with pytest.raises(DatasetError, match=r"nowhere: no such file or folder"):
+        open_dataset(tmp_path / "nowhere")
+
+
+def test_paths_with_spaces_and_non_ascii(tmp_path):
+    root = tmp_path / "mes données" / "set 1"
+    write_image(root / "images" / "chat été.jpg")
+    (root / "annotations").mkdir(parents=True)
+    (root / "annotations" / "chat été.xml").write_text(voc_xml("chat été.jpg", 64, 48, [("chat", 1, 1, 10, 10)]), encoding="utf-8")
+    ds = open_dataset(root)
+    assert ds.records[0].image_id == "chat été" and ds.records[0].path.exists()

@@ -1,0 +1,124 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_image
+from spp_cli.errors import ImageError, SPPError
+from spp_cli.images import expand_inputs, image_size, load_image
+
+
+def test_rgb_jpeg(tmp_path):
+    path = write_image(tmp_path / "a.jpg", 40, 30)
+    img = load_image(path)
+    assert img.shape == (30, 40, 3) and img.dtype == np.uint8
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Orientation 6 = rotate 90 degrees clockwise for display: a 40x30 stored
+    # image is shown (and must be processed) as 30x40.
+    im = Image.new("RGB", (40, 30), (255, 0, 0))
+    im.paste((0, 0, 255), (0, 0, 10, 10))  # stored top-left corner is blue
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "rotated.jpg"
+    im.save(path, exif=exif, quality=100)
+    img = load_image(path)
+    assert img.shape == (40, 30, 3)
+    assert image_size(path) == (30, 40)
+    # After a clockwise turn the stored top-left lands at the top-right.
+    assert img[2, -3, 2] > 200 and img[2, -3, 0] < 60
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK", "LA", "1"])
+def test_modes_become_rgb(tmp_path, mode):
+    path = tmp_path / f"img_{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+    Image.new("RGB", (8, 6), (10, 200, 30)).convert(mode).save(path)
+    img = load_image(path)
+    assert img.shape == (6, 8, 3) and img.dtype == np.uint8
+
+
+def test_sixteen_bit_grayscale_is_scaled(tmp_path):
+    arr = np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8)
+    path = tmp_path / "deep.png"
+    Image.fromarray(arr).save(path)
+    img = load_image(path)
+    assert img.shape == (8, 8, 3) and img.min() == 0 and img.max() == 255
+
+
+def test_transparent_pixels_become_white(tmp_path):
+    path = tmp_path / "alpha.png"
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(path)
+    assert (load_image(path) == 255).all()
+
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.write_bytes(b"")
+    with pytest.raises(ImageError, match=r"empty\.jpg: empty file \(0 bytes\)$"):
+        load_image(path)
+
+
+def test_text_file_named_jpg(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("hello, I am not a picture\n")
+    with pytest.raises(ImageError, match=r"notes\.jpg: not an image file Pillow can read$"):
+        load_image(path)
+
+
+def test_truncated_jpeg(tmp_path):
+    good = write_image(tmp_path / "good.jpg", 200, 150)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(good.read_bytes()[:300])
+    with pytest.raises(ImageError, match=r"cut\.jpg: cannot decode image"):
+        load_image(path)
+
+
+def test_pixel_limit(tmp_path, monkeypatch):
+    path = write_image(tmp_path / "big.png", 100, 100)
+    monkeypatch.setenv("SPP_MAX_PIXELS", "5000")
+    with pytest.raises(ImageError, match=r"big\.png: image has more than 5,000 pixels \(set SPP_MAX_PIXELS to allow it\)"):
+        load_image(path)
+    # Between 1x and 2x the limit Pillow only warns; we refuse all the same.
+    monkeypatch.setenv("SPP_MAX_PIXELS", "9000")
+    with pytest.raises(ImageError, match="more than 9,000 pixels"):
+        load_image(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageError, match=r"nope\.jpg: no such file$"):
+        load_image(tmp_path / "nope.jpg")
+
+
+def test_expand_inputs_file_folder_glob_list(tmp_path):
+    folder = tmp_path / "my photos ünïcode"
+    a = write_image(folder / "a b.jpg")
+    b = write_image(folder / "é.png")
+    (folder / "notes.md").write_text("not an image")
+    c = write_image(tmp_path / "other" / "c.jpg")
+    listing = tmp_path / "list.txt"
+    listing.write_text("# images\nother/c.jpg\n\n")
+    assert expand_inputs([str(folder)]) == [a, b]
+    assert expand_inputs([str(tmp_path / "*" / "*.jpg")]) == [a, c]
+    assert expand_inputs([str(listing)]) == [c]
+    # duplicates across inputs are dropped, order kept
+    assert expand_inputs([str(c), str(folder), str(listing)]) == [c, a, b]
+
+
+def test_expand_inputs_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SPPError, match="folder contains no images"):
+        expand_inputs([str(tmp_path / "empty")])
+    with pytest.raises(SPPError, match="pattern matches no files"):
+        expand_inputs([str(tmp_path / "*.jpg")])
+    with pytest.raises(SPPError, match=r"missing\.jpg: no such file or folder"):
+        expand_inputs([str(tmp_path / "missing.jpg")])
+
+
+def test_jpeg_cut_after_header(tmp_path):
+    good = write_image(tmp_path / "good.jpg", 300, 200, seed=3)
+    path = tmp_path / "half.jpg"
+    path.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    with pytest.raises(ImageError, match=r"half\.jpg: cannot decode image \(image file is truncated"):
+        load_image(path)

@@ -1,0 +1,126 @@
+import json
+
+import numpy as np
+import pytest
+
+from spp_cli.errors import ProposalError, SPPError
+from spp_cli.evaluate import best_overlaps, proposal_recall
+from spp_cli.proposals import (
+    ImageProposals,
+    ProposalParams,
+    propose,
+    proposals_document,
+    read_proposals,
+    strategy_names,
+)
+
+
+def _scene(width=320, height=240):
+    """Three flat-coloured rectangles on a textured background, and their boxes."""
+    rng = np.random.default_rng(1)
+    img = rng.integers(90, 110, (height, width, 3)).astype(np.uint8)
+    objects = np.array([[20, 30, 120, 110], [150, 60, 300, 200], [60, 150, 110, 230]], np.float32)
+    colours = [(220, 30, 30), (30, 200, 40), (20, 40, 230)]
+    for (x1, y1, x2, y2), colour in zip(objects.astype(int), colours):
+        img[y1:y2, x1:x2] = colour
+    return img, objects
+
+
+@pytest.mark.parametrize("strategy", strategy_names())
+def test_every_strategy_finds_flat_objects(strategy):
+    img, objects = _scene()
+    boxes = propose(img, ProposalParams(strategy=strategy, max_side=0, top=2000, min_size=0))
+    assert boxes.dtype == np.float32 and boxes.shape[1] == 4
+    assert best_overlaps(boxes, objects).min() > 0.9
+
+
+def test_downscaled_boxes_map_back_to_original_pixels():
+    img, objects = _scene(640, 480)
+    objects = objects * 2
+    for (x1, y1, x2, y2), colour in zip(objects.astype(int), [(220, 30, 30), (30, 200, 40), (20, 40, 230)]):
+        img[y1:y2, x1:x2] = colour
+    boxes = propose(img, ProposalParams(max_side=320, top=2000, min_size=0))
+    assert boxes[:, 2].max() <= 640 and boxes[:, 3].max() <= 480
+    assert best_overlaps(boxes, objects).min() > 0.9
+
+
+def test_top_min_size_and_distinct():
+    img, _ = _scene()
+    boxes = propose(img, ProposalParams(max_side=0, top=15, min_size=20))
+    assert len(boxes) <= 15
+    assert (boxes[:, 2] - boxes[:, 0] >= 20).all() and (boxes[:, 3] - boxes[:, 1] >= 20).all()
+    assert len(np.unique(boxes, axis=0)) == len(boxes)
+
+
+def test_unknown_strategy_lists_valid_names():
+    with pytest.raises(SPPError, match=r"unknown proposal strategy 'best' \(valid: .*opencv-quality\)"):
+        ProposalParams(strategy="best")
+
+
+def test_props_json_round_trip(tmp_path):
+    entry = ImageProposals("x", "imgs/x.jpg", 64, 48, np.array([[1, 2, 30.25, 40]], np.float32))
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(proposals_document(ProposalParams(), [entry])))
+    loaded = read_proposals(path)
+    assert loaded.params["top"] == 2000
+    got = loaded.lookup("x", "imgs/x.jpg")
+    assert got is not None and (got.width, got.height) == (64, 48)
+    np.testing.assert_allclose(got.boxes, entry.boxes)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("not json", r"p\.json: not valid JSON"),
+        ('{"format": "other"}', r'p\.json: not a proposals file \(expected "format": "spp-proposals"\)'),
+        ('{"format": "spp-proposals", "version": 9}', r"p\.json: proposals format version 9 is not supported"),
+        ('{"format": "spp-proposals", "version": 1, "images": [{"id": "a"}]}', r"p\.json: images\[0\] is malformed"),
+    ],
+)
+def test_read_proposals_errors(tmp_path, content, message):
+    path = tmp_path / "p.json"
+    path.write_text(content)
+    with pytest.raises(ProposalError, match=message):
+        read_proposals(path)
+
+
+def test_read_proposals_missing_file(tmp_path):
+    with pytest.raises(ProposalError, match=r"nope\.json: proposals file not found"):
+        read_proposals(tmp_path / "nope.json")
+
+
+def _slow_best_overlap(proposals, gts):
+    out = []
+    for g in gts:
+        best = 0.0
+        for p in proposals:
+            ix = max(0.0, min(p[2], g[2]) - max(p[0], g[0]))
+            iy = max(0.0, min(p[3], g[3]) - max(p[1], g[1]))
+            inter = ix * iy
+            union = (p[2] - p[0]) * (p[3] - p[1]) + (g[2] - g[0]) * (g[3] - g[1]) - inter
+            best = max(best, inter / union)
+        out.append(best)
+    return np.array(out)
+
+
+def test_recall_and_mabo_against_slow_reference():
+    rng = np.random.default_rng(0)
+
+    def rand_boxes(n):
+        xy = rng.uniform(0, 100, (n, 2))
+        return np.concatenate([xy, xy + rng.uniform(5, 60, (n, 2))], 1).astype(np.float32)
+
+    items = [(rand_boxes(50), rand_boxes(4), np.array([0, 1, 1, 0])) for _ in range(5)]
+    overall, per_class, mabo = proposal_recall(items, ["a", "b"])
+    slow = [_slow_best_overlap(p, g) for p, g, _ in items]
+    allbest = np.concatenate(slow)
+    assert overall.count == 20
+    assert overall.recall(0.5) == pytest.approx(np.mean(allbest >= 0.5))
+    assert overall.recall(0.7) == pytest.approx(np.mean(allbest >= 0.7))
+    class_means = [np.mean(np.concatenate([s[l == c] for s, (_, _, l) in zip(slow, items)])) for c in (0, 1)]
+    assert mabo == pytest.approx(np.mean(class_means), rel=1e-5)
+    assert per_class["a"].count == 10
+
+
+def test_best_overlap_without_proposals():
+    assert best_overlaps(np.zeros((0, 4)), np.ones((2, 4))).tolist() == [0.0, 0.0]
