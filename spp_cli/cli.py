@@ -110,6 +110,55 @@ def propose(inputs, data, split, out, mode, strategy, max_side, top, min_size, w
     sys.exit(code)
 
 
+def gpu_option(func):
+    return click.option(
+        "--gpu", is_flag=True, help="Run the network on CUDA (an image that runs out of GPU memory falls back to the CPU)."
+    )(func)
+
+
+@cli.command()
+@input_options
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Cache folder (created if new).")
+@click.option("--props", type=click.Path(dir_okay=False, path_type=Path), help="props.json from `spp propose`; without it, proposals are computed here (single process).")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Backbone: efficientnet_lite0, alexnet, vgg16, zf5.")
+@click.option("--weights", metavar="FILE", help="Backbone weights (.safetensors or .pth, loaded without pickle) instead of the default.")
+@click.option("--scales", default="688", show_default=True, help="Short sides to resize to: 688 (1-scale) or 480,576,688,864,1200 (5-scale).")
+@click.option("--max-side", type=click.IntRange(min=64), default=2000, show_default=True, help="Cap on the resized long side.")
+@click.option("--dtype", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="Storage type of the conv maps.")
+@gpu_option
+def cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu) -> None:
+    """Run the conv layers once per image per scale into a feature cache.
+
+    Each entry holds the conv maps, the image's proposals and, with --data,
+    its ground truth, keyed by the sha256 of the image bytes. A rerun skips
+    finished images, so an interrupted run resumes where it stopped.
+
+    \b
+    Examples:
+      spp propose --data ../shared/data/raccoon --split train --out p.json
+      spp cache --data ../shared/data/raccoon --split train --props p.json --cache feats/
+      spp cache photos/ --cache feats/ --scales 480,576,688,864,1200 --gpu
+    """
+    from spp_cli.commands.cache import run_cache
+
+    sys.exit(run_cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu))
+
+
+@cli.command("cache-info")
+@click.argument("cache_dir", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--verify", is_flag=True, help="Load every entry and check its checksum; list damaged ones (exit 1).")
+def cache_info(cache_dir, verify) -> None:
+    """Show a feature cache's settings, entries and size on disk.
+
+    \b
+    Example:
+      spp cache-info feats/ --verify
+    """
+    from spp_cli.commands.cache import run_cache_info
+
+    sys.exit(run_cache_info(cache_dir, verify))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="spp")

@@ -1,0 +1,348 @@
+"""The on-disk feature cache: the only module that knows its layout.
+
+::
+
+    DIR/cache.json                      header: format, version, settings
+    DIR/entries/ab/<sha256>.safetensors one entry per image
+
+An entry is keyed by the sha256 of the image file's bytes (the same photo
+under two names is one entry) and holds, as safetensors tensors:
+``map_0 .. map_{S-1}`` (``(C, H_s, W_s)`` conv maps, fp16 by default),
+``proposals`` (``(R, 4)`` float32 ``xyxy`` original-image pixels) and, when
+known, ``gt_boxes`` ``(N, 4)``, ``gt_labels`` ``(N,)`` (indices into the
+entry's ``classes``), ``gt_difficult``, ``gt_iscrowd``. String metadata
+carries the image id, path and size, the per-scale resize factors, the class
+names, and a sha256 over all tensor bytes that every read checks, so a
+damaged entry is reported instead of silently feeding wrong features.
+
+Writes are atomic (temporary file + ``os.replace``): a killed run leaves
+only whole entries, and the next run skips them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from spp_cli.errors import CacheError
+from spp_cli.fileio import atomic_write_bytes, atomic_write_json
+
+CACHE_FORMAT = "spp-feature-cache"
+CACHE_VERSION = 1
+HEADER = "cache.json"
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """Everything that makes two caches' features comparable.
+
+    Attributes:
+        backbone: registry name.
+        weights_sha256: digest of the weights file (``random:0`` for tests).
+        layer: the feature layer.
+        stride, offset: the layer's alignment.
+        channels: C.
+        scales: short sides the image was resized to, one map each.
+        max_side: cap on the resized long side.
+        dtype: ``fp16`` or ``fp32`` storage of the maps.
+    """
+
+    backbone: str
+    weights_sha256: str
+    layer: str
+    stride: int
+    offset: float
+    channels: int
+    scales: tuple[int, ...]
+    max_side: int
+    dtype: str = "fp16"
+
+    def describe(self) -> str:
+        scales = ",".join(str(s) for s in self.scales)
+        return f"backbone {self.backbone} ({self.layer}, weights {self.weights_sha256[:12]}), scales {scales}, max side {self.max_side}, {self.dtype}"
+
+
+@dataclass
+class CacheEntry:
+    """One image's cached features, proposals and ground truth.
+
+    Attributes:
+        maps: ``S`` tensors ``(C, H_s, W_s)``.
+        factors: ``(S,)`` resize factors, original -> network input.
+        proposals: ``(R, 4)`` float32 ``xyxy`` in original-image pixels.
+        gt_boxes, gt_labels, gt_difficult, gt_iscrowd: ``(N, ...)`` ground truth;
+            ``None`` when the image came without annotations.
+        classes: names that ``gt_labels`` index into.
+    """
+
+    key: str
+    image_id: str
+    path: str
+    width: int
+    height: int
+    maps: list[torch.Tensor]
+    factors: list[float]
+    proposals: np.ndarray
+    gt_boxes: np.ndarray | None = None
+    gt_labels: np.ndarray | None = None
+    gt_difficult: np.ndarray | None = None
+    gt_iscrowd: np.ndarray | None = None
+    classes: list[str] = field(default_factory=list)
+
+    @property
+    def has_gt(self) -> bool:
+        return self.gt_boxes is not None
+
+
+def image_key(path: str | Path) -> str:
+    """The entry key of an image: sha256 of its bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool else t.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def proposals_digest(proposals: np.ndarray) -> str:
+    """Digest of an entry's proposals (to notice a new props.json)."""
+    return hashlib.sha256(np.ascontiguousarray(proposals, np.float32).reshape(-1, 4).tobytes()).hexdigest()
+
+
+def gt_digest(gt: dict[str, np.ndarray] | None, classes: list[str]) -> str | None:
+    """Digest of an entry's ground truth and class names (to notice new labels)."""
+    if gt is None:
+        return None
+    digest = hashlib.sha256(json.dumps(classes).encode())
+    for name in sorted(gt):
+        digest.update(name.encode() + np.ascontiguousarray(gt[name]).tobytes())
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """A cache folder with a fixed :class:`CacheSettings`."""
+
+    def __init__(self, root: Path, settings: CacheSettings):
+        self.root = Path(root)
+        self.settings = settings
+
+    # ---------------------------------------------------------------- opening
+
+    @classmethod
+    def create_or_open(cls, root: str | Path, settings: CacheSettings) -> "FeatureCache":
+        """Open ``root`` for writing with ``settings``, creating it if new.
+
+        Raises:
+            CacheError: the folder cannot be written, or holds a cache built
+                with other settings (the message says how to proceed).
+        """
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise CacheError(f"{root}: exists and is not a folder")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"{root}: cannot create cache folder ({exc.strerror or exc})") from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise CacheError(f"{root}: cache folder is not writable")
+        header = root / HEADER
+        if header.exists():
+            existing = cls.open(root)
+            if existing.settings != settings:
+                raise CacheError(
+                    f"{root}: cache was built with {existing.settings.describe()}; this run asks for "
+                    f"{settings.describe()}. Use another --cache folder, or the same settings"
+                )
+            return existing
+        if any(root.iterdir()):
+            raise CacheError(f"{root}: folder is not empty and holds no {HEADER}; choose an empty or new --cache folder")
+        atomic_write_json(header, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": asdict(settings)}, indent=2)
+        return cls(root, settings)
+
+    @classmethod
+    def open(cls, root: str | Path) -> "FeatureCache":
+        """Open an existing cache for reading.
+
+        Raises:
+            CacheError: no cache there, or a header of another format/version.
+        """
+        root = Path(root)
+        header = root / HEADER
+        if not header.is_file():
+            raise CacheError(f"{root}: not a feature cache (no {HEADER}); build one with `spp cache ... --cache {root}`")
+        try:
+            doc = json.loads(header.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CacheError(f"{header}: damaged cache header ({exc})") from None
+        if not isinstance(doc, dict) or doc.get("format") != CACHE_FORMAT:
+            raise CacheError(f"{header}: not an spp feature cache header")
+        if doc.get("version") != CACHE_VERSION:
+            raise CacheError(f"{header}: cache format version {doc.get('version')} is not supported (this spp reads version {CACHE_VERSION}); rebuild the cache")
+        try:
+            raw = doc["settings"]
+            settings = CacheSettings(**{**raw, "scales": tuple(raw["scales"])})
+        except (KeyError, TypeError):
+            raise CacheError(f"{header}: damaged cache header (settings incomplete)") from None
+        return cls(root, settings)
+
+    # ---------------------------------------------------------------- entries
+
+    def entry_path(self, key: str) -> Path:
+        return self.root / "entries" / key[:2] / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        return self.entry_path(key).is_file()
+
+    def keys(self) -> list[str]:
+        """Keys of all entries, sorted."""
+        folder = self.root / "entries"
+        if not folder.is_dir():
+            return []
+        return sorted(p.stem for p in folder.glob("*/*.safetensors"))
+
+    def metadata(self, key: str) -> dict:
+        """An entry's metadata, read from the file header only (no tensor data)."""
+        from safetensors import safe_open
+
+        path = self.entry_path(key)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            return json.loads(meta["spp"])
+        except Exception as exc:
+            raise CacheError(f"{path}: damaged cache entry ({_reason(exc)}); delete it and run `spp cache` again") from None
+
+    def write(self, entry: CacheEntry) -> None:
+        """Store an entry atomically (maps cast to the cache's dtype, on the CPU)."""
+        from safetensors.torch import save
+
+        dtype = DTYPES[self.settings.dtype]
+        tensors: dict[str, torch.Tensor] = {
+            f"map_{s}": m.detach().to("cpu", dtype).contiguous() for s, m in enumerate(entry.maps)
+        }
+        tensors["proposals"] = torch.from_numpy(np.ascontiguousarray(entry.proposals, np.float32).reshape(-1, 4))
+        gt = gt_arrays(entry)
+        if gt is not None:
+            tensors["gt_boxes"] = torch.from_numpy(gt["boxes"])
+            tensors["gt_labels"] = torch.from_numpy(gt["labels"])
+            tensors["gt_difficult"] = torch.from_numpy(gt["difficult"].astype(np.uint8))
+            tensors["gt_iscrowd"] = torch.from_numpy(gt["iscrowd"].astype(np.uint8))
+        meta = {
+            "image_id": entry.image_id,
+            "path": entry.path,
+            "width": entry.width,
+            "height": entry.height,
+            "factors": list(entry.factors),
+            "classes": list(entry.classes),
+            "has_gt": gt is not None,
+            "proposals_sha256": proposals_digest(entry.proposals),
+            "gt_sha256": gt_digest(gt, list(entry.classes)),
+            "digest": _tensor_digest(tensors),
+        }
+        data = save(tensors, metadata={"spp": json.dumps(meta)})
+        atomic_write_bytes(self.entry_path(entry.key), data)
+
+    def read(self, key: str, device: str = "cpu") -> CacheEntry:
+        """Load and check an entry.
+
+        Raises:
+            CacheError: the file is missing, truncated, or its tensor bytes do
+                not match the recorded digest (the message names the file).
+        """
+        from safetensors.torch import load
+
+        path = self.entry_path(key)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise CacheError(f"{path}: cannot read cache entry ({exc.strerror or exc})") from None
+        try:
+            tensors = load(raw)
+            meta = self.metadata(key)
+        except CacheError:
+            raise
+        except Exception as exc:
+            raise CacheError(f"{path}: damaged cache entry ({_reason(exc)}); delete it and run `spp cache` again") from None
+        if _tensor_digest(tensors) != meta.get("digest"):
+            raise CacheError(f"{path}: damaged cache entry (checksum mismatch); delete it and run `spp cache` again")
+        maps = [tensors[f"map_{s}"].to(device) for s in range(len(meta["factors"]))]
+        has_gt = meta.get("has_gt", False)
+        return CacheEntry(
+            key=key,
+            image_id=meta["image_id"],
+            path=meta["path"],
+            width=int(meta["width"]),
+            height=int(meta["height"]),
+            maps=maps,
+            factors=[float(f) for f in meta["factors"]],
+            proposals=tensors["proposals"].numpy(),
+            gt_boxes=tensors["gt_boxes"].numpy() if has_gt else None,
+            gt_labels=tensors["gt_labels"].numpy() if has_gt else None,
+            gt_difficult=tensors["gt_difficult"].numpy().astype(bool) if has_gt else None,
+            gt_iscrowd=tensors["gt_iscrowd"].numpy().astype(bool) if has_gt else None,
+            classes=list(meta.get("classes", [])),
+        )
+
+    def entries(self, device: str = "cpu") -> Iterator[CacheEntry]:
+        """Every entry in key order, read one at a time (streaming)."""
+        for key in self.keys():
+            yield self.read(key, device)
+
+    def verify(self) -> tuple[int, list[tuple[Path, str]]]:
+        """``(entries checked, [(file, problem)])`` after reading every entry."""
+        damaged = []
+        keys = self.keys()
+        for key in keys:
+            try:
+                self.read(key)
+            except CacheError as exc:
+                damaged.append((self.entry_path(key), str(exc)))
+        return len(keys), damaged
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files a killed writer left behind; returns how many."""
+        count = 0
+        for tmp in self.root.rglob(".*.tmp"):
+            try:
+                tmp.unlink()
+                count += 1
+            except OSError:
+                pass
+        return count
+
+
+def gt_arrays(entry: CacheEntry) -> dict[str, np.ndarray] | None:
+    if entry.gt_boxes is None:
+        return None
+    n = len(entry.gt_boxes)
+    return {
+        "boxes": np.ascontiguousarray(entry.gt_boxes, np.float32).reshape(-1, 4),
+        "labels": np.ascontiguousarray(entry.gt_labels, np.int64).reshape(-1),
+        "difficult": np.zeros(n, bool) if entry.gt_difficult is None else np.asarray(entry.gt_difficult, bool),
+        "iscrowd": np.zeros(n, bool) if entry.gt_iscrowd is None else np.asarray(entry.gt_iscrowd, bool),
+    }
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]

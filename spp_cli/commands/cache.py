@@ -1,0 +1,191 @@
+"""`spp cache` and `spp cache-info`: build, resume and inspect a feature cache."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from spp_cli import backbones, ui
+from spp_cli.cache import CacheEntry, CacheSettings, FeatureCache, gt_digest, image_key, proposals_digest
+from spp_cli.errors import SPPError
+from spp_cli.features import feature_pyramid, parse_scales
+from spp_cli.sources import resolve_sources
+
+
+def settings_for(backbone: str, weights: str | None, scales: str, max_side: int, dtype: str) -> CacheSettings:
+    spec = backbones.get_spec(backbone)
+    return CacheSettings(
+        backbone=spec.name,
+        weights_sha256=backbones.weights_digest(spec, weights),
+        layer=spec.layer,
+        stride=spec.stride,
+        offset=spec.offset,
+        channels=spec.channels,
+        scales=parse_scales(scales),
+        max_side=max_side,
+        dtype=dtype,
+    )
+
+
+def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone: str, weights: str | None,
+              scales: str, max_side: int, dtype: str, gpu: bool) -> int:
+    from spp_cli.images import load_image
+    from spp_cli.proposals import ProposalParams, propose, read_proposals
+
+    device = backbones.select_device(gpu)
+    settings = settings_for(backbone, weights, scales, max_side, dtype)
+    proposal_set = read_proposals(props) if props is not None else None
+    sources = resolve_sources(inputs, data, split)
+    cache = FeatureCache.create_or_open(cache_dir, settings)
+    cache.remove_stale_temporaries()
+    ui.print_warnings(sources.warnings or [])
+    bad: list[tuple[Path | str, str]] = list(sources.bad or [])
+    classes = list(sources.dataset.classes) if sources.dataset is not None else []
+    proposal_params = ProposalParams()
+
+    extractor = None
+    seen: dict[str, str] = {}  # key -> first image id with those bytes
+    duplicates: list[str] = []
+    forward_before = backbones.FORWARD_CALLS
+    computed = reused = updated = 0
+    conv_seconds: list[float] = []
+    start = time.perf_counter()
+    with ui.progress() as bar:
+        task = bar.add_task("cache", total=len(sources.items), rate="")
+        for done, source in enumerate(sources.items, start=1):
+            try:
+                key = image_key(source.path)
+            except OSError as exc:
+                bad.append((source.path, f"cannot read file ({exc.strerror or exc})"))
+                bar.update(task, advance=1)
+                continue
+            if key in seen:
+                # Byte-identical images share one entry; the first one's
+                # proposals and labels are kept so reruns are stable.
+                duplicates.append(f"{source.path}: same bytes as {seen[key]}; cached once")
+                bar.update(task, advance=1)
+                continue
+            seen[key] = str(source.path)
+            record = source.record
+            gt = _gt(record)
+            entry_props = None
+            if proposal_set is not None:
+                found = proposal_set.lookup(source.image_id, source.path)
+                if found is None:
+                    bad.append((source.path, f"not in {props}; run `spp propose` on it first"))
+                    bar.update(task, advance=1)
+                    continue
+                entry_props = found.boxes
+            meta = _readable_metadata(cache, key)
+            if meta is not None:
+                new_props = entry_props is not None and meta.get("proposals_sha256") != proposals_digest(entry_props)
+                new_gt = gt is not None and meta.get("gt_sha256") != gt_digest(gt, classes)
+                if not (new_props or new_gt):
+                    reused += 1
+                    bar.update(task, advance=1, rate=_rate(done, start))
+                    continue
+                # Same image, new proposals or labels: keep the maps, no forward pass.
+                entry = cache.read(key)
+                if new_props:
+                    entry.proposals = entry_props
+                if new_gt:
+                    entry.classes = classes
+                    _set_gt(entry, gt)
+                cache.write(entry)
+                updated += 1
+                bar.update(task, advance=1, rate=_rate(done, start))
+                continue
+            try:
+                image = load_image(source.path)
+            except SPPError as exc:
+                bad.append((source.path, str(exc)))
+                bar.update(task, advance=1)
+                continue
+            if entry_props is None:
+                entry_props = propose(image, proposal_params)
+            if extractor is None:
+                extractor = backbones.FeatureExtractor(backbones.get_spec(backbone), weights, device)
+            maps, factors, seconds = feature_pyramid(
+                extractor, image, settings.scales, settings.max_side, warn=lambda m: ui.console.print(f"warning: {m}", markup=False), name=str(source.path)
+            )
+            conv_seconds.append(sum(seconds))
+            height, width = image.shape[:2]
+            entry = CacheEntry(key, source.image_id, str(source.path), width, height, maps, factors, entry_props, classes=classes)
+            _set_gt(entry, gt)
+            cache.write(entry)
+            computed += 1
+            bar.update(task, advance=1, rate=_rate(done, start))
+    ui.print_warnings(duplicates)
+    forwards = backbones.FORWARD_CALLS - forward_before
+    per_image = f", conv {np.mean(conv_seconds):.2f} s/image" if conv_seconds else ""
+    ui.console.print(
+        f"{cache_dir}: {computed} image(s) computed, {updated} updated, {reused} already cached, "
+        f"{len(duplicates)} duplicate(s); "
+        f"{forwards} forward pass(es){per_image}. Settings: {settings.describe()}",
+        markup=False,
+    )
+    ui.print_bad(bad)
+    return 1 if bad else 0
+
+
+def _readable_metadata(cache: FeatureCache, key: str) -> dict | None:
+    """An existing entry's metadata; ``None`` if absent or damaged (then it is rebuilt)."""
+    if not cache.has(key):
+        return None
+    try:
+        return cache.metadata(key)
+    except SPPError as exc:
+        ui.console.print(f"warning: {exc}; rebuilding it", markup=False)
+        return None
+
+
+def _rate(done: int, start: float) -> str:
+    return f"{done / max(time.perf_counter() - start, 1e-9):.2f} img/s"
+
+
+def _gt(record) -> dict[str, np.ndarray] | None:
+    if record is None:
+        return None
+    return {
+        "boxes": np.ascontiguousarray(record.boxes, np.float32).reshape(-1, 4),
+        "labels": np.ascontiguousarray(record.labels, np.int64),
+        "difficult": np.asarray(record.difficult, bool),
+        "iscrowd": np.asarray(record.iscrowd, bool),
+    }
+
+
+def _set_gt(entry: CacheEntry, gt: dict[str, np.ndarray] | None) -> None:
+    if gt is None:
+        entry.gt_boxes = entry.gt_labels = entry.gt_difficult = entry.gt_iscrowd = None
+    else:
+        entry.gt_boxes, entry.gt_labels = gt["boxes"], gt["labels"]
+        entry.gt_difficult, entry.gt_iscrowd = gt["difficult"], gt["iscrowd"]
+
+
+def run_cache_info(cache_dir: Path, verify: bool) -> int:
+    cache = FeatureCache.open(cache_dir)
+    keys = cache.keys()
+    size = cache.size_bytes()
+    with_gt = sum(1 for k in keys if cache.metadata(k).get("has_gt"))
+    print(f"cache:    {cache_dir}")
+    print(f"settings: {cache.settings.describe()}")
+    print(f"entries:  {len(keys)} ({with_gt} with ground truth)")
+    print(f"size:     {size / 1e6:.1f} MB ({size / 1e6 / max(len(keys), 1):.2f} MB per entry)")
+    if not verify:
+        return 0
+    checked, damaged = 0, []
+    with ui.progress() as bar:
+        task = bar.add_task("verify", total=len(keys), rate="")
+        for key in keys:
+            try:
+                cache.read(key)
+            except SPPError as exc:
+                damaged.append(str(exc))
+            checked += 1
+            bar.update(task, advance=1)
+    for line in damaged:
+        print(f"damaged: {line}")
+    print(f"verified: {checked} entries, {len(damaged)} damaged")
+    return 1 if damaged else 0
