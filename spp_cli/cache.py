@@ -259,13 +259,7 @@ class FeatureCache:
         data = save(tensors, metadata={"spp": json.dumps(meta)})
         atomic_write_bytes(self.entry_path(entry.key), data)
 
-    def read(self, key: str, device: str = "cpu") -> CacheEntry:
-        """Load and check an entry.
-
-        Raises:
-            CacheError: the file is missing, truncated, or its tensor bytes do
-                not match the recorded digest (the message names the file).
-        """
+    def _load_checked(self, key: str) -> tuple[dict[str, torch.Tensor], dict]:
         from safetensors.torch import load
 
         path = self.entry_path(key)
@@ -282,6 +276,24 @@ class FeatureCache:
             raise CacheError(f"{path}: damaged cache entry ({_reason(exc)}); delete it and run `spp cache` again") from None
         if _tensor_digest(tensors) != meta.get("digest"):
             raise CacheError(f"{path}: damaged cache entry (checksum mismatch); delete it and run `spp cache` again")
+        return tensors, meta
+
+    def check(self, key: str) -> dict:
+        """An entry's metadata after checking every byte against its digest.
+
+        Raises:
+            CacheError: missing, truncated or altered (the message names the file).
+        """
+        return self._load_checked(key)[1]
+
+    def read(self, key: str, device: str = "cpu") -> CacheEntry:
+        """Load and check an entry.
+
+        Raises:
+            CacheError: the file is missing, truncated, or its tensor bytes do
+                not match the recorded digest (the message names the file).
+        """
+        tensors, meta = self._load_checked(key)
         maps = [tensors[f"map_{s}"].to(device) for s in range(len(meta["factors"]))]
         has_gt = meta.get("has_gt", False)
         return CacheEntry(
@@ -311,7 +323,7 @@ class FeatureCache:
         keys = self.keys()
         for key in keys:
             try:
-                self.read(key)
+                self.check(key)
             except CacheError as exc:
                 damaged.append((self.entry_path(key), str(exc)))
         return len(keys), damaged

@@ -69,8 +69,8 @@ def xml_dataset(tmp_path: Path) -> Path:
         "b": [("dog", 5, 5, 20, 20)],
         "c": [("cat", 30, 10, 60, 40)],
     }
-    for image_id, objs in objects.items():
-        write_image(root / "images" / f"{image_id}.jpg")
+    for seed, (image_id, objs) in enumerate(objects.items()):
+        write_image(root / "images" / f"{image_id}.jpg", seed=seed)
         (root / "annotations").mkdir(parents=True, exist_ok=True)
         (root / "annotations" / f"{image_id}.xml").write_text(voc_xml(f"{image_id}.jpg", 64, 48, objs))
     (root / "train.txt").write_text("a\nb\n")
@@ -82,8 +82,8 @@ def xml_dataset(tmp_path: Path) -> Path:
 def voc_dataset(tmp_path: Path) -> Path:
     """PASCAL VOC layout: Annotations/, JPEGImages/, ImageSets/Main/{train,val}.txt."""
     root = tmp_path / "VOC2007"
-    for image_id, objs in {"000001": [("person", 2, 3, 40, 45)], "000002": [("car", 10, 10, 50, 30, 1)]}.items():
-        write_image(root / "JPEGImages" / f"{image_id}.jpg")
+    for seed, (image_id, objs) in enumerate({"000001": [("person", 2, 3, 40, 45)], "000002": [("car", 10, 10, 50, 30, 1)]}.items()):
+        write_image(root / "JPEGImages" / f"{image_id}.jpg", seed=seed)
         (root / "Annotations").mkdir(parents=True, exist_ok=True)
         (root / "Annotations" / f"{image_id}.xml").write_text(voc_xml(f"{image_id}.jpg", 64, 48, objs))
     (root / "ImageSets" / "Main").mkdir(parents=True)
@@ -111,8 +111,8 @@ def coco_document() -> dict:
 def coco_dataset(tmp_path: Path) -> Path:
     """COCO layout: annotations/instances_train.json + images/train/."""
     root = tmp_path / "coco"
-    for name in ("one.jpg", "two.jpg"):
-        write_image(root / "images" / "train" / name)
+    for seed, name in enumerate(("one.jpg", "two.jpg")):
+        write_image(root / "images" / "train" / name, seed=seed)
     (root / "annotations").mkdir(parents=True)
     path = root / "annotations" / "instances_train.json"
     path.write_text(json.dumps(coco_document()))

@@ -1,0 +1,207 @@
+"""`spp cache` / `spp cache-info` and the cache format, on small generated images."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import write_image
+from spp_cli import backbones
+from spp_cli.cache import FeatureCache
+from spp_cli.cli import cli
+from spp_cli.errors import CacheError
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def small_set(xml_dataset, tmp_path):
+    props = tmp_path / "p.json"
+    assert invoke("propose", "--data", xml_dataset, "--out", props, "--workers", "1").exit_code == 0
+    return xml_dataset, props
+
+
+def test_second_run_does_no_forward_pass(small_set, tmp_path):
+    data, props = small_set
+    feats = tmp_path / "feats"
+    before = backbones.FORWARD_CALLS
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96,128")
+    assert result.exit_code == 0, result.output
+    assert backbones.FORWARD_CALLS - before == 3 * 2  # one per image per scale
+    assert "3 image(s) computed" in result.stderr and "6 forward pass(es)" in result.stderr
+
+    before = backbones.FORWARD_CALLS
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96,128")
+    assert result.exit_code == 0
+    assert backbones.FORWARD_CALLS == before
+    assert "0 image(s) computed, 0 updated, 3 already cached, 0 duplicate(s); 0 forward pass(es)" in result.stderr.replace("\n", " ")
+
+
+def test_entries_hold_maps_proposals_and_ground_truth(small_set, tmp_path):
+    data, props = small_set
+    feats = tmp_path / "feats"
+    assert invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96").exit_code == 0
+    cache = FeatureCache.open(feats)
+    assert cache.settings.backbone == "efficientnet_lite0" and cache.settings.scales == (96,)
+    entries = {e.image_id: e for e in cache.entries()}
+    a = entries["a"]
+    assert (a.width, a.height) == (64, 48) and a.classes == ["cat", "dog"]
+    assert a.maps[0].dtype == torch.float16 and a.maps[0].shape == (112, 6, 8)  # 96x128 input / 16
+    np.testing.assert_allclose(a.gt_boxes, [[10, 10, 30, 30], [0, 0, 64, 48]])
+    assert a.gt_difficult.tolist() == [False, True]
+    doc = json.loads(props.read_text())
+    np.testing.assert_allclose(a.proposals, doc["images"][0]["boxes"], atol=0.01)
+
+
+def test_new_proposals_update_entries_without_forward_passes(small_set, tmp_path):
+    data, props = small_set
+    feats = tmp_path / "feats"
+    assert invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96").exit_code == 0
+    doc = json.loads(props.read_text())
+    for im in doc["images"]:
+        im["boxes"] = im["boxes"][:3]
+    props.write_text(json.dumps(doc))
+    before = backbones.FORWARD_CALLS
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96")
+    assert result.exit_code == 0 and backbones.FORWARD_CALLS == before
+    assert "3 updated" in result.stderr
+    assert all(len(e.proposals) <= 3 for e in FeatureCache.open(feats).entries())
+
+
+def test_cache_of_other_settings_is_refused(small_set, tmp_path):
+    data, props = small_set
+    feats = tmp_path / "feats"
+    assert invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96").exit_code == 0
+    listing = sorted(p.name for p in feats.rglob("*"))
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96,128")
+    assert result.exit_code == 1
+    assert result.stderr.startswith(f"Error: {feats}: cache was built with backbone efficientnet_lite0")
+    assert "scales 96," in result.stderr and "scales 96,128" in result.stderr
+    assert "Use another --cache folder, or the same settings" in result.stderr
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96", "--backbone", "zf5", "--weights", "random")
+    assert result.exit_code == 1 and "cache was built with backbone efficientnet_lite0" in result.stderr
+    assert sorted(p.name for p in feats.rglob("*")) == listing  # nothing lost
+
+
+def _entry_file(feats):
+    return next((feats / "entries").glob("*/*.safetensors"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
+def test_damaged_entry_is_reported_and_rebuilt(small_set, tmp_path, damage):
+    data, props = small_set
+    feats = tmp_path / "feats"
+    assert invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96").exit_code == 0
+    path = _entry_file(feats)
+    raw = bytearray(path.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw[-100] ^= 0x10  # inside the tensor data, past the JSON header
+    path.write_bytes(bytes(raw))
+    result = invoke("cache-info", feats, "--verify")
+    assert result.exit_code == 1
+    assert f"damaged: {path}: damaged cache entry" in result.stdout
+    assert "verified: 3 entries, 1 damaged" in result.stdout
+    with pytest.raises(CacheError, match=r"damaged cache entry"):
+        FeatureCache.open(feats).read(path.stem)
+    # Rebuild: the damaged entry is recomputed, the others kept.
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96")
+    assert result.exit_code == 0
+    assert invoke("cache-info", feats, "--verify").exit_code == 0
+
+
+def test_missing_props_file(small_set, tmp_path):
+    data, _ = small_set
+    result = invoke("cache", "--data", data, "--props", tmp_path / "nope.json", "--cache", tmp_path / "f")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"Error: {tmp_path / 'nope.json'}: proposals file not found (create it with `spp propose ... --out {tmp_path / 'nope.json'}`)"
+    )
+
+
+def test_image_missing_from_props_is_skipped(small_set, tmp_path):
+    data, props = small_set
+    doc = json.loads(props.read_text())
+    doc["images"] = doc["images"][:2]
+    props.write_text(json.dumps(doc))
+    result = invoke("cache", "--data", data, "--props", props, "--cache", tmp_path / "f", "--scales", "96")
+    assert result.exit_code == 1
+    assert f"skipped {data / 'images' / 'c.jpg'}: not in {props}; run `spp propose` on it first" in result.stderr
+    assert len(FeatureCache.open(tmp_path / "f").keys()) == 2
+
+
+def test_unknown_backbone(small_set, tmp_path):
+    data, props = small_set
+    result = invoke("cache", "--data", data, "--props", props, "--cache", tmp_path / "f", "--backbone", "resnet50")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: unknown backbone 'resnet50' (valid: efficientnet_lite0, alexnet, vgg16, zf5)"
+
+
+def test_gpu_without_cuda(small_set, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    data, props = small_set
+    result = invoke("cache", "--data", data, "--props", props, "--cache", tmp_path / "f", "--gpu")
+    assert result.exit_code == 1
+    assert result.stderr.strip().startswith("Error: --gpu: CUDA is not available on this machine")
+    assert not (tmp_path / "f").exists()
+
+
+def test_read_only_cache_folder(small_set, tmp_path, monkeypatch):
+    data, props = small_set
+    feats = tmp_path / "feats"
+    assert invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96").exit_code == 0
+    before = sorted(p.name for p in feats.rglob("*"))
+    if os.geteuid() == 0:
+        # root ignores permission bits: simulate what os.access reports on a read-only mount.
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(feats) and mode & os.W_OK else real_access(p, mode))
+    else:
+        feats.chmod(0o500)
+    try:
+        result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96")
+    finally:
+        feats.chmod(0o700)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {feats}: cache folder is not writable"
+    assert sorted(p.name for p in feats.rglob("*")) == before
+
+
+def test_cache_info_on_a_non_cache(tmp_path):
+    result = invoke("cache-info", tmp_path)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {tmp_path}: not a feature cache (no cache.json); build one with `spp cache ... --cache {tmp_path}`"
+
+
+def test_killed_run_resumes_and_verifies(tmp_path):
+    images = tmp_path / "imgs"
+    for i in range(16):
+        write_image(images / f"{i:02d}.jpg", 200, 150, seed=i)
+    props = tmp_path / "p.json"
+    assert invoke("propose", images, "--out", props, "--workers", "2").exit_code == 0
+    feats = tmp_path / "feats"
+    cmd = [sys.executable, "-m", "spp_cli", "cache", str(images), "--props", str(props), "--cache", str(feats), "--scales", "480,688"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(feats.glob("entries/*/*.safetensors"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(feats.glob("entries/*/*.safetensors")))
+    assert 3 <= done_before < 16, "the kill should land mid-run"
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summary = " ".join(result.stderr.split())
+    assert f"{16 - done_before} image(s) computed" in summary and f"{done_before} already cached" in summary
+    verify = invoke("cache-info", feats, "--verify")
+    assert verify.exit_code == 0 and "verified: 16 entries, 0 damaged" in verify.stdout
+    assert not list(feats.rglob(".*.tmp"))
