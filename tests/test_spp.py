@@ -150,3 +150,27 @@ def test_pool_windows_uses_each_windows_scale():
         s = int(index[r])
         cells = project_windows(boxes[r : r + 1], scales[s], ALIGN, *maps[s].shape[1:])
         assert torch.equal(out[r], spatial_pyramid_pool(maps[s], cells)[0])
+
+
+def test_rcnn_whole_map_pooling_matches_spp_rule():
+    from spp_cli.rcnn import pyramid_pool_whole
+
+    rng = np.random.default_rng(4)
+    maps = rng.standard_normal((3, 4, 14, 11)).astype(np.float32)
+    fast = pyramid_pool_whole(torch.from_numpy(maps)).numpy()
+    for r in range(3):
+        slow = slow_spp(maps[r], [0, 0, 10, 13], (1, 2, 3, 6))
+        np.testing.assert_array_equal(fast[r], slow)
+
+
+def test_rcnn_context_and_warp():
+    from spp_cli.rcnn import context_boxes, warp_windows
+
+    boxes = torch.tensor([[16.0, 16.0, 208.0, 208.0]])
+    grown = context_boxes(boxes, 224, 16)
+    # 192 px of window + 16 px on each side in a 224 frame: 1 window px = 1 warped px.
+    assert torch.allclose(grown, torch.tensor([[0.0, 0.0, 224.0, 224.0]]))
+    image = torch.arange(224 * 224, dtype=torch.float32).reshape(1, 224, 224).repeat(3, 1, 1)
+    warped = warp_windows(image, grown, 224)
+    assert warped.shape == (1, 3, 224, 224)
+    assert torch.allclose(warped[0], image, atol=1e-2)  # identity warp
