@@ -107,10 +107,13 @@ def test_efficientnet_lite0_checkpoint_loads_strictly_and_classifies():
     model = spec.load_full(state).eval()  # load_state_dict(strict=True) inside
     assert _classify(model, REPO / "examples" / "chelsea.jpg") in range(281, 286)  # domestic cat classes
     assert _classify(model, REPO / "examples" / "coffee.jpg") in (967, 968)  # espresso, cup
-    # The trunk carries the same weights as the full model's first blocks.
-    trunk = FeatureExtractor(spec).network
-    assert torch.equal(trunk.conv_stem.weight, model.conv_stem.weight)
-    assert torch.equal(trunk.blocks[4][0].conv_pw.weight, model.blocks[4][0].conv_pw.weight)
+    # The extractor computes the full model's blocks[:5] output (BN folded).
+    extractor = FeatureExtractor(spec)
+    pixels = torch.randint(0, 256, (1, 64, 80, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        x = model.bn1(model.conv_stem(extractor.normalise(pixels).contiguous()))
+        expected = model.blocks[:5](x)
+    torch.testing.assert_close(extractor.forward(pixels), expected, rtol=1e-3, atol=1e-3)
 
 
 def test_image_pyramid_shapes_and_factors():
@@ -119,3 +122,20 @@ def test_image_pyramid_shapes_and_factors():
     maps, factors, seconds = extractor.image_pyramid(image, [150, 300])
     assert [tuple(m.shape) for m in maps] == [(112, 10, 13), (112, 19, 25)]
     assert factors == [0.5, 1.0] and len(seconds) == 2
+
+
+def test_folded_batch_norms_give_the_same_features():
+    from spp_cli.backbones import fold_batch_norms
+
+    spec = get_spec("efficientnet_lite0")
+    state, _ = spec.default_weights()
+    full = spec.load_full(state)
+    trunk = spec.build()
+    trunk.load_state_dict({k: v for k, v in full.state_dict().items() if k in trunk.state_dict()})
+    trunk.eval()
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        reference = trunk(x)
+        folded = fold_batch_norms(trunk)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(x), reference, rtol=1e-4, atol=1e-4)
