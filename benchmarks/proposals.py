@@ -63,9 +63,9 @@ def main() -> None:
         grid += [
             ProposalParams(strategy="opencv-fast", max_side=500),
             ProposalParams(strategy="opencv-fast", max_side=0),
+            ProposalParams(strategy="original-fast-opencv-rank", max_side=500),
             ProposalParams(strategy="original-fast", max_side=400),
-            ProposalParams(strategy="original-fast", max_side=500),
-            ProposalParams(strategy="original-fast", max_side=0),
+            ProposalParams(strategy="original-fast", max_side=640),
         ]
         grid = list(dict.fromkeys(grid))
 

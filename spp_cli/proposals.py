@@ -6,9 +6,17 @@ Boxes are ``xyxy`` float32 in continuous pixels of the original image
 Selective search is assembled from OpenCV's parts so that more than its two
 built-in modes are available: the colour spaces the image is segmented in,
 the graph-segmentation ``k`` values, and the similarity measures that drive
-the hierarchical grouping. Each (colour space, k, similarity) combination
-is one grouping run; OpenCV ranks all their boxes together (hierarchy level
-times a random factor, as in Uijlings et al.), and the top N are kept.
+the hierarchical grouping.
+
+Ranking matters because only the top N boxes are kept. OpenCV ranks all
+boxes of all runs together by a random number times the hierarchy level
+counted from the initial segments, so small regions come first. The
+``stratified`` ranking (the default strategy's) instead keeps OpenCV's order
+within each (colour space, k) run, splits each run's boxes by size
+(sqrt(area) < 16, 16-32, ..., >= 256 px) and takes them round-robin over all
+(run, size) lists, then drops near-duplicates (IoU > 0.8 with a better-ranked
+box). Measured on coco128 at 2000 boxes this lifts recall@0.5 from 0.757 to
+0.774 (``benchmarks/proposals.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +49,10 @@ class Strategy:
         sigma: Gaussian smoothing before graph segmentation.
         similarities: each a ``+``-joined set of ``color``, ``texture``,
             ``size``, ``fill`` combined with equal weights.
+        ranking: ``opencv`` (one grouping over all runs, OpenCV's order) or
+            ``stratified`` (see module docstring).
+        duplicate_iou: with ``stratified``, drop boxes overlapping a
+            better-ranked one by more than this IoU.
     """
 
     colour_spaces: tuple[str, ...]
@@ -48,23 +60,36 @@ class Strategy:
     similarities: tuple[str, ...]
     sigma: float = 0.8
     min_size_factor: float = 1.0
+    ranking: str = "opencv"
+    duplicate_iou: float = 1.0
     description: str = ""
 
 
 STRATEGIES: dict[str, Strategy] = {
+    # The MATLAB fast mode used by R-CNN and SPPnet (Uijlings et al. 2013),
+    # with the stratified ranking: the default (measured best at 2000 boxes).
+    "original-fast": Strategy(
+        colour_spaces=("hsv", "lab"),
+        ks=(50, 100),
+        similarities=("color+texture+size+fill", "texture+size+fill"),
+        ranking="stratified",
+        duplicate_iou=0.8,
+        description="Uijlings/R-CNN fast mode (HSV+Lab, k=50/100, min size k), stratified ranking",
+    ),
+    # The same segmentations ranked by OpenCV alone.
+    "original-fast-opencv-rank": Strategy(
+        colour_spaces=("hsv", "lab"),
+        ks=(50, 100),
+        similarities=("color+texture+size+fill", "texture+size+fill"),
+        description="Uijlings/R-CNN fast mode, OpenCV's ranking",
+    ),
     # OpenCV's switchToSelectiveSearchFast(150, 150, 0.8), spelled out.
     "opencv-fast": Strategy(
         colour_spaces=("hsv", "lab"),
         ks=(150, 300, 450),
         similarities=("color+fill+size+texture", "fill+size+texture"),
+        min_size_factor=100 / 150,  # OpenCV keeps GraphSegmentation's default min_size=100 for every k
         description="OpenCV's built-in fast mode: HSV+Lab, k=150/300/450",
-    ),
-    # The MATLAB fast mode used by R-CNN and SPPnet (Uijlings et al. 2013).
-    "original-fast": Strategy(
-        colour_spaces=("hsv", "lab"),
-        ks=(50, 100),
-        similarities=("color+texture+size+fill", "texture+size+fill"),
-        description="Uijlings/R-CNN fast mode: HSV+Lab, k=50/100, min size k",
     ),
 }
 
@@ -86,7 +111,7 @@ class ProposalParams:
     strategy: str = DEFAULT_STRATEGY
     max_side: int = 500
     top: int = 2000
-    min_size: int = 10
+    min_size: int = 0  # 5% of coco128's boxes have a side under 6 px
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES and self.strategy != "opencv-quality":
@@ -125,18 +150,61 @@ def propose(image: np.ndarray, params: ProposalParams) -> np.ndarray:
     else:
         small = image
     bgr = np.ascontiguousarray(small[:, :, ::-1])
-    rects = _selective_search(bgr, params.strategy)
-    if len(rects) == 0:
+    runs = [box_ops.from_xywh(r) for r in _selective_search(bgr, params.strategy)]
+    strategy = STRATEGIES.get(params.strategy)
+    if strategy is not None and strategy.ranking == "stratified":
+        boxes = _stratified(runs)
+        if strategy.duplicate_iou < 1.0 and len(boxes):
+            boxes = boxes[_drop_near_duplicates(boxes, strategy.duplicate_iou)]
+    else:
+        boxes = np.concatenate(runs) if runs else np.zeros((0, 4), np.float32)
+    if len(boxes) == 0:
         return np.zeros((0, 4), np.float32)
-    boxes = box_ops.from_xywh(rects)
     if scale != 1.0:
         # Map back to original pixels. Continuous coordinates scale exactly;
         # clip because rounding in the resize can overshoot by a fraction.
-        boxes = box_ops.clip(boxes / scale, width, height)
-    sizes = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    boxes = boxes[sizes >= params.min_size]
+        sx, sy = width / small.shape[1], height / small.shape[0]
+        boxes = box_ops.clip(boxes * np.array([sx, sy, sx, sy], np.float32), width, height)
+    if params.min_size > 0:
+        sizes = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+        boxes = boxes[sizes >= params.min_size]
     boxes = boxes[box_ops.dedupe(np.round(boxes, 1))]
     return np.ascontiguousarray(boxes[: params.top], dtype=np.float32)
+
+
+# sqrt(area) bins of the stratified ranking: < 16, 16-32, ..., >= 256 px
+_SIZE_BIN_FIRST, _SIZE_BINS = 16.0, 6
+
+
+def _stratified(runs: list[np.ndarray]) -> np.ndarray:
+    """Round-robin over (run, size bin) lists, OpenCV's order kept inside each."""
+    keys, pieces = [], []
+    for run_index, boxes in enumerate(runs):
+        if len(boxes) == 0:
+            continue
+        side = np.sqrt(np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-6))
+        size_bin = np.clip(np.floor(np.log2(side / _SIZE_BIN_FIRST)) + 1, 0, _SIZE_BINS - 1).astype(np.int64)
+        position = np.zeros(len(boxes), np.int64)
+        for b in np.unique(size_bin):
+            members = size_bin == b
+            position[members] = np.arange(members.sum())
+        # Sort by position in its list first, then by (bin, run): round robin.
+        keys.append(position * (_SIZE_BINS * len(runs)) + size_bin * len(runs) + run_index)
+        pieces.append(boxes)
+    if not pieces:
+        return np.zeros((0, 4), np.float32)
+    boxes = np.concatenate(pieces)[np.argsort(np.concatenate(keys), kind="stable")]
+    return boxes[box_ops.dedupe(boxes)]
+
+
+def _drop_near_duplicates(boxes: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Indices (in rank order) of boxes not overlapping a better-ranked kept box above the threshold."""
+    import torch
+    from torchvision.ops import nms
+
+    # nms keeps the highest score first: the score is the rank, reversed.
+    rank_score = torch.arange(len(boxes), 0, -1, dtype=torch.float32)
+    return np.sort(nms(torch.from_numpy(np.ascontiguousarray(boxes)), rank_score, iou_threshold).numpy())
 
 
 _COLOUR_CODES = {
@@ -171,40 +239,51 @@ def _seed_ranking() -> None:
 _srand = None
 
 
-def _selective_search(bgr: np.ndarray, strategy_name: str) -> np.ndarray:
+def _selective_search(bgr: np.ndarray, strategy_name: str) -> list[np.ndarray]:
+    """Rects ``(R, 4)`` ``[x, y, w, h]`` in OpenCV's order: one array, or one per
+    (colour space, k) run for the stratified ranking."""
     import cv2
 
     seg = cv2.ximgproc.segmentation
     _seed_ranking()
-    ss = seg.createSelectiveSearchSegmentation()
-    ss.setBaseImage(bgr)
     if strategy_name == "opencv-quality":
+        ss = seg.createSelectiveSearchSegmentation()
+        ss.setBaseImage(bgr)
         ss.switchToSelectiveSearchQuality()
-        return np.asarray(ss.process()).reshape(-1, 4)
+        return [np.asarray(ss.process()).reshape(-1, 4)]
     strategy = STRATEGIES[strategy_name]
-    ss.clearImages()
-    ss.clearGraphSegmentations()
-    ss.clearStrategies()
+    images = []
     for space in strategy.colour_spaces:
         code = _COLOUR_CODES[space]
         converted = bgr if code is None else cv2.cvtColor(bgr, getattr(cv2, code))
         if converted.ndim == 2:
             converted = cv2.cvtColor(converted, cv2.COLOR_GRAY2BGR)
-        ss.addImage(converted)
-    for k in strategy.ks:
-        ss.addGraphSegmentation(
-            seg.createGraphSegmentation(strategy.sigma, float(k), int(k * strategy.min_size_factor))
-        )
+        images.append(converted)
     makers = {
         "color": seg.createSelectiveSearchSegmentationStrategyColor,
         "texture": seg.createSelectiveSearchSegmentationStrategyTexture,
         "size": seg.createSelectiveSearchSegmentationStrategySize,
         "fill": seg.createSelectiveSearchSegmentationStrategyFill,
     }
-    for combo in strategy.similarities:
-        parts = [makers[name]() for name in combo.split("+")]
-        ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(*parts))
-    return np.asarray(ss.process()).reshape(-1, 4)
+
+    def grouping(run_images: list[np.ndarray], ks: tuple[int, ...]) -> np.ndarray:
+        ss = seg.createSelectiveSearchSegmentation()
+        ss.setBaseImage(bgr)
+        ss.clearImages()
+        ss.clearGraphSegmentations()
+        ss.clearStrategies()
+        for image in run_images:
+            ss.addImage(image)
+        for k in ks:
+            ss.addGraphSegmentation(seg.createGraphSegmentation(strategy.sigma, float(k), int(k * strategy.min_size_factor)))
+        for combo in strategy.similarities:
+            parts = [makers[name]() for name in combo.split("+")]
+            ss.addStrategy(seg.createSelectiveSearchSegmentationStrategyMultiple(*parts))
+        return np.asarray(ss.process()).reshape(-1, 4)
+
+    if strategy.ranking == "stratified":
+        return [grouping([image], (k,)) for image in images for k in strategy.ks]
+    return [grouping(images, strategy.ks)]
 
 
 # ---------------------------------------------------------------- batch runs

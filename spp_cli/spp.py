@@ -10,9 +10,11 @@ feature cells.
 
 Bin rule (He et al. 2014): bin ``i`` of ``n`` over a window ``w`` cells wide
 spans cells ``floor(i * w / n)`` to ``ceil((i + 1) * w / n)`` (0-based,
-exclusive end), so bins may overlap and are never empty. This is exactly the
-rule of ``torchvision.ops.roi_pool`` for integer boxes at ``spatial_scale=1``,
-which does the pooling here (one call per level, C++ on CPU, CUDA on GPU).
+exclusive end), so bins may overlap and are never empty. This is also the
+rule of ``torchvision.ops.roi_pool`` for integer boxes at ``spatial_scale=1``
+(:func:`spatial_pyramid_pool_roi`); the default implementation
+(:func:`spatial_pyramid_pool`) answers bins from a range-max table instead,
+which measured ~6x faster on a CPU.
 Output layout: level by level, channel-major within a level
 (``[C x 1 x 1 | C x 2 x 2 | ...]``), as in the paper.
 """
@@ -101,26 +103,146 @@ def select_scales(boxes: torch.Tensor, scales: list[float], target: float = TARG
     return (resized - target * target).abs().argmin(dim=1)
 
 
-def spatial_pyramid_pool(feature_map: torch.Tensor, cells: torch.Tensor, levels: tuple[int, ...] = DEFAULT_LEVELS) -> torch.Tensor:
+def bin_edges(start: torch.Tensor, length: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell ranges of the ``n`` bins along one axis of each window.
+
+    Args:
+        start: ``(R,)`` first cell of each window (int64).
+        length: ``(R,)`` cells in each window (>= 1, int64).
+
+    Returns:
+        ``(lo, hi)``, each ``(R, n)``: bin ``i`` covers cells ``[lo, hi)`` with
+        ``lo = start + floor(i * w / n)`` and ``hi = start + ceil((i + 1) * w / n)``.
+    """
+    i = torch.arange(n, device=start.device)
+    w = length[:, None]
+    lo = start[:, None] + torch.div(i * w, n, rounding_mode="floor")
+    hi = start[:, None] - torch.div(-(i + 1) * w, n, rounding_mode="floor")
+    return lo, hi
+
+
+class _RangeMaxTable:
+    """2D sparse table over a ``(C, H, W)`` map: the max over any cell rectangle in 4 lookups.
+
+    ``T[a, b, y, x] = max(F[:, y : y + 2^a, x : x + 2^b])``, stored channels-last
+    in one flat ``(A * B * H * W, C)`` buffer so that each lookup gathers one
+    contiguous C-vector. Only block sizes up to the largest queried rectangle
+    are built.
+    """
+
+    def __init__(self, feature_map: torch.Tensor, max_log_h: int, max_log_w: int):
+        c, h, w = feature_map.shape
+        self.channels, self.height, self.width = c, h, w
+        self.levels_w = max_log_w + 1
+        t = torch.empty((max_log_h + 1, max_log_w + 1, h, w, c), dtype=feature_map.dtype, device=feature_map.device)
+        t[0, 0] = feature_map.permute(1, 2, 0)
+        for b in range(1, max_log_w + 1):
+            k = 1 << (b - 1)
+            t[0, b] = t[0, b - 1]  # cells past the right edge are never queried at this size
+            torch.maximum(t[0, b - 1, :, : w - k], t[0, b - 1, :, k:], out=t[0, b, :, : w - k])
+        for a in range(1, max_log_h + 1):
+            k = 1 << (a - 1)
+            t[a] = t[a - 1]
+            torch.maximum(t[a - 1, :, : h - k], t[a - 1, :, k:], out=t[a, :, : h - k])
+        self.flat = t.view(-1, c)
+
+    def corner_index(self, y0: torch.Tensor, y1: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        """Flat indices ``(..., 4)`` of the 4 blocks covering rows ``[y0, y1)`` x cols ``[x0, x1)``."""
+        a = _floor_log2(y1 - y0)
+        b = _floor_log2(x1 - x0)
+        base = (a * self.levels_w + b) * (self.height * self.width)
+        ya, xb = y1 - (1 << a), x1 - (1 << b)
+        w = self.width
+        return torch.stack([base + y0 * w + x0, base + ya * w + x0, base + y0 * w + xb, base + ya * w + xb], -1)
+
+
+def _floor_log2(values: torch.Tensor) -> torch.Tensor:
+    # Exact for the integer sizes of a feature map (< 2^24).
+    return torch.floor(torch.log2(values.to(torch.float32))).to(torch.long)
+
+
+def spatial_pyramid_pool(
+    feature_map: torch.Tensor, cells: torch.Tensor, levels: tuple[int, ...] = DEFAULT_LEVELS, chunk: int = 128
+) -> torch.Tensor:
     """Max-pool each window into a pyramid of bins.
+
+    Only the finest level is queried on the map (a 2D range-max table answers
+    each bin with 4 lookups); a coarser level whose grid divides it (1, 2, 3
+    of 6) is derived exactly: bin ``i`` of ``n`` is the union of bins
+    ``i*k .. (i+1)*k - 1`` of ``n*k`` under the floor/ceil rule. Measured on
+    a CPU this is several times faster than ``torchvision.ops.roi_pool`` per
+    level (``benchmarks/features.py``), and it gives identical results on CPU
+    and CUDA (max is exact). Levels that do not divide the finest are queried
+    directly.
 
     Args:
         feature_map: ``(C, H, W)`` conv features (any float dtype; pooled in
-            float32 so that fp16 caches give the same result on every device).
+            float32 so fp16 caches give the same vectors everywhere).
         cells: ``(R, 4)`` inclusive cell ranges from :func:`project_windows`.
         levels: grid sizes, e.g. ``(1, 2, 3, 6)``.
+        chunk: windows per gather (keeps temporaries in cache).
 
     Returns:
         ``(R, C * B)`` float32, level by level, channel-major within a level.
     """
     channels = feature_map.shape[0]
-    width = channels * sum(n * n for n in levels)
+    sizes = [channels * n * n for n in levels]
     if cells.numel() == 0:
-        return feature_map.new_zeros((0, width), dtype=torch.float32)
+        return torch.zeros((0, sum(sizes)), dtype=torch.float32, device=feature_map.device)
+    fmap = feature_map.to(torch.float32)
+    device = fmap.device
+    c = cells.to(device=device, dtype=torch.long)
+    r = len(c)
+    left, top = c[:, 0], c[:, 1]
+    w, h = c[:, 2] - left + 1, c[:, 3] - top + 1
+    finest = max(levels)
+    queried = sorted({finest, *[n for n in levels if finest % n]})
+    # The largest bin queried bounds the table's block sizes: a bin of n over
+    # w cells spans at most ceil(w / n) + 1 of them.
+    h_max, w_max = int(h.max()), int(w.max())
+    longest_h = min(max(-(-h_max // n) + 1 for n in queried), fmap.shape[1])
+    longest_w = min(max(-(-w_max // n) + 1 for n in queried), fmap.shape[2])
+    table = _RangeMaxTable(fmap, longest_h.bit_length() - 1, longest_w.bit_length() - 1)
+    index = {}
+    for n in queried:
+        y0, y1 = bin_edges(top, h, n)
+        x0, x1 = bin_edges(left, w, n)
+        grid = [t.expand(-1, n, n) for t in (y0[:, :, None], y1[:, :, None], x0[:, None, :], x1[:, None, :])]
+        index[n] = table.corner_index(*grid).reshape(r, -1)  # (R, n * n * 4)
+
+    out = torch.empty((r, sum(sizes)), dtype=torch.float32, device=device)
+    starts = [sum(sizes[:i]) for i in range(len(levels))]
+    for s in range(0, r, chunk):
+        e = min(s + chunk, r)
+        k = e - s
+        grids = {}
+        for n in queried:
+            values = table.flat.index_select(0, index[n][s:e].reshape(-1)).view(k, n, n, 4, channels)
+            grids[n] = values.amax(3)  # (k, n, n, C), bins-last
+        for level, n in enumerate(levels):
+            if n in grids:
+                grid = grids[n]
+            else:
+                f = finest // n
+                grid = grids[finest].view(k, n, f, n, f, channels).amax(dim=(2, 4))
+            # channel-major layout within the level: (C, n, n)
+            out[s:e, starts[level] : starts[level] + sizes[level]].view(k, channels, n, n).copy_(grid.permute(0, 3, 1, 2))
+    return out
+
+
+def spatial_pyramid_pool_roi(feature_map: torch.Tensor, cells: torch.Tensor, levels: tuple[int, ...] = DEFAULT_LEVELS) -> torch.Tensor:
+    """The same pooling with ``torchvision.ops.roi_pool``, one call per level.
+
+    ``roi_pool`` at ``spatial_scale=1`` on integer boxes applies exactly the
+    paper's bin rule; it is kept as an independent implementation for tests
+    and benchmarks.
+    """
+    channels = feature_map.shape[0]
+    if cells.numel() == 0:
+        return torch.zeros((0, channels * sum(n * n for n in levels)), dtype=torch.float32, device=feature_map.device)
     fmap = feature_map.to(torch.float32).unsqueeze(0)
     rois = torch.cat([cells.new_zeros((len(cells), 1)), cells], 1).to(fmap.device, torch.float32)
-    parts = [ops.roi_pool(fmap, rois, output_size=(n, n), spatial_scale=1.0).flatten(1) for n in levels]
-    return torch.cat(parts, 1)
+    return torch.cat([ops.roi_pool(fmap, rois, output_size=(n, n), spatial_scale=1.0).flatten(1) for n in levels], 1)
 
 
 def pool_windows(

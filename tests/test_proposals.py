@@ -31,7 +31,8 @@ def test_every_strategy_finds_flat_objects(strategy):
     img, objects = _scene()
     boxes = propose(img, ProposalParams(strategy=strategy, max_side=0, top=2000, min_size=0))
     assert boxes.dtype == np.float32 and boxes.shape[1] == 4
-    assert best_overlaps(boxes, objects).min() > 0.9
+    # > 0.8, not ~1: near-duplicate removal may keep a slightly different box.
+    assert best_overlaps(boxes, objects).min() > 0.8
 
 
 def test_downscaled_boxes_map_back_to_original_pixels():
@@ -41,7 +42,7 @@ def test_downscaled_boxes_map_back_to_original_pixels():
         img[y1:y2, x1:x2] = colour
     boxes = propose(img, ProposalParams(max_side=320, top=2000, min_size=0))
     assert boxes[:, 2].max() <= 640 and boxes[:, 3].max() <= 480
-    assert best_overlaps(boxes, objects).min() > 0.9
+    assert best_overlaps(boxes, objects).min() > 0.8
 
 
 def test_top_min_size_and_distinct():
@@ -124,3 +125,22 @@ def test_recall_and_mabo_against_slow_reference():
 
 def test_best_overlap_without_proposals():
     assert best_overlaps(np.zeros((0, 4)), np.ones((2, 4))).tolist() == [0.0, 0.0]
+
+
+def test_proposals_are_reproducible():
+    img, _ = _scene()
+    first = propose(img, ProposalParams())
+    propose(img, ProposalParams(strategy="opencv-fast"))  # advances the C library's random state
+    assert np.array_equal(first, propose(img, ProposalParams()))
+
+
+def test_stratified_ranking_interleaves_sizes_and_runs():
+    from spp_cli.proposals import _stratified
+
+    small = np.array([[0, 0, 4, 4], [1, 1, 5, 5]], np.float32)  # sqrt(area) 4: first bin
+    large = np.array([[0, 0, 300, 300], [0, 0, 290, 300]], np.float32)  # last bin
+    run_a = np.concatenate([small, large])  # OpenCV order: small regions first
+    run_b = np.array([[10, 10, 14, 14]], np.float32)
+    ranked = _stratified([run_a, run_b])
+    # position 0 of every (run, bin) list first: small of a, small of b, large of a; then position 1
+    np.testing.assert_array_equal(ranked, [small[0], run_b[0], large[0], small[1], large[1]])

@@ -174,3 +174,14 @@ def test_rcnn_context_and_warp():
     warped = warp_windows(image, grown, 224)
     assert warped.shape == (1, 3, 224, 224)
     assert torch.allclose(warped[0], image, atol=1e-2)  # identity warp
+
+
+@pytest.mark.parametrize("levels", [(1, 2, 3, 6), (4, 2), (5, 3, 1)])
+def test_table_pooling_equals_roi_pool(levels):
+    from spp_cli.spp import spatial_pyramid_pool_roi
+
+    rng = np.random.default_rng(5)
+    fmap = torch.from_numpy(rng.standard_normal((7, 23, 31)).astype(np.float32))
+    boxes = torch.from_numpy(_windows(rng, 700, 31 * 16, 23 * 16))
+    cells = project_windows(boxes, 1.0, ALIGN, 23, 31)
+    assert torch.equal(spatial_pyramid_pool(fmap, cells, levels, chunk=64), spatial_pyramid_pool_roi(fmap, cells, levels))
