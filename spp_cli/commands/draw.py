@@ -1,0 +1,99 @@
+"""`spp draw`: detections drawn onto their images, one annotated file per image."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from spp_cli import ui
+from spp_cli.draw import DetectionsImage, draw_detections, read_detections
+from spp_cli.errors import ImageError, SPPError
+from spp_cli.fileio import atomic_write_bytes
+from spp_cli.images import load_image
+
+
+def image_path(entry_path: str, images_root: Path | None) -> Path:
+    """Where an entry's image is: under ``images_root`` if given and the path is relative."""
+    path = Path(entry_path)
+    if images_root is not None and not path.is_absolute():
+        return images_root / path
+    return path
+
+
+def output_paths(sources: list[Path], out_dir: Path) -> tuple[list[Path], list[str]]:
+    """``out_dir/<stem>.jpg`` (``.png`` for PNG inputs) per source, and warnings.
+
+    Two sources with the same stem (``a/x.jpg``, ``b/x.jpg``) would overwrite
+    each other: later ones get ``x-2.jpg``, ``x-3.jpg``, ... and a warning.
+    """
+    taken: set[str] = set()
+    outs, warnings = [], []
+    for src in sources:
+        suffix = ".png" if src.suffix.lower() == ".png" else ".jpg"
+        name, n = src.stem + suffix, 1
+        while name.lower() in taken:  # case-insensitive: macOS and Windows folders are
+            n += 1
+            name = f"{src.stem}-{n}{suffix}"
+        if n > 1:
+            warnings.append(f"{src}: another image has the same name; writing {out_dir / name}")
+        taken.add(name.lower())
+        outs.append(out_dir / name)
+    return outs, warnings
+
+
+def encode(image: Image.Image, suffix: str) -> bytes:
+    """The image as PNG or JPEG bytes (quality 95)."""
+    buf = io.BytesIO()
+    if suffix == ".png":
+        image.save(buf, "PNG")
+    else:
+        # subsampling=0 keeps colour at full resolution: the default 4:2:0
+        # smears the thin coloured outlines and the edges of label text.
+        image.save(buf, "JPEG", quality=95, subsampling=0)
+    return buf.getvalue()
+
+
+def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, conf: float | None) -> int:
+    doc = read_detections(detections_file)
+    if images_root is not None and not images_root.is_dir():
+        raise SPPError(f"{images_root}: no such folder (--images)")
+    sources = [image_path(entry.path, images_root) for entry in doc.images]
+    outs, warnings = output_paths(sources, out_dir)
+    for src, out in zip(sources, outs):
+        # `--out` pointed at the image folder must not replace the photos.
+        if out.exists() and src.exists() and out.samefile(src):
+            raise SPPError(f"{out}: would overwrite its input image; choose another --out folder")
+
+    bad: list[tuple[Path | str, str]] = []
+    written = 0
+    start = time.perf_counter()
+    with ui.progress() as bar:
+        task_id = bar.add_task("draw", total=len(doc.images), rate="")
+        for done, (entry, src, out) in enumerate(zip(doc.images, sources, outs), start=1):
+            try:
+                image = Image.fromarray(load_image(src))
+            except ImageError as exc:
+                bad.append((src, str(exc)))
+            else:
+                warnings.extend(_size_warning(entry, src, image))
+                atomic_write_bytes(out, encode(draw_detections(image, entry.detections, conf), out.suffix))
+                written += 1
+            bar.update(task_id, advance=1, rate=f"{done / (time.perf_counter() - start):.1f} img/s")
+
+    ui.print_warnings(warnings)
+    ui.console.print(f"Wrote {written} annotated image(s) to {out_dir}", markup=False)
+    ui.print_bad(bad)
+    return 1 if bad else 0
+
+
+def _size_warning(entry: DetectionsImage, src: Path, image: Image.Image) -> list[str]:
+    """A warning when the image is not the size its boxes were found on (wrong --images?)."""
+    if entry.width is None or entry.height is None or (image.width, image.height) == (entry.width, entry.height):
+        return []
+    return [
+        f"{src}: image is {image.width}x{image.height} but the detections are for "
+        f"{entry.width}x{entry.height}; boxes may be misplaced"
+    ]
