@@ -65,6 +65,12 @@ class CacheSettings:
     max_side: int
     dtype: str = "fp16"
 
+    @property
+    def alignment(self) -> "Alignment":
+        from spp_cli.spp import Alignment
+
+        return Alignment(self.stride, self.offset)
+
     def describe(self) -> str:
         scales = ",".join(str(s) for s in self.scales)
         return f"backbone {self.backbone} ({self.layer}, weights {self.weights_sha256[:12]}), scales {scales}, max side {self.max_side}, {self.dtype}"

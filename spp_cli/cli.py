@@ -159,6 +159,72 @@ def cache_info(cache_dir, verify) -> None:
     sys.exit(run_cache_info(cache_dir, verify))
 
 
+@cli.command()
+@click.argument("detections", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--images",
+    "images_root",
+    metavar="ROOT",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder that relative image paths in DETECTIONS are under. Default: the current folder.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    metavar="DIR",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the annotated images (created if new): <name>.jpg, or .png for PNG inputs.",
+)
+@click.option(
+    "--conf",
+    type=float,
+    default=None,
+    metavar="X",
+    help="Only draw detections with score >= X (SVM scores, not probabilities: typically -1.5..3).",
+)
+def draw(detections, images_root, out_dir, conf) -> None:
+    """Draw the boxes of a detections file (from `spp detect`) on their images.
+
+    Each box is outlined in its class colour (the same colour for a class in
+    every run) with a "class score" tag. Unreadable images are skipped,
+    listed at the end, and the exit code is 1.
+
+    \b
+    Examples:
+      spp draw dets.json --out annotated/
+      spp draw dets.json --images ../shared/data/raccoon/images --out annotated/ --conf 0.5
+    """
+    from spp_cli.commands.draw import run_draw
+
+    sys.exit(run_draw(detections, images_root, out_dir, conf))
+
+
+@cli.command("train-svm")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Feature cache built with --data (ground truth needed).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model file to write (.safetensors).")
+@click.option("--classes", metavar="A,B", help="Train only these classes (default: every class in the cache).")
+@click.option("--features", type=click.Choice(["pool5", "fc7"]), default="pool5", show_default=True, help="SVM input: the SPP vector, or fc7 of a fine-tuned head.")
+@click.option("--head", type=click.Path(dir_okay=False, path_type=Path), help="Fine-tuned head for --features fc7.")
+@click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=0.001, show_default=True, help="SVM regularisation (liblinear -c).")
+@click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Also train ridge box regressors.")
+def train_svm(cache_dir, out, classes, features, head, C, bbox_reg) -> None:
+    """Train per-class linear SVMs on cached SPP features (hard-negative mining).
+
+    The R-CNN/SPPnet protocol: positives are ground-truth boxes, negatives
+    proposals under IoU 0.3; features scaled to mean norm 20; C 0.001,
+    positive weight 2, bias multiplier 10; one epoch of hard-negative mining.
+    Reads only the cache: no network pass.
+
+    \b
+    Example:
+      spp train-svm --cache feats/ --out model.safetensors
+    """
+    from spp_cli.commands.train_svm import run_train_svm
+
+    sys.exit(run_train_svm(cache_dir, out, classes, C, bbox_reg, features, head))
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="spp")

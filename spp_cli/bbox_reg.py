@@ -1,0 +1,76 @@
+"""Bounding-box regression: ridge regression from pool5 features to box deltas.
+
+R-CNN's setting (IoU > 0.6, lambda 1000) is the default; SPPnet used
+IoU >= 0.5 and lambda 4000 (``BBoxRegConfig``). Deltas are the standard
+parameterisation: ``dx = (gx - px) / pw``, ``dy = (gy - py) / ph``,
+``dw = log(gw / pw)``, ``dh = log(gh / ph)`` with centres ``x, y`` and sizes
+``w, h`` of ``xyxy`` boxes.
+
+Shape letters: R windows, D feature length, K classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# Deltas above log(1000/16) would grow a box beyond any image (py-faster-rcnn's clamp).
+_MAX_LOG_SCALE = math.log(1000.0 / 16)
+
+
+def encode(proposals: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``(R, 4)`` deltas that turn ``xyxy`` proposals into ``xyxy`` targets."""
+    pw = proposals[:, 2] - proposals[:, 0]
+    ph = proposals[:, 3] - proposals[:, 1]
+    px, py = proposals[:, 0] + pw / 2, proposals[:, 1] + ph / 2
+    gw = targets[:, 2] - targets[:, 0]
+    gh = targets[:, 3] - targets[:, 1]
+    gx, gy = targets[:, 0] + gw / 2, targets[:, 1] + gh / 2
+    return np.stack([(gx - px) / pw, (gy - py) / ph, np.log(gw / pw), np.log(gh / ph)], 1).astype(np.float32)
+
+
+def decode(proposals: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """Apply ``(R, 4)`` deltas to ``(R, 4)`` ``xyxy`` proposals."""
+    pw = proposals[:, 2] - proposals[:, 0]
+    ph = proposals[:, 3] - proposals[:, 1]
+    px, py = proposals[:, 0] + pw / 2, proposals[:, 1] + ph / 2
+    dw = deltas[:, 2].clamp(max=_MAX_LOG_SCALE)
+    dh = deltas[:, 3].clamp(max=_MAX_LOG_SCALE)
+    cx, cy = px + deltas[:, 0] * pw, py + deltas[:, 1] * ph
+    w, h = pw * torch.exp(dw), ph * torch.exp(dh)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+
+
+@dataclass
+class BoxRegressors:
+    """Per class: ``deltas = x @ weight[k] + bias[k]``; ``weight (K, D, 4)``, ``bias (K, 4)``."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    def predict(self, features: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
+        """``(R, D)`` scaled features and ``(R,)`` classes -> ``(R, 4)`` deltas."""
+        if len(features) == 0:
+            return features.new_zeros((0, 4))
+        w = torch.from_numpy(self.weight).to(features.device)[class_index]  # (R, D, 4)
+        b = torch.from_numpy(self.bias).to(features.device)[class_index]
+        return torch.einsum("rd,rdf->rf", features, w) + b
+
+
+def fit_ridge(features: np.ndarray, deltas: np.ndarray, ridge_lambda: float) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge regression with an unpenalised bias: ``(N, D)``, ``(N, 4)`` -> ``(D, 4)``, ``(4,)``.
+
+    Solved in closed form on centred data: ``W = (Xc'Xc + lambda I)^-1 Xc'Yc``.
+    """
+    x = torch.from_numpy(features.astype(np.float64))
+    y = torch.from_numpy(deltas.astype(np.float64))
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    xc, yc = x - x_mean, y - y_mean
+    gram = xc.T @ xc
+    gram.diagonal().add_(ridge_lambda)
+    w = torch.linalg.solve(gram, xc.T @ yc)
+    b = y_mean - x_mean @ w
+    return w.float().numpy(), b.float().numpy()

@@ -1,0 +1,43 @@
+"""Training and detection defaults, each with its source.
+
+Frozen dataclasses: a run's settings are recorded in the model file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SVMConfig:
+    """Per-class linear SVMs with hard-negative mining (R-CNN protocol, kept by SPPnet)."""
+
+    C: float = 0.001  # liblinear -c, R-CNN/SPPnet
+    positive_weight: float = 2.0  # liblinear -w1, R-CNN/SPPnet
+    bias_multiplier: float = 10.0  # liblinear -B, R-CNN/SPPnet
+    negative_iou: float = 0.3  # negatives: IoU < 0.3 with every ground truth of the class
+    hard_threshold: float = -1.0001  # a negative is hard if its score is above this
+    evict_threshold: float = -1.2  # cached negatives scoring below this are dropped at retrain
+    retrain_every: int = 2000  # retrain after this many new hard negatives
+    target_norm: float = 20.0  # features scaled so their mean L2 norm is 20
+    norm_images: int = 200  # images sampled to measure the mean norm (code: 200 x 200)
+    norm_boxes: int = 200
+    max_negatives: int = 20000  # cap per class on cached negatives (memory), easiest dropped first
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BBoxRegConfig:
+    """Ridge regression of box deltas from pool5 features (R-CNN's setting)."""
+
+    min_iou: float = 0.6  # training windows: IoU > 0.6 with a ground truth (R-CNN; SPPnet: >= 0.5)
+    ridge_lambda: float = 1000.0  # R-CNN (SPPnet: 4000 with IoU >= 0.5)
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Test-time settings (R-CNN/SPPnet test protocol)."""
+
+    score_threshold: float = -1.5  # R-CNN/SPPnet code: candidates scoring below are dropped before NMS
+    nms_iou: float = 0.3  # per-class NMS, R-CNN/SPPnet
+    max_detections: int = 100  # per image, VOC protocol

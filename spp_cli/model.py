@@ -1,0 +1,208 @@
+"""The detector: backbone settings + SPP pyramid + SVMs + box regressors + thresholds.
+
+Saved as one ``.safetensors`` file: tensors ``svm_weight (K, D)``,
+``svm_bias (K,)`` and, with box regression, ``bbox_weight (K, D, 4)``,
+``bbox_bias (K, 4)``; JSON metadata under the key ``spp`` holds everything
+else (format version, classes, backbone and cache settings, pyramid levels,
+feature scale, thresholds, proposal settings, training record). No pickle.
+
+Shape letters: R windows, D feature length, K classes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision import ops
+
+from spp_cli.bbox_reg import BoxRegressors, decode
+from spp_cli.cache import CacheSettings
+from spp_cli.config import DetectConfig
+from spp_cli.errors import ModelError
+from spp_cli.fileio import atomic_write_bytes
+from spp_cli.spp import DEFAULT_LEVELS, Alignment, pool_windows
+from spp_cli.svm import LinearSVMs
+
+MODEL_FORMAT = "spp-detector"
+MODEL_VERSION = 1
+
+
+@dataclass
+class Detection:
+    """One detection: ``box`` ``xyxy`` original pixels, class index, SVM score."""
+
+    box: list[float]
+    class_id: int
+    score: float
+
+
+@dataclass
+class Detector:
+    """A trained SPPnet detector.
+
+    Attributes:
+        features: the settings the conv maps must be computed with (a cache's
+            settings): backbone, weights digest, layer, alignment, scales.
+        levels: pyramid levels.
+        svms: per-class classifiers (with the feature scale).
+        regressors: per-class box regressors, or ``None``.
+        detect: score threshold, NMS IoU, detections per image.
+        proposals: proposal settings (``ProposalParams`` as a dict).
+        training: a free-form record of how the model was made.
+    """
+
+    features: CacheSettings
+    levels: tuple[int, ...]
+    svms: LinearSVMs
+    regressors: BoxRegressors | None
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    proposals: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.svms.classes
+
+    @property
+    def alignment(self) -> Alignment:
+        return self.features.alignment
+
+    # ---------------------------------------------------------------- files
+
+    def save(self, path: str | Path) -> None:
+        """Write the model atomically as safetensors + JSON metadata."""
+        from safetensors.torch import save
+
+        tensors = {
+            "svm_weight": torch.from_numpy(np.ascontiguousarray(self.svms.weight, np.float32)),
+            "svm_bias": torch.from_numpy(np.ascontiguousarray(self.svms.bias, np.float32)),
+        }
+        if self.regressors is not None:
+            tensors["bbox_weight"] = torch.from_numpy(np.ascontiguousarray(self.regressors.weight, np.float32))
+            tensors["bbox_bias"] = torch.from_numpy(np.ascontiguousarray(self.regressors.bias, np.float32))
+        meta = {
+            "format": MODEL_FORMAT,
+            "version": MODEL_VERSION,
+            "classes": self.classes,
+            "features": {**asdict(self.features), "scales": list(self.features.scales)},
+            "levels": list(self.levels),
+            "feature_scale": self.svms.feature_scale,
+            "detect": asdict(self.detect),
+            "proposals": self.proposals,
+            "training": self.training,
+        }
+        atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Detector":
+        """Read a model file.
+
+        Raises:
+            ModelError: missing, not a safetensors file, damaged, or another
+                format or version; the message names the file.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise ModelError(f"{path}: model file not found")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["spp"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"{path}: not a readable spp model ({reason})") from None
+        if meta.get("format") != MODEL_FORMAT:
+            raise ModelError(f"{path}: not an spp detector (format {meta.get('format')!r})")
+        if meta.get("version") != MODEL_VERSION:
+            raise ModelError(f"{path}: model format version {meta.get('version')} is not supported (this spp reads version {MODEL_VERSION})")
+        try:
+            classes = list(meta["classes"])
+            weight = tensors["svm_weight"].numpy()
+            bias = tensors["svm_bias"].numpy()
+            if weight.shape[0] != len(classes) or bias.shape != (len(classes),):
+                raise ValueError("classifier shapes do not match the class list")
+            raw = meta["features"]
+            features = CacheSettings(**{**raw, "scales": tuple(raw["scales"])})
+            regressors = None
+            if "bbox_weight" in tensors:
+                regressors = BoxRegressors(tensors["bbox_weight"].numpy(), tensors["bbox_bias"].numpy())
+                if regressors.weight.shape[:2] != weight.shape:
+                    raise ValueError("box regressor shapes do not match the classifiers")
+            return cls(
+                features=features,
+                levels=tuple(meta["levels"]),
+                svms=LinearSVMs(classes, weight, bias, float(meta["feature_scale"])),
+                regressors=regressors,
+                detect=DetectConfig(**meta.get("detect", {})),
+                proposals=dict(meta.get("proposals", {})),
+                training=dict(meta.get("training", {})),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{path}: damaged spp model ({exc})") from None
+
+    # ---------------------------------------------------------------- inference
+
+    def check_features(self, settings: CacheSettings, source: str) -> None:
+        """Refuse conv maps computed with other settings than the model was trained on."""
+        if settings != self.features:
+            raise ModelError(
+                f"{source}: features were computed with {settings.describe()}, but the model needs "
+                f"{self.features.describe()}; use a cache built with the model's settings"
+            )
+
+    @torch.inference_mode()
+    def detect_windows(
+        self,
+        maps: list[torch.Tensor],
+        factors: list[float],
+        proposals: np.ndarray,
+        width: int,
+        height: int,
+        config: DetectConfig | None = None,
+        timings: dict | None = None,
+    ) -> list[Detection]:
+        """Score, regress, suppress: the detections of one image.
+
+        Args:
+            maps: ``S`` conv maps ``(C, H_s, W_s)`` of the image.
+            factors: their resize factors.
+            proposals: ``(R, 4)`` ``xyxy`` original pixels.
+            width, height: original image size (for clipping).
+            config: thresholds; the model's own by default.
+            timings: if given, receives ``pool``, ``classify``, ``nms`` seconds.
+        """
+        import time
+
+        config = config or self.detect
+        t0 = time.perf_counter()
+        boxes = torch.as_tensor(proposals, dtype=torch.float32)
+        features = pool_windows(maps, factors, boxes, self.alignment, self.levels)
+        features.mul_(self.svms.feature_scale)
+        t1 = time.perf_counter()
+        scores = self.svms.scores(features)  # (R, K)
+        window, cls = torch.nonzero(scores > config.score_threshold, as_tuple=True)
+        kept_scores = scores[window, cls]
+        kept_boxes = boxes.to(features.device)[window]
+        if self.regressors is not None and len(window):
+            kept_boxes = decode(kept_boxes, self.regressors.predict(features[window], cls))
+        kept_boxes[:, 0::2] = kept_boxes[:, 0::2].clamp(0, width)
+        kept_boxes[:, 1::2] = kept_boxes[:, 1::2].clamp(0, height)
+        t2 = time.perf_counter()
+        keep = ops.batched_nms(kept_boxes, kept_scores, cls, config.nms_iou)[: config.max_detections]
+        t3 = time.perf_counter()
+        if timings is not None:
+            timings["pool"] = timings.get("pool", 0.0) + t1 - t0
+            timings["classify"] = timings.get("classify", 0.0) + t2 - t1
+            timings["nms"] = timings.get("nms", 0.0) + t3 - t2
+        return [
+            Detection([round(float(v), 2) for v in kept_boxes[i].tolist()], int(cls[i]), round(float(kept_scores[i]), 4))
+            for i in keep.tolist()
+        ]
+
+

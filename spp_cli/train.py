@@ -1,0 +1,167 @@
+"""Training a detector from a feature cache: SVMs with hard-negative mining, then box regression.
+
+Reads only the cache (no network pass): each entry holds the conv maps,
+proposals and ground truth of one image.
+
+Shape letters: R windows, N ground truths, D feature length, K classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from spp_cli import boxes as box_ops
+from spp_cli.bbox_reg import BoxRegressors, encode, fit_ridge
+from spp_cli.cache import CacheEntry, FeatureCache
+from spp_cli.config import BBoxRegConfig, DetectConfig, SVMConfig
+from spp_cli.errors import DatasetError
+from spp_cli.model import Detector
+from spp_cli.spp import DEFAULT_LEVELS, output_dim
+from spp_cli.svm import HardNegativeMiner, negative_candidates
+from spp_cli.windows import distinct_windows, mean_feature_norm, window_features
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class TrainingSet:
+    """The cache entries a detector is trained on, and its classes."""
+
+    cache: FeatureCache
+    keys: list[str]
+    classes: list[str]
+
+
+def training_set(cache: FeatureCache, classes: list[str] | None = None, keys: list[str] | None = None) -> TrainingSet:
+    """Entries with ground truth, and the class list (all classes seen, or ``classes``).
+
+    Raises:
+        DatasetError: no entry has ground truth, or a requested class never occurs.
+    """
+    keys = keys if keys is not None else cache.keys()
+    with_gt, seen = [], []
+    for key in keys:
+        meta = cache.metadata(key)
+        if meta.get("has_gt"):
+            with_gt.append(key)
+            for name in meta.get("classes", []):
+                if name not in seen:
+                    seen.append(name)
+    if not with_gt:
+        raise DatasetError(f"{cache.root}: no cached image has ground truth; build the cache with --data SPEC")
+    if classes:
+        unknown = [c for c in classes if c not in seen]
+        if unknown:
+            raise DatasetError(f"{cache.root}: class(es) {', '.join(unknown)} not in the cache (classes: {', '.join(seen)})")
+        seen = list(classes)
+    return TrainingSet(cache, with_gt, seen)
+
+
+def _gt_names(entry: CacheEntry) -> list[str]:
+    return [entry.classes[int(label)] for label in entry.gt_labels]
+
+
+def train_detector(
+    data: TrainingSet,
+    levels: tuple[int, ...] = DEFAULT_LEVELS,
+    svm_config: SVMConfig = SVMConfig(),
+    bbox_config: BBoxRegConfig | None = BBoxRegConfig(),
+    progress: Progress | None = None,
+    log: Callable[[str], None] = lambda _: None,
+) -> Detector:
+    """Train SVMs (and box regressors) on cached pool5 features."""
+    cache, settings = data.cache, data.cache.settings
+    align = settings.alignment
+    rng = np.random.default_rng(svm_config.seed)
+    progress = progress or (lambda *_: None)
+
+    # 1. Feature scale: mean L2 norm of a sample of windows -> 20.
+    sample = sorted(rng.choice(len(data.keys), min(svm_config.norm_images, len(data.keys)), replace=False))
+    norm = mean_feature_norm((cache.read(data.keys[i]) for i in sample), align, levels, svm_config.norm_boxes, svm_config.seed)
+    scale = svm_config.target_norm / max(norm, 1e-12)
+    log(f"feature scale: mean L2 norm {norm:.2f} -> {svm_config.target_norm:g} (x{scale:.4f})")
+
+    dim = output_dim(settings.channels, levels)
+    miner = HardNegativeMiner(data.classes, dim, svm_config, on_retrain=lambda c, p, n: log(f"retrained {c}: {p} positives, {n} negatives"))
+
+    # 2. Positives: ground-truth boxes (not difficult, not crowd).
+    for n, key in enumerate(data.keys, 1):
+        entry = cache.read(key)
+        names = np.array(_gt_names(entry))
+        usable = ~entry.gt_difficult & ~entry.gt_iscrowd
+        if usable.any():
+            feats = window_features(entry, entry.gt_boxes[usable], align, levels, scale).numpy()
+            for name in data.classes:
+                miner.add_positives(name, feats[names[usable] == name])
+        progress("positives", n, len(data.keys))
+    for name in miner.untrained():
+        log(f"warning: class {name} has no usable positive; it gets no classifier")
+
+    # 3. One epoch of hard-negative mining over the images in random order,
+    #    collecting box-regression samples on the way.
+    reg_feats: dict[str, list[np.ndarray]] = {c: [] for c in data.classes}
+    reg_deltas: dict[str, list[np.ndarray]] = {c: [] for c in data.classes}
+    order = rng.permutation(len(data.keys))
+    for n, i in enumerate(order, 1):
+        entry = cache.read(data.keys[i])
+        windows = entry.proposals[distinct_windows(entry, entry.proposals, align)]
+        feats = window_features(entry, windows, align, levels, scale)
+        names = _gt_names(entry)
+        miner.add_image(feats, negative_candidates(windows, entry.gt_boxes, names, data.classes, svm_config.negative_iou))
+        if bbox_config is not None:
+            _regression_samples(entry, windows, feats, names, data.classes, bbox_config, reg_feats, reg_deltas)
+        progress("mining", n, len(order))
+    svms = miner.finish(scale)
+
+    # 4. Box regression per class.
+    regressors = None
+    if bbox_config is not None:
+        weight = np.zeros((len(data.classes), dim, 4), np.float32)
+        bias = np.zeros((len(data.classes), 4), np.float32)
+        for k, name in enumerate(data.classes):
+            if reg_feats[name]:
+                x = np.concatenate(reg_feats[name])
+                y = np.concatenate(reg_deltas[name])
+                weight[k], bias[k] = fit_ridge(x, y, bbox_config.ridge_lambda)
+                log(f"box regression {name}: {len(x)} windows")
+            progress("box regression", k + 1, len(data.classes))
+        regressors = BoxRegressors(weight, bias)
+
+    return Detector(
+        features=settings,
+        levels=tuple(levels),
+        svms=svms,
+        regressors=regressors,
+        detect=DetectConfig(),
+        proposals={},
+        training={
+            "images": len(data.keys),
+            "svm": asdict(svm_config),
+            "bbox_regression": asdict(bbox_config) if bbox_config else None,
+            "mean_feature_norm": norm,
+        },
+    )
+
+
+def _regression_samples(entry, windows, feats, names, classes, config, reg_feats, reg_deltas, cap_per_image: int = 64) -> None:
+    usable = ~entry.gt_iscrowd
+    if not usable.any() or len(windows) == 0:
+        return
+    gt = entry.gt_boxes[usable]
+    gt_names = np.asarray(names)[usable]
+    overlaps = box_ops.iou(windows, gt).numpy()
+    best = overlaps.argmax(1)
+    good = np.flatnonzero(overlaps[np.arange(len(windows)), best] > config.min_iou)
+    if len(good) > cap_per_image:
+        # Bound memory on images with many overlapping windows; evenly spaced keeps variety.
+        good = good[np.linspace(0, len(good) - 1, cap_per_image).astype(int)]
+    for name in set(gt_names[best[good]]):
+        if name not in reg_feats:
+            continue
+        sel = good[gt_names[best[good]] == name]
+        reg_feats[name].append(feats[torch.from_numpy(sel)].numpy().astype(np.float16))
+        reg_deltas[name].append(encode(windows[sel], gt[best[sel]]))

@@ -1,0 +1,60 @@
+"""SPP feature vectors of windows in cached images: the bridge between cache and classifiers.
+
+Shape letters: R windows, D = C * B feature length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from spp_cli.cache import CacheEntry
+from spp_cli.spp import DEFAULT_LEVELS, Alignment, pool_windows, project_windows, select_scales
+
+
+def window_features(
+    entry: CacheEntry, boxes: np.ndarray, align: Alignment, levels: tuple[int, ...] = DEFAULT_LEVELS, scale: float = 1.0
+) -> torch.Tensor:
+    """``(R, D)`` float32 pool5 features of ``(R, 4)`` ``xyxy`` windows, times ``scale``.
+
+    Each window is pooled at its own scale (area closest to 224 x 224).
+    """
+    features = pool_windows(entry.maps, entry.factors, torch.as_tensor(boxes, dtype=torch.float32), align, levels)
+    if scale != 1.0:
+        features.mul_(scale)
+    return features
+
+
+def distinct_windows(entry: CacheEntry, boxes: np.ndarray, align: Alignment) -> np.ndarray:
+    """Indices of windows that pool distinct regions (SPPnet code's negative dedup).
+
+    Two windows that select the same scale and project onto the same feature
+    cells have identical features; only the first is kept.
+    """
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    b = torch.as_tensor(boxes, dtype=torch.float32)
+    scale_index = select_scales(b, entry.factors) if len(entry.factors) > 1 else torch.zeros(len(b), dtype=torch.long)
+    keys = torch.zeros((len(b), 5), dtype=torch.long)
+    keys[:, 0] = scale_index
+    for s, (fmap, factor) in enumerate(zip(entry.maps, entry.factors)):
+        chosen = torch.nonzero(scale_index == s).flatten()
+        if len(chosen):
+            keys[chosen, 1:] = project_windows(b[chosen], factor, align, fmap.shape[1], fmap.shape[2]).long()
+    _, first = np.unique(keys.numpy(), axis=0, return_index=True)
+    return np.sort(first)
+
+
+def mean_feature_norm(entries, align: Alignment, levels: tuple[int, ...], boxes_per_image: int, seed: int) -> float:
+    """Mean L2 norm of pool5 features over a sample of windows (R-CNN: 200 images x 200 boxes)."""
+    rng = np.random.default_rng(seed)
+    norms = []
+    for entry in entries:
+        boxes = entry.proposals
+        if len(boxes) > boxes_per_image:
+            boxes = boxes[rng.choice(len(boxes), boxes_per_image, replace=False)]
+        if len(boxes):
+            norms.append(window_features(entry, boxes, align, levels).norm(dim=1))
+    if not norms:
+        return 1.0
+    return float(torch.cat(norms).mean())
