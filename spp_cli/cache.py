@@ -33,6 +33,7 @@ import torch
 
 from spp_cli.errors import CacheError
 from spp_cli.fileio import atomic_write_bytes, atomic_write_json
+from spp_cli.spp import Alignment
 
 CACHE_FORMAT = "spp-feature-cache"
 CACHE_VERSION = 1
@@ -66,9 +67,7 @@ class CacheSettings:
     dtype: str = "fp16"
 
     @property
-    def alignment(self) -> "Alignment":
-        from spp_cli.spp import Alignment
-
+    def alignment(self) -> Alignment:
         return Alignment(self.stride, self.offset)
 
     def describe(self) -> str:

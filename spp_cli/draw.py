@@ -1,4 +1,4 @@
-"""Detections drawn on images, and the detections file that `spp draw` reads.
+"""Detections drawn on images (the file format is in :mod:`spp_cli.detections`).
 
 Pillow and the standard library only (no torch, no numpy), so drawing works
 wherever the image loader does.
@@ -15,18 +15,11 @@ printed as they are, with two decimals.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from spp_cli.errors import SPPError
-
-DETECTIONS_FORMAT = "spp-detections"
-DETECTIONS_VERSION = 1
 
 # Saturated colours that stay apart from each other and from the greys,
 # skies and skins of typical photos. No white, black or grey: a box in those
@@ -195,96 +188,3 @@ def _label_tag(text: str, fill: tuple[int, int, int], size: int) -> Image.Image:
     if scale > 1:
         tag = tag.resize((tag.width * scale, tag.height * scale), Image.Resampling.NEAREST)
     return tag
-
-
-# ---------------------------------------------------------------- the file
-
-
-@dataclass
-class DetectionsImage:
-    """One image entry of a detections file; ``path`` exactly as written there."""
-
-    id: str
-    path: str
-    width: int | None
-    height: int | None
-    detections: list[dict] = field(default_factory=list)
-
-
-@dataclass
-class DetectionsFile:
-    classes: list[str]
-    images: list[DetectionsImage]
-
-
-def read_detections(path: str | Path) -> DetectionsFile:
-    """Load and validate a detections file written by `spp detect`.
-
-    Format (UTF-8 JSON)::
-
-        {"format": "spp-detections", "version": 1, "classes": [...],
-         "images": [{"id", "path", "width", "height",
-                     "detections": [{"box": [x1, y1, x2, y2], "class", "class_id", "score"}]}]}
-
-    Raises:
-        SPPError: missing, not JSON, another format or version, or a malformed
-            entry; the message names the file (and the entry).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SPPError(f"{path}: detections file not found (create it with `spp detect ... --out {path}`)")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SPPError(f"{path}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise SPPError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != DETECTIONS_FORMAT:
-        raise SPPError(f"{path}: not a detections file (expected \"format\": \"{DETECTIONS_FORMAT}\")")
-    if doc.get("version") != DETECTIONS_VERSION:
-        raise SPPError(
-            f"{path}: detections format version {doc.get('version')} is not supported "
-            f"(this spp reads version {DETECTIONS_VERSION})"
-        )
-    entries = doc.get("images", [])
-    if not isinstance(entries, list):
-        raise SPPError(f"{path}: \"images\" is not a list")
-    images = [_read_entry(path, n, entry) for n, entry in enumerate(entries)]
-    classes = doc.get("classes", [])
-    return DetectionsFile(classes=[str(c) for c in classes] if isinstance(classes, list) else [], images=images)
-
-
-def _read_entry(path: Path, n: int, entry) -> DetectionsImage:
-    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("detections"), list):
-        raise SPPError(f"{path}: images[{n}] is malformed (needs path and detections [{{box, class, score}}, ...])")
-    size = []
-    for key in ("width", "height"):
-        value = entry.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-            raise SPPError(f"{path}: images[{n}] has a bad {key} ({value!r})")
-        size.append(value)
-    dets = []
-    for k, det in enumerate(entry["detections"]):
-        if not _valid_detection(det):
-            raise SPPError(
-                f"{path}: images[{n}].detections[{k}] is malformed (needs box [x1, y1, x2, y2], class, score)"
-            )
-        dets.append(det)
-    return DetectionsImage(str(entry.get("id", Path(entry["path"]).stem)), entry["path"], size[0], size[1], dets)
-
-
-def _number(value) -> bool:
-    # bool is an int in Python, but `true` is no coordinate or score; NaN and
-    # infinity (which Python's json accepts) cannot be drawn.
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _valid_detection(det) -> bool:
-    return (
-        isinstance(det, dict)
-        and isinstance(det.get("box"), list)
-        and len(det["box"]) == 4
-        and all(_number(v) for v in det["box"])
-        and isinstance(det.get("class"), str)
-        and _number(det.get("score"))
-    )

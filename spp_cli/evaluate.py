@@ -188,3 +188,121 @@ def average_precision(dets: ClassDetections, gt: ClassGroundTruth, metric: str =
     if len(recall) == 0:
         return 0.0
     return voc07_ap(recall, precision) if metric == "voc07" else voc_area_ap(recall, precision)
+
+
+# ---------------------------------------------------------------- datasets and files
+
+
+@dataclass
+class GroundTruthImage:
+    """Ground truth of one image for evaluation: ``(N, 4)`` ``xyxy`` boxes with class names and flags."""
+
+    boxes: np.ndarray
+    class_names: list[str]
+    difficult: np.ndarray
+    iscrowd: np.ndarray
+    width: int | None = None
+    height: int | None = None
+
+    @classmethod
+    def from_record(cls, record, classes: list[str]) -> "GroundTruthImage":
+        """From a :class:`spp_cli.data.ImageRecord` and its dataset's class list."""
+        return cls(record.boxes, [classes[int(i)] for i in record.labels], record.difficult, record.iscrowd, record.width, record.height)
+
+
+@dataclass
+class EvalResult:
+    """Per-class AP and their mean over classes that have ground truth."""
+
+    metric: str
+    per_class: dict[str, float]
+    counts: dict[str, int]  # ground truths per class (not difficult, not crowd)
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_ap(self) -> float:
+        values = [v for v in self.per_class.values() if not np.isnan(v)]
+        return float(np.mean(values)) if values else float("nan")
+
+
+def evaluate_voc(images: list[tuple[GroundTruthImage, list[dict]]], classes: list[str], metric: str = "voc07") -> EvalResult:
+    """VOC AP per class.
+
+    Args:
+        images: ``(ground truth, detections)`` per dataset image (crowd
+            boxes count as difficult); detections are dicts with ``box``,
+            ``class``, ``score``.
+        classes: the classes to evaluate (names).
+        metric: ``voc07`` (11-point) or ``voc`` (area).
+    """
+    per_class, counts = {}, {}
+    for k, name in enumerate(classes):
+        gt_by_image: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        ids, scores, boxes = [], [], []
+        for n, (record, dets) in enumerate(images):
+            key = str(n)
+            mask = np.array([c == name for c in record.class_names], dtype=bool)
+            gt_by_image[key] = (record.boxes[mask], (record.difficult | record.iscrowd)[mask])
+            for d in dets:
+                if d["class"] == name:
+                    ids.append(key)
+                    scores.append(d["score"])
+                    boxes.append(d["box"])
+        gt = ClassGroundTruth(gt_by_image)
+        detections = ClassDetections(ids, np.asarray(scores, float), np.asarray(boxes, np.float32).reshape(-1, 4))
+        per_class[name] = average_precision(detections, gt, metric)
+        counts[name] = gt.num_positives
+    return EvalResult(metric, per_class, counts)
+
+
+def evaluate_coco(images: list[tuple[GroundTruthImage, list[dict]]], classes: list[str]) -> EvalResult:
+    """COCO mAP@[.5:.95] (and AP50) per class through pycocotools."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    cat_ids = {name: k + 1 for k, name in enumerate(classes)}
+    gt = {"images": [], "annotations": [], "categories": [{"id": v, "name": k} for k, v in cat_ids.items()]}
+    results = []
+    for n, (record, dets) in enumerate(images):
+        gt["images"].append({"id": n, "width": record.width or 1, "height": record.height or 1})
+        for box, name, crowd in zip(record.boxes, record.class_names, record.iscrowd | record.difficult):
+            if name not in cat_ids:
+                continue
+            x1, y1, x2, y2 = (float(v) for v in box)
+            gt["annotations"].append(
+                {"id": len(gt["annotations"]) + 1, "image_id": n, "category_id": cat_ids[name], "bbox": [x1, y1, x2 - x1, y2 - y1],
+                 "area": (x2 - x1) * (y2 - y1), "iscrowd": int(crowd)}
+            )
+        for d in dets:
+            if d["class"] in cat_ids:
+                x1, y1, x2, y2 = d["box"]
+                results.append({"image_id": n, "category_id": cat_ids[d["class"]], "bbox": [x1, y1, x2 - x1, y2 - y1], "score": d["score"]})
+    per_class = {name: float("nan") for name in classes}
+    counts = {name: 0 for name in classes}
+    for ann in gt["annotations"]:
+        if not ann["iscrowd"]:
+            counts[classes[ann["category_id"] - 1]] += 1
+    if not results:
+        return EvalResult("coco", {n: (0.0 if counts[n] else float("nan")) for n in classes}, counts, {"AP50": 0.0})
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    precision = ev.eval["precision"]  # (T IoUs, R recalls, K classes, A areas, M max dets)
+    ap50 = {}
+    for k, name in enumerate(classes):
+        if counts[name] == 0:
+            continue
+        p = precision[:, :, k, 0, -1]
+        per_class[name] = float(np.mean(p[p > -1])) if (p > -1).any() else 0.0
+        p50 = precision[0, :, k, 0, -1]
+        ap50[name] = float(np.mean(p50[p50 > -1])) if (p50 > -1).any() else 0.0
+    return EvalResult("coco", per_class, counts, {"AP50": float(ev.stats[1]), "mAP@[.5:.95]": float(ev.stats[0]), **{f"AP50/{k}": v for k, v in ap50.items()}})

@@ -24,7 +24,7 @@ from spp_cli.cache import CacheSettings
 from spp_cli.config import DetectConfig
 from spp_cli.errors import ModelError
 from spp_cli.fileio import atomic_write_bytes
-from spp_cli.spp import DEFAULT_LEVELS, Alignment, pool_windows
+from spp_cli.spp import Alignment, pool_windows
 from spp_cli.svm import LinearSVMs
 
 MODEL_FORMAT = "spp-detector"

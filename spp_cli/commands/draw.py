@@ -9,7 +9,8 @@ from pathlib import Path
 from PIL import Image
 
 from spp_cli import ui
-from spp_cli.draw import DetectionsImage, draw_detections, read_detections
+from spp_cli.detections import DetectionsImage, read_detections
+from spp_cli.draw import draw_detections
 from spp_cli.errors import ImageError, SPPError
 from spp_cli.fileio import atomic_write_bytes
 from spp_cli.images import load_image

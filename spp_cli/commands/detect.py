@@ -1,0 +1,196 @@
+"""`spp detect`: proposals, one conv pass per image per scale (or the cache), SPP, SVMs, NMS."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from spp_cli import backbones, ui
+from spp_cli.config import DetectConfig
+from spp_cli.errors import ModelError, SPPError
+from spp_cli.fileio import atomic_write_json, check_writable
+from spp_cli.sources import resolve_sources
+
+STAGES = ("proposals", "conv", "pooling", "classify", "nms")
+
+
+def default_model_path() -> Path | None:
+    """The shipped default detector: ``weights/default.safetensors`` beside the
+    package (source checkout) or under ``<prefix>/share/spp/weights`` (installed)."""
+    import sys
+
+    for folder in (Path(__file__).resolve().parents[2] / "weights", Path(sys.prefix) / "share" / "spp" / "weights"):
+        candidate = folder / "default.safetensors"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
+               conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool) -> int:
+    from spp_cli.cache import FeatureCache, image_key
+    from spp_cli.detections import coco_results, coco_results_path, detections_document
+    from spp_cli.features import feature_pyramid
+    from spp_cli.images import load_image
+    from spp_cli.model import Detector
+    from spp_cli.proposals import ProposalParams, propose, read_proposals
+
+    if model_path is None:
+        model_path = default_model_path()
+        if model_path is None:
+            raise ModelError("no --model given and no default detector is installed (weights/default.safetensors)")
+    device = backbones.select_device(gpu)
+    if out is not None:
+        check_writable(out)
+    detector = Detector.load(model_path)
+    if conf is None:
+        # With ground truth the run is usually for `spp eval`, which needs the
+        # whole ranking; for plain images show confident detections only.
+        conf = detector.detect.score_threshold if data else 0.0
+    config = DetectConfig(score_threshold=conf, nms_iou=nms, max_detections=max_det)
+    cache = None
+    if cache_dir is not None:
+        cache = FeatureCache.open(cache_dir)
+        detector.check_features(cache.settings, str(cache_dir))
+    proposal_set = read_proposals(props) if props is not None else None
+    sources = resolve_sources(inputs, data, split)
+    ui.print_warnings(sources.warnings or [])
+    if data and sources.dataset is not None:
+        missing = [c for c in sources.dataset.classes if c not in detector.classes]
+        if len(missing) == len(sources.dataset.classes):
+            raise ModelError(f"{data}: none of the dataset's classes ({', '.join(missing[:5])}) is a class of {model_path} ({', '.join(detector.classes[:5])})")
+    proposal_params = ProposalParams(**detector.proposals) if detector.proposals else ProposalParams()
+    settings = detector.features
+
+    extractor = None
+    bad: list[tuple[Path | str, str]] = []
+    results: list[dict] = []
+    timings = {stage: 0.0 for stage in STAGES}
+    from_cache = computed = 0
+    start = time.perf_counter()
+    with ui.progress() as bar:
+        task = bar.add_task("detect", total=len(sources.items), rate="")
+        for done, source in enumerate(sources.items, 1):
+            try:
+                entry = None
+                if cache is not None:
+                    key = image_key(source.path)
+                    if cache.has(key):
+                        entry = cache.read(key)
+                if entry is not None:
+                    maps, factors, width, height = entry.maps, entry.factors, entry.width, entry.height
+                    boxes = entry.proposals
+                    from_cache += 1
+                else:
+                    image = load_image(source.path)
+                    height, width = image.shape[:2]
+                    boxes = None
+                    computed += 1
+                if proposal_set is not None:
+                    found = proposal_set.lookup(source.image_id, source.path)
+                    if found is None:
+                        raise SPPError(f"{source.path}: not in {props}; run `spp propose` on it first")
+                    boxes = found.boxes
+                if boxes is None:
+                    t0 = time.perf_counter()
+                    boxes = propose(image, proposal_params)
+                    timings["proposals"] += time.perf_counter() - t0
+                if entry is None:
+                    if extractor is None:
+                        extractor = backbones.FeatureExtractor(backbones.get_spec(settings.backbone), _weights_for(settings), device)
+                    maps, factors, seconds = feature_pyramid(
+                        extractor, image, settings.scales, settings.max_side,
+                        warn=lambda m: ui.console.print(f"warning: {m}", markup=False), name=str(source.path),
+                    )
+                    timings["conv"] += sum(seconds)
+                stage_times: dict = {}
+                dets = detector.detect_windows(maps, factors, boxes, width, height, config, stage_times)
+                timings["pooling"] += stage_times["pool"]
+                timings["classify"] += stage_times["classify"]
+                timings["nms"] += stage_times["nms"]
+            except SPPError as exc:
+                bad.append((source.path, str(exc)))
+                bar.update(task, advance=1)
+                continue
+            entry_json = {
+                "id": source.image_id,
+                "path": str(source.path),
+                "width": int(width),
+                "height": int(height),
+                "detections": [
+                    {"box": d.box, "class": detector.classes[d.class_id], "class_id": d.class_id, "score": d.score} for d in dets
+                ],
+            }
+            record = source.record
+            if record is not None and getattr(record, "coco_id", None) is not None:
+                entry_json["coco_id"] = record.coco_id
+            results.append(entry_json)
+            bar.update(task, advance=1, rate=f"{done / (time.perf_counter() - start):.2f} img/s")
+
+    if out is not None:
+        atomic_write_json(out, detections_document(detector.classes, results))
+        atomic_write_json(coco_results_path(out), coco_results(results))
+    if save_dir is not None:
+        _save_drawings(results, save_dir, max(conf, 0.0), bad)
+    _summary(results, detector.classes, out, save_dir, conf)
+    n = max(len(results), 1)
+    per_stage = ", ".join(f"{1000 * timings[s] / n:.1f}ms {s}" for s in STAGES)
+    ui.console.print(
+        f"Speed: {per_stage} per image ({computed} image(s) through the network on {device}, {from_cache} from the cache)",
+        markup=False,
+    )
+    ui.print_bad(bad)
+    return 1 if bad else 0
+
+
+def _weights_for(settings) -> str | None:
+    """The weights a model's features were computed with: the default file, if its digest matches."""
+    spec = backbones.get_spec(settings.backbone)
+    if settings.weights_sha256 == "random:0":
+        return backbones.RANDOM_WEIGHTS
+    if backbones.weights_digest(spec, None) != settings.weights_sha256:
+        raise ModelError(
+            f"the model was trained on {settings.backbone} weights {settings.weights_sha256[:12]}, "
+            "which are not this installation's default weights; use --cache with features from those weights"
+        )
+    return None
+
+
+def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: list) -> None:
+    from PIL import Image
+
+    from spp_cli.commands.draw import encode, output_paths
+    from spp_cli.draw import draw_detections
+    from spp_cli.fileio import atomic_write_bytes
+    from spp_cli.images import load_image
+
+    sources = [Path(r["path"]) for r in results]
+    targets, _ = output_paths(sources, save_dir)
+    for result, source, target in zip(results, sources, targets):
+        try:
+            image = Image.fromarray(load_image(source))
+        except SPPError as exc:
+            bad.append((source, str(exc)))
+            continue
+        drawn = draw_detections(image, result["detections"], min_score=min_score)
+        atomic_write_bytes(target, encode(drawn, target.suffix))
+
+
+def _summary(results: list[dict], classes: list[str], out: Path | None, save_dir: Path | None, conf: float) -> None:
+    counts: dict[str, int] = {}
+    for r in results:
+        for d in r["detections"]:
+            if d["score"] >= max(conf, 0.0):
+                counts[d["class"]] = counts.get(d["class"], 0) + 1
+    found = ", ".join(f"{v} {k}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "nothing"
+    where = []
+    if out is not None:
+        from spp_cli.detections import coco_results_path
+
+        where.append(f"{out} (+ {coco_results_path(out).name})")
+    if save_dir is not None:
+        where.append(f"annotated images in {save_dir}")
+    ui.console.print(f"{len(results)} image(s): {found} at score >= {max(conf, 0.0):g}" + (f"; wrote {', '.join(where)}" if where else ""), markup=False)
+
+
+

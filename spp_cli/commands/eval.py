@@ -1,0 +1,79 @@
+"""`spp eval`: per-class AP of a detections file against a dataset split."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from spp_cli import ui
+from spp_cli.errors import DatasetError
+from spp_cli.fileio import atomic_write_json, check_writable
+
+
+def run_eval(detections_file: Path, data: str, split: str | None, metric: str, out: Path | None) -> int:
+    from rich.table import Table
+
+    from spp_cli.data import open_dataset
+    from spp_cli.detections import read_detections
+    from spp_cli.evaluate import GroundTruthImage, evaluate_coco, evaluate_voc
+
+    if out is not None:
+        check_writable(out)
+    dets = read_detections(detections_file)
+    dataset = open_dataset(data, split)
+    ui.print_warnings(dataset.warnings)
+    shared = [c for c in dataset.classes if c in dets.classes]
+    if not shared:
+        raise DatasetError(
+            f"{data}: none of the dataset's classes ({', '.join(dataset.classes[:6])}) is among the detections' classes "
+            f"({', '.join(dets.classes[:6])}); was the model trained on another dataset?"
+        )
+    by_path = {str(Path(e.path).resolve()): e for e in dets.images}
+    by_id = {e.id: e for e in dets.images}
+    pairs, missing = [], 0
+    for record in dataset.records:
+        entry = by_path.get(str(Path(record.path).resolve())) or by_id.get(record.image_id)
+        if entry is None:
+            missing += 1
+        pairs.append((GroundTruthImage.from_record(record, dataset.classes), entry.detections if entry else []))
+    if missing:
+        ui.console.print(f"warning: {missing} of {len(dataset.records)} image(s) have no entry in {detections_file}; counted as without detections", markup=False)
+    skipped = [c for c in dataset.classes if c not in dets.classes]
+    if skipped:
+        ui.console.print(f"warning: not evaluated (no such class in the detections): {', '.join(skipped)}", markup=False)
+    scores = [d["score"] for e in dets.images for d in e.detections]
+    if metric != "coco" and scores and min(scores) >= 0:
+        ui.console.print("note: no detection scores below 0; AP counts only what was kept (`spp detect --conf -1.5` keeps the full ranking)", markup=False)
+
+    result = evaluate_coco(pairs, shared) if metric == "coco" else evaluate_voc(pairs, shared, metric)
+    title = {"voc07": "VOC07 11-point AP (IoU 0.5)", "voc": "VOC area AP (IoU 0.5)", "coco": "COCO AP@[.5:.95]"}[metric]
+    table = Table(title=f"{title}: {len(dataset.records)} image(s)")
+    table.add_column("class")
+    table.add_column("GT", justify="right")
+    table.add_column("AP", justify="right")
+    if metric == "coco":
+        table.add_column("AP50", justify="right")
+    for name in shared:
+        ap = result.per_class[name]
+        row = [name, str(result.counts[name]), "-" if math.isnan(ap) else f"{ap:.3f}"]
+        if metric == "coco":
+            ap50 = result.extra.get(f"AP50/{name}")
+            row.append("-" if ap50 is None else f"{ap50:.3f}")
+        table.add_row(*row)
+    mean_row = ["mAP", str(sum(result.counts.values())), f"{result.mean_ap:.3f}"]
+    if metric == "coco":
+        mean_row.append(f"{result.extra['AP50']:.3f}")
+    table.add_row(*mean_row, style="bold")
+    ui.console.print(table)
+    if out is not None:
+        doc = {
+            "metric": metric,
+            "mAP": None if math.isnan(result.mean_ap) else round(result.mean_ap, 6),
+            "per_class": {k: (None if math.isnan(v) else round(v, 6)) for k, v in result.per_class.items()},
+            "ground_truth": result.counts,
+        }
+        if metric == "coco":
+            doc["AP50"] = round(result.extra["AP50"], 6)
+            doc["per_class_AP50"] = {k[5:]: round(v, 6) for k, v in result.extra.items() if k.startswith("AP50/")}
+        atomic_write_json(out, doc, indent=2)
+    return 0
