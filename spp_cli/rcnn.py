@@ -67,7 +67,7 @@ def rcnn_features(
     image: np.ndarray,
     boxes: np.ndarray,
     levels: tuple[int, ...] = DEFAULT_LEVELS,
-    batch_size: int = 64,
+    batch_size: int = 32,
     padding: int = CONTEXT_PADDING,
 ) -> torch.Tensor:
     """R-CNN features: one network pass per warped window (in batches).
