@@ -63,14 +63,21 @@ class BoxRegressors:
 def fit_ridge(features: np.ndarray, deltas: np.ndarray, ridge_lambda: float) -> tuple[np.ndarray, np.ndarray]:
     """Ridge regression with an unpenalised bias: ``(N, D)``, ``(N, 4)`` -> ``(D, 4)``, ``(4,)``.
 
-    Solved in closed form on centred data: ``W = (Xc'Xc + lambda I)^-1 Xc'Yc``.
+    Solved in closed form on centred data: ``W = (Xc'Xc + lambda I)^-1 Xc'Yc``,
+    or, with fewer samples than features, the identical dual form
+    ``W = Xc' (Xc Xc' + lambda I)^-1 Yc`` (an N x N system instead of D x D).
     """
     x = torch.from_numpy(features.astype(np.float64))
     y = torch.from_numpy(deltas.astype(np.float64))
     x_mean, y_mean = x.mean(0), y.mean(0)
     xc, yc = x - x_mean, y - y_mean
-    gram = xc.T @ xc
-    gram.diagonal().add_(ridge_lambda)
-    w = torch.linalg.solve(gram, xc.T @ yc)
+    if len(xc) < xc.shape[1]:
+        kernel = xc @ xc.T
+        kernel.diagonal().add_(ridge_lambda)
+        w = xc.T @ torch.linalg.solve(kernel, yc)
+    else:
+        gram = xc.T @ xc
+        gram.diagonal().add_(ridge_lambda)
+        w = torch.linalg.solve(gram, xc.T @ yc)
     b = y_mean - x_mean @ w
     return w.float().numpy(), b.float().numpy()

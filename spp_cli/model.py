@@ -112,11 +112,16 @@ class Detector:
             raise ModelError(f"{path}: model file not found")
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["spp"])
+                text = (f.metadata() or {}).get("spp")
+                meta = json.loads(text) if text is not None else {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{path}: not a readable spp model ({reason})") from None
+        if text is None:
+            raise ModelError(f"{path}: not an spp detector (a safetensors file without spp metadata; models come from `spp train-svm`)")
+        if not isinstance(meta, dict):
+            meta = {}
         if meta.get("format") != MODEL_FORMAT:
             raise ModelError(f"{path}: not an spp detector (format {meta.get('format')!r})")
         if meta.get("version") != MODEL_VERSION:

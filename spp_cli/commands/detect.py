@@ -28,7 +28,7 @@ def default_model_path() -> Path | None:
 
 def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
                conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool) -> int:
-    from spp_cli.cache import FeatureCache, image_key
+    from spp_cli.cache import DTYPES, FeatureCache, image_key
     from spp_cli.detections import coco_results, coco_results_path, detections_document
     from spp_cli.features import feature_pyramid
     from spp_cli.images import load_image
@@ -63,7 +63,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     settings = detector.features
 
     extractor = None
-    bad: list[tuple[Path | str, str]] = []
+    bad: list[tuple[Path | str, str]] = list(sources.bad or [])  # images whose annotations cannot be used
     results: list[dict] = []
     timings = {stage: 0.0 for stage in STAGES}
     from_cache = computed = 0
@@ -74,8 +74,11 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
             try:
                 entry = None
                 if cache is not None:
-                    key = image_key(source.path)
-                    if cache.has(key):
+                    try:
+                        key = image_key(source.path)
+                    except OSError:
+                        key = None  # missing or unreadable: load_image below says why
+                    if key is not None and cache.has(key):
                         entry = cache.read(key)
                 if entry is not None:
                     maps, factors, width, height = entry.maps, entry.factors, entry.width, entry.height
@@ -103,11 +106,17 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                         warn=lambda m: ui.console.print(f"warning: {m}", markup=False), name=str(source.path),
                     )
                     timings["conv"] += sum(seconds)
+                    # The model was trained on maps stored at the cache's precision
+                    # (fp16 by default): round fresh maps the same way, so that
+                    # detections are the same with or without --cache.
+                    maps = [m.to(DTYPES[settings.dtype]) for m in maps]
                 stage_times: dict = {}
                 dets = detector.detect_windows(maps, factors, boxes, width, height, config, stage_times)
                 timings["pooling"] += stage_times["pool"]
                 timings["classify"] += stage_times["classify"]
                 timings["nms"] += stage_times["nms"]
+            except ModelError:
+                raise  # the model or its weights, not this image: stop once
             except SPPError as exc:
                 bad.append((source.path, str(exc)))
                 bar.update(task, advance=1)

@@ -76,4 +76,6 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
             doc["AP50"] = round(result.extra["AP50"], 6)
             doc["per_class_AP50"] = {k[5:]: round(v, 6) for k, v in result.extra.items() if k.startswith("AP50/")}
         atomic_write_json(out, doc, indent=2)
-    return 0
+    # Images whose annotations cannot be used are not evaluated: list them, exit 1.
+    ui.print_bad(list(dataset.bad))
+    return 1 if dataset.bad else 0

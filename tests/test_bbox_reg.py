@@ -1,0 +1,34 @@
+import numpy as np
+import torch
+
+from spp_cli.bbox_reg import decode, encode, fit_ridge
+
+
+def test_encode_decode_round_trip():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, (20, 2))
+    proposals = np.concatenate([xy, xy + rng.uniform(5, 50, (20, 2))], 1).astype(np.float32)
+    xy = rng.uniform(0, 100, (20, 2))
+    targets = np.concatenate([xy, xy + rng.uniform(5, 50, (20, 2))], 1).astype(np.float32)
+    out = decode(torch.from_numpy(proposals), torch.from_numpy(encode(proposals, targets)))
+    np.testing.assert_allclose(out.numpy(), targets, rtol=1e-4, atol=1e-3)
+
+
+def _slow_ridge(x, y, lam):
+    """Ridge with an unpenalised bias via the augmented normal equations."""
+    xa = np.concatenate([x, np.ones((len(x), 1))], 1)
+    penalty = lam * np.eye(xa.shape[1])
+    penalty[-1, -1] = 0
+    beta = np.linalg.solve(xa.T @ xa + penalty, xa.T @ y)
+    return beta[:-1], beta[-1]
+
+
+def test_ridge_primal_and_dual_forms_match_reference():
+    rng = np.random.default_rng(1)
+    for n, d in ((200, 30), (20, 60)):  # more samples than features, and fewer
+        x = rng.standard_normal((n, d))
+        y = x @ rng.standard_normal((d, 4)) + 0.1 * rng.standard_normal((n, 4)) + 3.0
+        w, b = fit_ridge(x, y, 5.0)
+        w_ref, b_ref = _slow_ridge(x, y, 5.0)
+        np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(b, b_ref, rtol=1e-4, atol=1e-5)

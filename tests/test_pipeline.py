@@ -1,0 +1,384 @@
+"""`spp train-svm`, `spp detect`, `spp eval`: the detector pipeline on small generated images.
+
+One pipeline is built per module and shared: a dataset of red and blue
+rectangles (160 x 120), its proposals, a feature cache of the training split
+at one small scale, and a model trained on it. The tests then detect, evaluate
+and feed each command bad input.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import voc_xml, write_image
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from spp_cli import backbones
+from spp_cli.cache import FeatureCache
+from spp_cli.cli import cli
+from spp_cli.model import Detector
+from spp_cli.spp import DEFAULT_LEVELS
+
+SCALE = "96"
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
+TRAIN, TEST = ["s00", "s01", "s02", "s03"], ["s04", "s05"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def write_shapes(root: Path) -> Path:
+    """XML-beside-images dataset: one red and one blue rectangle per image, on a light noisy background."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    for i, image_id in enumerate(TRAIN + TEST):
+        pixels = np.full((120, 160, 3), 245, np.uint8) - rng.integers(0, 12, (120, 160, 3), dtype=np.uint8)
+        objects = []
+        for name, x0 in zip(("red", "blue") if i % 2 == 0 else ("blue", "red"), (0, 80)):
+            w, h = int(rng.integers(30, 60)), int(rng.integers(30, 70))
+            x1, y1 = x0 + int(rng.integers(5, 76 - w)), int(rng.integers(5, 115 - h))
+            pixels[y1 : y1 + h, x1 : x1 + w] = COLOURS[name]
+            objects.append((name, x1, y1, x1 + w, y1 + h))
+        Image.fromarray(pixels).save(root / "images" / f"{image_id}.jpg", quality=95)
+        (root / "annotations" / f"{image_id}.xml").write_text(voc_xml(f"{image_id}.jpg", 160, 120, objects))
+    (root / "train.txt").write_text("\n".join(TRAIN) + "\n")
+    (root / "test.txt").write_text("\n".join(TEST) + "\n")
+    return root
+
+
+def ground_truth(data: Path, image_id: str) -> list[tuple[str, list[float]]]:
+    import xml.etree.ElementTree as ET
+
+    tree = ET.parse(data / "annotations" / f"{image_id}.xml")
+    return [
+        (o.findtext("name"), [float(o.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
+        for o in tree.iter("object")
+    ]
+
+
+def iou(a, b) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    data = write_shapes(root / "shapes")
+    props = root / "props.json"
+    result = invoke("propose", "--data", data, "--out", props, "--workers", "1")
+    assert result.exit_code == 0, result.output
+    cache = root / "feats"
+    result = invoke("cache", "--data", data, "--split", "train", "--props", props, "--cache", cache, "--scales", SCALE)
+    assert result.exit_code == 0, result.output
+    model = root / "model.safetensors"
+    before = backbones.FORWARD_CALLS
+    train = invoke("train-svm", "--cache", cache, "--out", model)
+    return SimpleNamespace(data=data, props=props, cache=cache, model=model, train=train, train_forwards=backbones.FORWARD_CALLS - before)
+
+
+@pytest.fixture(scope="module")
+def plain_zf5_cache(tmp_path_factory):
+    """A cache of one plain image (no ground truth) with another backbone: zf5, random weights."""
+    root = tmp_path_factory.mktemp("zf5")
+    image = write_image(root / "imgs" / "plain.jpg")
+    cache = root / "zf5-feats"
+    result = invoke("cache", image, "--cache", cache, "--backbone", "zf5", "--weights", "random", "--scales", SCALE)
+    assert result.exit_code == 0, result.output
+    return cache
+
+
+# ---------------------------------------------------------------- happy path
+
+
+def test_train_detect_eval(pipeline, tmp_path):
+    assert pipeline.train.exit_code == 0, pipeline.train.output
+    assert "Training on 4 cached image(s), 2 class(es): blue, red" in pipeline.train.stderr
+    assert f"Wrote {pipeline.model}: 2 class(es), box regression on" in pipeline.train.stderr
+
+    dets_path, drawn = tmp_path / "dets.json", tmp_path / "drawn"
+    result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", pipeline.model, "--out", dets_path, "--save-dir", drawn)
+    assert result.exit_code == 0, result.output
+    doc = json.loads(dets_path.read_text())
+    assert doc["format"] == "spp-detections" and doc["version"] == 1 and doc["classes"] == ["blue", "red"]
+    assert [im["id"] for im in doc["images"]] == TEST
+    for im in doc["images"]:
+        assert im["path"] == str(pipeline.data / "images" / f"{im['id']}.jpg")
+        assert (im["width"], im["height"]) == (160, 120)
+        assert 0 < len(im["detections"]) <= 100
+        for d in im["detections"]:
+            assert d["class"] == doc["classes"][d["class_id"]]
+            assert d["score"] >= -1.5  # with --data: the model's threshold, the whole ranking for eval
+            x1, y1, x2, y2 = d["box"]
+            assert 0 <= x1 < x2 <= 160 and 0 <= y1 < y2 <= 120
+        # The detector finds both rectangles: each one is matched (IoU >= 0.5,
+        # right class) by a detection scoring above 0.
+        for name, box in ground_truth(pipeline.data, im["id"]):
+            best = max((iou(d["box"], box) for d in im["detections"] if d["class"] == name and d["score"] >= 0), default=0)
+            assert best >= 0.5, (im["id"], name, box, im["detections"][:4])
+
+    # COCO results beside it: the same detections as [x, y, w, h], category = class index + 1.
+    coco = json.loads((tmp_path / "dets.coco.json").read_text())
+    flat = [(n, d) for n, im in enumerate(doc["images"]) for d in im["detections"]]
+    assert len(coco) == len(flat)
+    for row, (n, d) in zip(coco, flat):
+        assert set(row) == {"image_id", "category_id", "bbox", "score"}
+        x1, y1, x2, y2 = d["box"]
+        assert row["image_id"] == n and row["category_id"] == d["class_id"] + 1 and row["score"] == d["score"]
+        np.testing.assert_allclose(row["bbox"], [x1, y1, x2 - x1, y2 - y1], atol=0.011)
+
+    for image_id in TEST:
+        with Image.open(drawn / f"{image_id}.jpg") as im:
+            assert im.size == (160, 120)
+
+    lines = result.stderr.strip().splitlines()
+    assert lines[-2].startswith("2 image(s): ") and f"wrote {dets_path} (+ dets.coco.json), annotated images in {drawn}" in lines[-2]
+    speed = re.fullmatch(
+        r"Speed: ([\d.]+)ms proposals, ([\d.]+)ms conv, ([\d.]+)ms pooling, ([\d.]+)ms classify, ([\d.]+)ms nms per image "
+        r"\(2 image\(s\) through the network on cpu, 0 from the cache\)",
+        lines[-1],
+    )
+    assert speed, lines[-1]
+    assert float(speed[1]) > 0 and float(speed[2]) > 0  # proposals and conv computed here
+
+    metrics_path = tmp_path / "metrics.json"
+    result = invoke("eval", dets_path, "--data", pipeline.data, "--split", "test", "--out", metrics_path)
+    assert result.exit_code == 0, result.output
+    assert "VOC07 11-point AP (IoU 0.5): 2 image(s)" in result.stderr
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["metric"] == "voc07"
+    assert set(metrics["per_class"]) == {"blue", "red"} and metrics["ground_truth"] == {"blue": 2, "red": 2}
+    assert metrics["mAP"] == pytest.approx(np.mean(list(metrics["per_class"].values())), abs=1e-6)
+    assert all(ap >= 0.5 for ap in metrics["per_class"].values()), metrics  # every object found above 0: AP >= 0.5
+
+    result = invoke("eval", dets_path, "--data", pipeline.data, "--split", "test", "--metric", "coco", "--out", metrics_path)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["metric"] == "coco" and {"mAP", "per_class", "AP50", "per_class_AP50"} <= set(metrics)
+    assert 0 < metrics["mAP"] <= metrics["AP50"] <= 1
+
+
+def test_model_file_is_safetensors_with_json_metadata(pipeline):
+    raw = pipeline.model.read_bytes()
+    # safetensors: 8-byte little-endian header length, a JSON header, then raw
+    # tensor bytes that fill the rest of the file exactly: no pickle, no zip.
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + header_len])
+    assert 8 + header_len + max(t["data_offsets"][1] for k, t in header.items() if k != "__metadata__") == len(raw)
+
+    settings = FeatureCache.open(pipeline.cache).settings
+    dim = settings.channels * sum(n * n for n in DEFAULT_LEVELS)
+    with safe_open(str(pipeline.model), framework="pt") as f:
+        meta = json.loads(f.metadata()["spp"])
+        shapes = {k: tuple(f.get_tensor(k).shape) for k in f.keys()}
+    assert shapes == {"svm_weight": (2, dim), "svm_bias": (2,), "bbox_weight": (2, dim, 4), "bbox_bias": (2, 4)}
+    assert meta["format"] == "spp-detector" and meta["version"] == 1
+    assert meta["classes"] == ["blue", "red"]
+    assert meta["features"]["backbone"] == "efficientnet_lite0" and meta["features"]["scales"] == [96]
+    assert meta["features"]["weights_sha256"] == settings.weights_sha256 and meta["features"]["dtype"] == "fp16"
+    assert meta["levels"] == list(DEFAULT_LEVELS)
+    assert meta["feature_scale"] == pytest.approx(20 / meta["training"]["mean_feature_norm"])
+    assert meta["detect"] == {"score_threshold": -1.5, "nms_iou": 0.3, "max_detections": 100}
+    assert meta["training"]["images"] == 4 and meta["training"]["cache"] == str(pipeline.cache)
+    detector = Detector.load(pipeline.model)
+    assert detector.features == settings and detector.classes == ["blue", "red"]
+
+
+# ---------------------------------------------------------------- the cache saves forward passes
+
+
+def test_detect_from_cache_does_no_forward_pass_and_matches(pipeline, tmp_path):
+    two = tmp_path / "two.txt"
+    two.write_text("s00\ns03\n")
+    common = ["--data", pipeline.data, "--split", two, "--model", pipeline.model, "--props", pipeline.props]
+
+    before = backbones.FORWARD_CALLS
+    cached = invoke("detect", *common, "--cache", pipeline.cache, "--out", tmp_path / "cached.json")
+    assert cached.exit_code == 0, cached.output
+    assert backbones.FORWARD_CALLS == before
+    assert cached.stderr.strip().splitlines()[-1].endswith("per image (0 image(s) through the network on cpu, 2 from the cache)")
+
+    before = backbones.FORWARD_CALLS
+    fresh = invoke("detect", *common, "--out", tmp_path / "fresh.json")
+    assert fresh.exit_code == 0, fresh.output
+    assert backbones.FORWARD_CALLS - before == 2  # one per image (one scale)
+
+    a, b = (json.loads((tmp_path / name).read_text()) for name in ("cached.json", "fresh.json"))
+    assert sum(len(im["detections"]) for im in a["images"]) > 0
+    assert a == b
+    assert (tmp_path / "cached.coco.json").read_text() == (tmp_path / "fresh.coco.json").read_text()
+
+
+def test_train_svm_reads_only_the_cache(pipeline, tmp_path):
+    assert pipeline.train_forwards == 0
+    model = tmp_path / "red.safetensors"
+    before = backbones.FORWARD_CALLS
+    result = invoke("train-svm", "--cache", pipeline.cache, "--out", model, "--classes", "red", "--no-bbox-reg")
+    assert result.exit_code == 0, result.output
+    assert backbones.FORWARD_CALLS == before
+    assert f"Wrote {model}: 1 class(es), box regression off" in result.stderr
+    with safe_open(str(model), framework="pt") as f:
+        assert sorted(f.keys()) == ["svm_bias", "svm_weight"]
+        assert json.loads(f.metadata()["spp"])["classes"] == ["red"]
+
+
+def test_train_svm_unknown_class(pipeline, tmp_path):
+    result = invoke("train-svm", "--cache", pipeline.cache, "--out", tmp_path / "m.safetensors", "--classes", "red,cat")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {pipeline.cache}: class(es) cat not in the cache (classes: blue, red)"
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_cache_of_another_backbone_is_refused(pipeline, plain_zf5_cache, tmp_path):
+    image = next((plain_zf5_cache.parent / "imgs").iterdir())
+    result = invoke("detect", image, "--model", pipeline.model, "--cache", plain_zf5_cache, "--out", tmp_path / "d.json")
+    assert result.exit_code == 1
+    message = one_line(result)
+    zf5 = FeatureCache.open(plain_zf5_cache).settings.describe()
+    model = FeatureCache.open(pipeline.cache).settings.describe()
+    assert message == (
+        f"Error: {plain_zf5_cache}: features were computed with {zf5}, but the model needs {model}; "
+        "use a cache built with the model's settings"
+    )
+    assert "backbone zf5 (" in message and "weights random:0" in message and "backbone efficientnet_lite0 (" in message
+    assert not (tmp_path / "d.json").exists()
+
+
+def test_train_svm_on_a_cache_without_ground_truth(plain_zf5_cache, tmp_path):
+    result = invoke("train-svm", "--cache", plain_zf5_cache, "--out", tmp_path / "m.safetensors")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {plain_zf5_cache}: no cached image has ground truth; build the cache with --data SPEC"
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_model_file(pipeline, tmp_path, damage):
+    model = tmp_path / "model.safetensors"
+    raw = pipeline.model.read_bytes()
+    model.write_bytes(raw[: len(raw) // 2] if damage == "truncate" else np.random.default_rng(0).bytes(4096))
+    result = invoke("detect", pipeline.data / "images" / "s04.jpg", "--model", model)
+    assert result.exit_code == 1
+    assert re.fullmatch(rf"Error: {re.escape(str(model))}: not a readable spp model \(.+\)", one_line(result))
+
+
+def test_model_file_of_another_kind_or_version(pipeline, tmp_path):
+    image = pipeline.data / "images" / "s04.jpg"
+    weights = tmp_path / "weights.safetensors"
+    save_file({"conv.weight": torch.zeros(2, 2)}, str(weights))
+    result = invoke("detect", image, "--model", weights)
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {weights}: not an spp detector (a safetensors file without spp metadata; models come from `spp train-svm`)"
+
+    with safe_open(str(pipeline.model), framework="pt") as f:
+        meta = json.loads(f.metadata()["spp"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    newer = tmp_path / "v2.safetensors"
+    save_file(tensors, str(newer), metadata={"spp": json.dumps({**meta, "version": 2})})
+    result = invoke("detect", image, "--model", newer)
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {newer}: model format version 2 is not supported (this spp reads version 1)"
+
+    result = invoke("detect", image, "--model", tmp_path / "nope.safetensors")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {tmp_path / 'nope.safetensors'}: model file not found"
+
+
+def test_dataset_of_other_classes(pipeline, xml_dataset, tmp_path):
+    result = invoke("detect", "--data", xml_dataset, "--model", pipeline.model, "--out", tmp_path / "d.json")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {xml_dataset}: none of the dataset's classes (cat, dog) is a class of {pipeline.model} (blue, red)"
+    assert not (tmp_path / "d.json").exists()
+
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps({"format": "spp-detections", "version": 1, "classes": ["blue", "red"], "images": []}))
+    result = invoke("eval", dets, "--data", xml_dataset, "--out", tmp_path / "m.json")
+    assert result.exit_code == 1
+    assert one_line(result) == (
+        f"Error: {xml_dataset}: none of the dataset's classes (cat, dog) is among the detections' classes (blue, red); "
+        "was the model trained on another dataset?"
+    )
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_non_image_is_skipped_and_the_rest_written(pipeline, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(pipeline.data / "images" / "s00.jpg", folder / "good.jpg")  # cached: no forward pass
+    (folder / "notes.jpg").write_text("plain text")
+    out = tmp_path / "dets.json"
+    before = backbones.FORWARD_CALLS
+    result = invoke("detect", folder, "--model", pipeline.model, "--cache", pipeline.cache, "--out", out)
+    assert result.exit_code == 1
+    assert backbones.FORWARD_CALLS == before
+    assert "1 input(s) skipped:" in result.stderr
+    assert f"skipped {folder / 'notes.jpg'}: not an image file Pillow can read" in result.stderr
+    doc = json.loads(out.read_text())
+    assert [im["path"] for im in doc["images"]] == [str(folder / "good.jpg")]
+    assert doc["images"][0]["detections"]
+
+
+def test_missing_image_and_bad_annotation_are_listed(pipeline, tmp_path):
+    # With --cache, a missing image must be reported like any unreadable one
+    # (not a traceback), and images skipped for their annotations listed too.
+    data = tmp_path / "shapes"
+    shutil.copytree(pipeline.data, data)
+    (data / "images" / "s00.jpg").unlink()
+    (data / "annotations" / "s01.xml").write_text("<annotation><object><name>red</name></object></annotation>")
+    out = tmp_path / "dets.json"
+    result = invoke("detect", "--data", data, "--split", "train", "--model", pipeline.model, "--cache", pipeline.cache, "--props", pipeline.props, "--out", out)
+    assert result.exit_code == 1
+    assert "2 input(s) skipped:" in result.stderr
+    assert f"skipped {data / 'annotations' / 's01.xml'}: object 1 ('red') has no <bndbox>" in result.stderr
+    assert f"skipped {data / 'images' / 's00.jpg'}: no such file" in result.stderr
+    assert [im["id"] for im in json.loads(out.read_text())["images"]] == ["s02", "s03"]
+
+    result = invoke("eval", out, "--data", data, "--split", "train", "--out", tmp_path / "m.json")
+    assert result.exit_code == 1
+    assert f"skipped {data / 'annotations' / 's01.xml'}: object 1 ('red') has no <bndbox>" in result.stderr
+    assert "VOC07 11-point AP (IoU 0.5): 3 image(s)" in result.stderr
+    assert json.loads((tmp_path / "m.json").read_text())["ground_truth"] == {"blue": 3, "red": 3}
+
+
+def test_eval_of_a_file_that_is_not_json(pipeline, tmp_path):
+    dets = tmp_path / "dets.json"
+    dets.write_text("{not json")
+    result = invoke("eval", dets, "--data", pipeline.data, "--split", "test")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {dets}: not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
+
+
+def test_conf_must_be_a_number(pipeline):
+    result = invoke("detect", pipeline.data / "images" / "s04.jpg", "--model", pipeline.model, "--conf", "abc")
+    assert result.exit_code == 2
+    assert "Invalid value for '--conf': 'abc' is not a valid float." in result.stderr
+
+
+def test_empty_input_folder(pipeline, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    result = invoke("detect", empty, "--model", pipeline.model, "--out", tmp_path / "d.json")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {empty}: folder contains no images (.jpg, .jpeg, .png, .bmp, ...)"
+    assert not (tmp_path / "d.json").exists()
