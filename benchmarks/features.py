@@ -139,7 +139,7 @@ def main() -> None:
     from spp_cli.cache import CacheEntry, CacheSettings, FeatureCache
 
     with tempfile.TemporaryDirectory() as tmp:
-        settings = CacheSettings(spec.name, "bench", spec.layer, spec.stride, spec.offset, spec.channels, FIVE_SCALES, DEFAULT_MAX_SIDE, "fp16")
+        settings = CacheSettings(spec.name, "bench", spec.layer, spec.stride, spec.offset, spec.channels, FIVE_SCALES, DEFAULT_MAX_SIDE, "fp16", spec.preprocess)
         cache = FeatureCache.create_or_open(Path(tmp) / "feats", settings)
         sizes = []
         for record in records:

@@ -78,6 +78,14 @@ class BackboneSpec:
     def alignment(self) -> Alignment:
         return Alignment(self.stride, self.offset)
 
+    @property
+    def preprocess(self) -> str:
+        """What besides the weights shapes the features (recorded in caches and models)."""
+        text = f"mean={','.join(f'{v:g}' for v in self.mean)} std={','.join(f'{v:g}' for v in self.std)}"
+        if self.name == "efficientnet_lite0":
+            text += f" bn_eps={LITE0_BN_EPS:g}"
+        return text + " bn_folded"
+
     def default_weights(self) -> tuple[dict, str]:
         """``(state_dict for load_full, sha256 of the file)`` of the default weights."""
         if self.default_weights_path is None:

@@ -54,6 +54,8 @@ class CacheSettings:
         scales: short sides the image was resized to, one map each.
         max_side: cap on the resized long side.
         dtype: ``fp16`` or ``fp32`` storage of the maps.
+        preprocess: the input normalisation (and anything else that changes
+            the maps for the same weights), so that a change is noticed.
     """
 
     backbone: str
@@ -65,6 +67,7 @@ class CacheSettings:
     scales: tuple[int, ...]
     max_side: int
     dtype: str = "fp16"
+    preprocess: str = ""
 
     @property
     def alignment(self) -> Alignment:
@@ -72,7 +75,8 @@ class CacheSettings:
 
     def describe(self) -> str:
         scales = ",".join(str(s) for s in self.scales)
-        return f"backbone {self.backbone} ({self.layer}, weights {self.weights_sha256[:12]}), scales {scales}, max side {self.max_side}, {self.dtype}"
+        text = f"backbone {self.backbone} ({self.layer}, weights {self.weights_sha256[:12]}), scales {scales}, max side {self.max_side}, {self.dtype}"
+        return text + (f", input {self.preprocess}" if self.preprocess else "")
 
 
 @dataclass

@@ -26,6 +26,7 @@ def settings_for(backbone: str, weights: str | None, scales: str, max_side: int,
         scales=parse_scales(scales),
         max_side=max_side,
         dtype=dtype,
+        preprocess=spec.preprocess,
     )
 
 

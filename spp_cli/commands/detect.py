@@ -155,6 +155,11 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
 def _weights_for(settings) -> str | None:
     """The weights a model's features were computed with: the default file, if its digest matches."""
     spec = backbones.get_spec(settings.backbone)
+    if settings.preprocess and settings.preprocess != spec.preprocess:
+        raise ModelError(
+            f"the model was trained on {settings.backbone} features computed with input {settings.preprocess}; "
+            f"this spp computes {spec.preprocess}; use --cache with features from the model's settings"
+        )
     if settings.weights_sha256 == "random:0":
         return backbones.RANDOM_WEIGHTS
     if backbones.weights_digest(spec, None) != settings.weights_sha256:
