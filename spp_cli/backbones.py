@@ -18,7 +18,6 @@ the declared values against it and against gradients.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from spp_cli.errors import ModelError
+from spp_cli.fileio import file_sha256
 from spp_cli.spp import Alignment
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -340,15 +340,6 @@ def get_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise ModelError(f"unknown backbone '{name}' (valid: {', '.join(BACKBONES)})")
     return BACKBONES[name]
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_state_dict(path: Path) -> dict:

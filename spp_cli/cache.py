@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from spp_cli.errors import CacheError
-from spp_cli.fileio import atomic_write_bytes, atomic_write_json
+from spp_cli.fileio import atomic_write_bytes, atomic_write_json, file_sha256, read_versioned_json
 from spp_cli.spp import Alignment
 
 CACHE_FORMAT = "spp-feature-cache"
@@ -113,11 +113,7 @@ class CacheEntry:
 
 def image_key(path: str | Path) -> str:
     """The entry key of an image: sha256 of its bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(path)
 
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -196,14 +192,7 @@ class FeatureCache:
         header = root / HEADER
         if not header.is_file():
             raise CacheError(f"{root}: not a feature cache (no {HEADER}); build one with `spp cache ... --cache {root}`")
-        try:
-            doc = json.loads(header.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CacheError(f"{header}: damaged cache header ({exc})") from None
-        if not isinstance(doc, dict) or doc.get("format") != CACHE_FORMAT:
-            raise CacheError(f"{header}: not an spp feature cache header")
-        if doc.get("version") != CACHE_VERSION:
-            raise CacheError(f"{header}: cache format version {doc.get('version')} is not supported (this spp reads version {CACHE_VERSION}); rebuild the cache")
+        doc = read_versioned_json(header, CACHE_FORMAT, CACHE_VERSION, "cache header", "rebuild the cache", CacheError)
         try:
             raw = doc["settings"]
             settings = CacheSettings(**{**raw, "scales": tuple(raw["scales"])})

@@ -14,12 +14,12 @@ Standard library only, so reading needs no torch.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from spp_cli.errors import SPPError
+from spp_cli.fileio import read_versioned_json
 
 DETECTIONS_FORMAT = "spp-detections"
 DETECTIONS_VERSION = 1
@@ -85,21 +85,7 @@ def read_detections(path: str | Path) -> DetectionsFile:
             entry; the message names the file (and the entry).
     """
     path = Path(path)
-    if not path.is_file():
-        raise SPPError(f"{path}: detections file not found (create it with `spp detect ... --out {path}`)")
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SPPError(f"{path}: not valid JSON ({exc})") from None
-    except OSError as exc:
-        raise SPPError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != DETECTIONS_FORMAT:
-        raise SPPError(f"{path}: not a detections file (expected \"format\": \"{DETECTIONS_FORMAT}\")")
-    if doc.get("version") != DETECTIONS_VERSION:
-        raise SPPError(
-            f"{path}: detections format version {doc.get('version')} is not supported "
-            f"(this spp reads version {DETECTIONS_VERSION})"
-        )
+    doc = read_versioned_json(path, DETECTIONS_FORMAT, DETECTIONS_VERSION, "detections", f"create it with `spp detect ... --out {path}`")
     entries = doc.get("images", [])
     if not isinstance(entries, list):
         raise SPPError(f"{path}: \"images\" is not a list")

@@ -7,6 +7,7 @@ half-written file where a good one was.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -52,3 +53,37 @@ def check_writable(path: str | Path) -> None:
         raise SPPError(f"{path}: is a folder; give a file name")
     if folder.exists() and not os.access(folder, os.W_OK):
         raise SPPError(f"{path}: folder {folder} is not writable")
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_versioned_json(
+    path: str | Path, fmt: str, version: int, kind: str, missing_hint: str, error: type[SPPError] = SPPError
+) -> dict:
+    """Load a self-describing JSON document ``{"format": fmt, "version": version, ...}``.
+
+    Raises ``error`` with a one-line message naming the file when it is
+    missing (``missing_hint`` says how to make one), not JSON, of another
+    format, or of another version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {kind} file not found ({missing_hint})")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != fmt:
+        raise error(f"{path}: not a {kind} file (expected \"format\": \"{fmt}\")")
+    if doc.get("version") != version:
+        raise error(f"{path}: {kind} format version {doc.get('version')} is not supported (this spp reads version {version})")
+    return doc
