@@ -21,6 +21,7 @@ only whole entries, and the next run skips them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -333,11 +334,9 @@ class FeatureCache:
         """Delete temporary files a killed writer left behind; returns how many."""
         count = 0
         for tmp in self.root.rglob(".*.tmp"):
-            try:
+            with contextlib.suppress(OSError):
                 tmp.unlink()
                 count += 1
-            except OSError:
-                pass
         return count
 
 

@@ -204,11 +204,9 @@ def draw(detections, images_root, out_dir, conf) -> None:
 @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Feature cache built with --data (ground truth needed).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model file to write (.safetensors).")
 @click.option("--classes", metavar="A,B", help="Train only these classes (default: every class in the cache).")
-@click.option("--features", type=click.Choice(["pool5", "fc7"]), default="pool5", show_default=True, help="SVM input: the SPP vector, or fc7 of a fine-tuned head.")
-@click.option("--head", type=click.Path(dir_okay=False, path_type=Path), help="Fine-tuned head for --features fc7.")
 @click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="SVM regularisation (liblinear -c; R-CNN used 0.001, which underfits these features).")
 @click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Also train ridge box regressors.")
-def train_svm(cache_dir, out, classes, features, head, C, bbox_reg) -> None:
+def train_svm(cache_dir, out, classes, C, bbox_reg) -> None:
     """Train per-class linear SVMs on cached SPP features (hard-negative mining).
 
     The R-CNN/SPPnet protocol: positives are ground-truth boxes, negatives
@@ -223,7 +221,7 @@ def train_svm(cache_dir, out, classes, features, head, C, bbox_reg) -> None:
     """
     from spp_cli.commands.train_svm import run_train_svm
 
-    sys.exit(run_train_svm(cache_dir, out, classes, C, bbox_reg, features, head))
+    sys.exit(run_train_svm(cache_dir, out, classes, C, bbox_reg))
 
 
 @cli.command()

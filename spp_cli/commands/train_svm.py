@@ -8,15 +8,12 @@ from pathlib import Path
 from spp_cli import ui
 from spp_cli.cache import FeatureCache
 from spp_cli.config import BBoxRegConfig, SVMConfig
-from spp_cli.errors import SPPError
 from spp_cli.fileio import check_writable
 
 
-def run_train_svm(cache_dir: Path, out: Path, classes: str | None, C: float, bbox_reg: bool, features: str, head: Path | None) -> int:
+def run_train_svm(cache_dir: Path, out: Path, classes: str | None, C: float, bbox_reg: bool) -> int:
     from spp_cli.train import train_detector, training_set
 
-    if features != "pool5":
-        raise SPPError("--features fc7 needs a fine-tuned head (spp finetune), which this version does not have yet; use --features pool5")
     check_writable(out)
     cache = FeatureCache.open(cache_dir)
     wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
