@@ -51,13 +51,22 @@ class BoxRegressors:
     weight: np.ndarray
     bias: np.ndarray
 
+    def predict_all(self, features: torch.Tensor) -> torch.Tensor:
+        """``(R, D)`` scaled features -> ``(R, K, 4)`` deltas for every class.
+
+        One ``(R, D) x (D, K * 4)`` product: cheap, where gathering a
+        ``(D, 4)`` matrix per candidate would need ``R x D x 4`` memory.
+        """
+        k, d, _ = self.weight.shape
+        w = torch.from_numpy(self.weight).to(features.device).permute(1, 0, 2).reshape(d, k * 4)
+        b = torch.from_numpy(self.bias).to(features.device).reshape(k * 4)
+        return (features @ w + b).view(len(features), k, 4)
+
     def predict(self, features: torch.Tensor, class_index: torch.Tensor) -> torch.Tensor:
         """``(R, D)`` scaled features and ``(R,)`` classes -> ``(R, 4)`` deltas."""
         if len(features) == 0:
             return features.new_zeros((0, 4))
-        w = torch.from_numpy(self.weight).to(features.device)[class_index]  # (R, D, 4)
-        b = torch.from_numpy(self.bias).to(features.device)[class_index]
-        return torch.einsum("rd,rdf->rf", features, w) + b
+        return self.predict_all(features)[torch.arange(len(features), device=features.device), class_index]
 
 
 def fit_ridge(features: np.ndarray, deltas: np.ndarray, ridge_lambda: float) -> tuple[np.ndarray, np.ndarray]:

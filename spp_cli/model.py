@@ -195,7 +195,8 @@ class Detector:
         kept_scores = scores[window, cls]
         kept_boxes = boxes.to(features.device)[window]
         if self.regressors is not None and len(window):
-            kept_boxes = decode(kept_boxes, self.regressors.predict(features[window], cls))
+            deltas = self.regressors.predict_all(features)[window, cls]  # (candidates, 4)
+            kept_boxes = decode(kept_boxes, deltas)
         kept_boxes[:, 0::2] = kept_boxes[:, 0::2].clamp(0, width)
         kept_boxes[:, 1::2] = kept_boxes[:, 1::2].clamp(0, height)
         t2 = time.perf_counter()

@@ -32,3 +32,15 @@ def test_ridge_primal_and_dual_forms_match_reference():
         w_ref, b_ref = _slow_ridge(x, y, 5.0)
         np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(b, b_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_matches_per_class_product():
+    from spp_cli.bbox_reg import BoxRegressors
+
+    rng = np.random.default_rng(2)
+    reg = BoxRegressors(rng.standard_normal((3, 7, 4)).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32))
+    x = torch.from_numpy(rng.standard_normal((5, 7)).astype(np.float32))
+    cls = torch.tensor([0, 2, 1, 2, 0])
+    expected = torch.stack([x[i] @ torch.from_numpy(reg.weight[c]) + torch.from_numpy(reg.bias[c]) for i, c in enumerate(cls.tolist())])
+    torch.testing.assert_close(reg.predict(x, cls), expected, rtol=1e-5, atol=1e-5)
+    assert reg.predict_all(x).shape == (5, 3, 4)
