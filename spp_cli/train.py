@@ -21,7 +21,7 @@ from spp_cli.config import BBoxRegConfig, DetectConfig, SVMConfig
 from spp_cli.errors import DatasetError
 from spp_cli.model import Detector
 from spp_cli.spp import DEFAULT_LEVELS, output_dim
-from spp_cli.svm import HardNegativeMiner, negative_candidates
+from spp_cli.svm import HardNegativeMiner, LinearSVMs, negative_candidates
 from spp_cli.windows import distinct_windows, mean_feature_norm, window_features
 
 Progress = Callable[[str, int, int], None]
@@ -99,7 +99,7 @@ def train_detector(
                 miner.add_positives(name, feats[names[usable] == name])
         progress("positives", n, len(data.keys))
     for name in miner.untrained():
-        log(f"warning: class {name} has no usable positive; it gets no classifier")
+        log(f"warning: class {name} has no usable positive in the cache; it is left out of the model")
 
     # 3. One epoch of hard-negative mining over the images in random order,
     #    collecting box-regression samples on the way.
@@ -116,19 +116,24 @@ def train_detector(
             _regression_samples(entry, windows, feats, names, data.classes, bbox_config, reg_feats, reg_deltas)
         progress("mining", n, len(order))
     svms = miner.finish(scale)
+    # A class without positives has no classifier: it must not be in the
+    # model at all (a zero weight vector would score 0 on every window).
+    trained = [k for k, name in enumerate(data.classes) if name not in miner.untrained()]
+    classes = [data.classes[k] for k in trained]
+    svms = LinearSVMs(classes, svms.weight[trained], svms.bias[trained], svms.feature_scale)
 
     # 4. Box regression per class.
     regressors = None
     if bbox_config is not None:
-        weight = np.zeros((len(data.classes), dim, 4), np.float32)
-        bias = np.zeros((len(data.classes), 4), np.float32)
-        for k, name in enumerate(data.classes):
+        weight = np.zeros((len(classes), dim, 4), np.float32)
+        bias = np.zeros((len(classes), 4), np.float32)
+        for k, name in enumerate(classes):
             if reg_feats[name]:
                 x = np.concatenate(reg_feats[name])
                 y = np.concatenate(reg_deltas[name])
                 weight[k], bias[k] = fit_ridge(x, y, bbox_config.ridge_lambda)
                 log(f"box regression {name}: {len(x)} windows")
-            progress("box regression", k + 1, len(data.classes))
+            progress("box regression", k + 1, len(classes))
         regressors = BoxRegressors(weight, bias)
 
     return Detector(

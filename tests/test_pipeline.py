@@ -382,3 +382,22 @@ def test_empty_input_folder(pipeline, tmp_path):
     assert result.exit_code == 1
     assert one_line(result) == f"Error: {empty}: folder contains no images (.jpg, .jpeg, .png, .bmp, ...)"
     assert not (tmp_path / "d.json").exists()
+
+
+def test_classes_without_positives_are_left_out_of_the_model(coco_dataset, tmp_path):
+    """COCO files name every category; one without usable positives gets no classifier
+    (a zero weight vector would score 0 on every window and flood the detections)."""
+    from spp_cli.model import Detector
+
+    # Image "one" has a cat and a crowd dog: dogs have no usable positive.
+    split = tmp_path / "one.txt"
+    split.write_text("one\n")
+    runner = CliRunner()
+    props, feats, model = tmp_path / "p.json", tmp_path / "f", tmp_path / "m.safetensors"
+    args = ["--data", str(coco_dataset), "--split", str(split)]
+    assert runner.invoke(cli, ["propose", *args, "--out", str(props), "--workers", "1"]).exit_code == 0
+    assert runner.invoke(cli, ["cache", *args, "--props", str(props), "--cache", str(feats), "--scales", "96"]).exit_code == 0
+    result = runner.invoke(cli, ["train-svm", "--cache", str(feats), "--out", str(model)])
+    assert result.exit_code == 0, result.output
+    assert "class dog has no usable positive in the cache; it is left out of the model" in result.stderr
+    assert Detector.load(model).classes == ["cat"]
