@@ -117,7 +117,8 @@ def image_key(path: str | Path) -> str:
     return file_sha256(path)
 
 
-def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over tensors' names, shapes and bytes, in name order (detects any damaged byte)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].contiguous()
@@ -253,7 +254,7 @@ class FeatureCache:
             "has_gt": gt is not None,
             "proposals_sha256": proposals_digest(entry.proposals),
             "gt_sha256": gt_digest(gt, list(entry.classes)),
-            "digest": _tensor_digest(tensors),
+            "digest": tensor_digest(tensors),
         }
         data = save(tensors, metadata={"spp": json.dumps(meta)})
         atomic_write_bytes(self.entry_path(entry.key), data)
@@ -273,7 +274,7 @@ class FeatureCache:
             raise
         except Exception as exc:
             raise CacheError(f"{path}: damaged cache entry ({_reason(exc)}); delete it and run `spp cache` again") from None
-        if _tensor_digest(tensors) != meta.get("digest"):
+        if tensor_digest(tensors) != meta.get("digest"):
             raise CacheError(f"{path}: damaged cache entry (checksum mismatch); delete it and run `spp cache` again")
         return tensors, meta
 

@@ -20,7 +20,7 @@ import torch
 from torchvision import ops
 
 from spp_cli.bbox_reg import BoxRegressors, decode
-from spp_cli.cache import CacheSettings
+from spp_cli.cache import CacheSettings, tensor_digest
 from spp_cli.config import DetectConfig
 from spp_cli.errors import ModelError
 from spp_cli.fileio import atomic_write_bytes
@@ -94,6 +94,7 @@ class Detector:
             "detect": asdict(self.detect),
             "proposals": self.proposals,
             "training": self.training,
+            "digest": tensor_digest(tensors),
         }
         atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}))
 
@@ -126,6 +127,8 @@ class Detector:
             raise ModelError(f"{path}: not an spp detector (format {meta.get('format')!r})")
         if meta.get("version") != MODEL_VERSION:
             raise ModelError(f"{path}: model format version {meta.get('version')} is not supported (this spp reads version {MODEL_VERSION})")
+        if "digest" in meta and tensor_digest(tensors) != meta["digest"]:
+            raise ModelError(f"{path}: damaged spp model (checksum mismatch)")
         try:
             classes = list(meta["classes"])
             weight = tensors["svm_weight"].numpy()

@@ -401,3 +401,14 @@ def test_classes_without_positives_are_left_out_of_the_model(coco_dataset, tmp_p
     assert result.exit_code == 0, result.output
     assert "class dog has no usable positive in the cache; it is left out of the model" in result.stderr
     assert Detector.load(model).classes == ["cat"]
+
+
+def test_bit_flip_in_model_tensors_is_detected(pipeline, tmp_path):
+    damaged = tmp_path / "damaged.safetensors"
+    raw = bytearray(pipeline.model.read_bytes())
+    raw[-7] ^= 0x04  # inside the last tensor's data, past the JSON header
+    damaged.write_bytes(bytes(raw))
+    image = pipeline.data / "images" / f"{TEST[0]}.jpg"
+    result = CliRunner().invoke(cli, ["detect", str(image), "--model", str(damaged)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {damaged}: damaged spp model (checksum mismatch)"
