@@ -82,7 +82,7 @@ class BackboneSpec:
     def preprocess(self) -> str:
         """What besides the weights shapes the features (recorded in caches and models)."""
         text = f"mean={','.join(f'{v:g}' for v in self.mean)} std={','.join(f'{v:g}' for v in self.std)}"
-        if self.name == "efficientnet_lite0":
+        if self.name.startswith("efficientnet_lite0"):
             text += f" bn_eps={LITE0_BN_EPS:g}"
         return text + " bn_folded"
 
@@ -191,7 +191,7 @@ def map_lite0_checkpoint(checkpoint: dict, target_keys: dict) -> dict:
 
 def prepare_state(spec: "BackboneSpec", state: dict) -> dict:
     """Adapt a loaded state dict to the architecture (Lite0: rename keys in order)."""
-    if spec.name == "efficientnet_lite0" and not any(k.startswith("conv_stem") for k in state):
+    if spec.name.startswith("efficientnet_lite0") and not any(k.startswith("conv_stem") for k in state):
         return map_lite0_checkpoint(state, _lite0_full().state_dict())
     return state
 
