@@ -380,17 +380,19 @@ class ProposalSet:
 
     params: dict
     images: list[ImageProposals] = field(default_factory=list)
-
-    def by_path(self) -> dict[str, ImageProposals]:
-        """Entries keyed by resolved image path."""
-        return {str(Path(e.path).resolve()): e for e in self.images}
-
-    def by_id(self) -> dict[str, ImageProposals]:
-        return {e.image_id: e for e in self.images}
+    _by_path: dict | None = field(default=None, repr=False, compare=False)
+    _by_id: dict | None = field(default=None, repr=False, compare=False)
 
     def lookup(self, image_id: str, path: str | Path) -> ImageProposals | None:
-        """The entry of an image, matched by path first, then by id."""
-        return self.by_path().get(str(Path(path).resolve())) or self.by_id().get(image_id)
+        """The entry of an image, matched by resolved path first, then by id.
+
+        The indexes are built on the first call (commands look up every image
+        of a batch, so rebuilding them per call would be quadratic).
+        """
+        if self._by_path is None:
+            self._by_path = {str(Path(e.path).resolve()): e for e in self.images}
+            self._by_id = {e.image_id: e for e in self.images}
+        return self._by_path.get(str(Path(path).resolve())) or self._by_id.get(image_id)
 
 
 def proposals_document(params: ProposalParams, images: Iterable[ImageProposals]) -> dict:
