@@ -175,7 +175,7 @@ class Detector:
         config: DetectConfig | None = None,
         timings: dict | None = None,
     ) -> list[Detection]:
-        """Score, regress, suppress: the detections of one image.
+        """Pool, score, regress, suppress: the detections of one image.
 
         Args:
             maps: ``S`` conv maps ``(C, H_s, W_s)`` of the image.
@@ -187,12 +187,30 @@ class Detector:
         """
         import time
 
-        config = config or self.detect
         t0 = time.perf_counter()
         boxes = torch.as_tensor(proposals, dtype=torch.float32)
         features = pool_windows(maps, factors, boxes, self.alignment, self.levels)
-        features.mul_(self.svms.feature_scale)
+        if timings is not None:
+            timings["pool"] = timings.get("pool", 0.0) + time.perf_counter() - t0
+        return self.detect_features(features, boxes, width, height, config, timings)
+
+    @torch.inference_mode()
+    def detect_features(
+        self,
+        features: torch.Tensor,
+        boxes: torch.Tensor,
+        width: int,
+        height: int,
+        config: DetectConfig | None = None,
+        timings: dict | None = None,
+    ) -> list[Detection]:
+        """Score, regress, suppress, given the unscaled ``(R, D)`` window features
+        of ``(R, 4)`` ``xyxy`` boxes (however they were computed)."""
+        import time
+
+        config = config or self.detect
         t1 = time.perf_counter()
+        features = features * self.svms.feature_scale
         scores = self.svms.scores(features)  # (R, K)
         window, cls = torch.nonzero(scores > config.score_threshold, as_tuple=True)
         kept_scores = scores[window, cls]
@@ -206,12 +224,9 @@ class Detector:
         keep = ops.batched_nms(kept_boxes, kept_scores, cls, config.nms_iou)[: config.max_detections]
         t3 = time.perf_counter()
         if timings is not None:
-            timings["pool"] = timings.get("pool", 0.0) + t1 - t0
             timings["classify"] = timings.get("classify", 0.0) + t2 - t1
             timings["nms"] = timings.get("nms", 0.0) + t3 - t2
         return [
             Detection([round(float(v), 2) for v in kept_boxes[i].tolist()], int(cls[i]), round(float(kept_scores[i]), 4))
             for i in keep.tolist()
         ]
-
-

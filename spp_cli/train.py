@@ -22,7 +22,7 @@ from spp_cli.errors import DatasetError
 from spp_cli.model import Detector
 from spp_cli.spp import DEFAULT_LEVELS, output_dim
 from spp_cli.svm import HardNegativeMiner, LinearSVMs, negative_candidates
-from spp_cli.windows import distinct_windows, mean_feature_norm, window_features
+from spp_cli.windows import SPPFeaturizer, mean_feature_norm
 
 Progress = Callable[[str, int, int], None]
 
@@ -72,16 +72,21 @@ def train_detector(
     bbox_config: BBoxRegConfig | None = BBoxRegConfig(),
     progress: Progress | None = None,
     log: Callable[[str], None] = lambda _: None,
+    featurizer=None,
 ) -> Detector:
-    """Train SVMs (and box regressors) on cached pool5 features."""
+    """Train SVMs (and box regressors) on cached pool5 features.
+
+    ``featurizer`` computes window features from a cache entry (default:
+    :class:`~spp_cli.windows.SPPFeaturizer`, SPP pooling of the cached maps).
+    """
     cache, settings = data.cache, data.cache.settings
-    align = settings.alignment
+    featurizer = featurizer or SPPFeaturizer(settings.alignment, tuple(levels))
     rng = np.random.default_rng(svm_config.seed)
     progress = progress or (lambda *_: None)
 
     # 1. Feature scale: mean L2 norm of a sample of windows -> 20.
     sample = sorted(rng.choice(len(data.keys), min(svm_config.norm_images, len(data.keys)), replace=False))
-    norm = mean_feature_norm((cache.read(data.keys[i]) for i in sample), align, levels, svm_config.norm_boxes, svm_config.seed)
+    norm = mean_feature_norm((cache.read(data.keys[i]) for i in sample), featurizer.features, svm_config.norm_boxes, svm_config.seed)
     scale = svm_config.target_norm / max(norm, 1e-12)
     log(f"feature scale: mean L2 norm {norm:.2f} -> {svm_config.target_norm:g} (x{scale:.4f})")
 
@@ -94,7 +99,7 @@ def train_detector(
         names = np.array(_gt_names(entry))
         usable = ~entry.gt_difficult & ~entry.gt_iscrowd
         if usable.any():
-            feats = window_features(entry, entry.gt_boxes[usable], align, levels, scale).numpy()
+            feats = (featurizer.features(entry, entry.gt_boxes[usable]) * scale).numpy()
             for name in data.classes:
                 miner.add_positives(name, feats[names[usable] == name])
         progress("positives", n, len(data.keys))
@@ -108,8 +113,8 @@ def train_detector(
     order = rng.permutation(len(data.keys))
     for n, i in enumerate(order, 1):
         entry = cache.read(data.keys[i])
-        windows = entry.proposals[distinct_windows(entry, entry.proposals, align)]
-        feats = window_features(entry, windows, align, levels, scale)
+        windows = entry.proposals[featurizer.distinct(entry, entry.proposals)]
+        feats = featurizer.features(entry, windows) * scale
         names = _gt_names(entry)
         miner.add_image(feats, negative_candidates(windows, entry.gt_boxes, names, data.classes, svm_config.negative_iou))
         if bbox_config is not None:

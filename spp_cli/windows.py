@@ -5,6 +5,8 @@ Shape letters: R windows, D = C * B feature length.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -45,7 +47,27 @@ def distinct_windows(entry: CacheEntry, boxes: np.ndarray, align: Alignment) -> 
     return np.sort(first)
 
 
-def mean_feature_norm(entries, align: Alignment, levels: tuple[int, ...], boxes_per_image: int, seed: int) -> float:
+@dataclass(frozen=True)
+class SPPFeaturizer:
+    """Window features pooled from the cached conv maps (SPPnet).
+
+    The training code asks a featurizer for two things, so that another way
+    of computing window features (R-CNN's warped windows) can stand in:
+    ``features(entry, boxes)`` -> ``(R, D)`` unscaled float32, and
+    ``distinct(entry, boxes)`` -> indices of windows worth scoring.
+    """
+
+    align: Alignment
+    levels: tuple[int, ...] = DEFAULT_LEVELS
+
+    def features(self, entry: CacheEntry, boxes: np.ndarray) -> torch.Tensor:
+        return window_features(entry, boxes, self.align, self.levels)
+
+    def distinct(self, entry: CacheEntry, boxes: np.ndarray) -> np.ndarray:
+        return distinct_windows(entry, boxes, self.align)
+
+
+def mean_feature_norm(entries, featurize, boxes_per_image: int, seed: int) -> float:
     """Mean L2 norm of pool5 features over a sample of windows (R-CNN: 200 images x 200 boxes)."""
     rng = np.random.default_rng(seed)
     norms = []
@@ -54,7 +76,7 @@ def mean_feature_norm(entries, align: Alignment, levels: tuple[int, ...], boxes_
         if len(boxes) > boxes_per_image:
             boxes = boxes[rng.choice(len(boxes), boxes_per_image, replace=False)]
         if len(boxes):
-            norms.append(window_features(entry, boxes, align, levels).norm(dim=1))
+            norms.append(featurize(entry, boxes).norm(dim=1))
     if not norms:
         return 1.0
     return float(torch.cat(norms).mean())
