@@ -200,13 +200,45 @@ def draw(detections, images_root, out_dir, conf) -> None:
     sys.exit(run_draw(detections, images_root, out_dir, conf))
 
 
+@cli.command()
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Feature cache built with --data (ground truth needed).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Head file to write (.safetensors); a checkpoint <out>.ckpt is kept until the run ends.")
+@click.option("--classes", metavar="A,B", help="Fine-tune for these classes only (default: every class in the cache).")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most epochs (stops earlier when the held-out loss stops improving).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--batch", type=click.IntRange(min=2), default=128, show_default=True, help="Windows per mini-batch (from 2 images).")
+@click.option("--fg-fraction", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Foreground share of a mini-batch (IoU >= 0.5).")
+@click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True, help="Width of fc6 and fc7.")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Mirror half of the training windows.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling, initialisation and dropout.")
+@gpu_option
+def finetune(cache_dir, out, classes, epochs, lr, batch, fg_fraction, hidden, flip, seed, gpu) -> None:
+    """Fine-tune the fc6/fc7 head on cached SPP vectors (conv layers frozen).
+
+    Mini-batches of windows with 25% foreground (IoU >= 0.5) and background
+    at IoU in [0.1, 0.5); each training window pooled at a random scale of
+    the cache, half mirrored; a tenth of the images held out for early
+    stopping. Interrupted runs resume from <out>.ckpt when run again.
+
+    \b
+    Example:
+      spp finetune --cache feats/ --out head.safetensors
+      spp train-svm --cache feats/ --features fc7 --head head.safetensors --out model.safetensors
+    """
+    from spp_cli.commands.finetune import run_finetune
+
+    sys.exit(run_finetune(cache_dir, out, classes, epochs, lr, batch, fg_fraction, hidden, flip, seed, gpu))
+
+
 @cli.command("train-svm")
 @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Feature cache built with --data (ground truth needed).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model file to write (.safetensors).")
 @click.option("--classes", metavar="A,B", help="Train only these classes (default: every class in the cache).")
 @click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="SVM regularisation (liblinear -c; R-CNN used 0.001, which underfits these features).")
-@click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Also train ridge box regressors.")
-def train_svm(cache_dir, out, classes, C, bbox_reg) -> None:
+@click.option("--features", type=click.Choice(["pool5", "fc7"]), default="pool5", show_default=True, help="SVM input: SPP vectors (pool5) or the fine-tuned head's fc7 (needs --head).")
+@click.option("--head", "head_path", type=click.Path(dir_okay=False, path_type=Path), help="Head from `spp finetune` (with --features fc7); the model file carries it.")
+@click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Also train ridge box regressors (on pool5).")
+def train_svm(cache_dir, out, classes, C, features, head_path, bbox_reg) -> None:
     """Train per-class linear SVMs on cached SPP features (hard-negative mining).
 
     The R-CNN/SPPnet protocol: positives are ground-truth boxes, negatives
@@ -221,7 +253,7 @@ def train_svm(cache_dir, out, classes, C, bbox_reg) -> None:
     """
     from spp_cli.commands.train_svm import run_train_svm
 
-    sys.exit(run_train_svm(cache_dir, out, classes, C, bbox_reg))
+    sys.exit(run_train_svm(cache_dir, out, classes, C, bbox_reg, features, head_path))
 
 
 @cli.command()

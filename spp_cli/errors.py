@@ -27,3 +27,7 @@ class CacheError(SPPError):
 
 class ModelError(SPPError):
     """A backbone or detector that cannot be built or loaded."""
+
+
+class UsageError(SPPError):
+    """Options that do not go together."""

@@ -1,8 +1,9 @@
 """The detector: backbone settings + SPP pyramid + SVMs + box regressors + thresholds.
 
 Saved as one ``.safetensors`` file: tensors ``svm_weight (K, D)``,
-``svm_bias (K,)`` and, with box regression, ``bbox_weight (K, D, 4)``,
-``bbox_bias (K, 4)``; JSON metadata under the key ``spp`` holds everything
+``svm_bias (K,)``, with box regression ``bbox_weight (K, D5, 4)``,
+``bbox_bias (K, 4)``, and with a fine-tuned head its fc layers under
+``head.`` (the SVMs then read fc7, D = H; regression reads pool5, D5); JSON metadata under the key ``spp`` holds everything
 else (format version, classes, backbone and cache settings, pyramid levels,
 feature scale, thresholds, proposal settings, training record). No pickle.
 
@@ -24,11 +25,13 @@ from spp_cli.cache import CacheSettings, tensor_digest
 from spp_cli.config import DetectConfig
 from spp_cli.errors import ModelError
 from spp_cli.fileio import atomic_write_bytes
+from spp_cli.head import Head
 from spp_cli.spp import Alignment, pool_windows
 from spp_cli.svm import LinearSVMs
 
 MODEL_FORMAT = "spp-detector"
 MODEL_VERSION = 1
+HEAD_PREFIX = "head."
 
 
 @dataclass
@@ -49,7 +52,11 @@ class Detector:
             settings): backbone, weights digest, layer, alignment, scales.
         levels: pyramid levels.
         svms: per-class classifiers (with the feature scale).
-        regressors: per-class box regressors, or ``None``.
+        regressors: per-class box regressors on pool5, or ``None``.
+        head: the fine-tuned fc head whose fc7 the SVMs read, or ``None``
+            (SVMs on pool5).
+        regression_scale: pool5 multiplier for the regressors (default: the
+            SVMs' feature scale, the same features).
         detect: score threshold, NMS IoU, detections per image.
         proposals: proposal settings (``ProposalParams`` as a dict).
         training: a free-form record of how the model was made.
@@ -59,6 +66,8 @@ class Detector:
     levels: tuple[int, ...]
     svms: LinearSVMs
     regressors: BoxRegressors | None
+    head: Head | None = None
+    regression_scale: float | None = None
     detect: DetectConfig = field(default_factory=DetectConfig)
     proposals: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
@@ -70,6 +79,15 @@ class Detector:
     @property
     def alignment(self) -> Alignment:
         return self.features.alignment
+
+    @property
+    def pool5_scale(self) -> float:
+        return self.regression_scale if self.regression_scale is not None else self.svms.feature_scale
+
+    @property
+    def feature_kind(self) -> str:
+        """``pool5`` or ``fc7``: what the SVMs read."""
+        return "fc7" if self.head is not None else "pool5"
 
     # ---------------------------------------------------------------- files
 
@@ -84,6 +102,8 @@ class Detector:
         if self.regressors is not None:
             tensors["bbox_weight"] = torch.from_numpy(np.ascontiguousarray(self.regressors.weight, np.float32))
             tensors["bbox_bias"] = torch.from_numpy(np.ascontiguousarray(self.regressors.bias, np.float32))
+        if self.head is not None:
+            tensors.update(self.head.tensors(prefix=HEAD_PREFIX))
         meta = {
             "format": MODEL_FORMAT,
             "version": MODEL_VERSION,
@@ -91,6 +111,8 @@ class Detector:
             "features": {**asdict(self.features), "scales": list(self.features.scales)},
             "levels": list(self.levels),
             "feature_scale": self.svms.feature_scale,
+            "regression_scale": self.pool5_scale,
+            "head": self.head.metadata() if self.head is not None else None,
             "detect": asdict(self.detect),
             "proposals": self.proposals,
             "training": self.training,
@@ -140,13 +162,18 @@ class Detector:
             regressors = None
             if "bbox_weight" in tensors:
                 regressors = BoxRegressors(tensors["bbox_weight"].numpy(), tensors["bbox_bias"].numpy())
-                if regressors.weight.shape[:2] != weight.shape:
+                if regressors.weight.shape[0] != len(classes):
                     raise ValueError("box regressor shapes do not match the classifiers")
+            head = Head.from_parts(meta["head"], tensors, str(path), HEAD_PREFIX) if meta.get("head") else None
+            if head is not None and head.hidden != weight.shape[1]:
+                raise ValueError("classifier length does not match the head's fc7 width")
             return cls(
                 features=features,
                 levels=tuple(meta["levels"]),
                 svms=LinearSVMs(classes, weight, bias, float(meta["feature_scale"])),
                 regressors=regressors,
+                head=head,
+                regression_scale=float(meta["regression_scale"]) if meta.get("regression_scale") is not None else None,
                 detect=DetectConfig(**meta.get("detect", {})),
                 proposals=dict(meta.get("proposals", {})),
                 training=dict(meta.get("training", {})),
@@ -204,19 +231,19 @@ class Detector:
         config: DetectConfig | None = None,
         timings: dict | None = None,
     ) -> list[Detection]:
-        """Score, regress, suppress, given the unscaled ``(R, D)`` window features
-        of ``(R, 4)`` ``xyxy`` boxes (however they were computed)."""
+        """Score, regress, suppress, given the unscaled ``(R, D5)`` pool5 window
+        features of ``(R, 4)`` ``xyxy`` boxes (however they were computed)."""
         import time
 
         config = config or self.detect
         t1 = time.perf_counter()
-        features = features * self.svms.feature_scale
-        scores = self.svms.scores(features)  # (R, K)
+        classifier_input = self.head.fc7(features) if self.head is not None else features
+        scores = self.svms.scores(classifier_input * self.svms.feature_scale)  # (R, K)
         window, cls = torch.nonzero(scores > config.score_threshold, as_tuple=True)
         kept_scores = scores[window, cls]
         kept_boxes = boxes.to(features.device)[window]
         if self.regressors is not None and len(window):
-            deltas = self.regressors.predict_all(features)[window, cls]  # (candidates, 4)
+            deltas = self.regressors.predict_all(features[window] * self.pool5_scale)[torch.arange(len(window), device=window.device), cls]
             kept_boxes = decode(kept_boxes, deltas)
         kept_boxes[:, 0::2] = kept_boxes[:, 0::2].clamp(0, width)
         kept_boxes[:, 1::2] = kept_boxes[:, 1::2].clamp(0, height)

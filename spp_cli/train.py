@@ -18,7 +18,8 @@ from spp_cli import boxes as box_ops
 from spp_cli.bbox_reg import BoxRegressors, encode, fit_ridge
 from spp_cli.cache import CacheEntry, FeatureCache
 from spp_cli.config import BBoxRegConfig, DetectConfig, SVMConfig
-from spp_cli.errors import DatasetError
+from spp_cli.errors import DatasetError, ModelError
+from spp_cli.head import Head
 from spp_cli.model import Detector
 from spp_cli.spp import DEFAULT_LEVELS, output_dim
 from spp_cli.svm import HardNegativeMiner, LinearSVMs, negative_candidates
@@ -61,6 +62,19 @@ def training_set(cache: FeatureCache, classes: list[str] | None = None, keys: li
     return TrainingSet(cache, with_gt, seen)
 
 
+def check_head(head: Head, cache: FeatureCache, levels: tuple[int, ...] = DEFAULT_LEVELS) -> None:
+    """Refuse a head fine-tuned on other features than ``cache`` holds.
+
+    Raises:
+        ModelError: settings or pyramid differ; the message says what to do.
+    """
+    if (head.features, tuple(head.levels)) != (cache.settings, tuple(levels)):
+        raise ModelError(
+            f"the head was fine-tuned on {head.features.describe()} (pyramid {list(head.levels)}); the cache {cache.root} "
+            f"holds {cache.settings.describe()}; fine-tune on this cache, or train on the head's cache"
+        )
+
+
 def _gt_names(entry: CacheEntry) -> list[str]:
     return [entry.classes[int(label)] for label in entry.gt_labels]
 
@@ -73,24 +87,43 @@ def train_detector(
     progress: Progress | None = None,
     log: Callable[[str], None] = lambda _: None,
     featurizer=None,
+    head: Head | None = None,
 ) -> Detector:
-    """Train SVMs (and box regressors) on cached pool5 features.
+    """Train SVMs (and box regressors) on cached features.
 
-    ``featurizer`` computes window features from a cache entry (default:
+    The SVMs see pool5 (SPP vectors) or, with a fine-tuned ``head``, its fc7
+    activations ("ftfc7"); box regression always reads pool5, as in R-CNN.
+    ``featurizer`` computes pool5 of windows from a cache entry (default:
     :class:`~spp_cli.windows.SPPFeaturizer`, SPP pooling of the cached maps).
+
+    Raises:
+        ModelError: ``head`` was fine-tuned on other features than the cache's.
     """
     cache, settings = data.cache, data.cache.settings
     featurizer = featurizer or SPPFeaturizer(settings.alignment, tuple(levels))
+    if head is not None:
+        check_head(head, cache, tuple(levels))
     rng = np.random.default_rng(svm_config.seed)
     progress = progress or (lambda *_: None)
 
-    # 1. Feature scale: mean L2 norm of a sample of windows -> 20.
+    def classifier_input(pool5: torch.Tensor) -> torch.Tensor:
+        return head.fc7(pool5) if head is not None else pool5
+
+    # 1. Feature scales: mean L2 norm of a sample of windows -> 20, for the
+    #    classifier's input and (when it differs) for box regression's pool5.
     sample = sorted(rng.choice(len(data.keys), min(svm_config.norm_images, len(data.keys)), replace=False))
-    norm = mean_feature_norm((cache.read(data.keys[i]) for i in sample), featurizer.features, svm_config.norm_boxes, svm_config.seed)
+    pool5_norm = mean_feature_norm((cache.read(data.keys[i]) for i in sample), featurizer.features, svm_config.norm_boxes, svm_config.seed)
+    norm = pool5_norm
+    if head is not None:
+        norm = mean_feature_norm(
+            (cache.read(data.keys[i]) for i in sample), lambda e, b: head.fc7(featurizer.features(e, b)), svm_config.norm_boxes, svm_config.seed
+        )
     scale = svm_config.target_norm / max(norm, 1e-12)
+    pool5_scale = svm_config.target_norm / max(pool5_norm, 1e-12)
     log(f"feature scale: mean L2 norm {norm:.2f} -> {svm_config.target_norm:g} (x{scale:.4f})")
 
-    dim = output_dim(settings.channels, levels)
+    dim = head.hidden if head is not None else output_dim(settings.channels, levels)
+    pool5_dim = output_dim(settings.channels, levels)
     miner = HardNegativeMiner(data.classes, dim, svm_config, on_retrain=lambda c, p, n: log(f"retrained {c}: {p} positives, {n} negatives"))
 
     # 2. Positives: ground-truth boxes (not difficult, not crowd).
@@ -99,7 +132,7 @@ def train_detector(
         names = np.array(_gt_names(entry))
         usable = ~entry.gt_difficult & ~entry.gt_iscrowd
         if usable.any():
-            feats = (featurizer.features(entry, entry.gt_boxes[usable]) * scale).numpy()
+            feats = (classifier_input(featurizer.features(entry, entry.gt_boxes[usable])) * scale).numpy()
             for name in data.classes:
                 miner.add_positives(name, feats[names[usable] == name])
         progress("positives", n, len(data.keys))
@@ -114,11 +147,12 @@ def train_detector(
     for n, i in enumerate(order, 1):
         entry = cache.read(data.keys[i])
         windows = entry.proposals[featurizer.distinct(entry, entry.proposals)]
-        feats = featurizer.features(entry, windows) * scale
+        pool5 = featurizer.features(entry, windows)
+        feats = classifier_input(pool5) * scale
         names = _gt_names(entry)
         miner.add_image(feats, negative_candidates(windows, entry.gt_boxes, names, data.classes, svm_config.negative_iou))
         if bbox_config is not None:
-            _regression_samples(entry, windows, feats, names, data.classes, bbox_config, reg_feats, reg_deltas)
+            _regression_samples(entry, windows, pool5 * pool5_scale, names, data.classes, bbox_config, reg_feats, reg_deltas)
         progress("mining", n, len(order))
     svms = miner.finish(scale)
     # A class without positives has no classifier: it must not be in the
@@ -130,7 +164,7 @@ def train_detector(
     # 4. Box regression per class.
     regressors = None
     if bbox_config is not None:
-        weight = np.zeros((len(classes), dim, 4), np.float32)
+        weight = np.zeros((len(classes), pool5_dim, 4), np.float32)
         bias = np.zeros((len(classes), 4), np.float32)
         for k, name in enumerate(classes):
             if reg_feats[name]:
@@ -146,6 +180,8 @@ def train_detector(
         levels=tuple(levels),
         svms=svms,
         regressors=regressors,
+        head=head,
+        regression_scale=pool5_scale,
         detect=DetectConfig(),
         proposals={},
         training={
@@ -153,6 +189,7 @@ def train_detector(
             "svm": asdict(svm_config),
             "bbox_regression": asdict(bbox_config) if bbox_config else None,
             "mean_feature_norm": norm,
+            "features": "fc7" if head is not None else "pool5",
         },
     )
 

@@ -111,7 +111,7 @@ def plain_zf5_cache(tmp_path_factory):
 
 def test_train_detect_eval(pipeline, tmp_path):
     assert pipeline.train.exit_code == 0, pipeline.train.output
-    assert "Training on 4 cached image(s), 2 class(es): blue, red" in pipeline.train.stderr
+    assert "Training on pool5 features of 4 cached image(s), 2 class(es): blue, red" in pipeline.train.stderr
     assert f"Wrote {pipeline.model}: 2 class(es), box regression on" in pipeline.train.stderr
 
     dets_path, drawn = tmp_path / "dets.json", tmp_path / "drawn"

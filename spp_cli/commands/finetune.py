@@ -1,0 +1,61 @@
+"""`spp finetune`: train the fc head on SPP vectors from a feature cache (conv frozen)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from spp_cli import backbones, ui
+from spp_cli.cache import FeatureCache
+from spp_cli.fileio import check_writable
+
+
+def run_finetune(cache_dir: Path, out: Path, classes: str | None, epochs: int, lr: float, batch: int,
+                 fg_fraction: float, hidden: int, flip: bool, seed: int, gpu: bool) -> int:
+    from spp_cli.finetune import Finetuner, FinetuneConfig, checkpoint_path
+    from spp_cli.train import training_set
+
+    check_writable(out)
+    device = backbones.select_device(gpu)
+    cache = FeatureCache.open(cache_dir)
+    wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    data = training_set(cache, wanted)
+    config = FinetuneConfig(epochs=epochs, lr=lr, batch=batch, fg_fraction=fg_fraction, hidden=hidden, flip=flip, seed=seed)
+    tuner = Finetuner(cache, data.keys, data.classes, config, device=device)
+    checkpoint = checkpoint_path(out)
+    ui.console.print(
+        f"Fine-tuning fc6/fc7 ({hidden} wide) on {len(tuner.train_keys)} cached image(s) "
+        f"(+{len(tuner.val_keys)} held out), {len(data.classes)} class(es), on {device}",
+        markup=False,
+    )
+    start = time.perf_counter()
+    with ui.progress(10) as bar:
+        reading = bar.add_task("reading", total=len(data.keys), rate="")
+        tuner.prepare(lambda done, total: bar.update(reading, completed=done))
+        if checkpoint.is_file():
+            bar.console.print(f"Resuming from {checkpoint}", markup=False)
+        tasks: dict[int, int] = {}
+
+        def progress(epoch: int, step: int, steps: int, loss: float, accuracy: float) -> None:
+            if epoch not in tasks:
+                tasks[epoch] = bar.add_task(f"epoch {epoch}", total=steps, rate="")
+            bar.update(tasks[epoch], completed=step, rate=f"loss {loss:.3f} acc {accuracy:.3f}")
+
+        def on_epoch(report) -> None:
+            bar.console.print(
+                f"epoch {report.epoch}: train loss {report.train_loss:.3f} acc {report.train_accuracy:.3f}, "
+                f"held-out loss {report.val_loss:.3f} acc {report.val_accuracy:.3f}" + (" (best)" if report.best else ""),
+                markup=False,
+            )
+
+        head = tuner.run(checkpoint, progress, on_epoch)
+    head.training["cache"] = str(cache_dir)
+    head.save(out)
+    with contextlib.suppress(OSError):
+        checkpoint.unlink()  # the run is complete; the head file holds the result
+    ui.console.print(
+        f"Wrote {out}: best epoch {head.training['best_epoch']} of {head.training['epochs_run']}, {time.perf_counter() - start:.1f} s",
+        markup=False,
+    )
+    return 0
