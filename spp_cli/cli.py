@@ -48,6 +48,12 @@ def input_options(func):
     return click.argument("inputs", nargs=-1, metavar="[INPUT]...")(func)
 
 
+def subset_options(func):
+    """``--data SPEC --split NAME``: train on the cached images of one split only."""
+    func = click.option("--split", metavar="NAME", help="With --data: only this split (a name or a .txt of image ids).")(func)
+    return click.option("--data", metavar="SPEC", help="Use only the cached images of this dataset (with --split: of this split).")(func)
+
+
 def workers_option(func):
     return click.option(
         "--workers",
@@ -203,16 +209,17 @@ def draw(detections, images_root, out_dir, conf) -> None:
 @cli.command()
 @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Feature cache built with --data (ground truth needed).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Head file to write (.safetensors); a checkpoint <out>.ckpt is kept until the run ends.")
+@subset_options
 @click.option("--classes", metavar="A,B", help="Fine-tune for these classes only (default: every class in the cache).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most epochs (stops earlier when the held-out loss stops improving).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="AdamW learning rate.")
 @click.option("--batch", type=click.IntRange(min=2), default=128, show_default=True, help="Windows per mini-batch (from 2 images).")
 @click.option("--fg-fraction", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Foreground share of a mini-batch (IoU >= 0.5).")
 @click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True, help="Width of fc6 and fc7.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Mirror half of the training windows.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling, initialisation and dropout.")
 @gpu_option
-def finetune(cache_dir, out, classes, epochs, lr, batch, fg_fraction, hidden, flip, seed, gpu) -> None:
+def finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fraction, hidden, flip, seed, gpu) -> None:
     """Fine-tune the fc6/fc7 head on cached SPP vectors (conv layers frozen).
 
     Mini-batches of windows with 25% foreground (IoU >= 0.5) and background
@@ -222,23 +229,24 @@ def finetune(cache_dir, out, classes, epochs, lr, batch, fg_fraction, hidden, fl
 
     \b
     Example:
-      spp finetune --cache feats/ --out head.safetensors
+      spp finetune --cache feats/ --data raccoon/ --split train --out head.safetensors
       spp train-svm --cache feats/ --features fc7 --head head.safetensors --out model.safetensors
     """
     from spp_cli.commands.finetune import run_finetune
 
-    sys.exit(run_finetune(cache_dir, out, classes, epochs, lr, batch, fg_fraction, hidden, flip, seed, gpu))
+    sys.exit(run_finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fraction, hidden, flip, seed, gpu))
 
 
 @cli.command("train-svm")
 @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Feature cache built with --data (ground truth needed).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model file to write (.safetensors).")
+@subset_options
 @click.option("--classes", metavar="A,B", help="Train only these classes (default: every class in the cache).")
 @click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="SVM regularisation (liblinear -c; R-CNN used 0.001, which underfits these features).")
 @click.option("--features", type=click.Choice(["pool5", "fc7"]), default="pool5", show_default=True, help="SVM input: SPP vectors (pool5) or the fine-tuned head's fc7 (needs --head).")
 @click.option("--head", "head_path", type=click.Path(dir_okay=False, path_type=Path), help="Head from `spp finetune` (with --features fc7); the model file carries it.")
 @click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Also train ridge box regressors (on pool5).")
-def train_svm(cache_dir, out, classes, C, features, head_path, bbox_reg) -> None:
+def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox_reg) -> None:
     """Train per-class linear SVMs on cached SPP features (hard-negative mining).
 
     The R-CNN/SPPnet protocol: positives are ground-truth boxes, negatives
@@ -253,7 +261,7 @@ def train_svm(cache_dir, out, classes, C, features, head_path, bbox_reg) -> None
     """
     from spp_cli.commands.train_svm import run_train_svm
 
-    sys.exit(run_train_svm(cache_dir, out, classes, C, bbox_reg, features, head_path))
+    sys.exit(run_train_svm(cache_dir, out, data, split, classes, C, bbox_reg, features, head_path))
 
 
 @cli.command()
@@ -266,8 +274,9 @@ def train_svm(cache_dir, out, classes, C, features, head_path, bbox_reg) -> None
 @click.option("--max-det", type=click.IntRange(min=1), default=100, show_default=True, help="Detections per image.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write detections JSON here (and COCO results beside it as *.coco.json).")
 @click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path), help="Write annotated images here (detections scoring >= max(conf, 0)).")
+@click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Refine boxes with the model's regressors (if it has them).")
 @gpu_option
-def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu) -> None:
+def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, bbox_reg, gpu) -> None:
     """Detect objects: proposals, one conv pass per image per scale, SPP, SVMs, NMS.
 
     Ends with a per-stage timing line in ms per image.
@@ -280,7 +289,7 @@ def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det
     """
     from spp_cli.commands.detect import run_detect
 
-    sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu))
+    sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg))
 
 
 @cli.command("eval")

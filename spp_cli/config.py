@@ -44,3 +44,4 @@ class DetectConfig:
     score_threshold: float = -1.5  # R-CNN/SPPnet code: candidates scoring below are dropped before NMS
     nms_iou: float = 0.3  # per-class NMS, R-CNN/SPPnet
     max_detections: int = 100  # per image, VOC protocol
+    bbox_regression: bool = True  # apply the model's box regressors (when it has them)

@@ -49,7 +49,7 @@ class FinetuneConfig:
     """Fine-tuning settings; sources in comments."""
 
     epochs: int = 30
-    lr: float = 1e-3  # Adam: the fc layers start from random (Lite0 has no pretrained fc6/fc7)
+    lr: float = 1e-4  # AdamW; measured on raccoon: 1e-3 plateaus at a higher held-out loss
     weight_decay: float = 5e-4  # AlexNet/SPPnet
     batch: int = 128  # windows per mini-batch (Fast R-CNN)
     images_per_batch: int = 2  # Fast R-CNN: 2 images x 64 windows

@@ -242,7 +242,7 @@ class Detector:
         window, cls = torch.nonzero(scores > config.score_threshold, as_tuple=True)
         kept_scores = scores[window, cls]
         kept_boxes = boxes.to(features.device)[window]
-        if self.regressors is not None and len(window):
+        if self.regressors is not None and config.bbox_regression and len(window):
             deltas = self.regressors.predict_all(features[window] * self.pool5_scale)[torch.arange(len(window), device=window.device), cls]
             kept_boxes = decode(kept_boxes, deltas)
         kept_boxes[:, 0::2] = kept_boxes[:, 0::2].clamp(0, width)

@@ -62,6 +62,26 @@ def training_set(cache: FeatureCache, classes: list[str] | None = None, keys: li
     return TrainingSet(cache, with_gt, seen)
 
 
+def split_keys(cache: FeatureCache, spec: str, split: str | None) -> list[str]:
+    """Keys of the cached images that belong to a dataset (split), by image id.
+
+    Lets one cache of a whole dataset (each image through the network once)
+    serve training on one split and detection on another.
+
+    Raises:
+        DatasetError: the dataset cannot be read, or none of its images is cached.
+    """
+    from spp_cli.data import open_dataset
+
+    dataset = open_dataset(spec, split)
+    ids = {record.image_id for record in dataset.records}
+    keys = [key for key in cache.keys() if cache.metadata(key).get("image_id") in ids]
+    if not keys:
+        where = f"{spec} (split {split})" if split else str(spec)
+        raise DatasetError(f"{cache.root}: none of the {len(ids)} images of {where} is in the cache")
+    return keys
+
+
 def check_head(head: Head, cache: FeatureCache, levels: tuple[int, ...] = DEFAULT_LEVELS) -> None:
     """Refuse a head fine-tuned on other features than ``cache`` holds.
 

@@ -27,7 +27,8 @@ def default_model_path() -> Path | None:
 
 
 def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
-               conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool) -> int:
+               conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool,
+               bbox_reg: bool = True) -> int:
     from spp_cli.cache import DTYPES, FeatureCache, image_key
     from spp_cli.detections import coco_results, coco_results_path, detections_document
     from spp_cli.features import feature_pyramid
@@ -47,7 +48,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
         # With ground truth the run is usually for `spp eval`, which needs the
         # whole ranking; for plain images show confident detections only.
         conf = detector.detect.score_threshold if data else 0.0
-    config = DetectConfig(score_threshold=conf, nms_iou=nms, max_detections=max_det)
+    config = DetectConfig(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg)
     cache = None
     if cache_dir is not None:
         cache = FeatureCache.open(cache_dir)

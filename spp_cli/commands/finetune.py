@@ -8,19 +8,23 @@ from pathlib import Path
 
 from spp_cli import backbones, ui
 from spp_cli.cache import FeatureCache
+from spp_cli.errors import UsageError
 from spp_cli.fileio import check_writable
 
 
-def run_finetune(cache_dir: Path, out: Path, classes: str | None, epochs: int, lr: float, batch: int,
+def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, epochs: int, lr: float, batch: int,
                  fg_fraction: float, hidden: int, flip: bool, seed: int, gpu: bool) -> int:
     from spp_cli.finetune import Finetuner, FinetuneConfig, checkpoint_path
-    from spp_cli.train import training_set
+    from spp_cli.train import split_keys, training_set
 
     check_writable(out)
     device = backbones.select_device(gpu)
     cache = FeatureCache.open(cache_dir)
     wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    data = training_set(cache, wanted)
+    if split and not data:
+        raise UsageError("--split needs --data SPEC (the dataset the split belongs to)")
+    keys = split_keys(cache, data, split) if data else None
+    data = training_set(cache, wanted, keys)
     config = FinetuneConfig(epochs=epochs, lr=lr, batch=batch, fg_fraction=fg_fraction, hidden=hidden, flip=flip, seed=seed)
     tuner = Finetuner(cache, data.keys, data.classes, config, device=device)
     checkpoint = checkpoint_path(out)

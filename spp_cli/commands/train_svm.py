@@ -12,10 +12,10 @@ from spp_cli.errors import UsageError
 from spp_cli.fileio import check_writable
 
 
-def run_train_svm(cache_dir: Path, out: Path, classes: str | None, C: float, bbox_reg: bool,
+def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, C: float, bbox_reg: bool,
                   features: str = "pool5", head_path: Path | None = None) -> int:
     from spp_cli.head import Head
-    from spp_cli.train import check_head, train_detector, training_set
+    from spp_cli.train import check_head, train_detector, split_keys, training_set
 
     if features == "fc7" and head_path is None:
         raise UsageError("--features fc7 needs --head FILE (a head from `spp finetune`)")
@@ -25,7 +25,10 @@ def run_train_svm(cache_dir: Path, out: Path, classes: str | None, C: float, bbo
     head = Head.load(head_path) if head_path is not None else None
     cache = FeatureCache.open(cache_dir)
     wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    data = training_set(cache, wanted)
+    if split and not data:
+        raise UsageError("--split needs --data SPEC (the dataset the split belongs to)")
+    keys = split_keys(cache, data, split) if data else None
+    data = training_set(cache, wanted, keys)
     if head is not None:
         check_head(head, cache)
     ui.console.print(

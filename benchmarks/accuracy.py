@@ -1,0 +1,146 @@
+"""Detection accuracy of the SPPnet steps, with the toolkit's own commands.
+
+For each dataset (raccoon: its train/test split; coco128: the fixed split in
+benchmarks/splits/) and each pyramid (1 scale: 688; 5 scales:
+480,576,688,864,1200), one proposal file and one feature cache of the whole
+dataset (every image through the network once), then:
+
+    pool5        train-svm on SPP vectors,               detect --no-bbox-reg
+    pool5+bbox   the same model,                         detect (box regression)
+    ftfc7        finetune, train-svm --features fc7,     detect --no-bbox-reg
+    ftfc7+bbox   the same model,                         detect (box regression)
+
+each scored with `spp eval --metric voc07` on the test split (AP at IoU 0.5).
+For coco128 the per-class AP of classes with >= 5 test instances is printed
+too. Prints a table; the last line is a JSON object mapping each setting to
+its mAP (keys like `raccoon_1scale_ftfc7_bbox`), plus `raccoon_best_map`,
+`coco128_best_map`, `coco128_person_ap50` (at the best setting).
+
+    python benchmarks/accuracy.py [--datasets raccoon,coco128] [--scales 1,5] [--work DIR]
+
+Work files are kept in --work (default: a folder in /tmp) and reused when a
+run is repeated: delete it for a clean measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+SCALES = {"1scale": "688", "5scale": "480,576,688,864,1200"}
+DATASETS = {
+    "raccoon": (str(SHARED / "raccoon"), "train", "test"),
+    "coco128": (
+        str(SHARED / "coco128" / "annotations" / "instances_train2017.json"),
+        str(REPO / "benchmarks" / "splits" / "coco128-train.txt"),
+        str(REPO / "benchmarks" / "splits" / "coco128-test.txt"),
+    ),
+}
+STEPS = ("pool5", "pool5_bbox", "ftfc7", "ftfc7_bbox")
+
+
+def spp(*args: str) -> float:
+    """Run `spp ARGS` in a subprocess; seconds taken. Stops the benchmark on failure."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "spp_cli", *map(str, args)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"spp {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+    return time.perf_counter() - start
+
+
+def evaluate(dets: Path, spec: str, split: str, out: Path) -> dict:
+    spp("eval", dets, "--data", spec, "--split", split, "--metric", "voc07", "--out", out)
+    return json.loads(out.read_text())
+
+
+def test_instances(spec: str, split: str) -> dict[str, int]:
+    from spp_cli.data import open_dataset
+
+    counts: dict[str, int] = {}
+    dataset = open_dataset(spec, split)
+    for record in dataset.records:
+        for label, difficult, crowd in zip(record.labels, record.difficult, record.iscrowd):
+            if not difficult and not crowd:
+                name = dataset.classes[int(label)]
+                counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def run_dataset(name: str, scales: list[str], work: Path, figures: dict) -> None:
+    spec, train, test = DATASETS[name]
+    root = work / name
+    root.mkdir(parents=True, exist_ok=True)
+    props = root / "props.json"
+    if not props.is_file():
+        seconds = spp("propose", "--data", spec, "--out", props)
+        print(f"{name}: proposals {seconds:.0f} s", flush=True)
+    for scale_name in scales:
+        cache = root / f"cache-{scale_name}"
+        seconds = spp("cache", "--data", spec, "--props", props, "--cache", cache, "--scales", SCALES[scale_name])
+        print(f"{name} {scale_name}: cache {seconds:.0f} s", flush=True)
+        pool5 = root / f"pool5-{scale_name}.safetensors"
+        head = root / f"head-{scale_name}.safetensors"
+        fc7 = root / f"fc7-{scale_name}.safetensors"
+        if not pool5.is_file():
+            figures[f"{name}_{scale_name}_train_svm_pool5_s"] = round(spp("train-svm", "--cache", cache, "--data", spec, "--split", train, "--out", pool5), 1)
+        if not head.is_file():
+            figures[f"{name}_{scale_name}_finetune_s"] = round(spp("finetune", "--cache", cache, "--data", spec, "--split", train, "--out", head), 1)
+        if not fc7.is_file():
+            figures[f"{name}_{scale_name}_train_svm_fc7_s"] = round(
+                spp("train-svm", "--cache", cache, "--data", spec, "--split", train, "--features", "fc7", "--head", head, "--out", fc7), 1
+            )
+        for step in STEPS:
+            model = pool5 if step.startswith("pool5") else fc7
+            dets = root / f"dets-{scale_name}-{step}.json"
+            flags = [] if step.endswith("bbox") else ["--no-bbox-reg"]
+            spp("detect", "--data", spec, "--split", test, "--cache", cache, "--model", model, "--out", dets, *flags)
+            metrics = evaluate(dets, spec, test, root / f"metrics-{scale_name}-{step}.json")
+            figures[f"{name}_{scale_name}_{step}"] = round(metrics["mAP"], 4)
+            figures.setdefault("_per_class", {})[f"{name}_{scale_name}_{step}"] = metrics["per_class"]
+            print(f"{name} {scale_name} {step}: mAP {metrics['mAP']:.3f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--datasets", default="raccoon,coco128")
+    parser.add_argument("--scales", default="1,5", help="1, 5 or 1,5")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/spp-accuracy"))
+    args = parser.parse_args()
+    scales = [f"{s}scale" for s in args.scales.split(",")]
+    figures: dict = {}
+    datasets = args.datasets.split(",")
+    for name in datasets:
+        run_dataset(name, scales, args.work, figures)
+    per_class = figures.pop("_per_class")
+
+    print()
+    print(f"{'dataset':<9} {'scales':<7} " + " ".join(f"{s:>11}" for s in STEPS))
+    for name in datasets:
+        for scale_name in scales:
+            row = " ".join(f"{figures[f'{name}_{scale_name}_{s}']:>11.3f}" for s in STEPS)
+            print(f"{name:<9} {scale_name:<7} {row}")
+        keys = [f"{name}_{sc}_{s}" for sc in scales for s in STEPS]
+        best = max(keys, key=lambda k: figures[k])
+        figures[f"{name}_best_map"] = figures[best]
+        figures[f"{name}_best_setting"] = best
+    if "coco128" in datasets:
+        spec, _, test = DATASETS["coco128"]
+        counts = test_instances(spec, test)
+        best = figures["coco128_best_setting"]
+        frequent = sorted((c for c, n in counts.items() if n >= 5), key=lambda c: -counts[c])
+        print(f"\ncoco128 per-class AP50 at {best} (classes with >= 5 test instances):")
+        for c in frequent:
+            print(f"  {c:<14} {counts[c]:>4} instances  AP {(per_class[best].get(c) or 0.0):.3f}")
+        figures["coco128_person_ap50"] = round(per_class[best].get("person") or 0.0, 4)
+        figures["coco128_frequent_class_ap50"] = {c: round(per_class[best].get(c) or 0.0, 4) for c in frequent}
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
