@@ -283,13 +283,28 @@ def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det
 
     \b
     Examples:
-      spp detect examples/astronaut.jpg --save-dir runs/ --out dets.json
+      spp detect examples/raccoon.jpg --save-dir runs/ --out dets.json
       spp detect photos/ --model model.safetensors --gpu --out dets.json
       spp detect --data ../shared/data/raccoon --split test --model model.safetensors --out dets.json
     """
     from spp_cli.commands.detect import run_detect
 
     sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg))
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(dir_okay=False, path_type=Path), metavar="[MODEL]...")
+def models(paths) -> None:
+    """List the shipped detectors (or the given model files): classes and features.
+
+    \b
+    Examples:
+      spp models
+      spp models runs/model.safetensors
+    """
+    from spp_cli.commands.models import run_models
+
+    sys.exit(run_models(paths))
 
 
 @cli.command("eval")

@@ -105,8 +105,8 @@ def test_efficientnet_lite0_checkpoint_loads_strictly_and_classifies():
     state, digest = spec.default_weights()
     assert len(state) == 296 and len(digest) == 64
     model = spec.load_full(state).eval()  # load_state_dict(strict=True) inside
-    assert _classify(model, REPO / "examples" / "chelsea.jpg") in range(281, 286)  # domestic cat classes
-    assert _classify(model, REPO / "examples" / "coffee.jpg") in (967, 968)  # espresso, cup
+    assert _classify(model, REPO / "tests" / "data" / "chelsea.jpg") in range(281, 286)  # domestic cat classes
+    assert _classify(model, REPO / "tests" / "data" / "coffee.jpg") in (967, 968)  # espresso, cup
     # The extractor computes the full model's blocks[:5] output (BN folded).
     extractor = FeatureExtractor(spec)
     pixels = torch.randint(0, 256, (1, 64, 80, 3), dtype=torch.uint8)

@@ -14,22 +14,11 @@ from spp_cli.sources import resolve_sources
 STAGES = ("proposals", "conv", "pooling", "classify", "nms")
 
 
-def default_model_path() -> Path | None:
-    """The shipped default detector: ``weights/default.safetensors`` beside the
-    package (source checkout) or under ``<prefix>/share/spp/weights`` (installed)."""
-    import sys
-
-    for folder in (Path(__file__).resolve().parents[2] / "weights", Path(sys.prefix) / "share" / "spp" / "weights"):
-        candidate = folder / "default.safetensors"
-        if candidate.is_file():
-            return candidate
-    return None
-
-
 def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
                conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool,
                bbox_reg: bool = True) -> int:
     from spp_cli.cache import DTYPES, FeatureCache, image_key
+    from spp_cli.commands.models import default_model_path
     from spp_cli.detections import coco_results, coco_results_path, detections_document
     from spp_cli.features import feature_pyramid
     from spp_cli.images import load_image
