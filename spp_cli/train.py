@@ -77,7 +77,9 @@ def train_detector(
     """Train SVMs (and box regressors) on cached pool5 features.
 
     ``featurizer`` computes window features from a cache entry (default:
-    :class:`~spp_cli.windows.SPPFeaturizer`, SPP pooling of the cached maps).
+    :class:`~spp_cli.windows.SPPFeaturizer`, SPP pooling of the cached maps;
+    :class:`~spp_cli.rcnn.RCNNFeaturizer` for R-CNN's warped windows). Its
+    ``mode`` is recorded in the model, so detection computes features the same way.
     """
     cache, settings = data.cache, data.cache.settings
     featurizer = featurizer or SPPFeaturizer(settings.alignment, tuple(levels))
@@ -148,6 +150,7 @@ def train_detector(
         regressors=regressors,
         detect=DetectConfig(),
         proposals={},
+        mode=featurizer.mode,
         training={
             "images": len(data.keys),
             "svm": asdict(svm_config),
