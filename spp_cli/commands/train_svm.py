@@ -22,6 +22,8 @@ def run_train_svm(cache_dir: Path, out: Path, classes: str | None, C: float, bbo
     data = training_set(cache, wanted)
     ui.console.print(f"Training on {len(data.keys)} cached image(s), {len(data.classes)} class(es): {', '.join(data.classes)}", markup=False)
     extractor = None
+    if gpu and mode != "rcnn":
+        ui.console.print("note: --gpu has no effect here: SPP training reads only the cache (no network pass)", markup=False)
     if mode == "rcnn":
         from spp_cli import backbones
         from spp_cli.rcnn import extractor_for
