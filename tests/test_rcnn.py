@@ -202,7 +202,9 @@ def test_rcnn_detect_with_cache_uses_its_proposals_not_its_maps(rcnn_pipeline, t
     last = cached.stderr.strip().splitlines()[-1]
     assert last.startswith("Speed: 0.0ms proposals") and last.endswith("through the network on cpu, proposals of 1 from the cache)")
 
-    fresh = invoke("detect", *common, "--props", p.props, "--out", tmp_path / "fresh.json")
+    fresh = invoke("detect", *common, "--props", p.props, "--cache", p.cache, "--out", tmp_path / "fresh.json")
     assert fresh.exit_code == 0, fresh.output
+    assert f"R-CNN model: {p.cache} is not used (proposals come from --props); every window goes through the network" in fresh.stderr
+    assert fresh.stderr.strip().splitlines()[-1].endswith("warped window(s) of 1 image(s) through the network on cpu)")
     a, b = (json.loads((tmp_path / name).read_text()) for name in ("cached.json", "fresh.json"))
     assert a == b and sum(len(im["detections"]) for im in a["images"]) > 0

@@ -62,7 +62,8 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
         if rcnn:
             # Cached maps are one pass over the whole image; an R-CNN model
             # needs each window's own pass. Proposals are the same either way.
-            ui.console.print(f"R-CNN model: {cache_dir} supplies proposals only; every window goes through the network", markup=False)
+            use = "is not used (proposals come from --props)" if props is not None else "supplies proposals only"
+            ui.console.print(f"R-CNN model: {cache_dir} {use}; every window goes through the network", markup=False)
         else:
             detector.check_features(cache.settings, str(cache_dir))
     proposal_set = read_proposals(props) if props is not None else None
@@ -120,7 +121,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                 stage_times: dict = {}
                 if rcnn:
                     t0 = time.perf_counter()
-                    features = rcnn_features(extractor, image, boxes, detector.levels)  # on the CPU: synchronised
+                    features = rcnn_features(extractor, image, boxes, detector.levels)  # CPU tensors: GPU work is done
                     timings["conv"] += time.perf_counter() - t0
                     windows += len(boxes)
                     # Trained on rows stored at the cache's precision: round the same way.
@@ -174,7 +175,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     per_stage = ", ".join(f"{1000 * timings[s] / n:.1f}ms {s}" for s in STAGES)
     if rcnn:
         where = f"R-CNN: {windows} warped window(s) of {len(results)} image(s) through the network on {device}"
-        where += f", proposals of {from_cache} from the cache" if cache is not None else ""
+        where += f", proposals of {from_cache} from the cache" if cache is not None and proposal_set is None else ""
     else:
         where = f"{computed} image(s) through the network on {device}, {from_cache} from the cache"
     ui.console.print(f"Speed: {per_stage} per image ({where})", markup=False)
