@@ -246,28 +246,39 @@ def finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fractio
 @click.option("--features", type=click.Choice(["pool5", "fc7"]), default="pool5", show_default=True, help="SVM input: SPP vectors (pool5) or the fine-tuned head's fc7 (needs --head).")
 @click.option("--head", "head_path", type=click.Path(dir_okay=False, path_type=Path), help="Head from `spp finetune` (with --features fc7); the model file carries it.")
 @click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Also train ridge box regressors (on pool5).")
-def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox_reg) -> None:
+@click.option(
+    "--mode",
+    type=click.Choice(["spp", "rcnn"]),
+    default="spp",
+    show_default=True,
+    help="Window features: spp (pooled from the cached conv maps) or rcnn (each window warped to 224x224 and run through the same backbone; slow, the baseline).",
+)
+@click.option("--gpu", is_flag=True, help="With --mode rcnn: run the network on CUDA.")
+def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox_reg, mode, gpu) -> None:
     """Train per-class linear SVMs on cached SPP features (hard-negative mining).
 
     The R-CNN/SPPnet protocol: positives are ground-truth boxes, negatives
     proposals under IoU 0.3; features scaled to mean norm 20; positive weight
     2, bias multiplier 10; one epoch of hard-negative mining (C defaults to
     0.1, measured; R-CNN's 0.001 underfits EfficientNet features).
-    Reads only the cache: no network pass.
+    Reads only the cache: no network pass. With --mode rcnn, the R-CNN
+    baseline on the same backbone: the cache gives proposals and ground
+    truth, and every window of every image goes through the network.
 
     \b
-    Example:
+    Examples:
       spp train-svm --cache feats/ --out model.safetensors
+      spp train-svm --cache feats/ --out rcnn.safetensors --mode rcnn
     """
     from spp_cli.commands.train_svm import run_train_svm
 
-    sys.exit(run_train_svm(cache_dir, out, data, split, classes, C, bbox_reg, features, head_path))
+    sys.exit(run_train_svm(cache_dir, out, data, split, classes, C, bbox_reg, features, head_path, mode, gpu))
 
 
 @cli.command()
 @input_options
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="Detector (.safetensors from spp train-svm). Default: the shipped detector.")
-@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="Reuse conv maps (and proposals) of images already in this feature cache.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="Reuse conv maps (and proposals) of images already in this feature cache (an R-CNN model reuses the proposals only).")
 @click.option("--props", type=click.Path(dir_okay=False, path_type=Path), help="props.json from spp propose (default: computed here).")
 @click.option("--conf", type=float, default=None, help="Keep detections scoring at least X (SVM score; default 0, or the model's -1.5 with --data so that spp eval sees the whole ranking).")
 @click.option("--nms", type=click.FloatRange(0, 1), default=0.3, show_default=True, help="Per-class NMS IoU.")
@@ -279,7 +290,9 @@ def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox
 def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, bbox_reg, gpu) -> None:
     """Detect objects: proposals, one conv pass per image per scale, SPP, SVMs, NMS.
 
-    Ends with a per-stage timing line in ms per image.
+    Ends with a per-stage timing line in ms per image. A model trained with
+    `train-svm --mode rcnn` runs the network on every warped window instead
+    (the R-CNN baseline); its "conv" time is that network time.
 
     \b
     Examples:

@@ -3,9 +3,10 @@
 Saved as one ``.safetensors`` file: tensors ``svm_weight (K, D)``,
 ``svm_bias (K,)``, with box regression ``bbox_weight (K, D5, 4)``,
 ``bbox_bias (K, 4)``, and with a fine-tuned head its fc layers under
-``head.`` (the SVMs then read fc7, D = H; regression reads pool5, D5); JSON metadata under the key ``spp`` holds everything
-else (format version, classes, backbone and cache settings, pyramid levels,
-feature scale, thresholds, proposal settings, training record). No pickle.
+``head.`` (the SVMs then read fc7, D = H; regression reads pool5, D5); JSON
+metadata under the key ``spp`` holds everything else (format version,
+feature mode, classes, backbone and cache settings, pyramid levels, feature
+scales, thresholds, proposal settings, training record). No pickle.
 
 Shape letters: R windows, D feature length, K classes.
 """
@@ -32,6 +33,10 @@ from spp_cli.svm import LinearSVMs
 MODEL_FORMAT = "spp-detector"
 MODEL_VERSION = 1
 HEAD_PREFIX = "head."
+# How window features are computed: "spp" pools each window from the image's
+# conv maps; "rcnn" warps each window to the network's input size and runs
+# the network on it (spp_cli.rcnn). Models from before the field are "spp".
+MODES = ("spp", "rcnn")
 
 
 @dataclass
@@ -60,6 +65,8 @@ class Detector:
         detect: score threshold, NMS IoU, detections per image.
         proposals: proposal settings (``ProposalParams`` as a dict).
         training: a free-form record of how the model was made.
+        mode: how window features are computed, one of :data:`MODES`
+            (``spp``: pooled from conv maps; ``rcnn``: warped windows).
     """
 
     features: CacheSettings
@@ -71,6 +78,7 @@ class Detector:
     detect: DetectConfig = field(default_factory=DetectConfig)
     proposals: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
+    mode: str = "spp"
 
     @property
     def classes(self) -> list[str]:
@@ -107,6 +115,7 @@ class Detector:
         meta = {
             "format": MODEL_FORMAT,
             "version": MODEL_VERSION,
+            "mode": self.mode,
             "classes": self.classes,
             "features": {**asdict(self.features), "scales": list(self.features.scales)},
             "levels": list(self.levels),
@@ -151,6 +160,9 @@ class Detector:
             raise ModelError(f"{path}: model format version {meta.get('version')} is not supported (this spp reads version {MODEL_VERSION})")
         if "digest" in meta and tensor_digest(tensors) != meta["digest"]:
             raise ModelError(f"{path}: damaged spp model (checksum mismatch)")
+        mode = meta.get("mode", "spp")
+        if mode not in MODES:
+            raise ModelError(f"{path}: unknown feature mode {mode!r} (this spp knows {', '.join(MODES)})")
         try:
             classes = list(meta["classes"])
             weight = tensors["svm_weight"].numpy()
@@ -177,6 +189,7 @@ class Detector:
                 detect=DetectConfig(**meta.get("detect", {})),
                 proposals=dict(meta.get("proposals", {})),
                 training=dict(meta.get("training", {})),
+                mode=mode,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{path}: damaged spp model ({exc})") from None
@@ -214,6 +227,9 @@ class Detector:
         """
         import time
 
+        if self.mode != "spp":
+            # Pooling conv maps would give features the classifiers never saw.
+            raise ValueError(f"a {self.mode} model scores features of its own kind: use detect_features")
         t0 = time.perf_counter()
         boxes = torch.as_tensor(proposals, dtype=torch.float32)
         features = pool_windows(maps, factors, boxes, self.alignment, self.levels)

@@ -11,12 +11,19 @@ Shape letters: R windows, C channels, B pyramid bins.
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Callable, ClassVar
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torchvision import ops
 
+from spp_cli import backbones
 from spp_cli.backbones import FeatureExtractor
+from spp_cli.cache import DTYPES, CacheEntry, CacheSettings, image_key
+from spp_cli.errors import CacheError, ModelError
+from spp_cli.images import load_image
 from spp_cli.spp import DEFAULT_LEVELS
 
 CONTEXT_PADDING = 16  # R-CNN: pixels of context around the window in the warped frame
@@ -92,3 +99,140 @@ def rcnn_features(
     if not out:
         return torch.zeros((0, extractor.spec.channels * sum(n * n for n in levels)))
     return torch.cat(out)
+
+
+def extractor_for(settings: CacheSettings, source: str, device: str = "cpu") -> FeatureExtractor:
+    """The backbone that computed ``settings``' features, rebuilt to warp windows through.
+
+    Only this installation's default weights (or the tests' random weights)
+    can be rebuilt: a cache records a digest of its weights, not the file.
+
+    Raises:
+        ModelError: other weights or another input normalisation; the message
+            names ``source`` (the cache folder or model file).
+    """
+    spec = backbones.get_spec(settings.backbone)
+    if settings.preprocess and settings.preprocess != spec.preprocess:
+        raise ModelError(
+            f"{source}: features were computed with {settings.backbone} input {settings.preprocess}, this spp computes "
+            f"{spec.preprocess}; R-CNN mode runs the network itself and cannot reproduce them"
+        )
+    if settings.weights_sha256 == "random:0":
+        weights = backbones.RANDOM_WEIGHTS
+    elif backbones.weights_digest(spec, None) == settings.weights_sha256:
+        weights = None
+    else:
+        raise ModelError(
+            f"{source}: features were computed with {settings.backbone} weights {settings.weights_sha256[:12]}, not this "
+            "installation's default weights; R-CNN mode runs the network itself and can only use the default weights"
+        )
+    return FeatureExtractor(spec, weights, device)
+
+
+class RCNNFeaturizer:
+    """Window features of cached images computed the R-CNN way, memoised per image.
+
+    Stands in for :class:`spp_cli.windows.SPPFeaturizer` in
+    :func:`spp_cli.train.train_detector`: the cache entry supplies the image
+    path, proposals and ground truth; its conv maps are not used. Training
+    asks for one image's features up to three times (norm sample, ground-truth
+    positives, proposals in mining), always a subset of ground truth ∪
+    proposals, so the first request runs *every* window of the image through
+    the network once and later requests are row look-ups.
+
+    Rows are kept at the cache's ``dtype`` (fp16 by default): the precision
+    SPP features get from the cached maps, and what detection rounds to.
+    They are held in memory, or in ``folder`` as ``.npy`` files when given:
+    ``R x D x 2`` bytes per image (500 windows x 5600 floats for Lite0 is
+    5.6 MB), too much to keep in memory for thousands of images.
+
+    Args:
+        extractor: the backbone the cache was built with (same weights).
+        levels: pyramid levels.
+        dtype: ``fp16`` or ``fp32`` storage of the rows.
+        batch_size: warped windows per network pass.
+        folder: where to keep rows on disk; ``None`` keeps them in memory.
+        on_image: called after each image's windows are computed with
+            ``(images computed, windows computed)`` so far (progress bars).
+    """
+
+    mode: ClassVar[str] = "rcnn"
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        levels: tuple[int, ...] = DEFAULT_LEVELS,
+        dtype: str = "fp16",
+        batch_size: int = 32,
+        folder: Path | None = None,
+        on_image: Callable[[int, int], None] | None = None,
+    ):
+        self.extractor = extractor
+        self.levels = tuple(levels)
+        self.dtype = DTYPES[dtype]
+        self.batch_size = batch_size
+        self.folder = Path(folder) if folder is not None else None
+        self.on_image = on_image
+        self.images_computed = 0
+        self.windows_computed = 0
+        self._index: dict[str, dict[bytes, int]] = {}  # entry key -> box bytes -> row
+        self._rows: dict[str, torch.Tensor] = {}  # entry key -> (R, D) rows, in memory
+
+    def features(self, entry: CacheEntry, boxes: np.ndarray) -> torch.Tensor:
+        """``(R, D)`` unscaled float32 features of ``(R, 4)`` ``xyxy`` windows
+        (original-image pixels) of ``entry``'s image."""
+        boxes = np.ascontiguousarray(boxes, np.float32).reshape(-1, 4)
+        if entry.key not in self._index:
+            self._compute_image(entry)
+        index = self._index[entry.key]
+        rows = [index.get(box.tobytes()) for box in boxes]
+        if any(r is None for r in rows):
+            # Not a window of the image's ground truth or proposals: compute
+            # these directly (nothing in training asks for such windows).
+            return self._warped(entry, boxes).to(self.dtype).float()
+        stored = self._stored(entry.key)
+        return torch.as_tensor(np.asarray(stored[np.asarray(rows, np.int64)])).float()
+
+    def distinct(self, entry: CacheEntry, boxes: np.ndarray) -> np.ndarray:
+        """Indices of distinct windows: R-CNN warps every window, so only exact
+        duplicates (identical features) are dropped, not SPP's same-cell windows."""
+        if len(boxes) == 0:
+            return np.zeros(0, np.int64)
+        _, first = np.unique(np.ascontiguousarray(boxes, np.float32).reshape(-1, 4), axis=0, return_index=True)
+        return np.sort(first)
+
+    def _warped(self, entry: CacheEntry, boxes: np.ndarray) -> torch.Tensor:
+        path = Path(entry.path)
+        try:
+            changed = image_key(path) != entry.key
+        except OSError as exc:
+            raise CacheError(f"{path}: cannot read the cached image ({exc.strerror or exc}); R-CNN mode needs the image files the cache was built from") from None
+        if changed:
+            # Proposals and ground truth belong to the bytes that were cached.
+            raise CacheError(f"{path}: the image changed since it was cached (sha256 differs); run `spp cache` on it again")
+        return rcnn_features(self.extractor, load_image(path), boxes, self.levels, self.batch_size)
+
+    def _compute_image(self, entry: CacheEntry) -> None:
+        parts = [entry.proposals.reshape(-1, 4)]
+        if entry.gt_boxes is not None:
+            parts.insert(0, entry.gt_boxes.reshape(-1, 4))
+        boxes = np.ascontiguousarray(np.concatenate(parts), np.float32)
+        keep = self.distinct(entry, boxes)
+        boxes = boxes[keep]
+        rows = self._warped(entry, boxes).to(self.dtype)
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            np.save(self.folder / f"{entry.key}.npy", rows.numpy())
+        else:
+            self._rows[entry.key] = rows
+        self._index[entry.key] = {box.tobytes(): r for r, box in enumerate(boxes)}
+        self.images_computed += 1
+        self.windows_computed += len(boxes)
+        if self.on_image is not None:
+            self.on_image(self.images_computed, self.windows_computed)
+
+    def _stored(self, key: str):
+        if self.folder is None:
+            return self._rows[key].numpy()
+        # Memory-mapped: only the requested rows are read.
+        return np.load(self.folder / f"{key}.npy", mmap_mode="r")

@@ -114,7 +114,9 @@ def train_detector(
     The SVMs see pool5 (SPP vectors) or, with a fine-tuned ``head``, its fc7
     activations ("ftfc7"); box regression always reads pool5, as in R-CNN.
     ``featurizer`` computes pool5 of windows from a cache entry (default:
-    :class:`~spp_cli.windows.SPPFeaturizer`, SPP pooling of the cached maps).
+    :class:`~spp_cli.windows.SPPFeaturizer`, SPP pooling of the cached maps;
+    :class:`~spp_cli.rcnn.RCNNFeaturizer` for R-CNN's warped windows). Its
+    ``mode`` is recorded in the model, so detection computes features the same way.
 
     Raises:
         ModelError: ``head`` was fine-tuned on other features than the cache's.
@@ -204,6 +206,7 @@ def train_detector(
         regression_scale=pool5_scale,
         detect=DetectConfig(),
         proposals={},
+        mode=featurizer.mode,
         training={
             "images": len(data.keys),
             "svm": asdict(svm_config),

@@ -6,6 +6,7 @@ Shape letters: R windows, D = C * B feature length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -54,9 +55,11 @@ class SPPFeaturizer:
     The training code asks a featurizer for two things, so that another way
     of computing window features (R-CNN's warped windows) can stand in:
     ``features(entry, boxes)`` -> ``(R, D)`` unscaled float32, and
-    ``distinct(entry, boxes)`` -> indices of windows worth scoring.
+    ``distinct(entry, boxes)`` -> indices of windows worth scoring;
+    ``mode`` names the kind of features for the model file.
     """
 
+    mode: ClassVar[str] = "spp"
     align: Alignment
     levels: tuple[int, ...] = DEFAULT_LEVELS
 

@@ -1,4 +1,9 @@
-"""`spp detect`: proposals, one conv pass per image per scale (or the cache), SPP, SVMs, NMS."""
+"""`spp detect`: proposals, one conv pass per image per scale (or the cache), SPP, SVMs, NMS.
+
+A model trained with ``--mode rcnn`` takes R-CNN's path instead: every
+proposal is warped and run through the network (``spp_cli.rcnn``); a cache
+then supplies proposals only, and the "conv" stage is that network time.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ STAGES = ("proposals", "conv", "pooling", "classify", "nms")
 def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
                conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool,
                bbox_reg: bool = True) -> int:
+    import torch
+
     from spp_cli.cache import DTYPES, FeatureCache, image_key
     from spp_cli.commands.models import default_model_path
     from spp_cli.detections import coco_results, coco_results_path, detections_document
@@ -38,10 +45,17 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
         # whole ranking; for plain images show confident detections only.
         conf = detector.detect.score_threshold if data else 0.0
     config = DetectConfig(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg)
+    rcnn = detector.mode == "rcnn"
     cache = None
     if cache_dir is not None:
         cache = FeatureCache.open(cache_dir)
-        detector.check_features(cache.settings, str(cache_dir))
+        if rcnn:
+            # Cached maps are one pass over the whole image; an R-CNN model
+            # needs each window's own pass. Proposals are the same either way.
+            use = "is not used (proposals come from --props)" if props is not None else "supplies proposals only"
+            ui.console.print(f"R-CNN model: {cache_dir} {use}; every window goes through the network", markup=False)
+        else:
+            detector.check_features(cache.settings, str(cache_dir))
     proposal_set = read_proposals(props) if props is not None else None
     sources = resolve_sources(inputs, data, split)
     ui.print_warnings(sources.warnings or [])
@@ -53,6 +67,11 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     settings = detector.features
 
     extractor = None
+    if rcnn:
+        from spp_cli.rcnn import extractor_for, rcnn_features
+
+        extractor = extractor_for(settings, str(model_path), device)
+    windows = 0  # R-CNN: windows run through the network
     bad: list[tuple[Path | str, str]] = list(sources.bad or [])  # images whose annotations cannot be used
     results: list[dict] = []
     timings = {stage: 0.0 for stage in STAGES}
@@ -74,11 +93,12 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                     maps, factors, width, height = entry.maps, entry.factors, entry.width, entry.height
                     boxes = entry.proposals
                     from_cache += 1
-                else:
+                if entry is None or rcnn:
                     image = load_image(source.path)
                     height, width = image.shape[:2]
-                    boxes = None
-                    computed += 1
+                    if entry is None:
+                        boxes = None
+                        computed += 1
                 if proposal_set is not None:
                     found = proposal_set.lookup(source.image_id, source.path)
                     if found is None:
@@ -88,7 +108,16 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                     t0 = time.perf_counter()
                     boxes = propose(image, proposal_params)
                     timings["proposals"] += time.perf_counter() - t0
-                if entry is None:
+                stage_times: dict = {}
+                if rcnn:
+                    t0 = time.perf_counter()
+                    features = rcnn_features(extractor, image, boxes, detector.levels)  # CPU tensors: GPU work is done
+                    timings["conv"] += time.perf_counter() - t0
+                    windows += len(boxes)
+                    # Trained on rows stored at the cache's precision: round the same way.
+                    features = features.to(DTYPES[settings.dtype]).float()
+                    dets = detector.detect_features(features, torch.as_tensor(boxes, dtype=torch.float32), width, height, config, stage_times)
+                elif entry is None:
                     if extractor is None:
                         extractor = backbones.FeatureExtractor(backbones.get_spec(settings.backbone), _weights_for(settings), device)
                     maps, factors, seconds = feature_pyramid(
@@ -100,9 +129,9 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                     # (fp16 by default): round fresh maps the same way, so that
                     # detections are the same with or without --cache.
                     maps = [m.to(DTYPES[settings.dtype]) for m in maps]
-                stage_times: dict = {}
-                dets = detector.detect_windows(maps, factors, boxes, width, height, config, stage_times)
-                timings["pooling"] += stage_times["pool"]
+                if not rcnn:
+                    dets = detector.detect_windows(maps, factors, boxes, width, height, config, stage_times)
+                timings["pooling"] += stage_times.get("pool", 0.0)
                 timings["classify"] += stage_times["classify"]
                 timings["nms"] += stage_times["nms"]
             except ModelError:
@@ -134,10 +163,12 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     _summary(results, detector.classes, out, save_dir, conf)
     n = max(len(results), 1)
     per_stage = ", ".join(f"{1000 * timings[s] / n:.1f}ms {s}" for s in STAGES)
-    ui.console.print(
-        f"Speed: {per_stage} per image ({computed} image(s) through the network on {device}, {from_cache} from the cache)",
-        markup=False,
-    )
+    if rcnn:
+        where = f"R-CNN: {windows} warped window(s) of {len(results)} image(s) through the network on {device}"
+        where += f", proposals of {from_cache} from the cache" if cache is not None and proposal_set is None else ""
+    else:
+        where = f"{computed} image(s) through the network on {device}, {from_cache} from the cache"
+    ui.console.print(f"Speed: {per_stage} per image ({where})", markup=False)
     ui.print_bad(bad)
     return 1 if bad else 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,9 +15,9 @@ from spp_cli.fileio import check_writable
 
 
 def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, C: float, bbox_reg: bool,
-                  features: str = "pool5", head_path: Path | None = None) -> int:
+                  features: str = "pool5", head_path: Path | None = None, mode: str = "spp", gpu: bool = False) -> int:
     from spp_cli.head import Head
-    from spp_cli.train import check_head, train_detector, split_keys, training_set
+    from spp_cli.train import check_head, split_keys, train_detector, training_set
 
     if features == "fc7" and head_path is None:
         raise UsageError("--features fc7 needs --head FILE (a head from `spp finetune`)")
@@ -27,6 +29,8 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
     wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     if split and not data:
         raise UsageError("--split needs --data SPEC (the dataset the split belongs to)")
+    if mode == "rcnn" and head is not None:
+        raise UsageError("--mode rcnn trains on R-CNN pool5 features; a fine-tuned head (--head) is for SPP features")
     keys = split_keys(cache, data, split) if data else None
     data = training_set(cache, wanted, keys)
     if head is not None:
@@ -35,14 +39,41 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         f"Training on {features} features of {len(data.keys)} cached image(s), {len(data.classes)} class(es): {', '.join(data.classes)}",
         markup=False,
     )
+    extractor = None
+    if gpu and mode != "rcnn":
+        ui.console.print("note: --gpu has no effect here: SPP training reads only the cache (no network pass)", markup=False)
+    if mode == "rcnn":
+        from spp_cli import backbones
+        from spp_cli.rcnn import extractor_for
+
+        extractor = extractor_for(cache.settings, str(cache_dir), backbones.select_device(gpu))
+        ui.console.print(
+            "R-CNN mode: every ground-truth box and proposal of every image is warped and run through the network "
+            "(the cache supplies image paths, proposals and ground truth; its conv maps are not used)",
+            markup=False,
+        )
     start = time.perf_counter()
-    with ui.progress(16) as bar:
+    with ui.progress(16) as bar, contextlib.ExitStack() as stack:
         tasks: dict[str, int] = {}
 
-        def progress(stage: str, done: int, total: int) -> None:
+        def progress(stage: str, done: int, total: int, rate: str = "") -> None:
             if stage not in tasks:
                 tasks[stage] = bar.add_task(stage, total=total, rate="")
-            bar.update(tasks[stage], completed=done)
+            bar.update(tasks[stage], completed=done, rate=rate)
+
+        featurizer = None
+        if extractor is not None:
+            from spp_cli.rcnn import RCNNFeaturizer
+
+            # Rows of all images do not fit in memory on large sets: keep them
+            # in a temporary folder for the run (removed at the end).
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="spp-rcnn-")))
+            begun = time.perf_counter()
+
+            def on_image(images: int, windows: int) -> None:
+                progress("R-CNN windows", images, len(data.keys), f"{windows / (time.perf_counter() - begun):.0f} win/s")
+
+            featurizer = RCNNFeaturizer(extractor, dtype=cache.settings.dtype, folder=folder, on_image=on_image)
 
         detector = train_detector(
             data,
@@ -51,10 +82,24 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
             progress=progress,
             log=lambda line: bar.console.print(line, markup=False),
             head=head,
+            featurizer=featurizer,
         )
     detector.training["cache"] = str(cache_dir)
     if head_path is not None:
         detector.training["head"] = str(head_path)
+    how = ""
+    if featurizer is not None:
+        from spp_cli.rcnn import CONTEXT_PADDING
+
+        detector.training["rcnn"] = {
+            "windows": featurizer.windows_computed,
+            "window_size": featurizer.extractor.spec.window_size,
+            "context_padding": CONTEXT_PADDING,
+        }
+        how = f", R-CNN features ({featurizer.windows_computed} windows through the network)"
     detector.save(out)
-    ui.console.print(f"Wrote {out}: {len(detector.classes)} class(es), box regression {'on' if bbox_reg else 'off'}, {time.perf_counter() - start:.1f} s", markup=False)
+    ui.console.print(
+        f"Wrote {out}: {len(detector.classes)} class(es), box regression {'on' if bbox_reg else 'off'}{how}, {time.perf_counter() - start:.1f} s",
+        markup=False,
+    )
     return 0
