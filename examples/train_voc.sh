@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train and evaluate an SPPnet detector on your own VOC-layout or
 # XML-beside-images folder, with every step of the toolkit:
-#   propose -> cache -> finetune -> train-svm -> detect -> eval -> draw
+#   propose -> cache -> train-svm (pool5) / finetune + train-svm (fc7) -> detect -> eval -> draw
 #
 # usage: examples/train_voc.sh DATASET [WORK]
 #   DATASET  VOC folder (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt)
@@ -11,8 +11,8 @@
 #   480,576,688,864,1200), SPP (the spp command; default: spp on PATH)
 #
 # Every step resumes: run it again after an interruption.
-# With ../shared/data/raccoon these are the settings of the shipped detector
-# (weights/README.md).
+# With ../shared/data/raccoon, model-pool5.safetensors is the shipped
+# detector (weights/README.md).
 set -euo pipefail
 
 data=${1:?usage: examples/train_voc.sh DATASET [WORK]}
@@ -27,20 +27,27 @@ mkdir -p "$work"
 $spp propose --data "$data" --out "$work/props.json"
 # 2. One conv pass per image per scale into the feature cache.
 $spp cache --data "$data" --props "$work/props.json" --cache "$work/feats" --scales "$scales"
-# 3. Fine-tune fc6/fc7 on SPP vectors of the training split (conv frozen).
+# 3. Per-class SVMs on the SPP vectors (pool5) of the training split, box
+#    regression: the shipped detector's recipe.
+$spp train-svm --cache "$work/feats" --data "$data" --split "$train" --out "$work/model-pool5.safetensors"
+# 4. Fine-tune fc6/fc7 on the same SPP vectors (conv frozen), then SVMs on fc7.
 $spp finetune --cache "$work/feats" --data "$data" --split "$train" --out "$work/head.safetensors"
-# 4. Per-class SVMs on fine-tuned fc7 features, box regression on pool5.
 $spp train-svm --cache "$work/feats" --data "$data" --split "$train" \
-    --features fc7 --head "$work/head.safetensors" --out "$work/model.safetensors"
-# 5. Detect on the test split (conv maps reused from the cache).
-$spp detect --data "$data" --split "$test" --cache "$work/feats" \
-    --model "$work/model.safetensors" --out "$work/dets.json"
-# 6. VOC07 AP per class and mAP.
-$spp eval "$work/dets.json" --data "$data" --split "$test" --out "$work/metrics.json"
-# 7. Annotated test images (detections scoring >= 0).
-$spp draw "$work/dets.json" --out "$work/drawn" --conf 0
+    --features fc7 --head "$work/head.safetensors" --out "$work/model-fc7.safetensors"
+# 5. Detect on the test split (conv maps reused from the cache) and 6. score
+#    each model (VOC07 AP per class and mAP).
+for kind in pool5 fc7; do
+    $spp detect --data "$data" --split "$test" --cache "$work/feats" \
+        --model "$work/model-$kind.safetensors" --out "$work/dets-$kind.json"
+    $spp eval "$work/dets-$kind.json" --data "$data" --split "$test" --out "$work/metrics-$kind.json"
+done
+# 7. Annotated test images from the pool5 model (detections scoring >= 0).
+$spp draw "$work/dets-pool5.json" --out "$work/drawn" --conf 0
 
-python3 - "$work/metrics.json" <<'PY'
+python3 - "$work" <<'PY'
 import json, sys
-print(f"mAP {json.load(open(sys.argv[1]))['mAP']:.4f} ({sys.argv[1]})")
+from pathlib import Path
+work = Path(sys.argv[1])
+maps = {kind: json.loads((work / f"metrics-{kind}.json").read_text())["mAP"] for kind in ("pool5", "fc7")}
+print(f"mAP pool5+bbox {maps['pool5']:.4f}, ftfc7+bbox {maps['fc7']:.4f} (VOC07, {work})")
 PY

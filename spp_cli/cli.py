@@ -280,11 +280,11 @@ def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="Detector (.safetensors from spp train-svm). Default: the shipped detector.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="Reuse conv maps (and proposals) of images already in this feature cache (an R-CNN model reuses the proposals only).")
 @click.option("--props", type=click.Path(dir_okay=False, path_type=Path), help="props.json from spp propose (default: computed here).")
-@click.option("--conf", type=float, default=None, help="Keep detections scoring at least X (SVM score; default 0, or the model's -1.5 with --data so that spp eval sees the whole ranking).")
+@click.option("--conf", type=float, default=None, help="Keep detections scoring at least X (an SVM margin; default: the model's display threshold, -0.3, or its -1.5 with --data so that spp eval sees the whole ranking).")
 @click.option("--nms", type=click.FloatRange(0, 1), default=0.3, show_default=True, help="Per-class NMS IoU.")
 @click.option("--max-det", type=click.IntRange(min=1), default=100, show_default=True, help="Detections per image.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write detections JSON here (and COCO results beside it as *.coco.json).")
-@click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path), help="Write annotated images here (detections scoring >= max(conf, 0)).")
+@click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path), help="Write annotated images here (detections scoring >= --conf, or the display threshold).")
 @click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Refine boxes with the model's regressors (if it has them).")
 @gpu_option
 def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, bbox_reg, gpu) -> None:

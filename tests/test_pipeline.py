@@ -196,7 +196,7 @@ def test_model_file_is_safetensors_with_json_metadata(pipeline):
     assert meta["features"]["weights_sha256"] == settings.weights_sha256 and meta["features"]["dtype"] == "fp16"
     assert meta["levels"] == list(DEFAULT_LEVELS)
     assert meta["feature_scale"] == pytest.approx(20 / meta["training"]["mean_feature_norm"])
-    assert meta["detect"] == {"score_threshold": -1.5, "nms_iou": 0.3, "max_detections": 100, "bbox_regression": True}
+    assert meta["detect"] == {"score_threshold": -1.5, "nms_iou": 0.3, "max_detections": 100, "bbox_regression": True, "display_threshold": -0.3}
     assert meta["training"]["images"] == 4 and meta["training"]["cache"] == str(pipeline.cache)
     detector = Detector.load(pipeline.model)
     assert detector.features == settings and detector.classes == ["blue", "red"]

@@ -43,7 +43,10 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     if conf is None:
         # With ground truth the run is usually for `spp eval`, which needs the
         # whole ranking; for plain images show confident detections only.
-        conf = detector.detect.score_threshold if data else 0.0
+        conf = detector.detect.score_threshold if data else detector.detect.display_threshold
+        shown = detector.detect.display_threshold
+    else:
+        shown = conf
     config = DetectConfig(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg)
     rcnn = detector.mode == "rcnn"
     cache = None
@@ -159,8 +162,8 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
         atomic_write_json(out, detections_document(detector.classes, results))
         atomic_write_json(coco_results_path(out), coco_results(results))
     if save_dir is not None:
-        _save_drawings(results, save_dir, max(conf, 0.0), bad)
-    _summary(results, detector.classes, out, save_dir, conf)
+        _save_drawings(results, save_dir, shown, bad)
+    _summary(results, detector.classes, out, save_dir, shown)
     n = max(len(results), 1)
     per_stage = ", ".join(f"{1000 * timings[s] / n:.1f}ms {s}" for s in STAGES)
     if rcnn:
@@ -211,11 +214,11 @@ def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: l
         atomic_write_bytes(target, encode(drawn, target.suffix))
 
 
-def _summary(results: list[dict], classes: list[str], out: Path | None, save_dir: Path | None, conf: float) -> None:
+def _summary(results: list[dict], classes: list[str], out: Path | None, save_dir: Path | None, shown: float) -> None:
     counts: dict[str, int] = {}
     for r in results:
         for d in r["detections"]:
-            if d["score"] >= max(conf, 0.0):
+            if d["score"] >= shown:
                 counts[d["class"]] = counts.get(d["class"], 0) + 1
     found = ", ".join(f"{v} {k}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "nothing"
     where = []
@@ -225,7 +228,7 @@ def _summary(results: list[dict], classes: list[str], out: Path | None, save_dir
         where.append(f"{out} (+ {coco_results_path(out).name})")
     if save_dir is not None:
         where.append(f"annotated images in {save_dir}")
-    ui.console.print(f"{len(results)} image(s): {found} at score >= {max(conf, 0.0):g}" + (f"; wrote {', '.join(where)}" if where else ""), markup=False)
+    ui.console.print(f"{len(results)} image(s): {found} at score >= {shown:g}" + (f"; wrote {', '.join(where)}" if where else ""), markup=False)
 
 
 
