@@ -1,0 +1,114 @@
+"""The shipped detector and the README's main job: offline, on every example image.
+
+The main-job command runs in a fresh interpreter whose sockets refuse to
+connect (a ``sitecustomize`` on PYTHONPATH), with HF_HUB_OFFLINE=1 and no
+proxies: anything that tried to download would fail the run and leave a mark.
+"""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import REPO
+from spp_cli.boxes import iou
+from spp_cli.cli import cli
+
+# Hand-drawn boxes of the objects in examples/ (xyxy, original pixels): the
+# whole visible animal, as the raccoon dataset's annotators boxed them.
+EXAMPLE_OBJECTS = {
+    "raccoon.jpg": [("raccoon", [0, 0, 945, 665])],
+}
+
+BLOCK_SOCKETS = '''
+import os, socket
+
+def _refuse(*args, **kwargs):
+    with open(os.environ["SPP_TEST_NETWORK_MARK"], "a") as mark:
+        mark.write(f"connect {args[1:]!r}\\n")
+    raise OSError("network access is blocked in this test")
+
+socket.socket.connect = _refuse
+socket.socket.connect_ex = _refuse
+socket.create_connection = _refuse
+'''
+
+
+def main_job_command() -> str:
+    text = (REPO / "README.md").read_text()
+    match = re.search(r"^## Run\n+```bash\n(.+?)\n```", text, re.M | re.S)
+    assert match, "README has no bash block under '## Run'"
+    return match.group(1).strip()
+
+
+def test_examples_have_licences_and_objects():
+    images = sorted(p.name for p in (REPO / "examples").glob("*.jpg"))
+    assert images == sorted(EXAMPLE_OBJECTS)
+    licences = (REPO / "examples" / "LICENSES.md").read_text()
+    for name in images:
+        assert f"`{name}`" in licences
+
+
+def test_main_job_offline_finds_the_object_in_every_example(tmp_path):
+    command = main_job_command()
+    assert command.startswith("spp detect examples/"), command
+    args = shlex.split(command)
+    # Every example image, not only the one the README names.
+    inputs = [a for a in args[2:] if a.startswith("examples/")]
+    assert inputs, command
+    rest = [a for a in args[2:] if not a.startswith("examples/")]
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(BLOCK_SOCKETS)
+    mark = tmp_path / "network.log"
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.update(PYTHONPATH=str(site), HF_HUB_OFFLINE="1", SPP_TEST_NETWORK_MARK=str(mark))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "examples").symlink_to(REPO / "examples")
+    examples = [f"examples/{name}" for name in sorted(EXAMPLE_OBJECTS)]
+    cmd = [sys.executable, "-c", "from spp_cli.cli import main; main()", "detect", *examples, *rest]
+    result = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert not mark.exists(), mark.read_text()
+
+    out = Path(rest[rest.index("--out") + 1])
+    save_dir = Path(rest[rest.index("--save-dir") + 1])
+    document = json.loads((work / out).read_text())
+    for image in document["images"]:
+        name = Path(image["path"]).name
+        assert (work / save_dir / name).is_file(), f"no annotated image for {name}"
+        for cls, box in EXAMPLE_OBJECTS[name]:
+            hits = [d for d in image["detections"] if d["class"] == cls and float(iou([d["box"]], [box])[0, 0]) >= 0.5]
+            assert hits, f"{name}: no {cls} at IoU >= 0.5 among {image['detections'][:5]}"
+
+
+def test_detect_without_model_uses_the_shipped_detector(tmp_path):
+    result = CliRunner().invoke(cli, ["detect", str(REPO / "examples" / "raccoon.jpg"), "--out", str(tmp_path / "d.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "d.json").read_text())["classes"] == ["raccoon"]
+
+
+def test_models_lists_the_shipped_detector():
+    result = CliRunner().invoke(cli, ["models"])
+    assert result.exit_code == 0, result.output
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(str(REPO / "weights" / "default.safetensors") + " (default): ")
+    assert "  classes: raccoon" in result.stderr.splitlines()
+
+
+def test_shipped_detector_is_small():
+    size = (REPO / "weights" / "default.safetensors").stat().st_size
+    assert size < 20e6, f"{size / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("name", ["default.safetensors", "README.md"])
+def test_package_installs_the_shipped_detector(name):
+    setup = (REPO / "setup.cfg").read_text()
+    assert f"weights/{name}" in setup.split("[options.data_files]")[1].split("[")[0]
