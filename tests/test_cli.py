@@ -146,3 +146,14 @@ def test_output_into_read_only_folder(tmp_path):
     write_image(tmp_path / "a.jpg")
     result = invoke("propose", tmp_path / "a.jpg", "--out", ro / "p.json")
     assert result.exit_code == 1 and "is not writable" in result.stderr
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    from spp_cli.fileio import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "out.bin", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644
