@@ -245,3 +245,22 @@ def test_damaged_head_file(tmp_path):
     assert result.exit_code == 1
     assert result.stderr.startswith(f"Error: {path}: not a readable spp head (")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["finetune", "train-svm"])
+def test_split_needs_data(synthetic_cache, tmp_path, command):
+    result = CliRunner().invoke(cli, [command, "--cache", str(synthetic_cache.root), "--out", str(tmp_path / "x.safetensors"), "--split", "train"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: --split needs --data SPEC (the dataset the split belongs to)"
+
+
+def test_split_of_images_not_in_the_cache(synthetic_cache, tmp_path):
+    from conftest import voc_xml, write_image
+
+    data = tmp_path / "other"
+    write_image(data / "images" / "elsewhere.jpg")
+    (data / "annotations").mkdir()
+    (data / "annotations" / "elsewhere.xml").write_text(voc_xml("elsewhere.jpg", 64, 48, [("ring", 2, 2, 30, 30)]))
+    result = CliRunner().invoke(cli, ["finetune", "--cache", str(synthetic_cache.root), "--out", str(tmp_path / "h.safetensors"), "--data", str(data)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {synthetic_cache.root}: none of the 1 images of {data} is in the cache"
