@@ -112,3 +112,19 @@ def test_shipped_detector_is_small():
 def test_package_installs_the_shipped_detector(name):
     setup = (REPO / "setup.cfg").read_text()
     assert f"weights/{name}" in setup.split("[options.data_files]")[1].split("[")[0]
+
+
+def test_installed_package_carries_the_shipped_detector():
+    import importlib.metadata
+
+    # The installed distribution's record (the checkout's own egg-info can
+    # shadow it on sys.path, so look at every distribution of the name).
+    records = [
+        json.loads(d.read_text("direct_url.json") or "{}")
+        for d in importlib.metadata.distributions()
+        if (d.metadata["Name"] or "").replace("_", "-").lower() == "spp-cli"
+    ]
+    if any(r.get("dir_info", {}).get("editable") for r in records):
+        pytest.skip("an editable install reads weights/ from the checkout")
+    installed = Path(sys.prefix) / "share" / "spp" / "weights" / "default.safetensors"
+    assert installed.read_bytes() == (REPO / "weights" / "default.safetensors").read_bytes()
