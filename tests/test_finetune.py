@@ -264,3 +264,14 @@ def test_split_of_images_not_in_the_cache(synthetic_cache, tmp_path):
     result = CliRunner().invoke(cli, ["finetune", "--cache", str(synthetic_cache.root), "--out", str(tmp_path / "h.safetensors"), "--data", str(data)])
     assert result.exit_code == 1
     assert result.stderr.strip() == f"Error: {synthetic_cache.root}: none of the 1 images of {data} is in the cache"
+
+
+def test_cli_refuses_a_foreign_checkpoint_before_reading_the_cache(synthetic_cache, tmp_path, monkeypatch):
+    out = tmp_path / "head.safetensors"
+    _tuner(synthetic_cache, epochs=1).run(checkpoint_path(out))  # another run's settings
+    monkeypatch.setattr(Finetuner, "prepare", lambda *a, **k: pytest.fail("read the cache before checking the checkpoint"))
+    result = CliRunner().invoke(cli, ["finetune", "--cache", str(synthetic_cache.root), "--out", str(out), "--epochs", "2"])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"Error: {checkpoint_path(out)}: checkpoint of a run with other data or settings; delete it to start over, or use the same settings"
+    )

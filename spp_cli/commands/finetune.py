@@ -14,7 +14,7 @@ from spp_cli.fileio import check_writable
 
 def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, epochs: int, lr: float, batch: int,
                  fg_fraction: float, hidden: int, flip: bool, seed: int, gpu: bool) -> int:
-    from spp_cli.finetune import Finetuner, FinetuneConfig, checkpoint_path
+    from spp_cli.finetune import Finetuner, FinetuneConfig, check_checkpoint, checkpoint_path
     from spp_cli.train import split_keys, training_set
 
     check_writable(out)
@@ -28,6 +28,8 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
     config = FinetuneConfig(epochs=epochs, lr=lr, batch=batch, fg_fraction=fg_fraction, hidden=hidden, flip=flip, seed=seed)
     tuner = Finetuner(cache, data.keys, data.classes, config, device=device)
     checkpoint = checkpoint_path(out)
+    if checkpoint.is_file():
+        check_checkpoint(checkpoint, tuner.identity())  # before reading the whole cache
     ui.console.print(
         f"Fine-tuning fc6/fc7 ({hidden} wide) on {len(tuner.train_keys)} cached image(s) "
         f"(+{len(tuner.val_keys)} held out), {len(data.classes)} class(es), on {device}",
