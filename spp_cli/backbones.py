@@ -497,6 +497,37 @@ def weights_digest(spec: BackboneSpec, weights: str | Path | None) -> str:
     return file_sha256(spec.default_weights_path())
 
 
+def extractor_for(settings, source: str, device: str = "cpu", remedy: str = "") -> FeatureExtractor:
+    """The backbone that computed the features of ``settings`` (a cache's or a
+    model's :class:`~spp_cli.cache.CacheSettings`), rebuilt to run again.
+
+    Only this installation's default weights (or the tests' random weights)
+    can be rebuilt: caches and models record a digest of their weights, not
+    the file.
+
+    Raises:
+        ModelError: other weights or another input normalisation; the message
+            names ``source`` (the cache folder or model file) and ends with ``remedy``.
+    """
+    spec = get_spec(settings.backbone)
+    tail = f"; {remedy}" if remedy else ""
+    if settings.preprocess and settings.preprocess != spec.preprocess:
+        raise ModelError(
+            f"{source}: features were computed with {settings.backbone} input {settings.preprocess}, this spp computes "
+            f"{spec.preprocess}{tail}"
+        )
+    if settings.weights_sha256 == "random:0":
+        weights = RANDOM_WEIGHTS
+    elif weights_digest(spec, None) == settings.weights_sha256:
+        weights = None
+    else:
+        raise ModelError(
+            f"{source}: features were computed with {settings.backbone} weights {settings.weights_sha256[:12]}, not this "
+            f"installation's default weights{tail}"
+        )
+    return FeatureExtractor(spec, weights, device)
+
+
 def select_device(gpu: bool) -> str:
     """``cuda`` when ``--gpu`` and CUDA works, ``cpu`` without ``--gpu``; else a clear error."""
     if not gpu:

@@ -22,7 +22,7 @@ from torchvision import ops
 from spp_cli import backbones
 from spp_cli.backbones import FeatureExtractor
 from spp_cli.cache import DTYPES, CacheEntry, CacheSettings, image_key
-from spp_cli.errors import CacheError, ModelError
+from spp_cli.errors import CacheError
 from spp_cli.images import load_image
 from spp_cli.spp import DEFAULT_LEVELS
 
@@ -102,31 +102,10 @@ def rcnn_features(
 
 
 def extractor_for(settings: CacheSettings, source: str, device: str = "cpu") -> FeatureExtractor:
-    """The backbone that computed ``settings``' features, rebuilt to warp windows through.
-
-    Only this installation's default weights (or the tests' random weights)
-    can be rebuilt: a cache records a digest of its weights, not the file.
-
-    Raises:
-        ModelError: other weights or another input normalisation; the message
-            names ``source`` (the cache folder or model file).
-    """
-    spec = backbones.get_spec(settings.backbone)
-    if settings.preprocess and settings.preprocess != spec.preprocess:
-        raise ModelError(
-            f"{source}: features were computed with {settings.backbone} input {settings.preprocess}, this spp computes "
-            f"{spec.preprocess}; R-CNN mode runs the network itself and cannot reproduce them"
-        )
-    if settings.weights_sha256 == "random:0":
-        weights = backbones.RANDOM_WEIGHTS
-    elif backbones.weights_digest(spec, None) == settings.weights_sha256:
-        weights = None
-    else:
-        raise ModelError(
-            f"{source}: features were computed with {settings.backbone} weights {settings.weights_sha256[:12]}, not this "
-            "installation's default weights; R-CNN mode runs the network itself and can only use the default weights"
-        )
-    return FeatureExtractor(spec, weights, device)
+    """:func:`spp_cli.backbones.extractor_for`, with R-CNN's remedy in its errors."""
+    return backbones.extractor_for(
+        settings, source, device, "R-CNN mode runs the network itself and can only reproduce the default weights and input"
+    )
 
 
 class RCNNFeaturizer:

@@ -122,7 +122,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                     dets = detector.detect_features(features, torch.as_tensor(boxes, dtype=torch.float32), width, height, config, stage_times)
                 elif entry is None:
                     if extractor is None:
-                        extractor = backbones.FeatureExtractor(backbones.get_spec(settings.backbone), _weights_for(settings), device)
+                        extractor = backbones.extractor_for(settings, str(model_path), device, "use --cache with features from the model's settings")
                     maps, factors, seconds = feature_pyramid(
                         extractor, image, settings.scales, settings.max_side,
                         warn=lambda m: ui.console.print(f"warning: {m}", markup=False), name=str(source.path),
@@ -174,24 +174,6 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     ui.console.print(f"Speed: {per_stage} per image ({where})", markup=False)
     ui.print_bad(bad)
     return 1 if bad else 0
-
-
-def _weights_for(settings) -> str | None:
-    """The weights a model's features were computed with: the default file, if its digest matches."""
-    spec = backbones.get_spec(settings.backbone)
-    if settings.preprocess and settings.preprocess != spec.preprocess:
-        raise ModelError(
-            f"the model was trained on {settings.backbone} features computed with input {settings.preprocess}; "
-            f"this spp computes {spec.preprocess}; use --cache with features from the model's settings"
-        )
-    if settings.weights_sha256 == "random:0":
-        return backbones.RANDOM_WEIGHTS
-    if backbones.weights_digest(spec, None) != settings.weights_sha256:
-        raise ModelError(
-            f"the model was trained on {settings.backbone} weights {settings.weights_sha256[:12]}, "
-            "which are not this installation's default weights; use --cache with features from those weights"
-        )
-    return None
 
 
 def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: list) -> None:
