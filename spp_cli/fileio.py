@@ -41,6 +41,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def read_safetensors(path: str | Path, what: str, error: type[SPPError] = SPPError, tensors: bool = True, remedy: str = ""):
+    """The JSON metadata under ``"spp"`` (``None`` when absent) and the tensors of a
+    safetensors file (``{}`` with ``tensors=False``: the header only).
+
+    Raises:
+        error: ``"{path}: not a readable {what} (reason)"``, for anything the
+            file format or the JSON rejects.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get("spp")
+            loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (safe_open is not a dict)
+        meta = json.loads(text) if text is not None else None
+    except Exception as exc:  # safetensors and json raise several types for damaged files
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise error(f"{path}: not a readable {what} ({reason})" + (f"; {remedy}" if remedy else "")) from None
+    return meta, loaded
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

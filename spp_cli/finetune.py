@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from spp_cli import boxes as box_ops
 from spp_cli.cache import CacheEntry, FeatureCache
 from spp_cli.errors import DatasetError, ModelError
-from spp_cli.fileio import atomic_write_bytes
+from spp_cli.fileio import atomic_write_bytes, read_safetensors
 from spp_cli.head import BACKGROUND, FCHead, Head
 from spp_cli.spp import DEFAULT_LEVELS, output_dim, pool_windows
 
@@ -357,24 +357,14 @@ def write_checkpoint(path: Path, identity: str, state: _State, network: FCHead, 
     atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}))
 
 
-def _checkpoint_metadata(path: Path) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {})["spp"])
-    except Exception as exc:  # safetensors raises several types for damaged files
-        raise ModelError(f"{path}: damaged checkpoint ({str(exc).strip()[:120] or type(exc).__name__}); delete it to start over") from None
-
-
 def check_checkpoint(path: Path, identity: str) -> None:
     """Refuse, before any work, a checkpoint that another run wrote (header only).
 
     Raises:
         ModelError: unreadable, not a checkpoint, or of other data or settings.
     """
-    meta = _checkpoint_metadata(path)
-    if meta.get("format") != CHECKPOINT_FORMAT:
+    meta, _ = read_safetensors(path, "fine-tuning checkpoint", ModelError, tensors=False, remedy="delete it to start over")
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not a fine-tuning checkpoint; delete it or choose another --out")
     if meta.get("identity") != identity:
         raise ModelError(f"{path}: checkpoint of a run with other data or settings; delete it to start over, or use the same settings")
@@ -386,12 +376,8 @@ def read_checkpoint(path: Path, identity: str, network: FCHead, optimizer: torch
     Raises:
         ModelError: unreadable, or written by a run with other data or settings.
     """
-    from safetensors import safe_open
-
     check_checkpoint(path, identity)
-    meta = _checkpoint_metadata(path)
-    with safe_open(str(path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    meta, tensors = read_safetensors(path, "fine-tuning checkpoint", ModelError, remedy="delete it to start over")
     network.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
     slots: dict[int, dict] = {}

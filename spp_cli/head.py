@@ -29,7 +29,7 @@ from torch import nn
 
 from spp_cli.cache import CacheSettings, tensor_digest
 from spp_cli.errors import ModelError
-from spp_cli.fileio import atomic_write_bytes
+from spp_cli.fileio import atomic_write_bytes, read_safetensors
 
 HEAD_FORMAT = "spp-head"
 HEAD_VERSION = 1
@@ -158,19 +158,10 @@ class Head:
         Raises:
             ModelError: missing, unreadable, damaged, or not a head; names the file.
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: head file not found")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                text = (f.metadata() or {}).get("spp")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
-            meta = json.loads(text) if text is not None else {}
-        except Exception as exc:  # safetensors raises several types for non-safetensors files
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{path}: not a readable spp head ({reason})") from None
+        meta, tensors = read_safetensors(path, "spp head", ModelError)
         if not isinstance(meta, dict) or meta.get("format") != HEAD_FORMAT:
             raise ModelError(f"{path}: not a fine-tuned head (heads come from `spp finetune`)")
         if meta.get("version") != HEAD_VERSION:

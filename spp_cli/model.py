@@ -25,7 +25,7 @@ from spp_cli.bbox_reg import BoxRegressors, decode
 from spp_cli.cache import CacheSettings, tensor_digest
 from spp_cli.config import DetectConfig
 from spp_cli.errors import ModelError
-from spp_cli.fileio import atomic_write_bytes
+from spp_cli.fileio import atomic_write_bytes, read_safetensors
 from spp_cli.head import Head
 from spp_cli.spp import Alignment, pool_windows
 from spp_cli.svm import LinearSVMs
@@ -137,20 +137,11 @@ class Detector:
             ModelError: missing, not a safetensors file, damaged, or another
                 format or version; the message names the file.
         """
-        from safetensors import safe_open
-
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: model file not found")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                text = (f.metadata() or {}).get("spp")
-                meta = json.loads(text) if text is not None else {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:
-            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"{path}: not a readable spp model ({reason})") from None
-        if text is None:
+        meta, tensors = read_safetensors(path, "spp model", ModelError)
+        if meta is None:
             raise ModelError(f"{path}: not an spp detector (a safetensors file without spp metadata; models come from `spp train-svm`)")
         if not isinstance(meta, dict):
             meta = {}
