@@ -23,7 +23,7 @@ from spp_cli.head import Head
 from spp_cli.model import Detector
 from spp_cli.spp import DEFAULT_LEVELS, output_dim
 from spp_cli.svm import HardNegativeMiner, LinearSVMs, negative_candidates
-from spp_cli.windows import SPPFeaturizer, mean_feature_norm
+from spp_cli.windows import SPPFeaturizer, mean_feature_norms
 
 Progress = Callable[[str, int, int], None]
 
@@ -134,12 +134,11 @@ def train_detector(
     # 1. Feature scales: mean L2 norm of a sample of windows -> 20, for the
     #    classifier's input and (when it differs) for box regression's pool5.
     sample = sorted(rng.choice(len(data.keys), min(svm_config.norm_images, len(data.keys)), replace=False))
-    pool5_norm = mean_feature_norm((cache.read(data.keys[i]) for i in sample), featurizer.features, svm_config.norm_boxes, svm_config.seed)
-    norm = pool5_norm
-    if head is not None:
-        norm = mean_feature_norm(
-            (cache.read(data.keys[i]) for i in sample), lambda e, b: head.fc7(featurizer.features(e, b)), svm_config.norm_boxes, svm_config.seed
-        )
+    pool5_norm, fc7_norm = mean_feature_norms(
+        (cache.read(data.keys[i]) for i in sample), featurizer.features, svm_config.norm_boxes, svm_config.seed,
+        derive=head.fc7 if head is not None else None,
+    )
+    norm = fc7_norm if head is not None else pool5_norm
     scale = svm_config.target_norm / max(norm, 1e-12)
     pool5_scale = svm_config.target_norm / max(pool5_norm, 1e-12)
     log(f"feature scale: mean L2 norm {norm:.2f} -> {svm_config.target_norm:g} (x{scale:.4f})")

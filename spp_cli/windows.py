@@ -70,16 +70,21 @@ class SPPFeaturizer:
         return distinct_windows(entry, boxes, self.align)
 
 
-def mean_feature_norm(entries, featurize, boxes_per_image: int, seed: int) -> float:
-    """Mean L2 norm of pool5 features over a sample of windows (R-CNN: 200 images x 200 boxes)."""
+def mean_feature_norms(entries, featurize, boxes_per_image: int, seed: int, derive=None) -> tuple[float, float | None]:
+    """Mean L2 norms over a sample of windows (R-CNN: 200 images x 200 boxes) of ``featurize``'s features and, if
+    ``derive`` is given, of ``derive(features)`` (fc7 of pool5), in one pass over the entries."""
     rng = np.random.default_rng(seed)
-    norms = []
+    norms, derived = [], []
     for entry in entries:
         boxes = entry.proposals
         if len(boxes) > boxes_per_image:
             boxes = boxes[rng.choice(len(boxes), boxes_per_image, replace=False)]
         if len(boxes):
-            norms.append(featurize(entry, boxes).norm(dim=1))
-    if not norms:
-        return 1.0
-    return float(torch.cat(norms).mean())
+            features = featurize(entry, boxes)
+            norms.append(features.norm(dim=1))
+            if derive is not None:
+                derived.append(derive(features).norm(dim=1))
+    mean = float(torch.cat(norms).mean()) if norms else 1.0
+    if derive is None:
+        return mean, None
+    return mean, float(torch.cat(derived).mean()) if derived else 1.0
