@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from spp_cli.backbones import DEFAULT_BACKBONE
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "data"
 SCALES = {"1scale": "688", "5scale": "480,576,688,864,1200"}
@@ -72,7 +74,7 @@ def test_instances(spec: str, split: str) -> dict[str, int]:
     return counts
 
 
-def run_dataset(name: str, scales: list[str], work: Path, figures: dict) -> None:
+def run_dataset(name: str, scales: list[str], work: Path, figures: dict, backbone: str) -> None:
     spec, train, test = DATASETS[name]
     root = work / name
     root.mkdir(parents=True, exist_ok=True)
@@ -82,7 +84,7 @@ def run_dataset(name: str, scales: list[str], work: Path, figures: dict) -> None
         print(f"{name}: proposals {seconds:.0f} s", flush=True)
     for scale_name in scales:
         cache = root / f"cache-{scale_name}"
-        seconds = spp("cache", "--data", spec, "--props", props, "--cache", cache, "--scales", SCALES[scale_name])
+        seconds = spp("cache", "--data", spec, "--props", props, "--cache", cache, "--scales", SCALES[scale_name], "--backbone", backbone)
         print(f"{name} {scale_name}: cache {seconds:.0f} s", flush=True)
         pool5 = root / f"pool5-{scale_name}.safetensors"
         head = root / f"head-{scale_name}.safetensors"
@@ -111,12 +113,13 @@ def main() -> None:
     parser.add_argument("--datasets", default="raccoon,coco128")
     parser.add_argument("--scales", default="1,5", help="1, 5 or 1,5")
     parser.add_argument("--work", type=Path, default=Path("/tmp/spp-accuracy"))
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="registry name (spp cache --backbone)")
     args = parser.parse_args()
     scales = [f"{s}scale" for s in args.scales.split(",")]
     figures: dict = {}
     datasets = args.datasets.split(",")
     for name in datasets:
-        run_dataset(name, scales, args.work, figures)
+        run_dataset(name, scales, args.work, figures, args.backbone)
     per_class = figures.pop("_per_class")
 
     print()

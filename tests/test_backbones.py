@@ -23,7 +23,8 @@ def test_declared_alignment_matches_layers_and_gradients(name):
     assert analytic_alignment(net) == (spec.stride, spec.offset)
     # Empirically: the input region that influences one central cell is
     # centred on i * stride + offset.
-    side = 480 if name == "efficientnet_lite0" else 288  # receptive field 339 px vs <= 196 px
+    # Receptive fields: Lite0 blocks.6 851 px, blocks.4 339 px, the others <= 196 px.
+    side = {"efficientnet_lite0": 1024, "efficientnet_lite0_b4": 480}.get(name, 288)
     x = torch.randn(1, 3, side, side, requires_grad=True)
     fmap = net(x)
     assert fmap.shape[1] == spec.channels
@@ -35,7 +36,7 @@ def test_declared_alignment_matches_layers_and_gradients(name):
 
 
 def test_unknown_backbone_lists_valid_names():
-    with pytest.raises(ModelError, match=r"^unknown backbone 'resnet' \(valid: efficientnet_lite0, alexnet, vgg16, zf5\)$"):
+    with pytest.raises(ModelError, match=r"^unknown backbone 'resnet' \(valid: efficientnet_lite0, efficientnet_lite0_b4, alexnet, vgg16, zf5\)$"):
         get_spec("resnet")
 
 
@@ -107,12 +108,12 @@ def test_efficientnet_lite0_checkpoint_loads_strictly_and_classifies():
     model = spec.load_full(state).eval()  # load_state_dict(strict=True) inside
     assert _classify(model, REPO / "tests" / "data" / "chelsea.jpg") in range(281, 286)  # domestic cat classes
     assert _classify(model, REPO / "tests" / "data" / "coffee.jpg") in (967, 968)  # espresso, cup
-    # The extractor computes the full model's blocks[:5] output (BN folded).
+    # The extractor computes the full model's blocks[:7] output (BN folded).
     extractor = FeatureExtractor(spec)
     pixels = torch.randint(0, 256, (1, 64, 80, 3), dtype=torch.uint8)
     with torch.no_grad():
         x = model.bn1(model.conv_stem(extractor.normalise(pixels).contiguous()))
-        expected = model.blocks[:5](x)
+        expected = model.blocks[:7](x)
     torch.testing.assert_close(extractor.forward(pixels), expected, rtol=1e-3, atol=1e-3)
 
 
@@ -120,7 +121,7 @@ def test_image_pyramid_shapes_and_factors():
     extractor = FeatureExtractor(get_spec("efficientnet_lite0"), weights=RANDOM_WEIGHTS)
     image = np.zeros((300, 400, 3), np.uint8)
     maps, factors, seconds = extractor.image_pyramid(image, [150, 300])
-    assert [tuple(m.shape) for m in maps] == [(112, 10, 13), (112, 19, 25)]
+    assert [tuple(m.shape) for m in maps] == [(320, 5, 7), (320, 10, 13)]
     assert factors == [0.5, 1.0] and len(seconds) == 2
 
 
@@ -139,3 +140,18 @@ def test_folded_batch_norms_give_the_same_features():
         folded = fold_batch_norms(trunk)
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
         torch.testing.assert_close(folded(x), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_features_of_another_cut_of_the_same_backbone_are_refused():
+    """Models and caches name their backbone; if that name's layer changes
+    between versions, rebuilding it must not feed maps of another width."""
+    from spp_cli.backbones import extractor_for
+    from spp_cli.cache import CacheSettings
+
+    old = CacheSettings("efficientnet_lite0", "random:0", "blocks.4", 16, 0.5, 112, (688,), 2000, "fp16", get_spec("efficientnet_lite0").preprocess)
+    with pytest.raises(ModelError) as error:
+        extractor_for(old, "model.safetensors", remedy="retrain the model")
+    assert str(error.value) == (
+        "model.safetensors: features were computed with efficientnet_lite0 blocks.4 (112 channels, stride 16), "
+        "this spp's efficientnet_lite0 is blocks.6 (320 channels, stride 32); retrain the model"
+    )

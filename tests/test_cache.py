@@ -55,7 +55,7 @@ def test_entries_hold_maps_proposals_and_ground_truth(small_set, tmp_path):
     entries = {e.image_id: e for e in cache.entries()}
     a = entries["a"]
     assert (a.width, a.height) == (64, 48) and a.classes == ["cat", "dog"]
-    assert a.maps[0].dtype == torch.float16 and a.maps[0].shape == (112, 6, 8)  # 96x128 input / 16
+    assert a.maps[0].dtype == torch.float16 and a.maps[0].shape == (320, 3, 4)  # 96x128 input / 32
     np.testing.assert_allclose(a.gt_boxes, [[10, 10, 30, 30], [0, 0, 64, 48]])
     assert a.gt_difficult.tolist() == [False, True]
     doc = json.loads(props.read_text())
@@ -144,7 +144,7 @@ def test_unknown_backbone(small_set, tmp_path):
     data, props = small_set
     result = invoke("cache", "--data", data, "--props", props, "--cache", tmp_path / "f", "--backbone", "resnet50")
     assert result.exit_code == 1
-    assert result.stderr.strip() == "Error: unknown backbone 'resnet50' (valid: efficientnet_lite0, alexnet, vgg16, zf5)"
+    assert result.stderr.strip() == "Error: unknown backbone 'resnet50' (valid: efficientnet_lite0, efficientnet_lite0_b4, alexnet, vgg16, zf5)"
 
 
 def test_gpu_without_cuda(small_set, tmp_path, monkeypatch):

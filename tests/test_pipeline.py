@@ -28,6 +28,9 @@ from spp_cli.model import Detector
 from spp_cli.spp import DEFAULT_LEVELS
 
 SCALE = "96"
+# The shallow cut: a 6 x 8 map of the 120 x 160 toy images, and colour still
+# separates the classes there (the default blocks.6 map would be 3 x 4).
+BACKBONE = "efficientnet_lite0_b4"
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
 TRAIN, TEST = ["s00", "s01", "s02", "s03"], ["s04", "s05"]
 
@@ -87,7 +90,7 @@ def pipeline(tmp_path_factory):
     result = invoke("propose", "--data", data, "--out", props, "--workers", "1")
     assert result.exit_code == 0, result.output
     cache = root / "feats"
-    result = invoke("cache", "--data", data, "--split", "train", "--props", props, "--cache", cache, "--scales", SCALE)
+    result = invoke("cache", "--data", data, "--split", "train", "--props", props, "--cache", cache, "--scales", SCALE, "--backbone", BACKBONE)
     assert result.exit_code == 0, result.output
     model = root / "model.safetensors"
     before = backbones.FORWARD_CALLS
@@ -192,7 +195,7 @@ def test_model_file_is_safetensors_with_json_metadata(pipeline):
     assert shapes == {"svm_weight": (2, dim), "svm_bias": (2,), "bbox_weight": (2, dim, 4), "bbox_bias": (2, 4)}
     assert meta["format"] == "spp-detector" and meta["version"] == 1
     assert meta["classes"] == ["blue", "red"]
-    assert meta["features"]["backbone"] == "efficientnet_lite0" and meta["features"]["scales"] == [96]
+    assert meta["features"]["backbone"] == BACKBONE and meta["features"]["scales"] == [96]
     assert meta["features"]["weights_sha256"] == settings.weights_sha256 and meta["features"]["dtype"] == "fp16"
     assert meta["levels"] == list(DEFAULT_LEVELS)
     assert meta["feature_scale"] == pytest.approx(20 / meta["training"]["mean_feature_norm"])
@@ -261,7 +264,7 @@ def test_cache_of_another_backbone_is_refused(pipeline, plain_zf5_cache, tmp_pat
         f"Error: {plain_zf5_cache}: features were computed with {zf5}, but the model needs {model}; "
         "use a cache built with the model's settings"
     )
-    assert "backbone zf5 (" in message and "weights random:0" in message and "backbone efficientnet_lite0 (" in message
+    assert "backbone zf5 (" in message and "weights random:0" in message and f"backbone {BACKBONE} (" in message
     assert not (tmp_path / "d.json").exists()
 
 

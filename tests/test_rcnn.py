@@ -68,10 +68,10 @@ def test_featurizer_rows_are_rcnn_features_computed_once_per_image(extractor, tm
     image = load_image(image_path)
     other = np.array([[5, 5, 25, 40]], np.float32)
     expected = rcnn_features(extractor, image, np.concatenate([entry.gt_boxes, entry.proposals, other]))
-    assert expected.shape == (6, 112 * 50)
+    assert expected.shape == (6, 320 * 50)
     # Rows are stored at the cache's precision (fp16), as SPP features are.
     expected = expected.half().float()
-    assert first.dtype == torch.float32 and first.shape == (2, 112 * 50)
+    assert first.dtype == torch.float32 and first.shape == (2, 320 * 50)
     torch.testing.assert_close(first, expected[[3, 1]], rtol=2e-3, atol=1e-3)
     torch.testing.assert_close(gt, expected[:1], rtol=2e-3, atol=1e-3)
     torch.testing.assert_close(every, expected[1:5], rtol=2e-3, atol=1e-3)
