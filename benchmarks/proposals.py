@@ -64,22 +64,24 @@ def main() -> None:
             ProposalParams(strategy="opencv-fast", max_side=500),
             ProposalParams(strategy="opencv-fast", max_side=0),
             ProposalParams(strategy="original-fast-opencv-rank", max_side=500),
+            ProposalParams(strategy="original-fast", max_side=500),
             ProposalParams(strategy="original-fast", max_side=400),
             ProposalParams(strategy="original-fast", max_side=640),
+            ProposalParams(strategy="original-fast-fine", max_side=640),
         ]
         grid = list(dict.fromkeys(grid))
 
     figures: dict[str, dict] = {}
     for name, dataset in datasets.items():
         print(f"\n{name}: {len(dataset)} images, {dataset.num_boxes} ground-truth boxes (iscrowd excluded)")
-        print(f"{'strategy':<16}{'max side':>9}{'top':>6}{'boxes/img':>11}{'R@0.5':>8}{'R@0.7':>8}{'MABO':>8}{'s/img':>8}")
+        print(f"{'strategy':<20}{'max side':>9}{'top':>6}{'boxes/img':>11}{'R@0.5':>8}{'R@0.7':>8}{'MABO':>8}{'s/img':>8}")
         for params in grid:
             row = evaluate(dataset, params, workers=2)
             if params == default:
                 figures[name] = row
             side = params.max_side or "full"
             print(
-                f"{params.strategy:<16}{side:>9}{params.top:>6}{row['boxes_per_image']:>11.0f}"
+                f"{params.strategy:<20}{side:>9}{params.top:>6}{row['boxes_per_image']:>11.0f}"
                 f"{row['recall50']:>8.3f}{row['recall70']:>8.3f}{row['mabo']:>8.3f}{row['s_per_image']:>8.2f}"
                 + ("  <- default" if params == default else ""),
                 flush=True,

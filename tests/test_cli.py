@@ -112,7 +112,7 @@ def test_existing_output_survives_a_failed_run(tmp_path):
         (["x.jpg", "--data", "d"], "Error: give image INPUTs or --data, not both"),
         (["--split", "test", "x.jpg"], "Error: --split needs --data"),
         (["x.jpg", "--report"], "Error: --report needs ground truth: use --data SPEC"),
-        (["x.jpg", "--strategy", "magic"], "Error: unknown proposal strategy 'magic' (valid: original-fast, original-fast-opencv-rank, opencv-fast, opencv-quality)"),
+        (["x.jpg", "--strategy", "magic"], "Error: unknown proposal strategy 'magic' (valid: original-fast-fine, original-fast, original-fast-opencv-rank, opencv-fast, opencv-quality)"),
     ],
 )
 def test_propose_usage_errors(tmp_path, args, message):

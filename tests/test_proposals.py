@@ -144,3 +144,63 @@ def test_stratified_ranking_interleaves_sizes_and_runs():
     ranked = _stratified([run_a, run_b])
     # position 0 of every (run, bin) list first: small of a, small of b, large of a; then position 1
     np.testing.assert_array_equal(ranked, [small[0], run_b[0], large[0], small[1], large[1]])
+
+
+def _slow_iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.65])
+def test_diverse_first_against_slow_reference(threshold):
+    from spp_cli.proposals import _diverse_first
+
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 60, (80, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(10, 40, (80, 2))], 1).astype(np.float32)
+    kept = []
+    for i, box in enumerate(boxes):  # greedy in rank order
+        if all(_slow_iou(box, boxes[j]) <= threshold for j in kept):
+            kept.append(i)
+    expected = kept + [i for i in range(len(boxes)) if i not in kept]
+    order = _diverse_first(boxes, threshold)
+    assert 0 < len(kept) < len(boxes)  # both groups present: the reordering is exercised
+    assert order.tolist() == expected
+
+
+def test_fine_runs_add_only_small_boxes(monkeypatch):
+    import dataclasses
+
+    import spp_cli.proposals as P
+
+    img, _ = _scene(640, 480)
+    # 10 px: this scene's fine run has boxes on both sides of it that the coarse runs lack
+    strategy = dataclasses.replace(P.STRATEGIES[P.DEFAULT_STRATEGY], fine_max_box=10.0)
+    monkeypatch.setitem(P.STRATEGIES, P.DEFAULT_STRATEGY, strategy)
+    calls = []
+    real = P._runs
+
+    def spy(image, name, max_side, fine=False):
+        runs = real(image, name, max_side, fine)
+        calls.append((max_side, fine, list(runs)))
+        return runs
+
+    monkeypatch.setattr(P, "_runs", spy)
+    boxes = propose(img, ProposalParams(max_side=320, top=100000))
+    assert [(c[0], c[1]) for c in calls] == [(320, False), (640, True)]
+
+    def as_set(b):
+        return {tuple(np.round(x, 1)) for x in b}
+
+    coarse = as_set(np.concatenate(calls[0][2]))
+    fine = np.concatenate(calls[1][2])
+    side = np.sqrt((fine[:, 2] - fine[:, 0]) * (fine[:, 3] - fine[:, 1]))
+    only_fine_small = as_set(fine[side < 10]) - coarse
+    only_fine_large = as_set(fine[side >= 10]) - coarse
+    out = as_set(boxes)
+    assert only_fine_small and only_fine_large
+    assert out & only_fine_small  # small fine boxes join the ranking
+    assert not out & only_fine_large  # larger ones do not
+    assert out <= coarse | only_fine_small
