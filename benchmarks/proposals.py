@@ -67,7 +67,7 @@ def main() -> None:
             ProposalParams(strategy="original-fast", max_side=500),
             ProposalParams(strategy="original-fast", max_side=400),
             ProposalParams(strategy="original-fast", max_side=640),
-            ProposalParams(strategy="original-fast-fine", max_side=640),
+            ProposalParams(strategy="original-fast-fine", max_side=500),
         ]
         grid = list(dict.fromkeys(grid))
 

@@ -17,16 +17,19 @@ original pixels < 16, 16-32, ..., >= 256 px) and takes them round-robin over
 all (run, size) lists, then drops near-duplicates (IoU > 0.8 with a
 better-ranked box).
 
-The default strategy (``original-fast-fine``) adds two things, both measured
+The ``original-fast-fine`` strategy adds two things, both measured
 on coco128 at 2000 boxes, single process (``benchmarks/proposals.py``):
 a fine run (Lab, k=50, texture+size+fill similarity, long side 640) of which
 only boxes under 32 px join the ranking as one more run, for the small
 objects that the long-side-500 runs miss; and diverse-first ordering: the
 boxes overlapping no better-ranked kept box above IoU 0.65 come first, the
 others after, so the top-N cut covers more places. Recall@0.5 0.766 ->
-0.791 (recall@0.7 0.499 -> 0.463), 0.66 -> 0.88 s per image. The issue's
-0.80 was not reached within 1 s per image: more runs give the pool the
-recall (0.83-0.87 with all boxes) but the 2000-box cut loses it again.
+0.791 (recall@0.7 0.499 -> 0.463), 0.66 -> 0.88 s per image; 0.80 was not
+reached within 1 s per image: more runs give the pool the recall (0.83-0.87
+with all boxes) but the 2000-box cut loses it again. The default stays
+``original-fast``: the caches, models and accuracy figures are built on it,
+and the finer strategy's looser boxes (recall@0.7) may cost detection more
+than its small objects gain; that is unmeasured.
 """
 
 from __future__ import annotations
@@ -73,6 +76,11 @@ class Strategy:
             ``max(fine_max_side, max_side)`` (full size when ``max_side`` is 0).
         fine_max_box: of the fine runs keep only boxes with sqrt(area) below
             this, in original pixels.
+        rank_in_original_pixels: rank (size bins, duplicate drops) boxes in
+            original pixels, as runs at several resolutions need; else in the
+            pixels the image was segmented at, then map back (the ranking
+            ``original-fast`` has always had, kept so its proposals, and the
+            caches and models built on them, do not change).
     """
 
     colour_spaces: tuple[str, ...]
@@ -88,11 +96,16 @@ class Strategy:
     fine_similarities: tuple[str, ...] = ()
     fine_max_side: int = 640
     fine_max_box: float = 32.0
+    rank_in_original_pixels: bool = False
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.fine_ks and not self.rank_in_original_pixels:
+            raise ValueError("fine runs are segmented at another resolution: rank in original pixels")
 
 
 STRATEGIES: dict[str, Strategy] = {
-    # The default (measured best at 2000 boxes within 1 s per image): the
+    # The best recall@0.5 at 2000 boxes within 1 s per image: the
     # fast mode below, plus a Lab k=50 run at long side 640 with the cheap
     # texture+size+fill similarity whose boxes under 32 px (sqrt area) join
     # the ranking, and diverse-first ordering (IoU 0.65) before the top-N cut.
@@ -108,10 +121,11 @@ STRATEGIES: dict[str, Strategy] = {
         fine_similarities=("texture+size+fill",),
         fine_max_side=640,
         fine_max_box=32.0,
+        rank_in_original_pixels=True,
         description="original-fast + a Lab k=50 run at long side 640 for boxes under 32 px, diverse-first ranking",
     ),
     # The MATLAB fast mode used by R-CNN and SPPnet (Uijlings et al. 2013),
-    # with the stratified ranking (the default before original-fast-fine).
+    # with the stratified ranking: the default.
     "original-fast": Strategy(
         colour_spaces=("hsv", "lab"),
         ks=(50, 100),
@@ -137,7 +151,7 @@ STRATEGIES: dict[str, Strategy] = {
     ),
 }
 
-DEFAULT_STRATEGY = "original-fast-fine"
+DEFAULT_STRATEGY = "original-fast"
 
 
 @dataclass(frozen=True)
@@ -182,12 +196,13 @@ def propose(image: np.ndarray, params: ProposalParams) -> np.ndarray:
     """
     strategy = STRATEGIES.get(params.strategy)
     _seed_ranking()
-    runs = _runs(image, params.strategy, params.max_side)
+    in_original = strategy is not None and strategy.rank_in_original_pixels
+    runs, factors = _runs(image, params.strategy, params.max_side, map_back=in_original)
     if strategy is not None and strategy.fine_ks:
         # Fine runs: a second segmentation at a higher resolution, of which
         # only the small boxes join the ranking as extra runs.
         fine_side = 0 if params.max_side == 0 else max(params.max_side, strategy.fine_max_side)
-        for boxes in _runs(image, params.strategy, fine_side, fine=True):
+        for boxes in _runs(image, params.strategy, fine_side, fine=True)[0]:
             runs.append(boxes[_sqrt_area(boxes) < strategy.fine_max_box])
     if strategy is not None and strategy.ranking == "stratified":
         boxes = _stratified(runs)
@@ -199,6 +214,9 @@ def propose(image: np.ndarray, params: ProposalParams) -> np.ndarray:
         boxes = np.concatenate(runs) if runs else np.zeros((0, 4), np.float32)
     if len(boxes) == 0:
         return np.zeros((0, 4), np.float32)
+    if not in_original and factors != (1.0, 1.0):
+        height, width = image.shape[:2]
+        boxes = _to_original(boxes, factors, width, height)
     if params.min_size > 0:
         sizes = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
         boxes = boxes[sizes >= params.min_size]
@@ -206,9 +224,13 @@ def propose(image: np.ndarray, params: ProposalParams) -> np.ndarray:
     return np.ascontiguousarray(boxes[: params.top], dtype=np.float32)
 
 
-def _runs(image: np.ndarray, strategy_name: str, max_side: int, fine: bool = False) -> list[np.ndarray]:
+def _runs(
+    image: np.ndarray, strategy_name: str, max_side: int, fine: bool = False, map_back: bool = True
+) -> tuple[list[np.ndarray], tuple[float, float]]:
     """Selective search of ``image`` downscaled to ``max_side`` (0: as is):
-    ``xyxy`` boxes in original pixels, one array per run (see :func:`_selective_search`)."""
+    ``xyxy`` boxes, one array per run (see :func:`_selective_search`), in
+    original pixels (``map_back``) or in the segmented image's, and the
+    ``(x, y)`` factors from segmented to original pixels."""
     import cv2
 
     height, width = image.shape[:2]
@@ -224,12 +246,18 @@ def _runs(image: np.ndarray, strategy_name: str, max_side: int, fine: bool = Fal
     bgr = np.ascontiguousarray(small[:, :, ::-1])
     runs = [box_ops.from_xywh(r) for r in _selective_search(bgr, strategy_name, fine)]
     if small is image:
-        return runs
-    # Map back to original pixels. Continuous coordinates scale exactly;
-    # clip because rounding in the resize can overshoot by a fraction.
-    sx, sy = width / small.shape[1], height / small.shape[0]
-    factors = np.array([sx, sy, sx, sy], np.float32)
-    return [box_ops.clip(r * factors, width, height) for r in runs]
+        return runs, (1.0, 1.0)
+    factors = (width / small.shape[1], height / small.shape[0])
+    if not map_back:
+        return runs, factors
+    return [_to_original(r, factors, width, height) for r in runs], factors
+
+
+def _to_original(boxes: np.ndarray, factors: tuple[float, float], width: int, height: int) -> np.ndarray:
+    """Segmented-image boxes -> original pixels. Continuous coordinates scale
+    exactly; clip because rounding in the resize can overshoot by a fraction."""
+    sx, sy = factors
+    return box_ops.clip(boxes * np.array([sx, sy, sx, sy], np.float32), width, height)
 
 
 def _sqrt_area(boxes: np.ndarray) -> np.ndarray:

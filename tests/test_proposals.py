@@ -177,18 +177,18 @@ def test_fine_runs_add_only_small_boxes(monkeypatch):
 
     img, _ = _scene(640, 480)
     # 10 px: this scene's fine run has boxes on both sides of it that the coarse runs lack
-    strategy = dataclasses.replace(P.STRATEGIES[P.DEFAULT_STRATEGY], fine_max_box=10.0)
-    monkeypatch.setitem(P.STRATEGIES, P.DEFAULT_STRATEGY, strategy)
+    strategy = dataclasses.replace(P.STRATEGIES["original-fast-fine"], fine_max_box=10.0)
+    monkeypatch.setitem(P.STRATEGIES, "original-fast-fine", strategy)
     calls = []
     real = P._runs
 
-    def spy(image, name, max_side, fine=False):
-        runs = real(image, name, max_side, fine)
+    def spy(image, name, max_side, fine=False, map_back=True):
+        runs, factors = real(image, name, max_side, fine, map_back)
         calls.append((max_side, fine, list(runs)))
-        return runs
+        return runs, factors
 
     monkeypatch.setattr(P, "_runs", spy)
-    boxes = propose(img, ProposalParams(max_side=320, top=100000))
+    boxes = propose(img, ProposalParams(strategy="original-fast-fine", max_side=320, top=100000))
     assert [(c[0], c[1]) for c in calls] == [(320, False), (640, True)]
 
     def as_set(b):
