@@ -66,14 +66,14 @@ def windows_for(image: np.ndarray) -> np.ndarray:
     return boxes[:WINDOWS]
 
 
-def peak_rss_of_cache(data_root: Path, scales: str) -> tuple[float, float]:
+def peak_rss_of_cache(data_root: Path, scales: str, backbone: str) -> tuple[float, float]:
     """(peak RSS MB, seconds) of `spp cache` over coco128 with precomputed proposals."""
     with tempfile.TemporaryDirectory() as tmp:
         props = Path(tmp) / "p.json"
         coco = data_root / "coco128" / "annotations" / "instances_train2017.json"
         subprocess.run([sys.executable, "-m", "spp_cli", "propose", "--data", str(coco), "--out", str(props)], check=True, capture_output=True)
         start = time.perf_counter()
-        cmd = [sys.executable, "-m", "spp_cli", "cache", "--data", str(coco), "--props", str(props), "--cache", str(Path(tmp) / "feats"), "--scales", scales]
+        cmd = [sys.executable, "-m", "spp_cli", "cache", "--data", str(coco), "--props", str(props), "--cache", str(Path(tmp) / "feats"), "--scales", scales, "--backbone", backbone]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         subprocess.run(cmd, check=True, capture_output=True)
         seconds = time.perf_counter() - start
@@ -90,10 +90,11 @@ def main() -> None:
     parser.add_argument("--rcnn-images", type=int, default=2, help="images on which the R-CNN baseline runs all 2000 windows")
     parser.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS run of `spp cache` over coco128")
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--backbone", default="efficientnet_lite0", help="registry name (efficientnet_lite0_b4: the blocks.4 figures in README)")
     args = parser.parse_args()
 
     device = select_device(args.gpu)
-    spec = get_spec("efficientnet_lite0")
+    spec = get_spec(args.backbone)
     extractor = FeatureExtractor(spec, device=device)
     raccoon = open_dataset(args.data_root / "raccoon", "test").records
     coco = open_dataset(args.data_root / "coco128" / "annotations" / "instances_train2017.json").records
@@ -153,7 +154,7 @@ def main() -> None:
 
     rss_mb = rss_s = float("nan")
     if not args.skip_rss:
-        rss_mb, rss_s = peak_rss_of_cache(args.data_root, ",".join(map(str, FIVE_SCALES)))
+        rss_mb, rss_s = peak_rss_of_cache(args.data_root, ",".join(map(str, FIVE_SCALES)), args.backbone)
         print(f"spp cache over coco128 at 5 scales: peak RSS {rss_mb:.0f} MB, {rss_s:.0f} s")
 
     print(json.dumps({
