@@ -277,6 +277,11 @@ def pool_windows(
         ``(R, C * B)`` float32 SPP vectors, in the order of ``boxes``.
     """
     boxes = torch.as_tensor(boxes, dtype=torch.float32)
+    if len(feature_maps) == 1 and scale_index is None:
+        # One scale: every window is pooled there, in order; no scatter into
+        # a second (R, C * B) buffer (~90 MB for 1,500 windows at blocks.6).
+        fmap = feature_maps[0]
+        return spatial_pyramid_pool(fmap, project_windows(boxes, scales[0], align, fmap.shape[1], fmap.shape[2]), levels)
     channels = feature_maps[0].shape[0]
     out = torch.zeros((len(boxes), channels * sum(n * n for n in levels)), dtype=torch.float32, device=feature_maps[0].device)
     if len(boxes) == 0:
