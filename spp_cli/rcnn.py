@@ -41,8 +41,8 @@ def context_boxes(boxes: torch.Tensor, size: int, padding: int = CONTEXT_PADDING
     return torch.stack([boxes[:, 0] - dx, boxes[:, 1] - dy, boxes[:, 2] + dx, boxes[:, 3] + dy], 1)
 
 
-def warp_windows(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop and bilinearly warp windows to ``size x size``; outside the image is 0.
+def warp_windows(image: torch.Tensor, boxes: torch.Tensor, size: int, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop and bilinearly warp windows to ``size x size``; outside the image is ``fill``.
 
     ``roi_align`` with adaptive sampling averages ``ceil(window / size)``
     samples per output pixel and axis, so large windows are shrunk without
@@ -51,12 +51,21 @@ def warp_windows(image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.T
     Args:
         image: ``(3, H, W)`` float image.
         boxes: ``(R, 4)`` ``xyxy`` in continuous pixels.
+        fill: ``(3,)`` the value of pixels outside the image (default 0).
+            R-CNN fills them with the mean pixel, which the network's input
+            normalisation maps to 0.
 
     Returns:
         ``(R, 3, size, size)``.
     """
     rois = torch.cat([boxes.new_zeros((len(boxes), 1)), boxes], 1)
-    return ops.roi_align(image[None], rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    if fill is None:
+        return ops.roi_align(image[None], rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    # roi_align is linear and reads 0 outside the image: warp the image minus
+    # the fill, then add it back.
+    fill = fill.view(1, 3, 1, 1).to(image)
+    warped = ops.roi_align(image[None] - fill, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    return warped.add_(fill)
 
 
 def pyramid_pool_whole(maps: torch.Tensor, levels: tuple[int, ...] = DEFAULT_LEVELS) -> torch.Tensor:
@@ -90,9 +99,10 @@ def rcnn_features(
     device = extractor.device
     pixels = torch.from_numpy(np.array(image)).to(device).permute(2, 0, 1).float()
     windows = context_boxes(torch.as_tensor(boxes, dtype=torch.float32, device=device), size, padding)
+    mean_pixel = torch.tensor(extractor.spec.mean, dtype=torch.float32, device=device) * 255
     out = []
     for start in range(0, len(windows), batch_size):
-        warped = warp_windows(pixels, windows[start : start + batch_size], size)
+        warped = warp_windows(pixels, windows[start : start + batch_size], size, fill=mean_pixel)
         batch = warped.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
         maps = extractor.forward(batch)
         out.append(pyramid_pool_whole(maps.float(), levels).cpu())
