@@ -14,6 +14,7 @@ Shape letters: R windows, D feature length, K classes.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from spp_cli.config import DetectConfig
 from spp_cli.errors import ModelError
 from spp_cli.fileio import atomic_write_bytes, read_safetensors
 from spp_cli.head import Head
-from spp_cli.spp import Alignment, pool_windows
+from spp_cli.spp import Alignment, PyramidPooler
 from spp_cli.svm import LinearSVMs
 
 MODEL_FORMAT = "spp-detector"
@@ -37,6 +38,9 @@ HEAD_PREFIX = "head."
 # conv maps; "rcnn" warps each window to the network's input size and runs
 # the network on it (spp_cli.rcnn). Models from before the field are "spp".
 MODES = ("spp", "rcnn")
+# Windows scored per step at detection: the pooled chunk (~16 MB at
+# blocks.6) is reused, instead of one (R, D) matrix per image.
+SCORE_CHUNK = 256
 
 
 @dataclass
@@ -216,17 +220,14 @@ class Detector:
             config: thresholds; the model's own by default.
             timings: if given, receives ``pool``, ``classify``, ``nms`` seconds.
         """
-        import time
-
         if self.mode != "spp":
             # Pooling conv maps would give features the classifiers never saw.
             raise ValueError(f"a {self.mode} model scores features of its own kind: use detect_features")
         t0 = time.perf_counter()
         boxes = torch.as_tensor(proposals, dtype=torch.float32)
-        features = pool_windows(maps, factors, boxes, self.alignment, self.levels)
-        if timings is not None:
-            timings["pool"] = timings.get("pool", 0.0) + time.perf_counter() - t0
-        return self.detect_features(features, boxes, width, height, config, timings)
+        pooler = PyramidPooler(maps, factors, boxes, self.alignment, self.levels)
+        _add(timings, "pool", time.perf_counter() - t0)
+        return self._detect(pooler.vectors, boxes, width, height, config, timings)
 
     @torch.inference_mode()
     def detect_features(
@@ -240,27 +241,64 @@ class Detector:
     ) -> list[Detection]:
         """Score, regress, suppress, given the unscaled ``(R, D5)`` pool5 window
         features of ``(R, 4)`` ``xyxy`` boxes (however they were computed)."""
-        import time
+        # Looking up rows of given features is no pooling: it counts as classify.
+        return self._detect(lambda rows, out=None: features[rows], boxes, width, height, config, timings, rows_stage="classify")
 
+    def _detect(self, pool5_rows, boxes: torch.Tensor, width: int, height: int, config: DetectConfig | None,
+                timings: dict | None, rows_stage: str = "pool") -> list[Detection]:
+        """Score windows a chunk at a time, then regress and suppress the candidates.
+
+        ``pool5_rows(rows, out=None)`` returns the unscaled ``(k, D5)`` pool5
+        features of the windows ``rows`` (a slice or an index tensor),
+        optionally into ``out``. Scoring in chunks never holds the ``(R, D5)``
+        matrix: one reused buffer, and only the candidates' rows are pooled
+        again for box regression. The time ``pool5_rows`` takes goes to the
+        ``rows_stage`` entry of ``timings``.
+        """
         config = config or self.detect
+        r = len(boxes)
+        scores = torch.empty((r, len(self.classes)), dtype=torch.float32)
+        buffer = None
+        pool_seconds = classify_seconds = 0.0
+        for s in range(0, r, SCORE_CHUNK):
+            e = min(s + SCORE_CHUNK, r)
+            t0 = time.perf_counter()
+            pool5 = pool5_rows(slice(s, e), out=None if buffer is None else buffer[: e - s])
+            if buffer is None and r > SCORE_CHUNK:
+                buffer = pool5  # the first chunk is full-sized: reuse its memory
+            t1 = time.perf_counter()
+            classifier_input = self.head.fc7(pool5) if self.head is not None else pool5
+            scores[s:e] = self.svms.scores(classifier_input, scaled=False).cpu()
+            pool_seconds += t1 - t0
+            classify_seconds += time.perf_counter() - t1
         t1 = time.perf_counter()
-        classifier_input = self.head.fc7(features) if self.head is not None else features
-        scores = self.svms.scores(classifier_input * self.svms.feature_scale)  # (R, K)
         window, cls = torch.nonzero(scores > config.score_threshold, as_tuple=True)
         kept_scores = scores[window, cls]
-        kept_boxes = boxes.to(features.device)[window]
+        kept_boxes = boxes[window].clone()
         if self.regressors is not None and config.bbox_regression and len(window):
-            deltas = self.regressors.predict_all(features[window] * self.pool5_scale)[torch.arange(len(window), device=window.device), cls]
+            distinct, rows = torch.unique(window, return_inverse=True)
+            t2 = time.perf_counter()
+            pool5 = pool5_rows(distinct).cpu()
+            regression_pooling = time.perf_counter() - t2
+            pool_seconds += regression_pooling
+            classify_seconds -= regression_pooling
+            deltas = self.regressors.predict_all(pool5 * self.pool5_scale)[rows, cls]
             kept_boxes = decode(kept_boxes, deltas)
         kept_boxes[:, 0::2] = kept_boxes[:, 0::2].clamp(0, width)
         kept_boxes[:, 1::2] = kept_boxes[:, 1::2].clamp(0, height)
         t2 = time.perf_counter()
+        classify_seconds += t2 - t1
         keep = ops.batched_nms(kept_boxes, kept_scores, cls, config.nms_iou)[: config.max_detections]
         t3 = time.perf_counter()
-        if timings is not None:
-            timings["classify"] = timings.get("classify", 0.0) + t2 - t1
-            timings["nms"] = timings.get("nms", 0.0) + t3 - t2
+        _add(timings, rows_stage, pool_seconds)
+        _add(timings, "classify", classify_seconds)
+        _add(timings, "nms", t3 - t2)
         return [
             Detection([round(float(v), 2) for v in kept_boxes[i].tolist()], int(cls[i]), round(float(kept_scores[i]), 4))
             for i in keep.tolist()
         ]
+
+
+def _add(timings: dict | None, stage: str, seconds: float) -> None:
+    if timings is not None:
+        timings[stage] = timings.get(stage, 0.0) + seconds

@@ -41,11 +41,17 @@ class LinearSVMs:
     bias: np.ndarray
     feature_scale: float
 
-    def scores(self, features: torch.Tensor) -> torch.Tensor:
-        """``(R, D)`` scaled features -> ``(R, K)`` scores."""
+    def scores(self, features: torch.Tensor, scaled: bool = True) -> torch.Tensor:
+        """``(R, D)`` features -> ``(R, K)`` scores.
+
+        ``scaled=False`` takes raw features and applies ``feature_scale`` to
+        the ``(R, K)`` products instead (no scaled copy of the features).
+        """
         w = torch.from_numpy(self.weight).to(features.device)
         b = torch.from_numpy(self.bias).to(features.device)
-        return features @ w.T + b
+        if scaled:
+            return features @ w.T + b
+        return torch.addmm(b, features, w.T, alpha=self.feature_scale)
 
 
 @dataclass

@@ -184,4 +184,39 @@ def test_table_pooling_equals_roi_pool(levels):
     fmap = torch.from_numpy(rng.standard_normal((7, 23, 31)).astype(np.float32))
     boxes = torch.from_numpy(_windows(rng, 700, 31 * 16, 23 * 16))
     cells = project_windows(boxes, 1.0, ALIGN, 23, 31)
-    assert torch.equal(spatial_pyramid_pool(fmap, cells, levels, chunk=64), spatial_pyramid_pool_roi(fmap, cells, levels))
+    assert torch.equal(spatial_pyramid_pool(fmap, cells, levels), spatial_pyramid_pool_roi(fmap, cells, levels))
+
+
+def test_small_chunks_and_subsets_give_the_same_vectors():
+    from spp_cli.spp import PyramidPooler, assemble_vectors, bin_maxima
+
+    rng = np.random.default_rng(6)
+    fmap = torch.from_numpy(rng.standard_normal((7, 23, 31)).astype(np.float32))
+    boxes = torch.from_numpy(_windows(rng, 300, 31 * 16, 23 * 16))
+    cells = project_windows(boxes, 1.0, ALIGN, 23, 31)
+    whole = spatial_pyramid_pool(fmap, cells)
+    maxima, inverse = bin_maxima(fmap, cells, chunk=5)
+    # Windows share bins: far fewer distinct rectangles than bins.
+    assert len(maxima) < inverse.numel() / 2
+    assert torch.equal(assemble_vectors(maxima, inverse, chunk=3), whole)
+    pooler = PyramidPooler([fmap], [1.0], boxes, ALIGN)
+    rows = torch.tensor([299, 0, 17, 17])
+    buffer = torch.full((4, whole.shape[1]), float("nan"))
+    assert pooler.vectors(rows, out=buffer) is buffer
+    assert torch.equal(buffer, whole[rows])
+    assert torch.equal(pooler.vectors(slice(10, 20)), whole[10:20])
+
+
+def test_rcnn_warp_fills_outside_the_image_with_the_fill_pixel():
+    from spp_cli.rcnn import warp_windows
+
+    image = torch.full((3, 64, 64), 200.0)
+    fill = torch.tensor([127.5, 100.0, 50.0])
+    outside = warp_windows(image, torch.tensor([[-100.0, -100.0, -40.0, -40.0]]), 16, fill=fill)
+    assert torch.allclose(outside[0], fill.view(3, 1, 1).expand(3, 16, 16))
+    # The left half of this window lies left of the image: fill there, the image to the right.
+    half = warp_windows(image, torch.tensor([[-32.0, 0.0, 32.0, 64.0]]), 16, fill=fill)[0]
+    assert torch.allclose(half[:, :, :7], fill.view(3, 1, 1).expand(3, 16, 7))
+    assert torch.allclose(half[:, :, 9:], torch.full((3, 16, 7), 200.0))
+    # Without a fill the outside is 0, as roi_align reads it.
+    assert torch.equal(warp_windows(image, torch.tensor([[-100.0, -100.0, -40.0, -40.0]]), 16), torch.zeros(1, 3, 16, 16))
