@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from spp_cli.backbones import FeatureExtractor
-from spp_cli.memory import limit_heap_growth
 
 DEFAULT_SCALES = (688,)  # SPPnet 1-scale; 5-scale: 480, 576, 688, 864, 1200
 FIVE_SCALES = (480, 576, 688, 864, 1200)
@@ -47,7 +46,6 @@ def feature_pyramid(
     :meth:`spp_cli.backbones.FeatureExtractor.image_pyramid`. On CUDA
     out-of-memory the image is redone on the CPU, with a warning.
     """
-    limit_heap_growth()
     try:
         return extractor.image_pyramid(image, list(scales), max_side)
     except torch.cuda.OutOfMemoryError:

@@ -11,6 +11,7 @@ from spp_cli import backbones, ui
 from spp_cli.cache import CacheEntry, CacheSettings, FeatureCache, gt_digest, image_key, proposals_digest
 from spp_cli.errors import SPPError
 from spp_cli.features import feature_pyramid, parse_scales
+from spp_cli.memory import limit_heap_growth
 from spp_cli.sources import resolve_sources
 
 
@@ -36,6 +37,9 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
     from spp_cli.proposals import ProposalParams, propose, read_proposals
 
     device = backbones.select_device(gpu)
+    # Multi-scale batch runs fragment the heap: keep RSS at the working set
+    # (spp_cli.memory says what it costs and why detect does otherwise).
+    limit_heap_growth()
     settings = settings_for(backbone, weights, scales, max_side, dtype)
     proposal_set = read_proposals(props) if props is not None else None
     sources = resolve_sources(inputs, data, split)

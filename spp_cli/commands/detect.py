@@ -29,6 +29,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     from spp_cli.detections import coco_results, coco_results_path, detections_document
     from spp_cli.features import feature_pyramid
     from spp_cli.images import load_image
+    from spp_cli.memory import release_free_memory
     from spp_cli.model import Detector
     from spp_cli.proposals import ProposalParams, propose, read_proposals
 
@@ -123,6 +124,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                 elif entry is None:
                     if extractor is None:
                         extractor = backbones.extractor_for(settings, str(model_path), device, "use --cache with features from the model's settings")
+                    release_free_memory()  # what the last image freed (spp_cli.memory)
                     maps, factors, seconds = feature_pyramid(
                         extractor, image, settings.scales, settings.max_side,
                         warn=lambda m: ui.console.print(f"warning: {m}", markup=False), name=str(source.path),
