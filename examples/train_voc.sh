@@ -34,8 +34,8 @@ $spp train-svm --cache "$work/feats" --data "$data" --split "$train" --out "$wor
 $spp finetune --cache "$work/feats" --data "$data" --split "$train" --out "$work/head.safetensors"
 $spp train-svm --cache "$work/feats" --data "$data" --split "$train" \
     --features fc7 --head "$work/head.safetensors" --out "$work/model-fc7.safetensors"
-# 5. Detect on the test split (conv maps reused from the cache) and 6. score
-#    each model (VOC07 AP per class and mAP).
+# 5. Detect on the test split (conv maps reused from the cache; box regression
+#    and box voting, the defaults) and 6. score each model (VOC07 AP per class and mAP).
 for kind in pool5 fc7; do
     $spp detect --data "$data" --split "$test" --cache "$work/feats" \
         --model "$work/model-$kind.safetensors" --out "$work/dets-$kind.json"
@@ -49,5 +49,5 @@ import json, sys
 from pathlib import Path
 work = Path(sys.argv[1])
 maps = {kind: json.loads((work / f"metrics-{kind}.json").read_text())["mAP"] for kind in ("pool5", "fc7")}
-print(f"mAP pool5+bbox {maps['pool5']:.4f}, ftfc7+bbox {maps['fc7']:.4f} (VOC07, {work})")
+print(f"mAP pool5+bbox+vote {maps['pool5']:.4f}, ftfc7+bbox+vote {maps['fc7']:.4f} (VOC07, {work})")
 PY

@@ -81,3 +81,38 @@ def dedupe(boxes: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     _, first = np.unique(b, axis=0, return_index=True)
     return np.sort(first)
+
+
+def vote_boxes(
+    kept: torch.Tensor,
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    iou_threshold: float = 0.5,
+) -> torch.Tensor:
+    """Box voting (Gidaris & Komodakis, ICCV 2015): refine each detection kept by NMS.
+
+    Each kept box becomes the weighted mean of the candidate boxes of its
+    class that overlap it at IoU >= ``iou_threshold`` (itself included),
+    weighted by ``exp(score - kept score)``. Scores here are SVM margins, not
+    probabilities, so the weights compare margins: a candidate one unit
+    below the kept box counts e^-1 as much (MR-CNN's ``max(0, score)``
+    would ignore every candidate of a detection that scores below 0).
+
+    Args:
+        kept: ``(K,)`` indices into the candidates (NMS's output).
+        boxes: ``(N, 4)`` ``xyxy`` candidate boxes (before NMS).
+        scores: ``(N,)`` their scores.
+        classes: ``(N,)`` their class indices.
+
+    Returns:
+        ``(K, 4)`` voted ``xyxy`` boxes, in the order of ``kept``.
+    """
+    out = boxes[kept].clone()
+    for k in classes[kept].unique().tolist():
+        rows = torch.nonzero(classes[kept] == k).flatten()
+        same = torch.nonzero(classes == k).flatten()
+        overlaps = ops.box_iou(boxes[kept[rows]], boxes[same])  # (K_k, N_k)
+        weights = torch.exp(scores[same][None, :] - scores[kept[rows]][:, None]) * (overlaps >= iou_threshold)
+        out[rows] = (weights @ boxes[same]) / weights.sum(1, keepdim=True)
+    return out

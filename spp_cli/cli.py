@@ -286,9 +286,10 @@ def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write detections JSON here (and COCO results beside it as *.coco.json).")
 @click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path), help="Write annotated images here (detections scoring >= --conf, or the display threshold).")
 @click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Refine boxes with the model's regressors (if it has them).")
+@click.option("--vote/--no-vote", default=True, show_default=True, help="Box voting after NMS: each box becomes the score-weighted mean of the candidates of its class overlapping it at IoU >= 0.5.")
 @gpu_option
-def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, bbox_reg, gpu) -> None:
-    """Detect objects: proposals, one conv pass per image per scale, SPP, SVMs, NMS.
+def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, bbox_reg, vote, gpu) -> None:
+    """Detect objects: proposals, one conv pass per image per scale, SPP, SVMs, NMS, box voting.
 
     Ends with a per-stage timing line in ms per image. A model trained with
     `train-svm --mode rcnn` runs the network on every warped window instead
@@ -302,7 +303,7 @@ def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det
     """
     from spp_cli.commands.detect import run_detect
 
-    sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg))
+    sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg, vote))
 
 
 @cli.command()

@@ -23,6 +23,7 @@ import torch
 from torchvision import ops
 
 from spp_cli.bbox_reg import BoxRegressors, decode
+from spp_cli.boxes import vote_boxes
 from spp_cli.cache import CacheSettings, tensor_digest
 from spp_cli.config import DetectConfig
 from spp_cli.errors import ModelError
@@ -246,7 +247,7 @@ class Detector:
 
     def _detect(self, pool5_rows, boxes: torch.Tensor, width: int, height: int, config: DetectConfig | None,
                 timings: dict | None, rows_stage: str = "pool") -> list[Detection]:
-        """Score windows a chunk at a time, then regress and suppress the candidates.
+        """Score windows a chunk at a time, then regress, suppress and vote.
 
         ``pool5_rows(rows, out=None)`` returns the unscaled ``(k, D5)`` pool5
         features of the windows ``rows`` (a slice or an index tensor),
@@ -272,7 +273,10 @@ class Detector:
             pool_seconds += t1 - t0
             classify_seconds += time.perf_counter() - t1
         t1 = time.perf_counter()
-        window, cls = torch.nonzero(scores > config.score_threshold, as_tuple=True)
+        # With voting, the candidates reach below --conf: boxes then do not
+        # depend on it (NMS keeps the same boxes above it either way).
+        floor = min(config.score_threshold, config.voting_floor) if config.box_voting else config.score_threshold
+        window, cls = torch.nonzero(scores > floor, as_tuple=True)
         kept_scores = scores[window, cls]
         kept_boxes = boxes[window].clone()
         if self.regressors is not None and config.bbox_regression and len(window):
@@ -288,14 +292,18 @@ class Detector:
         kept_boxes[:, 1::2] = kept_boxes[:, 1::2].clamp(0, height)
         t2 = time.perf_counter()
         classify_seconds += t2 - t1
-        keep = ops.batched_nms(kept_boxes, kept_scores, cls, config.nms_iou)[: config.max_detections]
+        keep = ops.batched_nms(kept_boxes, kept_scores, cls, config.nms_iou)
+        keep = keep[kept_scores[keep] > config.score_threshold][: config.max_detections]
+        final_boxes = kept_boxes[keep]
+        if config.box_voting and len(keep):
+            final_boxes = vote_boxes(keep, kept_boxes, kept_scores, cls, config.voting_iou)
         t3 = time.perf_counter()
         _add(timings, rows_stage, pool_seconds)
         _add(timings, "classify", classify_seconds)
         _add(timings, "nms", t3 - t2)
         return [
-            Detection([round(float(v), 2) for v in kept_boxes[i].tolist()], int(cls[i]), round(float(kept_scores[i]), 4))
-            for i in keep.tolist()
+            Detection([round(float(v), 2) for v in final_boxes[j].tolist()], int(cls[i]), round(float(kept_scores[i]), 4))
+            for j, i in enumerate(keep.tolist())
         ]
 
 

@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import torch
 
@@ -60,3 +62,41 @@ def test_iou_of_empty_sets():
 def test_dedupe_keeps_first_occurrence_in_order():
     b = np.array([[3, 3, 4, 4], [1, 1, 2, 2], [3, 3, 4, 4], [0, 0, 1, 1]])
     np.testing.assert_array_equal(boxes.dedupe(b), [0, 1, 3])
+
+
+def _slow_vote(kept, candidates, scores, classes, threshold):
+    out = []
+    for i in kept:
+        total, weight = np.zeros(4), 0.0
+        for j in range(len(candidates)):
+            if classes[j] != classes[i]:
+                continue
+            if boxes.iou(candidates[i : i + 1], candidates[j : j + 1]).item() >= threshold:
+                w = math.exp(scores[j] - scores[i])
+                total += w * candidates[j]
+                weight += w
+        out.append(total / weight)
+    return np.array(out)
+
+
+def test_box_voting_matches_slow_reference():
+    rng = np.random.default_rng(7)
+    xy = rng.uniform(0, 200, (60, 2))
+    candidates = np.concatenate([xy, xy + rng.uniform(10, 80, (60, 2))], 1).astype(np.float32)
+    scores = rng.normal(0, 1, 60).astype(np.float32)
+    classes = rng.integers(0, 3, 60)
+    kept = torch.tensor([5, 0, 17, 42, 33])
+    voted = boxes.vote_boxes(kept, torch.from_numpy(candidates), torch.from_numpy(scores), torch.from_numpy(classes), 0.5)
+    np.testing.assert_allclose(voted.numpy(), _slow_vote(kept.tolist(), candidates, scores, classes, 0.5), rtol=1e-5, atol=1e-4)
+
+
+def test_box_voting_by_hand():
+    candidates = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 12], [50, 50, 60, 60], [0, 0, 10, 11]])
+    scores = torch.tensor([1.0, 0.0, 5.0, 2.0])
+    classes = torch.tensor([0, 0, 0, 1])
+    voted = boxes.vote_boxes(torch.tensor([0, 2, 3]), candidates, scores, classes)
+    # Box 1 (IoU 0.83, one margin unit lower) votes with weight 1/e; box 2 is too far,
+    # box 3 is another class: alone, it stays as it is.
+    w = math.exp(-1.0)
+    assert torch.allclose(voted[0], torch.tensor([0.0, 0.0, 10.0, (10 + 12 * w) / (1 + w)]))
+    assert torch.equal(voted[1], candidates[2]) and torch.equal(voted[2], candidates[3])

@@ -199,7 +199,8 @@ def test_model_file_is_safetensors_with_json_metadata(pipeline):
     assert meta["features"]["weights_sha256"] == settings.weights_sha256 and meta["features"]["dtype"] == "fp16"
     assert meta["levels"] == list(DEFAULT_LEVELS)
     assert meta["feature_scale"] == pytest.approx(20 / meta["training"]["mean_feature_norm"])
-    assert meta["detect"] == {"score_threshold": -1.5, "nms_iou": 0.3, "max_detections": 100, "bbox_regression": True, "display_threshold": -0.3}
+    assert meta["detect"] == {"score_threshold": -1.5, "nms_iou": 0.3, "max_detections": 100, "bbox_regression": True, "display_threshold": -0.3,
+                              "box_voting": True, "voting_iou": 0.5, "voting_floor": -1.5}
     assert meta["training"]["images"] == 4 and meta["training"]["cache"] == str(pipeline.cache)
     detector = Detector.load(pipeline.model)
     assert detector.features == settings and detector.classes == ["blue", "red"]
@@ -228,6 +229,24 @@ def test_detect_from_cache_does_no_forward_pass_and_matches(pipeline, tmp_path):
     assert sum(len(im["detections"]) for im in a["images"]) > 0
     assert a == b
     assert (tmp_path / "cached.coco.json").read_text() == (tmp_path / "fresh.coco.json").read_text()
+
+
+def test_box_voting_moves_boxes_not_scores_and_ignores_conf(pipeline, tmp_path):
+    common = ["--data", pipeline.data, "--split", "test", "--model", pipeline.model, "--cache", pipeline.cache, "--props", pipeline.props]
+
+    def detections(name, *flags):
+        result = invoke("detect", *common, "--out", tmp_path / f"{name}.json", *flags)
+        assert result.exit_code == 0, result.output
+        doc = json.loads((tmp_path / f"{name}.json").read_text())
+        return {(im["id"], d["class"], d["score"]): d["box"] for im in doc["images"] for d in im["detections"]}
+
+    voted, plain = detections("voted"), detections("plain", "--no-vote")
+    assert voted.keys() == plain.keys()  # voting keeps NMS's choice and scores
+    assert any(voted[k] != plain[k] for k in voted)  # and moves boxes
+    # The voters are every candidate above -1.5, whatever --conf: a stricter
+    # --conf keeps a subset of the same detections with the same boxes.
+    strict = detections("strict", "--conf", "0")
+    assert strict and all(k[2] > 0 for k in strict) and all(voted[k] == box for k, box in strict.items())
 
 
 def test_train_svm_reads_only_the_cache(pipeline, tmp_path):

@@ -1,4 +1,4 @@
-"""`spp detect`: proposals, one conv pass per image per scale (or the cache), SPP, SVMs, NMS.
+"""`spp detect`: proposals, one conv pass per image per scale (or the cache), SPP, SVMs, NMS, box voting.
 
 A model trained with ``--mode rcnn`` takes R-CNN's path instead: every
 proposal is warped and run through the network (``spp_cli.rcnn``); a cache
@@ -21,7 +21,7 @@ STAGES = ("proposals", "conv", "pooling", "classify", "nms")
 
 def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
                conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool,
-               bbox_reg: bool = True) -> int:
+               bbox_reg: bool = True, vote: bool = True) -> int:
     import torch
 
     from spp_cli.cache import DTYPES, FeatureCache, image_key
@@ -48,7 +48,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
         shown = detector.detect.display_threshold
     else:
         shown = conf
-    config = DetectConfig(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg)
+    config = DetectConfig(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote)
     rcnn = detector.mode == "rcnn"
     cache = None
     if cache_dir is not None:
