@@ -1,0 +1,126 @@
+"""`spp detect` speed on ~500 x 375 photos at 1 scale, and SPP pooling side by side.
+
+1. Pooling 2000 windows of each photo from its fp16 conv map (the default
+   backbone, 1 scale): the toolkit's pooling (each distinct bin rectangle
+   once, spp_cli.spp) against torchvision's roi_pool per pyramid level
+   (spp_cli.spp.spatial_pyramid_pool_roi), same maps and windows, same
+   vectors (checked), in one run.
+2. The real CLI: `spp detect` with the shipped detector on the raccoon test
+   photos of exactly 500 x 375 (each twice, under two names, so the first
+   image's warm-up is shared by six), first with proposals from --props (the
+   timing line's stages after proposals), then computing proposals (the
+   whole), and once more with --no-vote (what box voting costs).
+
+Prints the per-stage timing lines, the sum after proposals against the
+issue's 300 ms, and a last line of JSON.
+
+    python benchmarks/detect_speed.py [--data-root ../shared/data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+STAGES = ("proposals", "conv", "pooling", "classify", "nms")
+
+
+def spp(*args) -> str:
+    result = subprocess.run([sys.executable, "-m", "spp_cli", *map(str, args)], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"spp {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-2000:]}")
+    return result.stdout + result.stderr
+
+
+def speed_line(output: str) -> dict[str, float]:
+    line = next(ln for ln in output.splitlines() if ln.startswith("Speed:"))
+    print(f"  {line}")
+    return {stage: float(re.search(rf"([0-9.]+)ms {stage}", line).group(1)) for stage in STAGES}
+
+
+def pooling_side_by_side(photos: list[Path], repeat: int = 3) -> tuple[float, float]:
+    """Mean seconds per photo: (spp_cli pooling, roi_pool per level) for 2000 windows."""
+    from spp_cli.backbones import FeatureExtractor, get_spec
+    from spp_cli.features import DEFAULT_MAX_SIDE
+    from spp_cli.images import load_image
+    from spp_cli.proposals import ProposalParams, propose
+    from spp_cli.spp import pool_windows, project_windows, spatial_pyramid_pool_roi
+
+    spec = get_spec("efficientnet_lite0")
+    extractor = FeatureExtractor(spec)
+    ours, reference = [], []
+    for path in photos:
+        image = load_image(path)
+        boxes = torch.from_numpy(propose(image, ProposalParams(top=2000)))
+        maps, factors, _ = extractor.image_pyramid(image, [688], DEFAULT_MAX_SIDE)
+        fmap = maps[0].half()  # as read from the cache
+        cells = project_windows(boxes, factors[0], spec.alignment, fmap.shape[1], fmap.shape[2])
+        times = {"ours": [], "roi": []}
+        for _ in range(repeat):
+            start = time.perf_counter()
+            a = pool_windows([fmap], factors, boxes, spec.alignment)
+            times["ours"].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            b = spatial_pyramid_pool_roi(fmap, cells)
+            times["roi"].append(time.perf_counter() - start)
+        if not torch.equal(a, b):
+            sys.exit(f"{path}: the two poolings disagree")
+        ours.append(min(times["ours"]))
+        reference.append(min(times["roi"]))
+        print(f"  {path.name}: {len(boxes)} windows on a {tuple(fmap.shape)} map: {1000 * ours[-1]:.1f} ms vs roi_pool {1000 * reference[-1]:.1f} ms")
+    return float(np.mean(ours)), float(np.mean(reference))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
+    args = parser.parse_args()
+    photos = sorted(p for p in (args.data_root / "raccoon" / "images").glob("*.jpg") if Image.open(p).size == (500, 375))
+    print(f"{len(photos)} raccoon photos of 500 x 375: {', '.join(p.name for p in photos)}; torch threads: {torch.get_num_threads()}")
+
+    print("SPP pooling of 2000 windows, 1 scale (688), fp16 map:")
+    ours, roi = pooling_side_by_side(photos)
+    print(f"  mean {1000 * ours:.1f} ms vs {1000 * roi:.1f} ms: {roi / ours:.1f}x faster than roi_pool per level")
+
+    figures: dict = {"pool_ms": round(1000 * ours, 1), "roi_pool_ms": round(1000 * roi, 1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        for path in photos:
+            for copy in ("a", "b"):
+                shutil.copy(path, folder / f"{path.stem}-{copy}.jpg")
+        props = Path(tmp) / "props.json"
+        spp("propose", folder, "--out", props)
+        runs = {
+            "after_proposals": ["--props", props],
+            "whole": [],
+            "after_proposals_no_vote": ["--props", props, "--no-vote"],
+        }
+        for name, extra in runs.items():
+            print(f"spp detect on {2 * len(photos)} images, {name.replace('_', ' ')}:")
+            stages = speed_line(spp("detect", folder, "--out", Path(tmp) / f"{name}.json", *extra))
+            figures[name] = stages
+    after = figures["after_proposals"]
+    total = sum(after[s] for s in STAGES[1:])
+    whole = sum(figures["whole"].values())
+    print(f"after proposals: {total:.0f} ms per image (conv {after['conv']:.0f} + pooling {after['pooling']:.0f} + classify "
+          f"{after['classify']:.0f} + nms/voting {after['nms']:.1f}; target < 300); whole with proposals: {whole:.0f} ms")
+    figures["after_proposals_ms"] = round(total, 1)
+    figures["whole_ms"] = round(whole, 1)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
