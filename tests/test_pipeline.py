@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import voc_xml, write_image
+from conftest import TEST, write_image, write_shapes
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -31,8 +31,6 @@ SCALE = "96"
 # The shallow cut: a 6 x 8 map of the 120 x 160 toy images, and colour still
 # separates the classes there (the default blocks.6 map would be 3 x 4).
 BACKBONE = "efficientnet_lite0_b4"
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220)}
-TRAIN, TEST = ["s00", "s01", "s02", "s03"], ["s04", "s05"]
 
 
 def invoke(*args):
@@ -43,26 +41,6 @@ def one_line(result) -> str:
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     return lines[0]
-
-
-def write_shapes(root: Path) -> Path:
-    """XML-beside-images dataset: one red and one blue rectangle per image, on a light noisy background."""
-    rng = np.random.default_rng(0)
-    (root / "images").mkdir(parents=True)
-    (root / "annotations").mkdir()
-    for i, image_id in enumerate(TRAIN + TEST):
-        pixels = np.full((120, 160, 3), 245, np.uint8) - rng.integers(0, 12, (120, 160, 3), dtype=np.uint8)
-        objects = []
-        for name, x0 in zip(("red", "blue") if i % 2 == 0 else ("blue", "red"), (0, 80)):
-            w, h = int(rng.integers(30, 60)), int(rng.integers(30, 70))
-            x1, y1 = x0 + int(rng.integers(5, 76 - w)), int(rng.integers(5, 115 - h))
-            pixels[y1 : y1 + h, x1 : x1 + w] = COLOURS[name]
-            objects.append((name, x1, y1, x1 + w, y1 + h))
-        Image.fromarray(pixels).save(root / "images" / f"{image_id}.jpg", quality=95)
-        (root / "annotations" / f"{image_id}.xml").write_text(voc_xml(f"{image_id}.jpg", 160, 120, objects))
-    (root / "train.txt").write_text("\n".join(TRAIN) + "\n")
-    (root / "test.txt").write_text("\n".join(TEST) + "\n")
-    return root
 
 
 def ground_truth(data: Path, image_id: str) -> list[tuple[str, list[float]]]:

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_image
+from conftest import TEST, TRAIN, write_image, write_shapes
 from safetensors import safe_open
 from safetensors.torch import save_file
-from test_pipeline import TEST, TRAIN, write_shapes
 
 from spp_cli import backbones
 from spp_cli.bbox_reg import BoxRegressors
