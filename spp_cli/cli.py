@@ -66,13 +66,35 @@ def workers_option(func):
 
 @click.group(cls=SPPGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="spp")
-def cli() -> None:
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    envvar="SPP_THREADS",
+    metavar="N",
+    help="CPU threads for the network and linear algebra (default: one per core; env SPP_THREADS). "
+    "1 keeps a run steady when other jobs share the cores.",
+)
+def cli(threads: int | None) -> None:
     """SPPnet object detection: selective search, one conv pass per image, SVMs.
 
     \b
     Typical run:
       spp propose --data VOCdevkit/VOC2007 --split test --out props.json --report
     """
+    if threads is not None:
+        set_cpu_threads(threads)
+
+
+def set_cpu_threads(threads: int) -> None:
+    """Limit torch's intra-op threads (and OpenMP/BLAS pools) to ``threads``.
+
+    torch reads OMP_NUM_THREADS when it loads, so setting it keeps torch out
+    of ``spp --threads N CMD --help``; where torch is loaded already (an
+    embedding process, the tests), it is told directly.
+    """
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 @cli.command()

@@ -157,3 +157,36 @@ def test_written_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_threads_limits_torch_in_this_process(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "unset-by-test")  # restored after the test
+    before = torch.get_num_threads()
+    try:
+        result = invoke("--threads", "1", "models")
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_from_the_environment_before_torch_loads():
+    # A fresh interpreter: the group reads SPP_THREADS before any command imports torch,
+    # so torch must take the limit from OMP_NUM_THREADS when it loads.
+    code = (
+        "import sys; from click.testing import CliRunner; from spp_cli.cli import cli;"
+        "r = CliRunner().invoke(cli, ['models']);"
+        "assert r.exit_code == 0, r.output;"
+        "import torch; assert torch.get_num_threads() == 1, torch.get_num_threads()"
+    )
+    env = {**os.environ, "SPP_THREADS": "1"}
+    env.pop("OMP_NUM_THREADS", None)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, env=env)
+
+
+def test_threads_must_be_positive():
+    result = invoke("--threads", "0", "models")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1] == "Error: Invalid value for '--threads': 0 is not in the range x>=1."
