@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -33,8 +32,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from spp_cli.commands.detect import STAGES, parse_speed_line
+
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ("proposals", "conv", "pooling", "classify", "nms")
 
 
 def spp(*args) -> str:
@@ -45,9 +45,12 @@ def spp(*args) -> str:
 
 
 def speed_line(output: str) -> dict[str, float]:
-    line = next(ln for ln in output.splitlines() if ln.startswith("Speed:"))
-    print(f"  {line}")
-    return {stage: float(re.search(rf"([0-9.]+)ms {stage}", line).group(1)) for stage in STAGES}
+    """Prints `spp detect`'s timing line; its ms per image by stage."""
+    stages = parse_speed_line(output)
+    if stages is None:
+        sys.exit(f"no timing line in the output of spp detect:\n{output[-2000:]}")
+    print(f"  {next(line for line in output.splitlines() if line.startswith('Speed:'))}")
+    return stages
 
 
 def pooling_side_by_side(photos: list[Path], repeat: int = 3) -> tuple[float, float]:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from spp_cli import backbones
 from spp_cli.cache import FeatureCache
 from spp_cli.cli import cli
+from spp_cli.commands.detect import STAGES, parse_speed_line
 from spp_cli.model import Detector
 from spp_cli.spp import DEFAULT_LEVELS
 
@@ -139,6 +140,8 @@ def test_train_detect_eval(pipeline, tmp_path):
     )
     assert speed, lines[-1]
     assert float(speed[1]) > 0 and float(speed[2]) > 0  # proposals and conv computed here
+    # The benchmarks read the line through parse_speed_line.
+    assert parse_speed_line(result.stderr) == dict(zip(STAGES, map(float, speed.groups())))
 
     metrics_path = tmp_path / "metrics.json"
     result = invoke("eval", dets_path, "--data", pipeline.data, "--split", "test", "--out", metrics_path)

@@ -7,6 +7,7 @@ then supplies proposals only, and the "conv" stage is that network time.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -17,6 +18,14 @@ from spp_cli.fileio import atomic_write_json, check_writable
 from spp_cli.sources import resolve_sources
 
 STAGES = ("proposals", "conv", "pooling", "classify", "nms")
+# The timing line run_detect ends with: "Speed: 1.2ms proposals, ... 0.3ms nms per image (...)".
+SPEED_LINE = re.compile(r"Speed: " + ", ".join(rf"([\d.]+)ms {stage}" for stage in STAGES) + r" per image")
+
+
+def parse_speed_line(output: str) -> dict[str, float] | None:
+    """The ms per image of each stage in ``spp detect``'s timing line, or None where ``output`` has none."""
+    match = SPEED_LINE.search(output)
+    return None if match is None else {stage: float(value) for stage, value in zip(STAGES, match.groups())}
 
 
 def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
