@@ -188,7 +188,7 @@ def cache_info(cache_dir, verify) -> None:
 
 
 @cli.command()
-@click.argument("detections", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("detections", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--images",
     "images_root",

@@ -11,10 +11,11 @@ from __future__ import annotations
 import glob
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from spp_cli.errors import ImageError
 
@@ -41,20 +42,96 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return width, height
 
 
-def load_image(path: str | Path) -> np.ndarray:
+class TruncatedImageWarning(UserWarning):
+    """An image file whose data ends early; what was there was decoded."""
+
+
+def load_image(path: str | Path, warn: Callable[[str], None] | None = None) -> np.ndarray:
     """Decode an image file to an ``(H, W, 3)`` uint8 RGB array.
 
+    A file whose data ends early (an interrupted download or copy) is
+    decoded as far as it goes, the rest filled the way the decoder fills it
+    (grey for JPEG), and ``warn`` is called with one line naming the file and
+    how much of the image is missing (without ``warn``: a
+    :class:`TruncatedImageWarning`). Every command reads through here, so
+    all of them see the same pixels of such a file.
+
     Raises :class:`ImageError` naming the file for anything unreadable:
-    empty or truncated files, non-images, images over the pixel limit.
+    empty files, files cut before any pixel data, non-images, images over
+    the pixel limit.
     """
     path = Path(path)
     with _open(path) as im:
         try:
             im.load()
-            im = ImageOps.exif_transpose(im)
-            return np.asarray(_to_rgb(im))
+        except OSError as exc:
+            if not _is_truncation(exc):
+                raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
+            return _load_truncated(path, warn)
+        except (ValueError, SyntaxError) as exc:
+            raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
+        try:
+            return np.asarray(_to_rgb(ImageOps.exif_transpose(im)))
         except (OSError, ValueError, SyntaxError) as exc:
             raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
+
+
+# What Pillow's decoders say when the data stops before the image is complete.
+_TRUNCATION_MESSAGES = ("image file is truncated", "truncated file read")
+
+
+def _is_truncation(exc: OSError) -> bool:
+    return any(m in str(exc).lower() for m in _TRUNCATION_MESSAGES)
+
+
+def _load_truncated(path: Path, warn: Callable[[str], None] | None) -> np.ndarray:
+    """Decode what a truncated file holds (Pillow's ``LOAD_TRUNCATED_IMAGES``)."""
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        with _open(path) as im:
+            im.load()
+            fill = 128 if im.format == "JPEG" else 0
+            missing = _missing_fraction(np.asarray(im), fill)
+            pixels = np.asarray(_to_rgb(ImageOps.exif_transpose(im)))
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    if missing > 0.999:  # not even a strip of the image: nothing to detect on
+        raise ImageError(f"{path}: cannot decode image (the file is truncated before any pixel data)")
+    colour = "grey" if fill == 128 else "black"
+    if missing > 0:
+        what = f"{missing:.1%} of the image is missing (filled {colour})"
+    else:
+        what = "no whole block is missing (the last ones may be damaged)"
+    message = f"{path}: truncated file (its data ends early); decoded what is there: {what}"
+    if warn is None:
+        warnings.warn(message, TruncatedImageWarning, stacklevel=3)
+    else:
+        warn(message)
+    return pixels
+
+
+def _missing_fraction(pixels: np.ndarray, fill: int) -> float:
+    """Share of an image that a decoder filled in after its data ran out.
+
+    A decoder that runs out of data fills the rest of the image, in raster
+    order, with one value; so the fill is the run of ``fill`` pixels ending
+    each row, in the rows at the bottom that end in it.
+    """
+    if pixels.ndim == 3:
+        filled = (pixels == fill).all(axis=2)
+    else:
+        filled = pixels == fill
+    height, width = filled.shape
+    missing = 0
+    for row in filled[::-1]:
+        if not row[-1]:
+            break
+        not_filled = np.flatnonzero(~row)
+        missing += width - (not_filled[-1] + 1 if len(not_filled) else 0)
+    return missing / float(height * width)
 
 
 def _open(path: Path) -> Image.Image:
@@ -117,36 +194,36 @@ def _reason(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Expand command-line inputs to a list of image paths, order kept, no duplicates.
+def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Expand command-line inputs to image paths, order kept, no duplicates.
 
     Each input is an image file, a folder (its images, sorted, not recursive),
     a glob pattern (``"photos/*.jpg"``, ``**`` allowed), or a ``.txt`` file
     listing one path per line (relative paths are relative to the list file).
     A file given explicitly is kept even if it is not an image, so that the
     command reports it as bad instead of silently ignoring it.
+
+    Returns:
+        ``(paths, skipped)``: the images, and ``(input, problem)`` for each
+        input that yields none (an empty folder, a pattern matching nothing,
+        a missing path), which the command lists with the unreadable images.
+        A shell glob such as ``photos/*`` that meets an empty subfolder
+        therefore costs that one input, not the batch.
+
+    Raises:
+        SPPError: no input yields an image (the message says why for each).
     """
     from spp_cli.errors import SPPError
 
     paths: list[Path] = []
+    skipped: list[tuple[str, str]] = []
     for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise SPPError(f"{p}: folder contains no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...)")
-            paths.extend(found)
-        elif p.is_file() and p.suffix.lower() == ".txt":
-            paths.extend(_read_list_file(p))
-        elif p.exists():
-            paths.append(p)
-        elif glob.has_magic(item):
-            found = sorted(Path(q) for q in glob.glob(item, recursive=True) if Path(q).is_file())
-            if not found:
-                raise SPPError(f"{item}: pattern matches no files")
-            paths.extend(found)
-        else:
-            raise SPPError(f"{p}: no such file or folder")
+        try:
+            paths.extend(_expand_one(item))
+        except SPPError as exc:
+            skipped.append((item, str(exc)))
+    if not paths:
+        raise SPPError("; ".join(problem for _, problem in skipped) or "no input")
     seen: set[Path] = set()
     unique = []
     for path in paths:
@@ -154,7 +231,29 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         if key not in seen:
             seen.add(key)
             unique.append(path)
-    return unique
+    return unique, skipped
+
+
+def _expand_one(item: str) -> list[Path]:
+    """The images of one input; raises :class:`SPPError` when it yields none."""
+    from spp_cli.errors import SPPError
+
+    p = Path(item)
+    if p.is_dir():
+        found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise SPPError(f"{p}: folder contains no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...)")
+        return found
+    if p.is_file() and p.suffix.lower() == ".txt":
+        return _read_list_file(p)
+    if p.exists():
+        return [p]
+    if glob.has_magic(item):
+        found = sorted(Path(q) for q in glob.glob(item, recursive=True) if Path(q).is_file())
+        if not found:
+            raise SPPError(f"{p}: pattern matches no files")
+        return found
+    raise SPPError(f"{p}: no such file or folder")
 
 
 def _read_list_file(list_file: Path) -> list[Path]:

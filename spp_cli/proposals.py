@@ -404,6 +404,7 @@ class ImageProposals:
     height: int
     boxes: np.ndarray  # (R, 4) float32 xyxy
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # what reading the image warned of; not stored
 
     def to_json(self) -> dict:
         return {
@@ -444,8 +445,9 @@ def _run_task(args: tuple[ProposalTask, ProposalParams]) -> ImageProposals | Tas
     from spp_cli.images import load_image
 
     task, params = args
+    warnings: list[str] = []
     try:
-        image = load_image(task.path)
+        image = load_image(task.path, warn=warnings.append)
     except SPPError as exc:
         return TaskFailure(task.image_id, task.path, str(exc))
     start = time.perf_counter()
@@ -455,7 +457,7 @@ def _run_task(args: tuple[ProposalTask, ProposalParams]) -> ImageProposals | Tas
         return TaskFailure(task.image_id, task.path, f"{task.path}: selective search failed ({exc})")
     seconds = time.perf_counter() - start
     height, width = image.shape[:2]
-    return ImageProposals(task.image_id, task.path, width, height, found, seconds)
+    return ImageProposals(task.image_id, task.path, width, height, found, seconds, warnings)
 
 
 def run_proposals(

@@ -199,7 +199,9 @@ class RCNNFeaturizer:
         if changed:
             # Proposals and ground truth belong to the bytes that were cached.
             raise CacheError(f"{path}: the image changed since it was cached (sha256 differs); run `spp cache` on it again")
-        return rcnn_features(self.extractor, load_image(path), boxes, self.levels, self.batch_size)
+        # A truncated file was warned of when it was cached: same pixels, no second warning.
+        image = load_image(path, warn=lambda _: None)
+        return rcnn_features(self.extractor, image, boxes, self.levels, self.batch_size)
 
     def _compute_image(self, entry: CacheEntry) -> None:
         parts = [entry.proposals.reshape(-1, 4)]

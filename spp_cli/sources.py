@@ -31,7 +31,8 @@ class Sources:
         items: images in order.
         dataset: the opened dataset when ``--data`` was given, else ``None``.
         bad: ``(file, problem)`` found before any image was read (annotation
-            problems); the command lists them at the end and exits 1.
+            problems, inputs that hold no image); the command lists them at
+            the end and exits 1.
         warnings: lines to show the user (clipped or dropped boxes).
     """
 
@@ -64,9 +65,9 @@ def resolve_sources(inputs: tuple[str, ...] | list[str], data: str | None, split
         raise SPPError("no input: give image files, folders, globs or a .txt list, or --data SPEC")
     from spp_cli.images import expand_inputs
 
-    paths = expand_inputs(list(inputs))
+    paths, skipped = expand_inputs(list(inputs))
     # The id is the file stem, unless two inputs share a stem (a/1.jpg,
     # b/1.jpg): then the path itself keeps ids unique.
     stem_counts = Counter(p.stem for p in paths)
     items = [Source(p.stem if stem_counts[p.stem] == 1 else p.as_posix(), p) for p in paths]
-    return Sources(items, None, [], [])
+    return Sources(items, None, [(Path(item), problem) for item, problem in skipped], [])

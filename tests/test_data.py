@@ -138,7 +138,19 @@ def test_box_outside_image_is_clipped_with_warning(tmp_path):
     path = _one_xml(tmp_path / "d", voc_xml("x.jpg", 64, 48, [("cat", 1, 1, 100, 30)]))
     ds = open_dataset(tmp_path / "d")
     np.testing.assert_allclose(ds.records[0].boxes, [[0, 0, 64, 30]])
-    assert ds.warnings == [f"{path}: box 1 [0, 0, 100, 30] extends beyond the 64x48 image; clipped"]
+    assert ds.warnings == [f"{path}: box 1 [0, 0, 100, 30] extends beyond the 64x48 image; clipped to [0, 0, 64, 30]"]
+
+
+def test_box_wholly_outside_image_is_dropped_and_said_so(tmp_path):
+    objects = [("cat", 70, 5, 90, 30), ("dog", 1, 1, 20, 20), ("cat", 10, 49, 30, 60)]
+    path = _one_xml(tmp_path / "d", voc_xml("x.jpg", 64, 48, objects))
+    ds = open_dataset(tmp_path / "d")
+    np.testing.assert_allclose(ds.records[0].boxes, [[0, 0, 20, 20]])
+    assert ds.records[0].labels.tolist() == [ds.classes.index("dog")]
+    assert ds.warnings == [
+        f"{path}: box 1 [69, 4, 90, 30] lies wholly outside the 64x48 image; dropped",
+        f"{path}: box 3 [9, 48, 30, 60] lies wholly outside the 64x48 image; dropped",
+    ]
 
 
 def test_inverted_box_is_dropped_with_warning(tmp_path):

@@ -1,3 +1,7 @@
+"""The image loader and input expansion."""
+
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,7 +75,7 @@ def test_truncated_jpeg(tmp_path):
     path = tmp_path / "cut.jpg"
     path.write_bytes(good.read_bytes()[:300])
     with pytest.raises(ImageError, match=r"cut\.jpg: cannot decode image"):
-        load_image(path)
+        load_image(path, warn=lambda _: None)
 
 
 def test_pixel_limit(tmp_path, monkeypatch):
@@ -98,14 +102,14 @@ def test_expand_inputs_file_folder_glob_list(tmp_path):
     c = write_image(tmp_path / "other" / "c.jpg")
     listing = tmp_path / "list.txt"
     listing.write_text("# images\nother/c.jpg\n\n")
-    assert expand_inputs([str(folder)]) == [a, b]
-    assert expand_inputs([str(tmp_path / "*" / "*.jpg")]) == [a, c]
-    assert expand_inputs([str(listing)]) == [c]
+    assert expand_inputs([str(folder)]) == ([a, b], [])
+    assert expand_inputs([str(tmp_path / "*" / "*.jpg")]) == ([a, c], [])
+    assert expand_inputs([str(listing)]) == ([c], [])
     # duplicates across inputs are dropped, order kept
-    assert expand_inputs([str(c), str(folder), str(listing)]) == [c, a, b]
+    assert expand_inputs([str(c), str(folder), str(listing)]) == ([c, a, b], [])
 
 
-def test_expand_inputs_errors(tmp_path):
+def test_expand_inputs_errors_when_no_input_yields_an_image(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SPPError, match="folder contains no images"):
         expand_inputs([str(tmp_path / "empty")])
@@ -115,9 +119,83 @@ def test_expand_inputs_errors(tmp_path):
         expand_inputs([str(tmp_path / "missing.jpg")])
 
 
-def test_jpeg_cut_after_header(tmp_path):
+def test_expand_inputs_reports_each_input_that_yields_no_image(tmp_path):
+    a = write_image(tmp_path / "a.jpg")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "x.jpg").mkdir()  # a folder with an image's name, empty
+    paths, skipped = expand_inputs([str(a), str(tmp_path / "sub"), str(tmp_path / "x.jpg"), str(tmp_path / "none*.png")])
+    assert paths == [a]
+    assert skipped == [
+        (str(tmp_path / "sub"), f"{tmp_path / 'sub'}: folder contains no images (.jpg, .jpeg, .png, .bmp, ...)"),
+        (str(tmp_path / "x.jpg"), f"{tmp_path / 'x.jpg'}: folder contains no images (.jpg, .jpeg, .png, .bmp, ...)"),
+        (str(tmp_path / "none*.png"), f"{tmp_path / 'none*.png'}: pattern matches no files"),
+    ]
+
+
+def cut_jpeg(source: Path, target: Path, keep: int) -> Path:
+    """``source``'s first ``keep`` bytes (negative: all but the last ``-keep``)."""
+    target.write_bytes(source.read_bytes()[:keep])
+    return target
+
+
+def test_jpeg_cut_after_header_is_refused(tmp_path):
     good = write_image(tmp_path / "good.jpg", 300, 200, seed=3)
-    path = tmp_path / "half.jpg"
-    path.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
-    with pytest.raises(ImageError, match=r"half\.jpg: cannot decode image \(image file is truncated"):
+    path = cut_jpeg(good, tmp_path / "head.jpg", 400)  # the headers, hardly any scan data
+    with pytest.raises(ImageError, match=r"head\.jpg: cannot decode image"):
+        load_image(path, warn=lambda _: None)
+
+
+def test_jpeg_cut_20_bytes_short_decodes_with_a_warning(tmp_path):
+    from conftest import REPO
+
+    photo = REPO / "examples" / "raccoon.jpg"
+    path = cut_jpeg(photo, tmp_path / "short.jpg", -20)
+    warnings: list[str] = []
+    pixels = load_image(path, warn=warnings.append)
+    full = load_image(photo)
+    assert pixels.shape == full.shape
+    assert warnings == [
+        f"{path}: truncated file (its data ends early); decoded what is there: "
+        "no whole block is missing (the last ones may be damaged)"
+    ]
+    # Above the last two rows of 16-pixel blocks (chroma upsampling reaches
+    # one block up) it is the same picture.
+    assert np.array_equal(pixels[:736], full[:736])
+
+
+def test_jpeg_cut_to_half_decodes_the_top_half_and_says_how_much_is_missing(tmp_path):
+    from conftest import REPO
+
+    photo = REPO / "examples" / "raccoon.jpg"
+    path = cut_jpeg(photo, tmp_path / "half.jpg", len(photo.read_bytes()) // 2)
+    warnings: list[str] = []
+    pixels = load_image(path, warn=warnings.append)
+    assert len(warnings) == 1 and warnings[0].startswith(f"{path}: truncated file (its data ends early); decoded what is there: ")
+    share = float(re.search(r"([0-9.]+)% of the image is missing \(filled grey\)$", warnings[0]).group(1)) / 100
+    grey_rows = int((pixels == 128).all(axis=(1, 2)).sum())
+    assert grey_rows / pixels.shape[0] <= share <= grey_rows / pixels.shape[0] + 16 / pixels.shape[0]
+    assert 0.3 < share < 0.7
+    assert np.array_equal(pixels[:300], load_image(photo)[:300])
+
+
+def test_truncated_image_without_a_callback_warns_through_python(tmp_path):
+    from conftest import REPO
+    from spp_cli.images import TruncatedImageWarning
+
+    path = cut_jpeg(REPO / "examples" / "raccoon.jpg", tmp_path / "short.jpg", -20)
+    with pytest.warns(TruncatedImageWarning, match="short.jpg: truncated file"):
         load_image(path)
+
+
+def test_missing_fraction_matches_a_slow_count():
+    from spp_cli.images import _missing_fraction
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 128, (40, 24, 3)).astype(np.uint8)
+    pixels[30:, 10:] = 128  # the break inside a row of blocks: the rest of each of those rows
+    pixels[36:] = 128  # whole rows below
+    slow = sum(1 for y in range(30, 40) for x in range(24) if (x >= 10 or y >= 36)) / (40 * 24)
+    assert _missing_fraction(pixels, 128) == pytest.approx(slow)
+    assert _missing_fraction(rng.integers(0, 128, (8, 8)).astype(np.uint8), 128) == 0.0
+
+

@@ -103,7 +103,7 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
                 bar.update(task, advance=1, rate=_rate(done, start))
                 continue
             try:
-                image = load_image(source.path)
+                image = load_image(source.path, warn=ui.warn)
             except SPPError as exc:
                 bad.append((source.path, str(exc)))
                 bar.update(task, advance=1)
@@ -113,7 +113,7 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
             if extractor is None:
                 extractor = backbones.FeatureExtractor(backbones.get_spec(backbone), weights, device)
             maps, factors, seconds = feature_pyramid(
-                extractor, image, settings.scales, settings.max_side, warn=lambda m: ui.console.print(f"warning: {m}", markup=False), name=str(source.path)
+                extractor, image, settings.scales, settings.max_side, warn=ui.warn, name=str(source.path)
             )
             conv_seconds.append(sum(seconds))
             height, width = image.shape[:2]
@@ -129,7 +129,6 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
         f"{cache_dir}: {computed} image(s) computed, {updated} updated, {reused} already cached, "
         f"{len(duplicates)} duplicate(s); "
         f"{forwards} forward pass(es){per_image}. Settings: {settings.describe()}",
-        markup=False,
     )
     ui.print_bad(bad)
     return 1 if bad else 0
@@ -147,7 +146,7 @@ def _readable_metadata(cache: FeatureCache, key: str, quiet: bool = False, full:
         return cache.check(key) if full else cache.metadata(key)
     except SPPError as exc:
         if not quiet:
-            ui.console.print(f"warning: {exc}; rebuilding it", markup=False)
+            ui.warn(f"{exc}; rebuilding it")
         return None
 
 

@@ -66,7 +66,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
             # Cached maps are one pass over the whole image; an R-CNN model
             # needs each window's own pass. Proposals are the same either way.
             use = "is not used (proposals come from --props)" if props is not None else "supplies proposals only"
-            ui.console.print(f"R-CNN model: {cache_dir} {use}; every window goes through the network", markup=False)
+            ui.console.print(f"R-CNN model: {cache_dir} {use}; every window goes through the network")
         else:
             detector.check_features(cache.settings, str(cache_dir))
     proposal_set = read_proposals(props) if props is not None else None
@@ -107,7 +107,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                     boxes = entry.proposals
                     from_cache += 1
                 if entry is None or rcnn:
-                    image = load_image(source.path)
+                    image = load_image(source.path, warn=ui.warn)
                     height, width = image.shape[:2]
                     if entry is None:
                         boxes = None
@@ -136,7 +136,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                     release_free_memory()  # what the last image freed (spp_cli.memory)
                     maps, factors, seconds = feature_pyramid(
                         extractor, image, settings.scales, settings.max_side,
-                        warn=lambda m: ui.console.print(f"warning: {m}", markup=False), name=str(source.path),
+                        warn=ui.warn, name=str(source.path),
                     )
                     timings["conv"] += sum(seconds)
                     # The model was trained on maps stored at the cache's precision
@@ -182,7 +182,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
         where += f", proposals of {from_cache} from the cache" if cache is not None and proposal_set is None else ""
     else:
         where = f"{computed} image(s) through the network on {device}, {from_cache} from the cache"
-    ui.console.print(f"Speed: {per_stage} per image ({where})", markup=False)
+    ui.console.print(f"Speed: {per_stage} per image ({where})")
     ui.print_bad(bad)
     return 1 if bad else 0
 
@@ -199,7 +199,8 @@ def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: l
     targets, _ = output_paths(sources, save_dir)
     for result, source, target in zip(results, sources, targets):
         try:
-            image = Image.fromarray(load_image(source))
+            # A truncated file was warned of when it was read for detection (or caching).
+            image = Image.fromarray(load_image(source, warn=lambda _: None))
         except SPPError as exc:
             bad.append((source, str(exc)))
             continue
@@ -221,7 +222,7 @@ def _summary(results: list[dict], classes: list[str], out: Path | None, save_dir
         where.append(f"{out} (+ {coco_results_path(out).name})")
     if save_dir is not None:
         where.append(f"annotated images in {save_dir}")
-    ui.console.print(f"{len(results)} image(s): {found} at score >= {shown:g}" + (f"; wrote {', '.join(where)}" if where else ""), markup=False)
+    ui.console.print(f"{len(results)} image(s): {found} at score >= {shown:g}" + (f"; wrote {', '.join(where)}" if where else ""))
 
 
 

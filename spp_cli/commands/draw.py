@@ -75,7 +75,7 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
         task_id = bar.add_task("draw", total=len(doc.images), rate="")
         for done, (entry, src, out) in enumerate(zip(doc.images, sources, outs), start=1):
             try:
-                image = Image.fromarray(load_image(src))
+                image = Image.fromarray(load_image(src, warn=ui.warn))
             except ImageError as exc:
                 bad.append((src, str(exc)))
             else:
@@ -85,7 +85,7 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
             bar.update(task_id, advance=1, rate=f"{done / (time.perf_counter() - start):.1f} img/s")
 
     ui.print_warnings(warnings)
-    ui.console.print(f"Wrote {written} annotated image(s) to {out_dir}", markup=False)
+    ui.console.print(f"Wrote {written} annotated image(s) to {out_dir}")
     ui.print_bad(bad)
     return 1 if bad else 0
 

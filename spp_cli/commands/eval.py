@@ -37,13 +37,13 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
             missing += 1
         pairs.append((GroundTruthImage.from_record(record, dataset.classes), entry.detections if entry else []))
     if missing:
-        ui.console.print(f"warning: {missing} of {len(dataset.records)} image(s) have no entry in {detections_file}; counted as without detections", markup=False)
+        ui.warn(f"{missing} of {len(dataset.records)} image(s) have no entry in {detections_file}; counted as without detections")
     skipped = [c for c in dataset.classes if c not in dets.classes]
     if skipped:
-        ui.console.print(f"warning: not evaluated (no such class in the detections): {', '.join(skipped)}", markup=False)
+        ui.warn(f"not evaluated (no such class in the detections): {', '.join(skipped)}")
     scores = [d["score"] for e in dets.images for d in e.detections]
     if metric != "coco" and scores and min(scores) >= 0:
-        ui.console.print("note: no detection scores below 0; AP counts only what was kept (`spp detect --conf -1.5` keeps the full ranking)", markup=False)
+        ui.console.print("note: no detection scores below 0; AP counts only what was kept (`spp detect --conf -1.5` keeps the full ranking)")
 
     result = evaluate_coco(pairs, shared) if metric == "coco" else evaluate_voc(pairs, shared, metric)
     title = {"voc07": "VOC07 11-point AP (IoU 0.5)", "voc": "VOC area AP (IoU 0.5)", "coco": "COCO AP@[.5:.95]"}[metric]

@@ -33,14 +33,13 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
     ui.console.print(
         f"Fine-tuning fc6/fc7 ({hidden} wide) on {len(tuner.train_keys)} cached image(s) "
         f"(+{len(tuner.val_keys)} held out), {len(data.classes)} class(es), on {device}",
-        markup=False,
     )
     start = time.perf_counter()
     with ui.progress(10) as bar:
         reading = bar.add_task("reading", total=len(data.keys), rate="")
         tuner.prepare(lambda done, total: bar.update(reading, completed=done))
         if checkpoint.is_file():
-            bar.console.print(f"Resuming from {checkpoint}", markup=False)
+            bar.console.print(f"Resuming from {checkpoint}")
         tasks: dict[int, int] = {}
 
         def progress(epoch: int, step: int, steps: int, loss: float, accuracy: float) -> None:
@@ -52,7 +51,6 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
             bar.console.print(
                 f"epoch {report.epoch}: train loss {report.train_loss:.3f} acc {report.train_accuracy:.3f}, "
                 f"held-out loss {report.val_loss:.3f} acc {report.val_accuracy:.3f}" + (" (best)" if report.best else ""),
-                markup=False,
             )
 
         head = tuner.run(checkpoint, progress, on_epoch)
@@ -62,6 +60,5 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
         checkpoint.unlink()  # the run is complete; the head file holds the result
     ui.console.print(
         f"Wrote {out}: best epoch {head.training['best_epoch']} of {head.training['epochs_run']}, {time.perf_counter() - start:.1f} s",
-        markup=False,
     )
     return 0

@@ -50,15 +50,14 @@ def run_models(paths: tuple[Path, ...]) -> int:
         features = detector.features
         marker = " (default)" if default is not None and Path(path).resolve() == default.resolve() else ""
         scales = ",".join(str(s) for s in features.scales)
-        ui.console.print(f"{path}{marker}: {path.stat().st_size / 1e6:.1f} MB", markup=False)
-        ui.console.print(f"  classes: {', '.join(detector.classes)}", markup=False)
+        ui.console.print(f"{path}{marker}: {path.stat().st_size / 1e6:.1f} MB")
+        ui.console.print(f"  classes: {', '.join(detector.classes)}")
         ui.console.print(
             f"  {features.backbone} {features.layer}, scales {scales}, SVMs on {detector.feature_kind}, "
             f"box regression {'on' if detector.regressors is not None else 'off'}",
-            markup=False,
         )
         images = detector.training.get("images")
         if images:
-            ui.console.print(f"  trained on {images} image(s); see README.md beside the file for data and held-out AP", markup=False)
+            ui.console.print(f"  trained on {images} image(s); see README.md beside the file for data and held-out AP")
     ui.print_bad(bad)
     return 1 if bad else 0

@@ -65,6 +65,8 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
             if isinstance(result, TaskFailure):
                 bad.append((result.path, result.message))
             else:
+                for line in result.warnings:
+                    ui.warn(line)
                 results[result.path] = result
                 partial.write(json.dumps({**result.to_json(), "seconds": round(result.seconds, 4)}) + "\n")
                 partial.flush()
@@ -84,7 +86,6 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
         f"{np.mean(seg_seconds) if seg_seconds else 0:.2f} s/image per worker, "
         f"{wall / max(len(tasks), 1):.2f} s/image wall with {workers} worker(s) "
         f"({params.strategy}, max side {params.max_side or 'full'}, top {params.top})",
-        markup=False,
     )
     if report and sources.dataset is not None:
         _print_report(sources, ordered)

@@ -37,11 +37,10 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         check_head(head, cache)
     ui.console.print(
         f"Training on {features} features of {len(data.keys)} cached image(s), {len(data.classes)} class(es): {', '.join(data.classes)}",
-        markup=False,
     )
     extractor = None
     if gpu and mode != "rcnn":
-        ui.console.print("note: --gpu has no effect here: SPP training reads only the cache (no network pass)", markup=False)
+        ui.console.print("note: --gpu has no effect here: SPP training reads only the cache (no network pass)")
     if mode == "rcnn":
         from spp_cli import backbones
         from spp_cli.rcnn import extractor_for
@@ -50,7 +49,6 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         ui.console.print(
             "R-CNN mode: every ground-truth box and proposal of every image is warped and run through the network "
             "(the cache supplies image paths, proposals and ground truth; its conv maps are not used)",
-            markup=False,
         )
     start = time.perf_counter()
     with ui.progress(16) as bar, contextlib.ExitStack() as stack:
@@ -80,7 +78,7 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
             svm_config=SVMConfig(C=C),
             bbox_config=BBoxRegConfig() if bbox_reg else None,
             progress=progress,
-            log=lambda line: bar.console.print(line, markup=False),
+            log=lambda line: ui.say(line),
             head=head,
             featurizer=featurizer,
         )
@@ -100,6 +98,5 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
     detector.save(out)
     ui.console.print(
         f"Wrote {out}: {len(detector.classes)} class(es), box regression {'on' if bbox_reg else 'off'}{how}, {time.perf_counter() - start:.1f} s",
-        markup=False,
     )
     return 0

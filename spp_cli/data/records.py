@@ -85,8 +85,9 @@ def sanitise(
     """Fill ``record`` with checked boxes; the one place boxes are validated.
 
     The image size comes from the image file's header. Boxes reaching beyond
-    the image are clipped (with a warning); boxes with ``x2 <= x1`` or
-    ``y2 <= y1`` (before or after clipping) are dropped (with a warning).
+    the image are clipped, boxes with ``x2 <= x1`` or ``y2 <= y1`` and boxes
+    wholly outside the image (nothing left after clipping) are dropped; each
+    with a warning that says which of these happened.
     """
     b = np.asarray(raw_boxes, dtype=np.float32).reshape(-1, 4)
     keep_labels = np.asarray(labels, dtype=np.int64).reshape(-1)
@@ -105,13 +106,18 @@ def sanitise(
         # Sub-pixel overshoot is rounding in the source format (YOLO's
         # normalised floats): clip it silently; warn about real overshoot.
         outside = box_ops.is_outside(b, record.width, record.height, tolerance=1.0) & ~degenerate
+        clipped = box_ops.clip(b, record.width, record.height)
+        emptied = box_ops.is_degenerate(clipped)
+        size = f"{record.width}x{record.height}"
         for i in np.flatnonzero(outside):
-            warnings.append(
-                f"{annotation_file}: box {i + 1} {_fmt(b[i])} extends beyond the "
-                f"{record.width}x{record.height} image; clipped"
-            )
-        b = box_ops.clip(b, record.width, record.height)
-        degenerate |= box_ops.is_degenerate(b)
+            if emptied[i]:
+                warnings.append(f"{annotation_file}: box {i + 1} {_fmt(b[i])} lies wholly outside the {size} image; dropped")
+            else:
+                warnings.append(
+                    f"{annotation_file}: box {i + 1} {_fmt(b[i])} extends beyond the {size} image; clipped to {_fmt(clipped[i])}"
+                )
+        b = clipped
+        degenerate |= emptied
     keep = ~degenerate
     record.boxes = b[keep]
     record.labels = keep_labels[keep]
