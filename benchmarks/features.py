@@ -3,12 +3,14 @@
 Per image (raccoon and coco128 photos, default backbone, CPU unless --gpu):
 conv time at 1 scale (688) and at 5 scales (480..1200), SPP pooling time for
 2000 proposal windows, and the R-CNN baseline (warp each of the same 2000
-windows, run the same network on each, pool the same way). Speed-up =
-R-CNN time / (conv + pooling). Also: cache size per image per scale (fp16),
-and the peak RSS of `spp cache` over coco128 at 5 scales (a subprocess).
-The last line is a JSON object of the figures.
+windows, run the same network on each, pool the same way). Every figure is
+timed the same way: one untimed warm-up run, then the best of --repeat.
+Speed-up = R-CNN time / (conv + pooling), both summed over the same images
+(the ones R-CNN runs on). Also: cache size per image per scale (fp16), and
+the peak RSS of `spp cache` over coco128 at 5 scales (a subprocess). The
+last line is a JSON object of the figures.
 
-    python benchmarks/features.py [--images 4] [--rcnn-images 2] [--skip-rss] [--gpu]
+    python benchmarks/features.py [--images 4] [--rcnn-images 2] [--repeat 2] [--skip-rss] [--gpu]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkout  # this checkout's spp_cli first, here and in the subprocesses
 import numpy as np
 import torch
 
@@ -33,7 +36,7 @@ from spp_cli.proposals import ProposalParams, propose
 from spp_cli.rcnn import rcnn_features
 from spp_cli.spp import pool_windows
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = checkout.REPO
 WINDOWS = 2000
 
 
@@ -42,7 +45,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, device: str, repeat: int = 1):
+def timed(fn, device: str, repeat: int, warm_up=None):
+    """(best seconds of ``repeat`` runs after one untimed warm-up run, the last result).
+
+    ``warm_up`` replaces the warm-up run where a whole run costs minutes.
+    """
+    sync(device)
+    (warm_up or fn)()
     best, result = float("inf"), None
     for _ in range(repeat):
         sync(device)
@@ -71,11 +80,11 @@ def peak_rss_of_cache(data_root: Path, scales: str, backbone: str) -> tuple[floa
     with tempfile.TemporaryDirectory() as tmp:
         props = Path(tmp) / "p.json"
         coco = data_root / "coco128" / "annotations" / "instances_train2017.json"
-        subprocess.run([sys.executable, "-m", "spp_cli", "propose", "--data", str(coco), "--out", str(props)], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "spp_cli", "propose", "--data", str(coco), "--out", str(props)], env=checkout.ENV, check=True, capture_output=True)
         start = time.perf_counter()
         cmd = [sys.executable, "-m", "spp_cli", "cache", "--data", str(coco), "--props", str(props), "--cache", str(Path(tmp) / "feats"), "--scales", scales, "--backbone", backbone]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        subprocess.run(cmd, check=True, capture_output=True)
+        subprocess.run(cmd, env=checkout.ENV, check=True, capture_output=True)
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         # ru_maxrss of children is the largest child so far; the propose run
@@ -88,10 +97,12 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--images", type=int, default=4, help="images timed for conv and pooling (half raccoon, half coco128)")
     parser.add_argument("--rcnn-images", type=int, default=2, help="images on which the R-CNN baseline runs all 2000 windows")
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs of each step after its warm-up run (best is kept)")
     parser.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS run of `spp cache` over coco128")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--backbone", default="efficientnet_lite0", help="registry name (efficientnet_lite0_b4: the blocks.4 figures in README)")
     args = parser.parse_args()
+    checkout.check()
 
     device = select_device(args.gpu)
     spec = get_spec(args.backbone)
@@ -111,17 +122,22 @@ def main() -> None:
     for n, record in enumerate(records):
         image = load_image(record.path)
         boxes = torch.from_numpy(windows_for(image))
-        extractor.image_pyramid(image, [688], DEFAULT_MAX_SIDE)  # warm-up
-        conv1, (maps1, f1, _) = timed(lambda: extractor.image_pyramid(image, [688], DEFAULT_MAX_SIDE), device, repeat=2)
-        conv5, (maps5, f5, _) = timed(lambda: extractor.image_pyramid(image, list(FIVE_SCALES), DEFAULT_MAX_SIDE), device)
+        conv1, (maps1, f1, _) = timed(lambda: extractor.image_pyramid(image, [688], DEFAULT_MAX_SIDE), device, args.repeat)
+        conv5, (maps5, f5, _) = timed(lambda: extractor.image_pyramid(image, list(FIVE_SCALES), DEFAULT_MAX_SIDE), device, args.repeat)
         # Pool from fp16 maps, as read from the cache.
         maps1 = [m.half() for m in maps1]
         maps5 = [m.half() for m in maps5]
-        pool1, _ = timed(lambda: pool_windows(maps1, f1, boxes, spec.alignment), device, repeat=3)
-        pool5, _ = timed(lambda: pool_windows(maps5, f5, boxes, spec.alignment), device, repeat=3)
+        pool1, _ = timed(lambda: pool_windows(maps1, f1, boxes, spec.alignment), device, args.repeat)
+        pool5, _ = timed(lambda: pool_windows(maps5, f5, boxes, spec.alignment), device, args.repeat)
         rcnn = float("nan")
         if n in rcnn_indices:
-            rcnn, _ = timed(lambda: rcnn_features(extractor, image, boxes.numpy()), device)
+            # Its warm-up is a tenth of the windows: the network's first
+            # batches are what needs warming, not all 2000 windows again.
+            windows = boxes.numpy()
+            rcnn, _ = timed(
+                lambda: rcnn_features(extractor, image, windows), device, args.repeat,
+                warm_up=lambda: rcnn_features(extractor, image, windows[: WINDOWS // 10]),
+            )
         row = {"conv1": conv1, "conv5": conv5, "pool1": pool1, "pool5": pool5, "rcnn": rcnn}
         rows.append(row)
         h, w = image.shape[:2]
@@ -130,11 +146,14 @@ def main() -> None:
         print(f"{record.image_id:<22}{f'{w}x{h}':>10}{conv1:>9.3f}{conv5:>9.3f}{pool1:>9.3f}{pool5:>9.3f}{rcnn:>9.2f}{x1:>8.0f}{x5:>8.0f}", flush=True)
 
     mean = {k: float(np.nanmean([r[k] for r in rows])) for k in rows[0]}
-    speed1 = mean["rcnn"] / (mean["conv1"] + mean["pool1"])
-    speed5 = mean["rcnn"] / (mean["conv5"] + mean["pool5"])
-    print(f"\nmean s/image: conv 1-scale {mean['conv1']:.3f}, 5-scale {mean['conv5']:.3f}; pooling 2000 windows "
-          f"{mean['pool1']:.3f} (1-scale), {mean['pool5']:.3f} (5-scale); R-CNN 2000 windows {mean['rcnn']:.2f}")
-    print(f"speed-up over R-CNN (conv + pooling): {speed1:.0f}x at 1 scale, {speed5:.0f}x at 5 scales")
+    # The speed-up compares the two methods on the same photos: the rows R-CNN ran on.
+    paired = [r for r in rows if not np.isnan(r["rcnn"])]
+    rcnn_total = sum(r["rcnn"] for r in paired)
+    speed1 = rcnn_total / sum(r["conv1"] + r["pool1"] for r in paired)
+    speed5 = rcnn_total / sum(r["conv5"] + r["pool5"] for r in paired)
+    print(f"\nmean s/image over {len(rows)} image(s): conv 1-scale {mean['conv1']:.3f}, 5-scale {mean['conv5']:.3f}; pooling 2000 windows "
+          f"{mean['pool1']:.3f} (1-scale), {mean['pool5']:.3f} (5-scale); R-CNN 2000 windows {mean['rcnn']:.2f} ({len(paired)} image(s))")
+    print(f"speed-up over R-CNN (conv + pooling) on the {len(paired)} image(s) both ran on: {speed1:.0f}x at 1 scale, {speed5:.0f}x at 5 scales")
 
     # Cache size per image per scale, fp16, from real entries.
     from spp_cli.cache import CacheEntry, CacheSettings, FeatureCache

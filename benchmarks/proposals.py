@@ -15,13 +15,14 @@ import json
 import time
 from pathlib import Path
 
+import checkout  # this checkout's spp_cli first, here and in the subprocesses
 import numpy as np
 
 from spp_cli.data import open_dataset
 from spp_cli.evaluate import proposal_recall
 from spp_cli.proposals import ProposalParams, ProposalTask, TaskFailure, run_proposals
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = checkout.REPO
 
 
 def evaluate(dataset, params: ProposalParams, workers: int) -> dict:
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--quick", action="store_true", help="only the default settings")
     args = parser.parse_args()
+    checkout.check()
 
     datasets = {
         "coco128": open_dataset(args.data_root / "coco128" / "annotations" / "instances_train2017.json"),

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -37,8 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))  # this checkout's spp_cli first (the subprocesses get it through PYTHONPATH)
+import checkout  # this checkout's spp_cli first, here and in the subprocesses
+
+REPO = checkout.REPO
 from spp_cli.commands.detect import STAGES, parse_speed_line
 
 
@@ -105,9 +105,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads per command (default: torch's choice)")
     parser.add_argument("--work", type=Path, default=None, help="keep proposals, cache, models, detections and a log here (default: a temporary folder)")
     args = parser.parse_args()
+    checkout.check()
 
     data = args.data_root / "raccoon"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(checkout.ENV)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory(prefix="spp-rcnn-bench-") as tmp:

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_image
 from PIL import Image
 
-from conftest import write_image
 from spp_cli.errors import ImageError, SPPError
 from spp_cli.images import expand_inputs, image_size, load_image
 
@@ -155,8 +155,8 @@ def test_jpeg_cut_20_bytes_short_decodes_with_a_warning(tmp_path):
     full = load_image(photo)
     assert pixels.shape == full.shape
     assert warnings == [
-        f"{path}: truncated file (its data ends early); decoded what is there: "
-        "no whole block is missing (the last ones may be damaged)"
+        (f"{path}: truncated file (its data ends early); decoded what is there: "
+         "no whole block is missing (the last ones may be damaged)")
     ]
     # Above the last two rows of 16-pixel blocks (chroma upsampling reaches
     # one block up) it is the same picture.
@@ -180,6 +180,7 @@ def test_jpeg_cut_to_half_decodes_the_top_half_and_says_how_much_is_missing(tmp_
 
 def test_truncated_image_without_a_callback_warns_through_python(tmp_path):
     from conftest import REPO
+
     from spp_cli.images import TruncatedImageWarning
 
     path = cut_jpeg(REPO / "examples" / "raccoon.jpg", tmp_path / "short.jpg", -20)

@@ -16,3 +16,14 @@ def test_ci_runs_the_readme_install_and_test_commands():
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert _block_after("Install") in ci
     assert _block_after("Test") in ci
+
+
+def test_ci_makes_the_integration_tests_mandatory():
+    # conftest.require_shared_data fails instead of skipping only when CI=true.
+    assert "export CI=true" in (REPO / ".ci" / "run").read_text().splitlines()
+
+
+def test_setup_asks_for_the_click_the_cli_tests_need():
+    # The CLI tests read CliRunner results' .stderr, which click has from 8.2.
+    requirement = next(line.strip() for line in (REPO / "setup.cfg").read_text().splitlines() if line.strip().startswith("click"))
+    assert requirement == "click>=8.2"

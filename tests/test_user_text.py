@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
-from conftest import TEST, TRAIN, voc_xml, write_shapes
+from conftest import TEST, TRAIN, write_shapes
 
 from spp_cli.cli import cli
 
@@ -150,27 +150,20 @@ def test_every_command_names_a_missing_weird_path_in_one_line(weird, command):
     assert said[0].startswith((f"Error: {named}: ", f"  skipped {named}: ")), said[0]
 
 
-def test_progress_descriptions_and_warnings_never_read_markup(tmp_path):
-    from rich.console import Console
-
+def test_progress_descriptions_and_warnings_never_read_markup():
     from spp_cli import ui
 
-    console = Console(file=open(tmp_path / "out.txt", "w", encoding="utf-8"), width=200, markup=False, emoji=False)
-    old = ui.console
-    ui.console = console
-    try:
+    with ui.console.capture() as captured:
         ui.warn("a [/a] b [bold]c :smile: d\\e")
         ui.print_bad([(Path("x [/y].jpg"), "x [/y].jpg: broken")])
+        ui.say("[red]plain[/red] :thumbs_up:")
         with ui.progress() as bar:
-            bar.console.file = console.file
             task = bar.add_task("[/oops] é", total=1, rate="[red]")
             bar.update(task, advance=1)
-    finally:
-        ui.console = old
-        console.file.close()
-    text = (tmp_path / "out.txt").read_text(encoding="utf-8")
+    text = captured.get()
     assert "warning: a [/a] b [bold]c :smile: d\\e" in text
     assert "  skipped x [/y].jpg: broken" in text
+    assert "[red]plain[/red] :thumbs_up:" in text
     assert "[/oops] é" in text and "[red]" in text
 
 
