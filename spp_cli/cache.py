@@ -17,14 +17,24 @@ damaged entry is reported instead of silently feeding wrong features.
 
 Writes are atomic (temporary file + ``os.replace``): a killed run leaves
 only whole entries, and the next run skips them.
+
+Many writers may share one folder (the ranks of a torchrun job, two
+`spp cache` runs started by hand): the header is created under a folder
+lock, and an entry is made only by the process holding its claim, an
+exclusive ``lockf`` lock on ``entries/ab/<key>.claim``. The kernel drops
+the lock of a process that dies, so a killed writer blocks nobody; a
+claim file left behind is just a file. Locks are POSIX record locks, which
+NFS supports through its lock manager.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -39,6 +49,11 @@ from spp_cli.spp import Alignment
 CACHE_FORMAT = "spp-feature-cache"
 CACHE_VERSION = 1
 HEADER = "cache.json"
+FOLDER_LOCK = ".spp-cache.lock"
+CLAIM_SUFFIX = ".claim"
+# A temporary file this old belongs to no live writer (an entry is written in
+# well under a minute); younger ones may be another process's write in flight.
+STALE_TEMPORARY_SECONDS = 3600
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -169,18 +184,19 @@ class FeatureCache:
             raise CacheError(f"{root}: cannot create cache folder ({exc.strerror or exc})") from None
         if not os.access(root, os.W_OK | os.X_OK):
             raise CacheError(f"{root}: cache folder is not writable")
-        header = root / HEADER
-        if header.exists():
-            existing = cls.open(root)
-            if existing.settings != settings:
-                raise CacheError(
-                    f"{root}: cache was built with {existing.settings.describe()}; this run asks for "
-                    f"{settings.describe()}. Use another --cache folder, or the same settings"
-                )
-            return existing
-        if any(root.iterdir()):
-            raise CacheError(f"{root}: folder is not empty and holds no {HEADER}; choose an empty or new --cache folder")
-        atomic_write_json(header, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": asdict(settings)}, indent=2)
+        with _locked(root / FOLDER_LOCK, wait=True):
+            header = root / HEADER
+            if header.exists():
+                existing = cls.open(root)
+                if existing.settings != settings:
+                    raise CacheError(
+                        f"{root}: cache was built with {existing.settings.describe()}; this run asks for "
+                        f"{settings.describe()}. Use another --cache folder, or the same settings"
+                    )
+                return existing
+            if any(p.name != FOLDER_LOCK for p in root.iterdir()):
+                raise CacheError(f"{root}: folder is not empty and holds no {HEADER}; choose an empty or new --cache folder")
+            atomic_write_json(header, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": asdict(settings)}, indent=2)
         return cls(root, settings)
 
     @classmethod
@@ -209,6 +225,24 @@ class FeatureCache:
 
     def has(self, key: str) -> bool:
         return self.entry_path(key).is_file()
+
+    @contextlib.contextmanager
+    def claim(self, key: str, wait: bool) -> Iterator[bool]:
+        """Hold the right to make entry ``key``: yields True when this process has it.
+
+        With ``wait`` it blocks until the holder finishes or dies; without, it
+        yields False at once when another process holds it. The holder
+        removes what a killed writer of the same entry left (its temporary
+        files). Where the file system has no locks, every claim is granted
+        (atomic writes still keep each entry whole).
+        """
+        path = self.entry_path(key)
+        with _locked(path.with_name(path.stem + CLAIM_SUFFIX), wait, remove=True) as held:
+            if held:
+                for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                    with contextlib.suppress(OSError):
+                        stale.unlink()
+            yield held
 
     def keys(self) -> list[str]:
         """Keys of all entries, sorted."""
@@ -331,14 +365,58 @@ class FeatureCache:
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
-    def remove_stale_temporaries(self) -> int:
-        """Delete temporary files a killed writer left behind; returns how many."""
+    def remove_stale_temporaries(self, older_than: float = STALE_TEMPORARY_SECONDS) -> int:
+        """Delete temporary files a killed writer left behind; returns how many.
+
+        Only those older than ``older_than`` seconds: a younger one may be a
+        write in flight of another process sharing the folder (the claim of
+        an entry clears that entry's own temporaries).
+        """
         count = 0
+        now = time.time()
         for tmp in self.root.rglob(".*.tmp"):
             with contextlib.suppress(OSError):
-                tmp.unlink()
-                count += 1
+                if now - tmp.stat().st_mtime > older_than:
+                    tmp.unlink()
+                    count += 1
         return count
+
+
+@contextlib.contextmanager
+def _locked(path: Path, wait: bool, remove: bool = False) -> Iterator[bool]:
+    """An exclusive ``lockf`` lock on ``path`` (created if needed): yields whether it is held.
+
+    ``remove`` deletes the file before unlocking: a process that was waiting
+    on it then holds a lock on a file no longer linked, and must check again
+    whether the work it waited for is done (the cache does: ``has(key)``).
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise CacheError(f"{path}: cannot create lock file ({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                yield False  # another process holds it
+                return
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                raise CacheError(f"{path}: cannot lock ({exc.strerror or exc})") from None
+            # No locks on this file system: go ahead unguarded.
+        try:
+            yield True
+        finally:
+            if remove:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+            with contextlib.suppress(OSError):
+                fcntl.lockf(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def gt_arrays(entry: CacheEntry) -> dict[str, np.ndarray] | None:

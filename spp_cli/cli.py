@@ -54,6 +54,15 @@ def subset_options(func):
     return click.option("--data", metavar="SPEC", help="Use only the cached images of this dataset (with --split: of this split).")(func)
 
 
+def shard_option(func):
+    return click.option(
+        "--shard",
+        metavar="I/N",
+        help="Do shard I of N of the images (0-based; by image id, stable across reruns). "
+        "Default: from torchrun (RANK/WORLD_SIZE) or a SLURM array (SLURM_ARRAY_TASK_ID/COUNT), else all images.",
+    )(func)
+
+
 def workers_option(func):
     return click.option(
         "--workers",
@@ -123,7 +132,8 @@ def set_cpu_threads(threads: int) -> None:
 @click.option("--min-size", type=click.IntRange(min=0), default=None, help="Drop boxes narrower or shorter than PX (original pixels).")
 @workers_option
 @click.option("--report", is_flag=True, help="With ground truth (--data): print recall at IoU 0.5/0.7 and MABO per class.")
-def propose(inputs, data, split, out, mode, strategy, max_side, top, min_size, workers, report) -> None:
+@shard_option
+def propose(inputs, data, split, out, mode, strategy, max_side, top, min_size, workers, report, shard) -> None:
     """Generate selective-search region proposals for images.
 
     \b
@@ -134,7 +144,7 @@ def propose(inputs, data, split, out, mode, strategy, max_side, top, min_size, w
     """
     from spp_cli.commands.propose import run_propose
 
-    code = run_propose(inputs, data, split, out, mode, strategy, max_side, top, min_size, workers, report)
+    code = run_propose(inputs, data, split, out, mode, strategy, max_side, top, min_size, workers, report, shard)
     sys.exit(code)
 
 
@@ -154,7 +164,8 @@ def gpu_option(func):
 @click.option("--max-side", type=click.IntRange(min=64), default=2000, show_default=True, help="Cap on the resized long side.")
 @click.option("--dtype", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="Storage type of the conv maps.")
 @gpu_option
-def cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu) -> None:
+@shard_option
+def cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu, shard) -> None:
     """Run the conv layers once per image per scale into a feature cache.
 
     Each entry holds the conv maps, the image's proposals and, with --data,
@@ -169,7 +180,7 @@ def cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_
     """
     from spp_cli.commands.cache import run_cache
 
-    sys.exit(run_cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu))
+    sys.exit(run_cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu, shard))
 
 
 @cli.command("cache-info")
@@ -310,7 +321,8 @@ def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox
 @click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Refine boxes with the model's regressors (if it has them).")
 @click.option("--vote/--no-vote", default=True, show_default=True, help="Box voting after NMS: each box becomes the score-weighted mean of the candidates of its class overlapping it at IoU >= 0.5.")
 @gpu_option
-def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, bbox_reg, vote, gpu) -> None:
+@shard_option
+def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, bbox_reg, vote, gpu, shard) -> None:
     """Detect objects: proposals, one conv pass per image per scale, SPP, SVMs, NMS, box voting.
 
     Ends with a per-stage timing line in ms per image. A model trained with
@@ -325,7 +337,7 @@ def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det
     """
     from spp_cli.commands.detect import run_detect
 
-    sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg, vote))
+    sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg, vote, shard))
 
 
 @cli.command()
@@ -362,6 +374,26 @@ def eval_(detections, data, split, metric, out) -> None:
     from spp_cli.commands.eval import run_eval
 
     sys.exit(run_eval(detections, data, split, metric, out))
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["props", "dets"]))
+@click.argument("parts", nargs=-1, required=True, metavar="PART...", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The merged file to write (atomically).")
+def merge(kind, parts, out) -> None:
+    """Merge the parts that the shards of a propose or detect run wrote.
+
+    A run split over N processes (--shard I/N, a SLURM array; torchrun
+    merges by itself) leaves one part per shard beside --out. The merged
+    file is the one a single process would have written, image for image.
+
+    \b
+    Example:
+      spp merge props props.shard-*-of-8.json --out props.json
+    """
+    from spp_cli.commands.merge import run_merge
+
+    sys.exit(run_merge(kind, list(parts), out))
 
 
 def main() -> None:

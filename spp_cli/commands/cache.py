@@ -32,7 +32,8 @@ def settings_for(backbone: str, weights: str | None, scales: str, max_side: int,
 
 
 def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone: str, weights: str | None,
-              scales: str, max_side: int, dtype: str, gpu: bool) -> int:
+              scales: str, max_side: int, dtype: str, gpu: bool, shard: str | None = None) -> int:
+    from spp_cli.commands import parts
     from spp_cli.images import load_image
     from spp_cli.proposals import ProposalParams, propose, read_proposals
 
@@ -43,6 +44,7 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
     settings = settings_for(backbone, weights, scales, max_side, dtype)
     proposal_set = read_proposals(props) if props is not None else None
     sources = resolve_sources(inputs, data, split)
+    work = parts.share(sources, shard)
     cache = FeatureCache.create_or_open(cache_dir, settings)
     cache.remove_stale_temporaries()
     ui.print_warnings(sources.warnings or [])
@@ -54,79 +56,98 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
     seen: dict[str, str] = {}  # key -> first image id with those bytes
     duplicates: list[str] = []
     forward_before = backbones.FORWARD_CALLS
-    computed = reused = updated = 0
+    counts = {"computed": 0, "updated": 0, "reused": 0, "by_others": 0}
     conv_seconds: list[float] = []
+
+    def cache_one(source, key: str, entry_props) -> str:
+        """Make or refresh ``source``'s entry (its claim held); what was done, or ``bad``."""
+        nonlocal extractor
+        gt = _gt(source.record)
+        meta = _readable_metadata(cache, key)
+        if meta is not None:
+            new_props = entry_props is not None and meta.get("proposals_sha256") != proposals_digest(entry_props)
+            new_gt = gt is not None and meta.get("gt_sha256") != gt_digest(gt, classes)
+            if not (new_props or new_gt):
+                return "reused"
+            # Same image, new proposals or labels: keep the maps, no forward pass.
+            entry = cache.read(key)
+            if new_props:
+                entry.proposals = entry_props
+            if new_gt:
+                entry.classes = classes
+                _set_gt(entry, gt)
+            cache.write(entry)
+            return "updated"
+        try:
+            image = load_image(source.path, warn=ui.warn)
+        except SPPError as exc:
+            bad.append((source.path, str(exc)))
+            return "bad"
+        if entry_props is None:
+            entry_props = propose(image, proposal_params)
+        if extractor is None:
+            extractor = backbones.FeatureExtractor(backbones.get_spec(backbone), weights, device)
+        maps, factors, seconds = feature_pyramid(extractor, image, settings.scales, settings.max_side, warn=ui.warn, name=str(source.path))
+        conv_seconds.append(sum(seconds))
+        height, width = image.shape[:2]
+        entry = CacheEntry(key, source.image_id, str(source.path), width, height, maps, factors, entry_props, classes=classes)
+        _set_gt(entry, gt)
+        cache.write(entry)
+        return "computed"
+
     start = time.perf_counter()
+    # An entry another writer holds (a second `spp cache` on the same folder)
+    # is left for the end; by then it is usually written, and is then reused.
+    deferred = []
     with ui.progress() as bar:
-        task = bar.add_task("cache", total=len(sources.items), rate="")
-        for done, source in enumerate(sources.items, start=1):
+        task = bar.add_task("cache", total=len(work.items), rate="")
+        done = 0
+
+        def advance(outcome: str | None = None) -> None:
+            nonlocal done
+            done += 1
+            if outcome in counts:
+                counts[outcome] += 1
+            bar.update(task, advance=1, rate=_rate(done, start))
+
+        for source in work.items:
             try:
                 key = image_key(source.path)
             except OSError as exc:
                 bad.append((source.path, f"cannot read file ({exc.strerror or exc})"))
-                bar.update(task, advance=1)
+                advance()
                 continue
             if key in seen:
                 # Byte-identical images share one entry; the first one's
                 # proposals and labels are kept so reruns are stable.
                 duplicates.append(f"{source.path}: same bytes as {seen[key]}; cached once")
-                bar.update(task, advance=1)
+                advance()
                 continue
             seen[key] = str(source.path)
-            record = source.record
-            gt = _gt(record)
             entry_props = None
             if proposal_set is not None:
                 found = proposal_set.lookup(source.image_id, source.path)
                 if found is None:
                     bad.append((source.path, f"not in {props}; run `spp propose` on it first"))
-                    bar.update(task, advance=1)
+                    advance()
                     continue
                 entry_props = found.boxes
-            meta = _readable_metadata(cache, key)
-            if meta is not None:
-                new_props = entry_props is not None and meta.get("proposals_sha256") != proposals_digest(entry_props)
-                new_gt = gt is not None and meta.get("gt_sha256") != gt_digest(gt, classes)
-                if not (new_props or new_gt):
-                    reused += 1
-                    bar.update(task, advance=1, rate=_rate(done, start))
-                    continue
-                # Same image, new proposals or labels: keep the maps, no forward pass.
-                entry = cache.read(key)
-                if new_props:
-                    entry.proposals = entry_props
-                if new_gt:
-                    entry.classes = classes
-                    _set_gt(entry, gt)
-                cache.write(entry)
-                updated += 1
-                bar.update(task, advance=1, rate=_rate(done, start))
-                continue
-            try:
-                image = load_image(source.path, warn=ui.warn)
-            except SPPError as exc:
-                bad.append((source.path, str(exc)))
-                bar.update(task, advance=1)
-                continue
-            if entry_props is None:
-                entry_props = propose(image, proposal_params)
-            if extractor is None:
-                extractor = backbones.FeatureExtractor(backbones.get_spec(backbone), weights, device)
-            maps, factors, seconds = feature_pyramid(
-                extractor, image, settings.scales, settings.max_side, warn=ui.warn, name=str(source.path)
-            )
-            conv_seconds.append(sum(seconds))
-            height, width = image.shape[:2]
-            entry = CacheEntry(key, source.image_id, str(source.path), width, height, maps, factors, entry_props, classes=classes)
-            _set_gt(entry, gt)
-            cache.write(entry)
-            computed += 1
-            bar.update(task, advance=1, rate=_rate(done, start))
+            with cache.claim(key, wait=False) as mine:
+                if mine:
+                    advance(cache_one(source, key, entry_props))
+                else:
+                    deferred.append((source, key, entry_props))
+        for source, key, entry_props in deferred:
+            with cache.claim(key, wait=True):
+                had = cache.has(key)
+                outcome = cache_one(source, key, entry_props)
+                advance("by_others" if had and outcome == "reused" else outcome)
     ui.print_warnings(duplicates)
     forwards = backbones.FORWARD_CALLS - forward_before
     per_image = f", conv {np.mean(conv_seconds):.2f} s/image" if conv_seconds else ""
+    others = f", {counts['by_others']} written by another process" if counts["by_others"] else ""
     ui.console.print(
-        f"{cache_dir}: {computed} image(s) computed, {updated} updated, {reused} already cached, "
+        f"{cache_dir}: {counts['computed']} image(s) computed, {counts['updated']} updated, {counts['reused']} already cached{others}, "
         f"{len(duplicates)} duplicate(s); "
         f"{forwards} forward pass(es){per_image}. Settings: {settings.describe()}",
     )

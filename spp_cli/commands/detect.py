@@ -30,8 +30,10 @@ def parse_speed_line(output: str) -> dict[str, float] | None:
 
 def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
                conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool,
-               bbox_reg: bool = True, vote: bool = True) -> int:
+               bbox_reg: bool = True, vote: bool = True, shard: str | None = None) -> int:
     import torch
+
+    from spp_cli.commands import parts
 
     from spp_cli.cache import DTYPES, FeatureCache, image_key
     from spp_cli.commands.models import default_model_path
@@ -71,6 +73,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
             detector.check_features(cache.settings, str(cache_dir))
     proposal_set = read_proposals(props) if props is not None else None
     sources = resolve_sources(inputs, data, split)
+    work = parts.share(sources, shard)
     ui.print_warnings(sources.warnings or [])
     if data and sources.dataset is not None:
         missing = [c for c in sources.dataset.classes if c not in detector.classes]
@@ -89,10 +92,11 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     results: list[dict] = []
     timings = {stage: 0.0 for stage in STAGES}
     from_cache = computed = 0
+    orders: list[int] = []  # each result's position in the whole job (for the merge of shards)
     start = time.perf_counter()
     with ui.progress() as bar:
-        task = bar.add_task("detect", total=len(sources.items), rate="")
-        for done, source in enumerate(sources.items, 1):
+        task = bar.add_task("detect", total=len(work.items), rate="")
+        for done, (order, source) in enumerate(zip(work.orders, work.items), 1):
             try:
                 entry = None
                 if cache is not None:
@@ -167,14 +171,27 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
             if record is not None and getattr(record, "coco_id", None) is not None:
                 entry_json["coco_id"] = record.coco_id
             results.append(entry_json)
+            orders.append(order)
             bar.update(task, advance=1, rate=f"{done / (time.perf_counter() - start):.2f} img/s")
 
-    if out is not None:
+    if out is not None and work.shard.active:
+        from spp_cli.merge import part_document
+
+        # The COCO results file numbers images by their place in the whole
+        # job: it is written with the merged file.
+        atomic_write_json(work.output(out), part_document(detections_document(detector.classes, results), work.shard, orders, work.total))
+    elif out is not None:
         atomic_write_json(out, detections_document(detector.classes, results))
         atomic_write_json(coco_results_path(out), coco_results(results))
     if save_dir is not None:
-        _save_drawings(results, save_dir, shown, bad)
-    _summary(results, detector.classes, out, save_dir, shown)
+        # File names as a single process would choose them (same-named images get -2, -3, ...).
+        everyone = [s.path for s in sources.items]
+        positions = None
+        if work.shard.active:
+            place = {str(path): k for k, path in enumerate(everyone)}
+            positions = [place[r["path"]] for r in results]
+        _save_drawings(results, save_dir, shown, bad, positions, everyone)
+    _summary(results, detector.classes, work.output(out) if out is not None else None, save_dir, shown, coco=not work.shard.active)
     n = max(len(results), 1)
     per_stage = ", ".join(f"{1000 * timings[s] / n:.1f}ms {s}" for s in STAGES)
     if rcnn:
@@ -183,11 +200,14 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     else:
         where = f"{computed} image(s) through the network on {device}, {from_cache} from the cache"
     ui.console.print(f"Speed: {per_stage} per image ({where})")
+    if out is not None:
+        parts.finish("dets", work, out)
     ui.print_bad(bad)
     return 1 if bad else 0
 
 
-def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: list) -> None:
+def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: list,
+                   positions: list[int] | None = None, everyone: list[Path] | None = None) -> None:
     from PIL import Image
 
     from spp_cli.commands.draw import encode, output_paths
@@ -196,7 +216,11 @@ def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: l
     from spp_cli.images import load_image
 
     sources = [Path(r["path"]) for r in results]
-    targets, _ = output_paths(sources, save_dir)
+    if positions is None:
+        targets, _ = output_paths(sources, save_dir)
+    else:
+        names, _ = output_paths(everyone, save_dir)
+        targets = [names[k] for k in positions]
     for result, source, target in zip(results, sources, targets):
         try:
             # A truncated file was warned of when it was read for detection (or caching).
@@ -208,7 +232,7 @@ def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: l
         atomic_write_bytes(target, encode(drawn, target.suffix))
 
 
-def _summary(results: list[dict], classes: list[str], out: Path | None, save_dir: Path | None, shown: float) -> None:
+def _summary(results: list[dict], classes: list[str], out: Path | None, save_dir: Path | None, shown: float, coco: bool = True) -> None:
     counts: dict[str, int] = {}
     for r in results:
         for d in r["detections"]:
@@ -219,7 +243,7 @@ def _summary(results: list[dict], classes: list[str], out: Path | None, save_dir
     if out is not None:
         from spp_cli.detections import coco_results_path
 
-        where.append(f"{out} (+ {coco_results_path(out).name})")
+        where.append(f"{out} (+ {coco_results_path(out).name})" if coco else str(out))
     if save_dir is not None:
         where.append(f"annotated images in {save_dir}")
     ui.console.print(f"{len(results)} image(s): {found} at score >= {shown:g}" + (f"; wrote {', '.join(where)}" if where else ""))

@@ -41,24 +41,31 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, min_size, workers: int, report: bool) -> int:
+def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, min_size, workers: int, report: bool,
+                shard: str | None = None) -> int:
+    from spp_cli.commands import parts
+    from spp_cli.merge import part_document
+
     params = make_params(mode, strategy, max_side, top, min_size)
     if report and not data:
         raise SPPError("--report needs ground truth: use --data SPEC")
     check_writable(out)
     sources = resolve_sources(inputs, data, split)
+    work = parts.share(sources, shard)
+    target = work.output(out)
+    items = work.items
     ui.print_warnings(sources.warnings or [])
     bad: list[tuple[Path | str, str]] = list(sources.bad or [])
 
-    done = _load_partial(partial_path(out), params)
-    tasks = [ProposalTask(s.image_id, str(s.path)) for s in sources.items if str(s.path) not in done]
+    done = _load_partial(partial_path(target), params)
+    tasks = [ProposalTask(s.image_id, str(s.path)) for s in items if str(s.path) not in done]
     if done:
-        ui.console.print(f"Resuming: {len(sources.items) - len(tasks)} of {len(sources.items)} images already done.")
+        ui.console.print(f"Resuming: {len(items) - len(tasks)} of {len(items)} images already done.")
 
     results: dict[str, ImageProposals] = dict(done)
     start = time.perf_counter()
-    with _open_partial(partial_path(out), params, fresh=not done) as partial, ui.progress() as bar:
-        task_id = bar.add_task("propose", total=len(sources.items), completed=len(sources.items) - len(tasks), rate="")
+    with _open_partial(partial_path(target), params, fresh=not done) as partial, ui.progress() as bar:
+        task_id = bar.add_task("propose", total=len(items), completed=len(items) - len(tasks), rate="")
         finished = 0
         for result in run_proposals(tasks, params, workers):
             finished += 1
@@ -74,14 +81,18 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
             bar.update(task_id, advance=1, rate=f"{finished / elapsed:.2f} img/s")
     wall = time.perf_counter() - start
 
-    ordered = [results[str(s.path)] for s in sources.items if str(s.path) in results]
-    atomic_write_json(out, proposals_document(params, ordered))
-    partial_path(out).unlink(missing_ok=True)
+    kept = [(order, s) for order, s in zip(work.orders, items) if str(s.path) in results]
+    ordered = [results[str(s.path)] for _, s in kept]
+    document = proposals_document(params, ordered)
+    if work.shard.active:
+        document = part_document(document, work.shard, [order for order, _ in kept], work.total)
+    atomic_write_json(target, document)
+    partial_path(target).unlink(missing_ok=True)
 
     counts = [len(e.boxes) for e in ordered]
     seg_seconds = [e.seconds for e in ordered if e.seconds]
     ui.console.print(
-        f"Wrote {out}: {len(ordered)} images, {np.mean(counts) if counts else 0:.0f} boxes/image "
+        f"Wrote {target}: {len(ordered)} images, {np.mean(counts) if counts else 0:.0f} boxes/image "
         f"(min {min(counts, default=0)}, max {max(counts, default=0)}), "
         f"{np.mean(seg_seconds) if seg_seconds else 0:.2f} s/image per worker, "
         f"{wall / max(len(tasks), 1):.2f} s/image wall with {workers} worker(s) "
@@ -89,6 +100,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     )
     if report and sources.dataset is not None:
         _print_report(sources, ordered)
+    parts.finish("props", work, out)
     ui.print_bad(bad)
     return 1 if bad else 0
 

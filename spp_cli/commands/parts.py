@@ -1,0 +1,66 @@
+"""What a per-image command does differently as one shard of a job.
+
+It keeps the images its shard owns (with their positions in the whole job,
+for the merge), writes its output as a part beside ``--out``, and, under
+torchrun, waits for the other ranks so that rank 0 can merge the parts into
+``--out`` itself. Under a SLURM array or ``--shard`` the parts stay, for
+``spp merge``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from spp_cli import ui
+from spp_cli.shard import Shard, part_path, resolve_shard, under_torchrun
+from spp_cli.sources import Source, Sources
+
+
+@dataclass
+class ShardWork:
+    """A shard's share: its images, their positions in the whole job, the job's size."""
+
+    shard: Shard
+    items: list[Source]
+    orders: list[int]
+    total: int
+
+    def output(self, out: Path) -> Path:
+        """Where the command writes: ``out`` itself, or this shard's part of it."""
+        return self.shard.part_path(out) if self.shard.active else out
+
+
+def share(sources: Sources, shard_option: str | None) -> ShardWork:
+    """This process's images of ``sources``; annotation problems listed by their owner only."""
+    shard = resolve_shard(shard_option)
+    if not shard.active:
+        return ShardWork(shard, list(sources.items), list(range(len(sources.items))), len(sources.items))
+    picked = [(k, s) for k, s in enumerate(sources.items) if shard.owns(s.image_id)]
+    # A skipped annotation is named by its file (the image id is its stem):
+    # one shard lists it, not all of them.
+    sources.bad = [(path, problem) for path, problem in (sources.bad or []) if shard.owns(Path(path).stem)]
+    ui.say(f"{shard.describe()}: {len(picked)} of {len(sources.items)} image(s)")
+    return ShardWork(shard, [s for _, s in picked], [k for k, _ in picked], len(sources.items))
+
+
+def finish(kind: str, work: ShardWork, out: Path) -> None:
+    """After this shard wrote its part: under torchrun, rank 0 merges all parts into ``out``."""
+    shard = work.shard
+    if not shard.active:
+        return
+    if shard.origin != "torchrun" or not under_torchrun():
+        parts = out.with_name(f"{out.stem}.shard-*-of-{shard.count}{out.suffix}")
+        ui.say(f"Wrote part {work.output(out)}; when every shard is done: spp merge {kind} {parts} --out {out}")
+        return
+    from spp_cli import distributed
+    from spp_cli.merge import write_merged
+
+    distributed.barrier()
+    if shard.index == 0:
+        parts = [part_path(out, i, shard.count) for i in range(shard.count)]
+        merged = write_merged(kind, parts, out)
+        for part in parts:
+            part.unlink(missing_ok=True)
+        ui.say(f"Merged the {shard.count} parts into {out}: {len(merged['images'])} images")
+    distributed.barrier()  # nobody leaves before the merged file is there

@@ -1,0 +1,66 @@
+"""torch.distributed where torchrun started us; nothing at all otherwise.
+
+Only code paths that run under torchrun (``WORLD_SIZE`` > 1 with a
+rendezvous address) import this module, so a single process never loads
+torch.distributed. The process group uses gloo on the CPU and NCCL when the
+command runs on CUDA; rank 0 is the one that merges and writes shared
+results.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+# Ranks wait for each other at a barrier (the slowest shard of a propose or
+# detect run): allow a long day's work rather than gloo's 30 minutes.
+BARRIER_TIMEOUT = datetime.timedelta(hours=24)
+
+
+def ensure_group(cuda: bool = False):
+    """The default process group, created on first use (gloo, or NCCL with ``cuda``)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if cuda else "gloo"
+        if cuda:
+            import torch
+
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+    return dist
+
+
+def rank() -> int:
+    return ensure_group().get_rank()
+
+
+def world_size() -> int:
+    return ensure_group().get_world_size()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here."""
+    dist = ensure_group()
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[int(os.environ.get("LOCAL_RANK", "0"))])
+    else:
+        dist.barrier()
+
+
+def gather_objects(obj):
+    """Every rank's ``obj`` on every rank, in rank order (small, picklable-free JSON-able objects)."""
+    import json
+
+    dist = ensure_group()
+    # Objects travel as JSON text: no pickle of anything a rank received.
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, json.dumps(obj))
+    return [json.loads(text) for text in gathered]
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

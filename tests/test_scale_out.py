@@ -1,0 +1,282 @@
+"""Many processes on one job: shards, their merge, and one cache with many writers.
+
+Every multi-process test runs real `spp` processes (``python -m spp_cli``)
+side by side on generated images; the merged results must equal a single
+process's, byte for byte where the output is a file.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import REPO, write_image
+
+from spp_cli.cache import FeatureCache
+from spp_cli.cli import cli
+from spp_cli.errors import SPPError, UsageError
+from spp_cli.merge import merge_parts
+from spp_cli.shard import Shard, parse_shard_option, resolve_shard, shard_of
+
+BACKBONE = "efficientnet_lite0_b4"
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def spp_process(*args, env_extra=None, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SPP_THREADS": "1", **(env_extra or {})}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT"):
+        if name not in (env_extra or {}):
+            env.pop(name, None)
+    return subprocess.Popen([sys.executable, "-m", "spp_cli", *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def run_spp(*args, env_extra=None) -> subprocess.CompletedProcess:
+    process = spp_process(*args, env_extra=env_extra)
+    stdout, stderr = process.communicate(timeout=600)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos") / "in"
+    for i in range(12):
+        write_image(folder / f"p{i:02d}.jpg", 160, 120, seed=i)
+    return folder
+
+
+# ------------------------------------------------------------------ shards
+
+
+def test_shard_of_is_stable_and_spreads_images():
+    ids = [f"img{i}" for i in range(4000)]
+    shards = [shard_of(i, 4) for i in ids]
+    assert shards == [shard_of(i, 4) for i in ids]  # the same on every call and process
+    counts = np.bincount(shards, minlength=4)
+    assert counts.min() > 900, counts  # about a quarter each
+    # By id, not position: reordering the list moves no image to another shard.
+    assert [shard_of(i, 4) for i in reversed(ids)] == list(reversed(shards))
+    assert all(shard_of(i, 1) == 0 for i in ids[:10])
+
+
+def test_resolve_shard_from_option_torchrun_and_slurm():
+    assert resolve_shard(None, {}) == Shard()
+    assert resolve_shard("1/3", {"RANK": "0", "WORLD_SIZE": "2"}) == Shard(1, 3, "--shard")
+    assert resolve_shard(None, {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == Shard(1, 2, "torchrun")
+    assert resolve_shard(None, {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "3"}) == Shard(2, 4, "SLURM array")
+    both = {"SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_COUNT": "3", "RANK": "1", "WORLD_SIZE": "2"}
+    assert resolve_shard(None, both) == Shard(3, 6, "SLURM array x torchrun")
+    assert resolve_shard(None, {"RANK": "0", "WORLD_SIZE": "1"}) == Shard()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("2", "--shard 2: expected I/N, e.g. 0/4 (shard I of N, counting from 0)"),
+        ("3/3", "--shard 3/3: I must be at least 0 and below N (shards 0/3 to 2/3)"),
+        ("a/b", "--shard a/b: expected I/N, e.g. 0/4 (shard I of N, counting from 0)"),
+    ],
+)
+def test_bad_shard_option(text, message):
+    with pytest.raises(UsageError) as info:
+        parse_shard_option(text)
+    assert str(info.value) == message
+
+
+def test_bad_launcher_variable_is_one_line_error(photos, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    monkeypatch.setenv("RANK", "0")
+    result = invoke("propose", photos, "--out", tmp_path / "p.json", "--workers", "1")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: WORLD_SIZE='two' in the environment is not a whole number"
+
+
+def test_propose_shards_merge_into_the_single_process_file(photos, tmp_path):
+    single = tmp_path / "single.json"
+    assert invoke("propose", photos, "--out", single, "--workers", "1").exit_code == 0
+    out = tmp_path / "props.json"
+    for index in range(3):
+        result = invoke("propose", photos, "--out", out, "--workers", "1", "--shard", f"{index}/3")
+        assert result.exit_code == 0, result.output
+        assert f"Wrote part {tmp_path / f'props.shard-{index}-of-3.json'}; when every shard is done: spp merge props {tmp_path / 'props.shard-*-of-3.json'} --out {out}" in result.stderr
+    parts = sorted(tmp_path.glob("props.shard-*-of-3.json"))
+    assert len(parts) == 3 and not out.exists()
+    sizes = [len(json.loads(p.read_text())["images"]) for p in parts]
+    assert sum(sizes) == 12 and min(sizes) >= 1
+    result = invoke("merge", "props", *parts, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == f"Wrote {out}: 12 images from 3 part(s)"
+    assert out.read_bytes() == single.read_bytes()
+
+
+def test_merge_refuses_a_missing_or_foreign_part(photos, tmp_path):
+    out = tmp_path / "props.json"
+    for index in range(2):
+        assert invoke("propose", photos, "--out", out, "--workers", "1", "--shard", f"{index}/2").exit_code == 0
+    parts = sorted(tmp_path.glob("props.shard-*-of-2.json"))
+    result = invoke("merge", "props", parts[0], "--out", out)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: 1 of the 2 parts missing (shard 1/2); run those shards, then merge again"
+    other = tmp_path / "other"
+    other.mkdir()
+    assert invoke("propose", photos, "--out", other / "props.json", "--workers", "1", "--top", "10", "--shard", "1/2").exit_code == 0
+    with pytest.raises(SPPError, match=r"props\.shard-1-of-2\.json: its params differ from those of"):
+        merge_parts("props", [parts[0], other / "props.shard-1-of-2.json"])
+    with pytest.raises(SPPError, match="not a shard's part"):
+        merge_parts("props", [_plain_props(photos, tmp_path)])
+    assert not out.exists()
+
+
+def _plain_props(photos: Path, tmp_path: Path) -> Path:
+    plain = tmp_path / "plain.json"
+    assert invoke("propose", photos / "p00.jpg", "--out", plain, "--workers", "1").exit_code == 0
+    return plain
+
+
+def test_slurm_array_of_three_then_merge_equals_one_process(photos, tmp_path):
+    single = tmp_path / "single.json"
+    assert run_spp("propose", photos, "--out", single, "--workers", "1").returncode == 0
+    out = tmp_path / "props.json"
+    runs = [
+        spp_process("propose", photos, "--out", out, "--workers", "1",
+                    env_extra={"SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "0"})
+        for task in range(3)
+    ]
+    for process in runs:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+        assert "(SLURM array): " in stderr
+    result = run_spp("merge", "props", *sorted(tmp_path.glob("props.shard-*-of-3.json")), "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == single.read_bytes()
+
+
+def test_torchrun_propose_merges_on_rank_0(photos, tmp_path):
+    single = tmp_path / "single.json"
+    assert run_spp("propose", photos, "--out", single, "--workers", "1").returncode == 0
+    out = tmp_path / "props.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SPP_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "spp_cli", "propose", str(photos), "--out", str(out), "--workers", "1"],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Merged the 2 parts into {out}: 12 images" in result.stderr
+    assert out.read_bytes() == single.read_bytes()
+    assert not list(tmp_path.glob("props.shard-*"))
+
+
+# ------------------------------------------------------ one cache, many writers
+
+
+def entry_ids(cache_dir: Path) -> list[str]:
+    cache = FeatureCache.open(cache_dir)
+    return sorted(cache.metadata(k)["image_id"] for k in cache.keys())
+
+
+def computed_count(stderr: str) -> int:
+    line = next(line for line in stderr.splitlines() if " image(s) computed, " in line)
+    return int(line.split(": ", 1)[1].split(" image(s) computed")[0])
+
+
+def test_two_cache_processes_on_one_folder_at_once(photos, tmp_path):
+    feats = tmp_path / "feats"
+    args = ["cache", photos, "--cache", feats, "--scales", "480,576", "--backbone", BACKBONE]
+    first, second = spp_process(*args), spp_process(*args)
+    outputs = [p.communicate(timeout=600) for p in (first, second)]
+    assert first.returncode == 0 and second.returncode == 0, outputs
+    # Every image made once, by one of them; the other reused it.
+    assert computed_count(outputs[0][1]) + computed_count(outputs[1][1]) == 12, outputs
+    verify = run_spp("cache-info", feats, "--verify")
+    assert verify.returncode == 0 and "verified: 12 entries, 0 damaged" in verify.stdout, verify.stdout + verify.stderr
+    assert entry_ids(feats) == sorted(f"p{i:02d}" for i in range(12))
+    assert not list(feats.rglob("*.tmp"))
+
+
+def test_a_killed_shard_blocks_nobody_and_a_rerun_finishes_its_share(tmp_path):
+    folder = tmp_path / "in"
+    for i in range(16):
+        write_image(folder / f"q{i:02d}.jpg", 320, 240, seed=100 + i)
+    feats = tmp_path / "feats"
+    args = ["cache", folder, "--cache", feats, "--scales", "480,576,688", "--backbone", BACKBONE]
+    doomed = spp_process(*args, "--shard", "1/2")
+    survivor = spp_process(*args, "--shard", "0/2")
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((feats / "entries").glob("*/*.safetensors")):
+        time.sleep(0.05)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.communicate()
+    _, stderr = survivor.communicate(timeout=600)
+    assert survivor.returncode == 0, stderr
+    mine = {f"q{i:02d}" for i in range(16) if shard_of(f"q{i:02d}", 2) == 0}
+    assert mine <= set(entry_ids(feats))
+    assert len(entry_ids(feats)) < 16, "the killed shard finished before it was killed: the test proves nothing"
+    rerun = run_spp(*args, "--shard", "1/2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert entry_ids(feats) == sorted(f"q{i:02d}" for i in range(16))
+    assert run_spp("cache-info", feats, "--verify").returncode == 0
+
+
+def test_cache_shards_fill_one_cache_like_one_process(photos, tmp_path):
+    one, many = tmp_path / "one", tmp_path / "many"
+    args = ["--scales", "96", "--backbone", BACKBONE]
+    assert run_spp("cache", photos, "--cache", one, *args).returncode == 0
+    runs = [spp_process("cache", photos, "--cache", many, *args, "--shard", f"{i}/2") for i in range(2)]
+    for process in runs:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr
+    a, b = FeatureCache.open(one), FeatureCache.open(many)
+    assert a.keys() == b.keys()
+    for key in a.keys():
+        x, y = a.read(key), b.read(key)
+        assert x.image_id == y.image_id and all(np.array_equal(m.numpy(), n.numpy()) for m, n in zip(x.maps, y.maps))
+        assert np.array_equal(x.proposals, y.proposals)
+
+
+def test_stale_temporaries_of_a_live_writer_are_kept(tmp_path):
+    from spp_cli.cache import STALE_TEMPORARY_SECONDS
+
+    root = tmp_path / "feats"
+    (root / "entries" / "ab").mkdir(parents=True)
+    young = root / "entries" / "ab" / ".abc.safetensors.x1.tmp"
+    old = root / "entries" / "ab" / ".abd.safetensors.x2.tmp"
+    young.write_bytes(b"in flight")
+    old.write_bytes(b"left by a killed run")
+    past = time.time() - STALE_TEMPORARY_SECONDS - 60
+    os.utime(old, (past, past))
+    cache = FeatureCache(root, None)
+    assert cache.remove_stale_temporaries() == 1
+    assert young.exists() and not old.exists()
+
+
+def test_claim_is_exclusive_and_released_when_its_holder_dies(tmp_path):
+    cache = FeatureCache(tmp_path / "feats", None)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; sys.path.insert(0, sys.argv[1]);"
+         "from spp_cli.cache import FeatureCache; from pathlib import Path;"
+         "c = FeatureCache(Path(sys.argv[2]), None);"
+         "cm = c.claim('ab' + '0' * 62, wait=False); assert cm.__enter__();"
+         "print('held', flush=True); time.sleep(60)",
+         str(REPO), str(tmp_path / "feats")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    key = "ab" + "0" * 62
+    with cache.claim(key, wait=False) as mine:
+        assert not mine
+    holder.kill()
+    holder.wait()
+    with cache.claim(key, wait=False) as mine:
+        assert mine
+    shutil.rmtree(tmp_path / "feats")
