@@ -18,6 +18,12 @@ moments, best weights, epoch, early-stopping counters) is written atomically
 to a checkpoint beside the output; every epoch draws from RNGs seeded by
 (seed, epoch), so a resumed run ends where an uninterrupted one would.
 
+Under torchrun (``world`` > 1) the head is trained as DistributedDataParallel:
+each rank reads and samples its own share of the training images (every
+``world``-th of them), gradients are averaged over the ranks each step (so a
+step sees ``world`` x 2 images), every rank scores the same held-out windows
+and rank 0 writes the checkpoints.
+
 Shape letters: R windows, D SPP vector length, K classes.
 """
 
@@ -182,8 +188,9 @@ class Finetuner:
     """One fine-tuning run over a cache: sampling tables, validation set, checkpointing."""
 
     def __init__(self, cache: FeatureCache, keys: list[str], classes: list[str], config: FinetuneConfig,
-                 levels: tuple[int, ...] = DEFAULT_LEVELS, device: str = "cpu"):
+                 levels: tuple[int, ...] = DEFAULT_LEVELS, device: str = "cpu", rank: int = 0, world: int = 1):
         self.cache, self.config, self.levels, self.device = cache, config, tuple(levels), torch.device(device)
+        self.rank, self.world = rank, world
         self.classes = list(classes)
         self.align = cache.settings.alignment
         self.dim = output_dim(cache.settings.channels, self.levels)
@@ -192,6 +199,8 @@ class Finetuner:
         n_val = int(round(len(keys) * config.val_fraction)) if len(keys) >= 5 else 0
         self.val_keys = sorted(keys[i] for i in order[:n_val])
         self.train_keys = sorted(keys[i] for i in order[n_val:])
+        # The training images this rank reads and samples (all of them in one process).
+        self.my_keys = self.train_keys[rank::world]
         self.tables: dict[str, WindowTable] = {}
         self.val_x = torch.zeros((0, self.dim))
         self.val_y = torch.zeros(0, dtype=torch.long)
@@ -199,8 +208,10 @@ class Finetuner:
 
     def identity(self) -> str:
         """What a checkpoint must match to be resumed: data, classes, settings."""
-        text = json.dumps([self.train_keys, self.val_keys, self.classes, asdict(self.config), list(self.levels),
-                           asdict(self.cache.settings)], sort_keys=True, default=str)
+        parts = [self.train_keys, self.val_keys, self.classes, asdict(self.config), list(self.levels), asdict(self.cache.settings)]
+        if self.world > 1:
+            parts.append({"ranks": self.world})  # another sampling: not resumable by another rank count
+        text = json.dumps(parts, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def prepare(self, progress: Callable[[int, int], None] | None = None) -> None:
@@ -208,7 +219,7 @@ class Finetuner:
         config = self.config
         rng = np.random.default_rng([config.seed, 2 << 20])
         val_x, val_y, norms = [], [], []
-        keys = self.train_keys + self.val_keys
+        keys = self.my_keys + self.val_keys
         for n, key in enumerate(keys, 1):
             entry = self.cache.read(key)
             table = window_table(entry, self.classes, config)
@@ -222,9 +233,17 @@ class Finetuner:
                 norms.append(pool_windows(entry.maps, entry.factors, torch.from_numpy(table.boxes[picked]), self.align, self.levels).norm(dim=1))
             if progress:
                 progress(n, len(keys))
-        if not any(len(self.tables[k].foreground) for k in self.train_keys):
-            raise DatasetError(f"{self.cache.root}: no training window overlaps a ground-truth box at IoU >= {config.fg_iou}")
+        has_foreground = any(len(self.tables[k].foreground) for k in self.my_keys)
         mean_norm = float(torch.cat(norms).mean()) if norms else 1.0
+        if self.world > 1:
+            # Every rank must train on the same input scale and stop for the same reason.
+            local = torch.cat(norms) if norms else torch.zeros(0)
+            totals = torch.tensor([float(local.sum()), float(len(local)), float(has_foreground)], dtype=torch.float64)
+            torch.distributed.all_reduce(totals)
+            mean_norm = float(totals[0] / totals[1]) if totals[1] else 1.0
+            has_foreground = bool(totals[2])
+        if not has_foreground:
+            raise DatasetError(f"{self.cache.root}: no training window overlaps a ground-truth box at IoU >= {config.fg_iou}")
         # Unit scale per input on average: fc6's default init expects it.
         self.input_scale = math.sqrt(self.dim) / max(mean_norm, 1e-12)
         if val_x:
@@ -243,9 +262,18 @@ class Finetuner:
         rng = np.random.default_rng([config.seed, epoch])
         torch.manual_seed(config.seed * 100_003 + epoch)  # dropout
         network.train()
-        order = [self.train_keys[i] for i in rng.permutation(len(self.train_keys))]
+        if self.world > 1:
+            # Each rank its own images, in its own seeded order; every rank takes
+            # as many steps as the one with the most images (the others wrap
+            # around), as DistributedDataParallel needs.
+            rng = np.random.default_rng([config.seed, epoch, self.rank])
+            torch.manual_seed(config.seed * 100_003 + epoch * 1_009 + self.rank)
+        order = [self.my_keys[i] for i in rng.permutation(len(self.my_keys))]
         per_image = config.batch // config.images_per_batch
         groups = [order[i : i + config.images_per_batch] for i in range(0, len(order), config.images_per_batch)]
+        if self.world > 1:
+            most = -(-len(self.train_keys[0 :: self.world]) // config.images_per_batch)
+            groups = [groups[i % len(groups)] for i in range(most)] if groups else []
         total_loss = total_correct = total = 0.0
         for step, group in enumerate(groups, 1):
             xs, ys = [], []
@@ -271,6 +299,10 @@ class Finetuner:
             total += len(y)
             if progress:
                 progress(epoch, step, len(groups), total_loss / total, total_correct / total)
+        if self.world > 1:
+            sums = torch.tensor([total_loss, total_correct, total], dtype=torch.float64)
+            torch.distributed.all_reduce(sums)
+            total_loss, total_correct, total = (float(v) for v in sums)
         return total_loss / max(total, 1), total_correct / max(total, 1)
 
     @torch.inference_mode()
@@ -292,14 +324,26 @@ class Finetuner:
         """
         network = self.new_network()
         optimizer = self.new_optimizer(network)
+        trained = network
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Wrapped after the optimizer is made on the same parameters; the
+            # wrapper averages gradients over the ranks in backward().
+            trained = DistributedDataParallel(network, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         state = _State()
         best_weights = {k: v.detach().clone() for k, v in network.state_dict().items()}
         if checkpoint is not None and checkpoint.is_file():
             state, best_weights = read_checkpoint(checkpoint, self.identity(), network, optimizer)
         while state.epoch < self.config.epochs and state.bad_epochs < self.config.patience:
             epoch = state.epoch + 1
-            train_loss, train_acc = self.train_epoch(network, optimizer, epoch, progress)
+            train_loss, train_acc = self.train_epoch(trained, optimizer, epoch, progress)
             val_loss, val_acc = self.validate(network)
+            if self.world > 1:
+                # Rank 0's verdict for all: every rank then keeps the same best epoch and stops together.
+                verdict = torch.tensor([val_loss, val_acc], dtype=torch.float64)
+                torch.distributed.broadcast(verdict, 0)
+                val_loss, val_acc = float(verdict[0]), float(verdict[1])
             improved = math.isnan(val_loss) or val_loss < state.best_val_loss
             if improved:
                 state.best_val_loss = val_loss if not math.isnan(val_loss) else state.best_val_loss
@@ -310,7 +354,7 @@ class Finetuner:
             state.epoch = epoch
             report = EpochReport(epoch, train_loss, train_acc, val_loss, val_acc, improved)
             state.history.append(asdict(report))
-            if checkpoint is not None:
+            if checkpoint is not None and self.rank == 0:
                 write_checkpoint(checkpoint, self.identity(), state, network, optimizer, best_weights)
             if on_epoch:
                 on_epoch(report)
@@ -325,6 +369,7 @@ class Finetuner:
             {
                 "images": len(self.train_keys),
                 "validation_images": len(self.val_keys),
+                "ranks": self.world,
                 "config": asdict(self.config),
                 "best_epoch": state.best_epoch,
                 "epochs_run": state.epoch,

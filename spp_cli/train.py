@@ -239,3 +239,35 @@ def _regression_samples(entry, windows, pool5, scale, names, classes, config, re
         sel = good[gt_names[best[good]] == name]
         reg_feats[name].append((pool5[torch.from_numpy(sel)] * scale).numpy().astype(np.float16))
         reg_deltas[name].append(encode(windows[sel], gt[best[sel]]))
+
+
+def assemble_detectors(parts: list[Detector], classes: list[str]) -> Detector:
+    """One detector from detectors trained on disjoint class subsets of the same data.
+
+    Classes are independent in SVM training (one classifier, one miner, one
+    box regressor each), so the parts of a train-svm split over ranks join
+    into the model one process trains; ``classes`` gives the order. A class
+    no part has (no usable positive) stays out, as in one process.
+    """
+    parts = [p for p in parts if p.classes]
+    if not parts:
+        raise ModelError("no rank trained any class")
+    rows = {name: (part, k) for part in parts for k, name in enumerate(part.classes)}
+    kept = [name for name in classes if name in rows]
+    first = parts[0]
+    weight = np.stack([rows[n][0].svms.weight[rows[n][1]] for n in kept])
+    bias = np.array([rows[n][0].svms.bias[rows[n][1]] for n in kept], np.float32)
+    svms = LinearSVMs(kept, weight, bias, first.svms.feature_scale)
+    regressors = None
+    if first.regressors is not None:
+        regressors = BoxRegressors(
+            np.stack([rows[n][0].regressors.weight[rows[n][1]] for n in kept]),
+            np.stack([rows[n][0].regressors.bias[rows[n][1]] for n in kept]),
+        )
+    training = dict(first.training)
+    training["ranks"] = len(parts)
+    return Detector(
+        features=first.features, levels=first.levels, svms=svms, regressors=regressors, head=first.head,
+        regression_scale=first.regression_scale, detect=first.detect, proposals=first.proposals,
+        training=training, mode=first.mode,
+    )

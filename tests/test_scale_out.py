@@ -261,16 +261,14 @@ def test_stale_temporaries_of_a_live_writer_are_kept(tmp_path):
 
 def test_claim_is_exclusive_and_released_when_its_holder_dies(tmp_path):
     cache = FeatureCache(tmp_path / "feats", None)
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import sys, time; sys.path.insert(0, sys.argv[1]);"
-         "from spp_cli.cache import FeatureCache; from pathlib import Path;"
-         "c = FeatureCache(Path(sys.argv[2]), None);"
-         "cm = c.claim('ab' + '0' * 62, wait=False); assert cm.__enter__();"
-         "print('held', flush=True); time.sleep(60)",
-         str(REPO), str(tmp_path / "feats")],
-        stdout=subprocess.PIPE, text=True,
+    code = (
+        "import sys, time; sys.path.insert(0, sys.argv[1]);"
+        "from spp_cli.cache import FeatureCache; from pathlib import Path;"
+        "c = FeatureCache(Path(sys.argv[2]), None);"
+        "cm = c.claim('ab' + '0' * 62, wait=False); assert cm.__enter__();"
+        "print('held', flush=True); time.sleep(60)"
     )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(REPO), str(tmp_path / "feats")], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     key = "ab" + "0" * 62
     with cache.claim(key, wait=False) as mine:
@@ -280,3 +278,63 @@ def test_claim_is_exclusive_and_released_when_its_holder_dies(tmp_path):
     with cache.claim(key, wait=False) as mine:
         assert mine
     shutil.rmtree(tmp_path / "feats")
+
+
+# ------------------------------------------------------ training over ranks
+
+
+def torchrun(*args, ranks: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SPP_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "-m", "spp_cli", *map(str, args)],
+        env=env, capture_output=True, text=True, timeout=900, check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def shapes_cache(tmp_path_factory):
+    from conftest import write_shapes
+
+    root = tmp_path_factory.mktemp("ranks")
+    data = write_shapes(root / "shapes")
+    props = root / "props.json"
+    assert invoke("propose", "--data", data, "--out", props, "--workers", "1").exit_code == 0
+    feats = root / "feats"
+    assert invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96", "--backbone", BACKBONE).exit_code == 0
+    return data, feats, root
+
+
+def test_train_svm_over_two_ranks_gives_the_one_process_model(shapes_cache):
+    from safetensors import safe_open
+
+    data, feats, root = shapes_cache
+    one, two = root / "one.safetensors", root / "two.safetensors"
+    assert invoke("train-svm", "--cache", feats, "--data", data, "--split", "train", "--out", one).exit_code == 0
+    result = torchrun("train-svm", "--cache", feats, "--data", data, "--split", "train", "--out", two)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Assembled the classes of 2 ranks" in result.stderr
+    assert not list(root.glob("two.safetensors.rank-*"))
+    with safe_open(str(one), "np") as a, safe_open(str(two), "np") as b:
+        assert sorted(a.keys()) == sorted(b.keys())
+        for name in a.keys():  # noqa: SIM118 (safetensors handles have no __iter__)
+            np.testing.assert_allclose(b.get_tensor(name), a.get_tensor(name), rtol=1e-5, atol=1e-6, err_msg=name)
+    from spp_cli.model import Detector
+
+    assert Detector.load(two).classes == Detector.load(one).classes
+
+
+def test_finetune_over_two_ranks_with_ddp(shapes_cache):
+    from spp_cli.head import Head
+
+    data, feats, root = shapes_cache
+    head = root / "head-ddp.safetensors"
+    result = torchrun("finetune", "--cache", feats, "--data", data, "--split", "train", "--out", head, "--epochs", "3", "--hidden", "32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 ranks (DistributedDataParallel)" in result.stderr
+    assert result.stderr.count("Wrote ") == 1  # rank 0 alone writes and reports
+    loaded = Head.load(head)
+    assert loaded.training["ranks"] == 2 and loaded.training["epochs_run"] == 3
+    assert not (root / "head-ddp.safetensors.ckpt").exists()
+    # It trains: the training loss falls over the epochs.
+    losses = [h["train_loss"] for h in loaded.training["history"]]
+    assert losses[-1] < losses[0], losses

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from spp_cli import backbones, ui
-from spp_cli.cache import CacheEntry, CacheSettings, FeatureCache, gt_digest, image_key, proposals_digest
+from spp_cli.cache import (
+    CacheEntry,
+    CacheSettings,
+    FeatureCache,
+    gt_digest,
+    image_key,
+    proposals_digest,
+)
 from spp_cli.errors import SPPError
 from spp_cli.features import feature_pyramid, parse_scales
 from spp_cli.memory import limit_heap_growth

@@ -33,9 +33,8 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                bbox_reg: bool = True, vote: bool = True, shard: str | None = None) -> int:
     import torch
 
-    from spp_cli.commands import parts
-
     from spp_cli.cache import DTYPES, FeatureCache, image_key
+    from spp_cli.commands import parts
     from spp_cli.commands.models import default_model_path
     from spp_cli.detections import coco_results, coco_results_path, detections_document
     from spp_cli.features import feature_pyramid

@@ -14,7 +14,12 @@ from spp_cli.fileio import check_writable
 
 def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, epochs: int, lr: float, batch: int,
                  fg_fraction: float, hidden: int, flip: bool, seed: int, gpu: bool) -> int:
-    from spp_cli.finetune import Finetuner, FinetuneConfig, check_checkpoint, checkpoint_path
+    from spp_cli.finetune import (
+        FinetuneConfig,
+        Finetuner,
+        check_checkpoint,
+        checkpoint_path,
+    )
     from spp_cli.train import split_keys, training_set
 
     check_writable(out)
@@ -26,18 +31,30 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
     keys = split_keys(cache, data, split) if data else None
     data = training_set(cache, wanted, keys)
     config = FinetuneConfig(epochs=epochs, lr=lr, batch=batch, fg_fraction=fg_fraction, hidden=hidden, flip=flip, seed=seed)
-    tuner = Finetuner(cache, data.keys, data.classes, config, device=device)
+    from spp_cli.shard import under_torchrun
+
+    rank, world = 0, 1
+    if under_torchrun():
+        from spp_cli import distributed
+
+        distributed.ensure_group(cuda=device.startswith("cuda"))
+        rank, world = distributed.rank(), distributed.world_size()
+        if device.startswith("cuda"):
+            device = f"cuda:{torch_local_rank()}"
+        ui.console.quiet = rank != 0  # one voice: rank 0's
+    tuner = Finetuner(cache, data.keys, data.classes, config, device=device, rank=rank, world=world)
     checkpoint = checkpoint_path(out)
     if checkpoint.is_file():
         check_checkpoint(checkpoint, tuner.identity())  # before reading the whole cache
+    over = f", {world} ranks (DistributedDataParallel)" if world > 1 else ""
     ui.console.print(
         f"Fine-tuning fc6/fc7 ({hidden} wide) on {len(tuner.train_keys)} cached image(s) "
-        f"(+{len(tuner.val_keys)} held out), {len(data.classes)} class(es), on {device}",
+        f"(+{len(tuner.val_keys)} held out), {len(data.classes)} class(es), on {device}{over}",
     )
     start = time.perf_counter()
     with ui.progress(10) as bar:
         reading = bar.add_task("reading", total=len(data.keys), rate="")
-        tuner.prepare(lambda done, total: bar.update(reading, completed=done))
+        tuner.prepare(lambda done, total: bar.update(reading, completed=done, total=total))
         if checkpoint.is_file():
             bar.console.print(f"Resuming from {checkpoint}")
         tasks: dict[int, int] = {}
@@ -54,6 +71,8 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
             )
 
         head = tuner.run(checkpoint, progress, on_epoch)
+    if rank != 0:
+        return 0  # rank 0 writes the head (every rank holds the same weights)
     head.training["cache"] = str(cache_dir)
     head.save(out)
     with contextlib.suppress(OSError):
@@ -62,3 +81,9 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
         f"Wrote {out}: best epoch {head.training['best_epoch']} of {head.training['epochs_run']}, {time.perf_counter() - start:.1f} s",
     )
     return 0
+
+
+def torch_local_rank() -> int:
+    import os
+
+    return int(os.environ.get("LOCAL_RANK", "0"))

@@ -17,7 +17,13 @@ from spp_cli.fileio import check_writable
 def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, C: float, bbox_reg: bool,
                   features: str = "pool5", head_path: Path | None = None, mode: str = "spp", gpu: bool = False) -> int:
     from spp_cli.head import Head
-    from spp_cli.train import check_head, split_keys, train_detector, training_set
+    from spp_cli.train import (
+        TrainingSet,
+        check_head,
+        split_keys,
+        train_detector,
+        training_set,
+    )
 
     if features == "fc7" and head_path is None:
         raise UsageError("--features fc7 needs --head FILE (a head from `spp finetune`)")
@@ -35,8 +41,19 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
     data = training_set(cache, wanted, keys)
     if head is not None:
         check_head(head, cache)
+    from spp_cli.shard import under_torchrun
+
+    ranks = None  # (rank, world) under torchrun: the classes are divided over the ranks
+    all_classes = list(data.classes)
+    if under_torchrun():
+        from spp_cli import distributed
+
+        ranks = distributed.rank(), distributed.world_size()
+        ui.console.quiet = ranks[0] != 0  # one voice: rank 0's
+        data = TrainingSet(data.cache, data.keys, all_classes[ranks[0] :: ranks[1]])
+    over = f" over {ranks[1]} ranks (rank 0: {', '.join(data.classes) or 'none'})" if ranks else ""
     ui.console.print(
-        f"Training on {features} features of {len(data.keys)} cached image(s), {len(data.classes)} class(es): {', '.join(data.classes)}",
+        f"Training on {features} features of {len(data.keys)} cached image(s), {len(all_classes)} class(es): {', '.join(all_classes)}{over}",
     )
     extractor = None
     if gpu and mode != "rcnn":
@@ -73,7 +90,7 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
 
             featurizer = RCNNFeaturizer(extractor, dtype=cache.settings.dtype, folder=folder, on_image=on_image)
 
-        detector = train_detector(
+        detector = None if not data.classes else train_detector(
             data,
             svm_config=SVMConfig(C=C),
             bbox_config=BBoxRegConfig() if bbox_reg else None,
@@ -82,6 +99,10 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
             head=head,
             featurizer=featurizer,
         )
+    if ranks is not None:
+        detector = _assemble_on_rank_0(detector, all_classes, out, *ranks)
+        if detector is None:
+            return 0  # another rank's model: rank 0 writes it
     detector.training["cache"] = str(cache_dir)
     if head_path is not None:
         detector.training["head"] = str(head_path)
@@ -100,3 +121,26 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         f"Wrote {out}: {len(detector.classes)} class(es), box regression {'on' if bbox_reg else 'off'}{how}, {time.perf_counter() - start:.1f} s",
     )
     return 0
+
+
+def _assemble_on_rank_0(detector, classes: list[str], out: Path, rank: int, world: int):
+    """Each rank's classes into one model on rank 0 (None elsewhere), through part files beside ``out``."""
+    from spp_cli import distributed
+    from spp_cli.model import Detector
+    from spp_cli.train import assemble_detectors
+
+    def part(r: int) -> Path:
+        return out.with_name(f"{out.name}.rank-{r}-of-{world}")
+
+    if detector is not None:
+        detector.save(part(rank))
+    distributed.barrier()
+    assembled = None
+    if rank == 0:
+        paths = [part(r) for r in range(world) if part(r).is_file()]
+        assembled = assemble_detectors([Detector.load(p) for p in paths], classes)
+        for path in paths:
+            path.unlink(missing_ok=True)
+        ui.say(f"Assembled the classes of {world} ranks")
+    distributed.barrier()
+    return assembled
