@@ -29,3 +29,14 @@ def test_coco128_yolo(shared_data):
     ds = open_dataset(COCO128)
     assert ds.format == "yolo" and len(ds) == 128 and ds.classes[0] == "person"
     assert ds.num_boxes == 929 and not ds.warnings
+
+
+def test_bccd_as_it_ships(shared_data):
+    bccd = shared_data / "bccd"
+    ds = open_dataset(bccd)
+    assert ds.format == "voc" and len(ds) == 364 and not ds.bad and not ds.warnings
+    assert ds.classes == ["Platelets", "RBC", "WBC"]
+    assert sum(len(r.boxes) for r in ds.records) == 4888
+    trainval, test = open_dataset(bccd, "trainval"), open_dataset(bccd, "test")
+    assert (len(trainval), len(test)) == (292, 72)
+    assert not {r.image_id for r in trainval.records} & {r.image_id for r in test.records}
