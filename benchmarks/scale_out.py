@@ -26,9 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 import checkout  # this checkout's spp_cli first, here and in the subprocesses
+import numpy as np
 
 REPO = checkout.REPO
 SHARED = REPO.parent / "shared" / "data"
