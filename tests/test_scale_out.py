@@ -338,3 +338,19 @@ def test_finetune_over_two_ranks_with_ddp(shapes_cache):
     # It trains: the training loss falls over the epochs.
     losses = [h["train_loss"] for h in loaded.training["history"]]
     assert losses[-1] < losses[0], losses
+
+
+def test_one_process_never_touches_torch_distributed(shapes_cache, tmp_path):
+    # torch itself imports torch.distributed; what must not happen without a
+    # launcher is our process-group code loading, let alone a group forming.
+    data, feats, root = shapes_cache
+    code = (
+        "import sys; from click.testing import CliRunner; from spp_cli.cli import cli; import torch.distributed as dist\n"
+        f"for args in ({['propose', '--data', str(data), '--out', str(tmp_path / 'p.json'), '--workers', '1']!r},"
+        f" {['train-svm', '--cache', str(feats), '--out', str(tmp_path / 'm.safetensors')]!r},"
+        f" {['finetune', '--cache', str(feats), '--out', str(tmp_path / 'h.safetensors'), '--epochs', '1', '--hidden', '8']!r}):\n"
+        "    r = CliRunner().invoke(cli, args); assert r.exit_code == 0, r.output\n"
+        "assert 'spp_cli.distributed' not in sys.modules and not dist.is_initialized()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=600)
