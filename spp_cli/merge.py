@@ -20,10 +20,17 @@ from spp_cli.shard import Shard
 KINDS = {"props": ("spp-proposals", "params"), "dets": ("spp-detections", "classes")}
 
 
-def part_document(document: dict, shard: Shard, orders: list[int], total: int) -> dict:
-    """``document`` (its images in job order) marked as ``shard``'s part of a ``total``-image job."""
+def part_document(document: dict, shard: Shard, orders: list[int], total: int, run: str | None = None) -> dict:
+    """``document`` (its images in job order) marked as ``shard``'s part of a ``total``-image job.
+
+    ``run`` names the launch (torchrun's run id), so that rank 0 merges
+    this launch's parts and never one an earlier, killed launch left.
+    """
     images = [{**image, "order": order} for image, order in zip(document["images"], orders)]
-    return {**document, "shard": {"index": shard.index, "count": shard.count, "images": total}, "images": images}
+    record = {"index": shard.index, "count": shard.count, "images": total}
+    if run is not None:
+        record["run"] = run
+    return {**document, "shard": record, "images": images}
 
 
 def read_part(path: Path, kind: str) -> dict:

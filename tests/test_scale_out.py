@@ -354,3 +354,38 @@ def test_one_process_never_touches_torch_distributed(shapes_cache, tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, timeout=600)
+
+
+def test_rank_0_waits_for_this_launchs_parts_not_a_stale_one(tmp_path):
+    import threading
+
+    from spp_cli.commands.parts import _wait_for_parts
+    from spp_cli.fileio import atomic_write_json
+
+    part = tmp_path / "props.shard-1-of-2.json"
+    atomic_write_json(part, {"format": "spp-proposals", "shard": {"index": 1, "count": 2, "images": 3, "run": "earlier"}, "images": []})
+    writer = threading.Timer(0.5, lambda: atomic_write_json(part, {"shard": {"index": 1, "count": 2, "images": 3, "run": "now"}, "images": []}))
+    start = time.perf_counter()
+    writer.start()
+    _wait_for_parts([part], "now", poll=0.05)
+    assert time.perf_counter() - start >= 0.45
+    assert json.loads(part.read_text())["shard"]["run"] == "now"
+
+
+def test_detect_shards_merge_into_the_single_process_files(shapes_cache, tmp_path):
+    data, feats, root = shapes_cache
+    model = root / "detect-model.safetensors"
+    assert invoke("train-svm", "--cache", feats, "--out", model).exit_code == 0
+    args = ["detect", "--data", data, "--model", model, "--cache", feats]
+    single = tmp_path / "single.json"
+    assert invoke(*args, "--out", single, "--save-dir", tmp_path / "drawn-1").exit_code == 0
+    out = tmp_path / "dets.json"
+    for index in range(2):
+        result = invoke(*args, "--out", out, "--save-dir", tmp_path / "drawn-2", "--shard", f"{index}/2")
+        assert result.exit_code == 0, result.output
+    assert not out.exists() and not (tmp_path / "dets.shard-0-of-2.coco.json").exists()
+    result = invoke("merge", "dets", tmp_path / "dets.shard-0-of-2.json", tmp_path / "dets.shard-1-of-2.json", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() == single.read_bytes()
+    assert (tmp_path / "dets.coco.json").read_bytes() == (tmp_path / "single.coco.json").read_bytes()
+    assert sorted(p.name for p in (tmp_path / "drawn-2").iterdir()) == sorted(p.name for p in (tmp_path / "drawn-1").iterdir())

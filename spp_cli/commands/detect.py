@@ -178,7 +178,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
 
         # The COCO results file numbers images by their place in the whole
         # job: it is written with the merged file.
-        atomic_write_json(work.output(out), part_document(detections_document(detector.classes, results), work.shard, orders, work.total))
+        atomic_write_json(work.output(out), part_document(detections_document(detector.classes, results), work.shard, orders, work.total, work.run))
     elif out is not None:
         atomic_write_json(out, detections_document(detector.classes, results))
         atomic_write_json(coco_results_path(out), coco_results(results))

@@ -2,13 +2,17 @@
 
 It keeps the images its shard owns (with their positions in the whole job,
 for the merge), writes its output as a part beside ``--out``, and, under
-torchrun, waits for the other ranks so that rank 0 can merge the parts into
-``--out`` itself. Under a SLURM array or ``--shard`` the parts stay, for
-``spp merge``.
+torchrun, rank 0 waits for the other ranks' parts of the same launch and
+merges them into ``--out`` itself (the parts are files on the shared folder,
+so no process group is needed: a propose run never loads torch for it).
+Under a SLURM array or ``--shard`` the parts stay, for ``spp merge``.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +33,11 @@ class ShardWork:
     def output(self, out: Path) -> Path:
         """Where the command writes: ``out`` itself, or this shard's part of it."""
         return self.shard.part_path(out) if self.shard.active else out
+
+    @property
+    def run(self) -> str | None:
+        """The launch this shard belongs to, when torchrun says (its run id)."""
+        return os.environ.get("TORCHELASTIC_RUN_ID") if self.shard.origin == "torchrun" else None
 
 
 def share(sources: Sources, shard_option: str | None) -> ShardWork:
@@ -53,14 +62,45 @@ def finish(kind: str, work: ShardWork, out: Path) -> None:
         parts = out.with_name(f"{out.stem}.shard-*-of-{shard.count}{out.suffix}")
         ui.say(f"Wrote part {work.output(out)}; when every shard is done: spp merge {kind} {parts} --out {out}")
         return
-    from spp_cli import distributed
+    if shard.index != 0:
+        return  # rank 0 merges when every part of this launch is written
     from spp_cli.merge import write_merged
 
-    distributed.barrier()
-    if shard.index == 0:
-        parts = [part_path(out, i, shard.count) for i in range(shard.count)]
-        merged = write_merged(kind, parts, out)
-        for part in parts:
-            part.unlink(missing_ok=True)
-        ui.say(f"Merged the {shard.count} parts into {out}: {len(merged['images'])} images")
-    distributed.barrier()  # nobody leaves before the merged file is there
+    parts = [part_path(out, i, shard.count) for i in range(shard.count)]
+    _wait_for_parts(parts, work.run)
+    merged = write_merged(kind, parts, out)
+    for part in parts:
+        part.unlink(missing_ok=True)
+    ui.say(f"Merged the {shard.count} parts into {out}: {len(merged['images'])} images")
+
+
+def _wait_for_parts(parts: list[Path], run: str | None, poll: float = 0.2) -> None:
+    """Until each part exists and was written by this launch (torchrun ends
+    the whole job if a rank fails, so a part that never comes stops us too).
+
+    A part is read again only when its file changes: an earlier launch's
+    part is replaced, atomically, when this launch's rank writes its own.
+    """
+    checked: dict[Path, float] = {}
+    waiting = list(parts)
+    while waiting:
+        still = []
+        for part in waiting:
+            try:
+                stamp = part.stat().st_mtime_ns
+            except OSError:
+                still.append(part)
+                continue
+            if checked.get(part) == stamp or not _written_by(part, run):
+                checked[part] = stamp
+                still.append(part)
+        waiting = still
+        if waiting:
+            time.sleep(poll)
+
+
+def _written_by(part: Path, run: str | None) -> bool:
+    try:
+        return json.loads(part.read_text(encoding="utf-8")).get("shard", {}).get("run") == run
+    except (OSError, ValueError):
+        return False

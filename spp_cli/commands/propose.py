@@ -85,7 +85,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     ordered = [results[str(s.path)] for _, s in kept]
     document = proposals_document(params, ordered)
     if work.shard.active:
-        document = part_document(document, work.shard, [order for order, _ in kept], work.total)
+        document = part_document(document, work.shard, [order for order, _ in kept], work.total, work.run)
     atomic_write_json(target, document)
     partial_path(target).unlink(missing_ok=True)
 
