@@ -18,6 +18,7 @@ the declared values against it and against gradients.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -547,9 +548,16 @@ def extractor_for(settings, source: str, device: str = "cpu", remedy: str = "") 
 
 
 def select_device(gpu: bool) -> str:
-    """``cuda`` when ``--gpu`` and CUDA works, ``cpu`` without ``--gpu``; else a clear error."""
+    """``cuda`` when ``--gpu`` and CUDA works, ``cpu`` without ``--gpu``; else a clear error.
+
+    Under torchrun (``LOCAL_RANK`` set) each rank takes its own GPU,
+    ``cuda:LOCAL_RANK`` (modulo the GPUs visible), as torchrun's ranks do.
+    """
     if not gpu:
         return "cpu"
     if not torch.cuda.is_available():
         raise ModelError("--gpu: CUDA is not available on this machine (torch.cuda.is_available() is False); run without --gpu to use the CPU")
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and local_rank.isdigit():
+        return f"cuda:{int(local_rank) % torch.cuda.device_count()}"
     return "cuda"

@@ -26,7 +26,7 @@ def ensure_group(cuda: bool = False):
         if cuda:
             import torch
 
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(torch_device_index())  # before NCCL binds the rank to a GPU
         dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
     return dist
 
@@ -43,7 +43,7 @@ def barrier() -> None:
     """Wait until every rank gets here."""
     dist = ensure_group()
     if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[int(os.environ.get("LOCAL_RANK", "0"))])
+        dist.barrier(device_ids=[torch_device_index()])
     else:
         dist.barrier()
 
@@ -57,6 +57,13 @@ def gather_objects(obj):
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, json.dumps(obj))
     return [json.loads(text) for text in gathered]
+
+
+def torch_device_index() -> int:
+    """The GPU this rank uses (as :func:`spp_cli.backbones.select_device` picks it)."""
+    import torch
+
+    return int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
 
 
 def shutdown() -> None:

@@ -389,3 +389,19 @@ def test_detect_shards_merge_into_the_single_process_files(shapes_cache, tmp_pat
     assert out.read_bytes() == single.read_bytes()
     assert (tmp_path / "dets.coco.json").read_bytes() == (tmp_path / "single.coco.json").read_bytes()
     assert sorted(p.name for p in (tmp_path / "drawn-2").iterdir()) == sorted(p.name for p in (tmp_path / "drawn-1").iterdir())
+
+
+def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
+    import torch
+
+    from spp_cli.backbones import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert select_device(True) == "cuda"
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert select_device(True) == "cuda:2"
+    monkeypatch.setenv("LOCAL_RANK", "5")  # more ranks than GPUs: they share, round-robin
+    assert select_device(True) == "cuda:1"
+    assert select_device(False) == "cpu"

@@ -39,8 +39,6 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
 
         distributed.ensure_group(cuda=device.startswith("cuda"))
         rank, world = distributed.rank(), distributed.world_size()
-        if device.startswith("cuda"):
-            device = f"cuda:{torch_local_rank()}"
         ui.console.quiet = rank != 0  # one voice: rank 0's
     tuner = Finetuner(cache, data.keys, data.classes, config, device=device, rank=rank, world=world)
     checkpoint = checkpoint_path(out)
@@ -82,8 +80,3 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
     )
     return 0
 
-
-def torch_local_rank() -> int:
-    import os
-
-    return int(os.environ.get("LOCAL_RANK", "0"))
