@@ -37,7 +37,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     from spp_cli.commands import parts
     from spp_cli.commands.models import default_model_path
     from spp_cli.detections import coco_results, coco_results_path, detections_document
-    from spp_cli.features import feature_pyramid
+    from spp_cli.api import detect_pixels
     from spp_cli.images import load_image
     from spp_cli.memory import release_free_memory
     from spp_cli.model import Detector
@@ -137,16 +137,10 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                     if extractor is None:
                         extractor = backbones.extractor_for(settings, str(model_path), device, "use --cache with features from the model's settings")
                     release_free_memory()  # what the last image freed (spp_cli.memory)
-                    maps, factors, seconds = feature_pyramid(
-                        extractor, image, settings.scales, settings.max_side,
-                        warn=ui.warn, name=str(source.path),
-                    )
-                    timings["conv"] += sum(seconds)
-                    # The model was trained on maps stored at the cache's precision
-                    # (fp16 by default): round fresh maps the same way, so that
-                    # detections are the same with or without --cache.
-                    maps = [m.to(DTYPES[settings.dtype]) for m in maps]
-                if not rcnn:
+                    # The Python API's function: the same numbers from `spp detect` and `Detector()`.
+                    dets = detect_pixels(detector, extractor, image, config, boxes, stage_times, name=str(source.path), warn=ui.warn)
+                    timings["conv"] += stage_times["conv"]
+                else:
                     dets = detector.detect_windows(maps, factors, boxes, width, height, config, stage_times)
                 timings["pooling"] += stage_times.get("pool", 0.0)
                 timings["classify"] += stage_times["classify"]

@@ -1,0 +1,154 @@
+"""The Python face of spp: load a detector, call it on images.
+
+::
+
+    import spp_cli
+
+    detector = spp_cli.Detector.load()  # the shipped detector; or .load("model.safetensors")
+    for d in detector("examples/raccoon.jpg"):
+        print(d.class_name, d.score, d.box)
+
+A call runs what ``spp detect`` runs on an image (selective search, one conv
+pass per scale, SPP pooling, SVM scores, box regression, NMS, box voting),
+through the same functions, so it returns the same numbers as the command.
+Images are a path, a Pillow image, or an ``(H, W, 3)`` uint8 RGB array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from spp_cli.errors import ModelError
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One detection: ``box`` ``(x1, y1, x2, y2)`` in continuous pixels of the
+    original image, the class, and its score (an SVM margin; ``spp detect``
+    shows those at or above the model's display threshold)."""
+
+    box: tuple[float, float, float, float]
+    class_name: str
+    class_id: int
+    score: float
+
+
+@dataclass
+class Detector:
+    """A loaded detector with the network it needs.
+
+    Attributes:
+        model: the trained :class:`spp_cli.model.Detector` (SVMs, regressors, settings).
+        path: the file it came from.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    model: object
+    path: Path
+    device: str = "cpu"
+    _extractor: object = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, gpu: bool = False) -> Detector:
+        """The detector in ``path``, or the shipped default one without a path.
+
+        Raises:
+            ModelError: no such file, a damaged or foreign one, no default
+                detector installed, or ``gpu`` without CUDA.
+        """
+        from spp_cli import backbones
+        from spp_cli.commands.models import default_model_path
+        from spp_cli.model import Detector as Model
+
+        if path is None:
+            path = default_model_path()
+            if path is None:
+                raise ModelError("no default detector is installed (weights/default.safetensors)")
+        model = Model.load(Path(path))
+        if model.mode != "spp":
+            raise ModelError(f"{path}: an R-CNN model; run it with `spp detect --model {path}`")
+        return cls(model, Path(path), backbones.select_device(gpu))
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.model.classes)
+
+    def __call__(self, image, conf: float | None = None, nms: float = 0.3, max_det: int = 100,
+                 bbox_reg: bool = True, vote: bool = True, warn: Callable[[str], None] | None = None) -> list[Detection]:
+        """Detections in one image, best first, scoring at least ``conf``
+        (default: the model's display threshold, as ``spp detect`` shows them)."""
+        from spp_cli.config import DetectConfig
+
+        pixels, name = _pixels(image, warn)
+        threshold = self.model.detect.display_threshold if conf is None else conf
+        config = DetectConfig(score_threshold=threshold, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote)
+        found = detect_pixels(self.model, self.extractor, pixels, config, name=name, warn=warn or (lambda _: None))
+        return [Detection(tuple(d.box), self.model.classes[d.class_id], d.class_id, d.score) for d in found]
+
+    @property
+    def extractor(self):
+        """The backbone, built on first use."""
+        if self._extractor is None:
+            from spp_cli import backbones
+
+            self._extractor = backbones.extractor_for(self.model.features, str(self.path), self.device)
+        return self._extractor
+
+
+def detect_pixels(model, extractor, pixels: np.ndarray, config, boxes: np.ndarray | None = None,
+                  timings: dict | None = None, name: str = "image", warn: Callable[[str], None] = lambda _: None) -> list:
+    """One image through an SPP detector: what ``spp detect`` does to an image it
+    does not find in a cache.
+
+    Args:
+        pixels: ``(H, W, 3)`` uint8 RGB.
+        boxes: ``(R, 4)`` proposals (``xyxy``, original pixels); computed
+            with the model's proposal settings when ``None``.
+        timings: if given, accumulates ``proposals``, ``conv``, ``pool``,
+            ``classify``, ``nms`` seconds.
+
+    Returns:
+        :class:`spp_cli.model.Detection` objects, best first.
+    """
+    import time
+
+    from spp_cli.cache import DTYPES
+    from spp_cli.features import feature_pyramid
+    from spp_cli.proposals import ProposalParams, propose
+
+    timings = {} if timings is None else timings
+    height, width = pixels.shape[:2]
+    if boxes is None:
+        t0 = time.perf_counter()
+        boxes = propose(pixels, ProposalParams(**model.proposals) if model.proposals else ProposalParams())
+        timings["proposals"] = timings.get("proposals", 0.0) + time.perf_counter() - t0
+    settings = model.features
+    maps, factors, seconds = feature_pyramid(extractor, pixels, settings.scales, settings.max_side, warn=warn, name=name)
+    timings["conv"] = timings.get("conv", 0.0) + sum(seconds)
+    # The model was trained on maps stored at the cache's precision (fp16 by
+    # default): round fresh maps the same way, so that detections are the
+    # same with or without a cache.
+    maps = [m.to(DTYPES[settings.dtype]) for m in maps]
+    return model.detect_windows(maps, factors, boxes, width, height, config, timings)
+
+
+def _pixels(image, warn: Callable[[str], None] | None) -> tuple[np.ndarray, str]:
+    """``(H, W, 3)`` uint8 RGB pixels of a path, Pillow image or array, and a name for messages."""
+    from spp_cli.errors import ImageError
+
+    if isinstance(image, (str, Path)):
+        from spp_cli.images import load_image
+
+        return load_image(image, warn=warn), str(image)
+    if hasattr(image, "convert") and hasattr(image, "size"):  # a Pillow image
+        return np.asarray(image.convert("RGB")), "image"
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ImageError(f"an image array must be (H, W, 3) uint8 RGB (got {array.shape} {array.dtype})")
+    return np.ascontiguousarray(array), "image"
