@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from spp_cli.cli import cli
 from spp_cli.errors import ImageError, ModelError
 
