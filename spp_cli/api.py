@@ -144,8 +144,12 @@ def _pixels(image, warn: Callable[[str], None] | None) -> tuple[np.ndarray, str]
         from spp_cli.images import load_image
 
         return load_image(image, warn=warn), str(image)
-    if hasattr(image, "convert") and hasattr(image, "size"):  # a Pillow image
-        return np.asarray(image.convert("RGB")), "image"
+    if hasattr(image, "convert") and hasattr(image, "size"):  # a Pillow image: as the loader converts files
+        from PIL import ImageOps
+
+        from spp_cli.images import _to_rgb
+
+        return np.asarray(_to_rgb(ImageOps.exif_transpose(image))), "image"
     array = np.asarray(image)
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)

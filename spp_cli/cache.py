@@ -393,29 +393,40 @@ def _locked(path: Path, wait: bool, remove: bool = False) -> Iterator[bool]:
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as exc:
-        raise CacheError(f"{path}: cannot create lock file ({exc.strerror or exc})") from None
-    try:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise CacheError(f"{path}: cannot create lock file ({exc.strerror or exc})") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
+            os.close(fd)
             if exc.errno in (errno.EAGAIN, errno.EACCES):
                 yield False  # another process holds it
                 return
             if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 raise CacheError(f"{path}: cannot lock ({exc.strerror or exc})") from None
             # No locks on this file system: go ahead unguarded.
-        try:
             yield True
-        finally:
-            if remove:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-            with contextlib.suppress(OSError):
-                fcntl.lockf(fd, fcntl.LOCK_UN)
+            return
+        # The holder we waited for may have removed the file it locked: then
+        # this lock guards nothing, and the path's current file is the claim.
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            break
+        os.close(fd)
+    try:
+        yield True
     finally:
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        with contextlib.suppress(OSError):
+            fcntl.lockf(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 

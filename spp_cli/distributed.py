@@ -22,7 +22,9 @@ def ensure_group(cuda: bool = False):
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        backend = "nccl" if cuda else "gloo"
+        # The verdicts and sums finetune reduces are CPU tensors: gloo carries
+        # those, NCCL the gradients of a model on the GPU.
+        backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
         if cuda:
             import torch
 
@@ -41,11 +43,7 @@ def world_size() -> int:
 
 def barrier() -> None:
     """Wait until every rank gets here."""
-    dist = ensure_group()
-    if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[torch_device_index()])
-    else:
-        dist.barrier()
+    ensure_group().barrier()
 
 
 def gather_objects(obj):

@@ -20,14 +20,14 @@ from spp_cli.shard import Shard
 KINDS = {"props": ("spp-proposals", "params"), "dets": ("spp-detections", "classes")}
 
 
-def part_document(document: dict, shard: Shard, orders: list[int], total: int, run: str | None = None) -> dict:
+def part_document(document: dict, shard: Shard, orders: list[int], total: int, run: str | None = None, skipped: int = 0) -> dict:
     """``document`` (its images in job order) marked as ``shard``'s part of a ``total``-image job.
 
     ``run`` names the launch (torchrun's run id), so that rank 0 merges
     this launch's parts and never one an earlier, killed launch left.
     """
     images = [{**image, "order": order} for image, order in zip(document["images"], orders)]
-    record = {"index": shard.index, "count": shard.count, "images": total}
+    record = {"index": shard.index, "count": shard.count, "images": total, "skipped": skipped}
     if run is not None:
         record["run"] = run
     return {**document, "shard": record, "images": images}

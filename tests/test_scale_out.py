@@ -405,3 +405,20 @@ def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "5")  # more ranks than GPUs: they share, round-robin
     assert select_device(True) == "cuda:1"
     assert select_device(False) == "cpu"
+
+
+def test_torchrun_rank_with_a_bad_image_still_gets_merged_and_the_job_says_so(photos, tmp_path):
+    folder = tmp_path / "in"
+    shutil.copytree(photos, folder)
+    (folder / "broken.jpg").write_text("not a picture")
+    out = tmp_path / "props.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SPP_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "spp_cli", "propose", str(folder), "--out", str(out), "--workers", "1"],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 1, result.stderr[-3000:]  # the job reports the skip ...
+    assert f"skipped {folder / 'broken.jpg'}: not an image file Pillow can read" in result.stderr
+    assert "1 input(s) skipped over all ranks" in result.stderr
+    assert len(json.loads(out.read_text())["images"]) == 12  # ... and every good image is merged

@@ -143,12 +143,11 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
                 if mine:
                     advance(cache_one(source, key, entry_props))
                 else:
-                    deferred.append((source, key, entry_props))
-        for source, key, entry_props in deferred:
+                    deferred.append((source, key, entry_props, cache.has(key)))
+        for source, key, entry_props, existed in deferred:
             with cache.claim(key, wait=True):
-                had = cache.has(key)
                 outcome = cache_one(source, key, entry_props)
-                advance("by_others" if had and outcome == "reused" else outcome)
+                advance("by_others" if outcome == "reused" and not existed else outcome)
     ui.print_warnings(duplicates)
     forwards = backbones.FORWARD_CALLS - forward_before
     per_image = f", conv {np.mean(conv_seconds):.2f} s/image" if conv_seconds else ""
@@ -159,7 +158,7 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
         f"{forwards} forward pass(es){per_image}. Settings: {settings.describe()}",
     )
     ui.print_bad(bad)
-    return 1 if bad else 0
+    return parts.exit_code_of_rank(work, len(bad))
 
 
 def _readable_metadata(cache: FeatureCache, key: str, quiet: bool = False, full: bool = True) -> dict | None:

@@ -172,18 +172,16 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
 
         # The COCO results file numbers images by their place in the whole
         # job: it is written with the merged file.
-        atomic_write_json(work.output(out), part_document(detections_document(detector.classes, results), work.shard, orders, work.total, work.run))
+        atomic_write_json(work.output(out), part_document(detections_document(detector.classes, results), work.shard, orders, work.total, work.run, len(bad)))
     elif out is not None:
         atomic_write_json(out, detections_document(detector.classes, results))
         atomic_write_json(coco_results_path(out), coco_results(results))
     if save_dir is not None:
-        # File names as a single process would choose them (same-named images get -2, -3, ...).
+        # File names chosen over all inputs (same-named images get -2, -3, ...
+        # in input order), so that every shard names an image as one process does.
         everyone = [s.path for s in sources.items]
-        positions = None
-        if work.shard.active:
-            place = {str(path): k for k, path in enumerate(everyone)}
-            positions = [place[r["path"]] for r in results]
-        _save_drawings(results, save_dir, shown, bad, positions, everyone)
+        place = {str(path): k for k, path in enumerate(everyone)}
+        _save_drawings(results, save_dir, shown, bad, [place[r["path"]] for r in results], everyone)
     _summary(results, detector.classes, work.output(out) if out is not None else None, save_dir, shown, coco=not work.shard.active)
     n = max(len(results), 1)
     per_stage = ", ".join(f"{1000 * timings[s] / n:.1f}ms {s}" for s in STAGES)
@@ -193,10 +191,10 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     else:
         where = f"{computed} image(s) through the network on {device}, {from_cache} from the cache"
     ui.console.print(f"Speed: {per_stage} per image ({where})")
-    if out is not None:
-        parts.finish("dets", work, out)
     ui.print_bad(bad)
-    return 1 if bad else 0
+    if out is not None:
+        return parts.finish("dets", work, out, len(bad))
+    return parts.exit_code_of_rank(work, len(bad))
 
 
 def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: list,

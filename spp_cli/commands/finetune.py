@@ -41,6 +41,8 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
         rank, world = distributed.rank(), distributed.world_size()
         ui.console.quiet = rank != 0  # one voice: rank 0's
     tuner = Finetuner(cache, data.keys, data.classes, config, device=device, rank=rank, world=world)
+    if not tuner.my_keys:
+        raise UsageError(f"{cache_dir}: {len(tuner.train_keys)} training image(s) for {world} ranks; run with at most {len(tuner.train_keys)} ranks")
     checkpoint = checkpoint_path(out)
     if checkpoint.is_file():
         check_checkpoint(checkpoint, tuner.identity())  # before reading the whole cache

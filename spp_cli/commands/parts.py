@@ -20,6 +20,10 @@ from spp_cli import ui
 from spp_cli.shard import Shard, part_path, resolve_shard, under_torchrun
 from spp_cli.sources import Source, Sources
 
+# When this process began the command: under a static rendezvous torchrun's
+# run id is "none", and a part older than this is an earlier launch's.
+STARTED_NS = time.time_ns()
+
 
 @dataclass
 class ShardWork:
@@ -36,8 +40,16 @@ class ShardWork:
 
     @property
     def run(self) -> str | None:
-        """The launch this shard belongs to, when torchrun says (its run id)."""
-        return os.environ.get("TORCHELASTIC_RUN_ID") if self.shard.origin == "torchrun" else None
+        """The launch this shard belongs to, when torchrun says (its run id; "none" says nothing)."""
+        if self.shard.origin != "torchrun":
+            return None
+        run = os.environ.get("TORCHELASTIC_RUN_ID")
+        return None if run in (None, "", "none") else run
+
+    @property
+    def torchrun(self) -> bool:
+        """One rank of a torchrun launch, whose rank 0 merges the parts."""
+        return self.shard.active and self.shard.origin == "torchrun" and under_torchrun()
 
 
 def share(sources: Sources, shard_option: str | None) -> ShardWork:
@@ -53,25 +65,48 @@ def share(sources: Sources, shard_option: str | None) -> ShardWork:
     return ShardWork(shard, [s for _, s in picked], [k for k, _ in picked], len(sources.items))
 
 
-def finish(kind: str, work: ShardWork, out: Path) -> None:
-    """After this shard wrote its part: under torchrun, rank 0 merges all parts into ``out``."""
+def finish(kind: str, work: ShardWork, out: Path, skipped: int) -> int:
+    """After this shard wrote its part (with ``skipped`` inputs): the exit code.
+
+    Under torchrun a rank that exits non-zero makes torchrun stop every rank,
+    rank 0's merge with them; so the other ranks exit 0 (their skipped inputs
+    are listed in their own output and counted in their parts) and rank 0,
+    after merging, exits 1 if any rank skipped an input.
+    """
     shard = work.shard
     if not shard.active:
-        return
-    if shard.origin != "torchrun" or not under_torchrun():
+        return 1 if skipped else 0
+    if not work.torchrun:
         parts = out.with_name(f"{out.stem}.shard-*-of-{shard.count}{out.suffix}")
         ui.say(f"Wrote part {work.output(out)}; when every shard is done: spp merge {kind} {parts} --out {out}")
-        return
+        return 1 if skipped else 0
     if shard.index != 0:
-        return  # rank 0 merges when every part of this launch is written
+        return 0  # rank 0 merges when every part of this launch is written
     from spp_cli.merge import write_merged
 
     parts = [part_path(out, i, shard.count) for i in range(shard.count)]
     _wait_for_parts(parts, work.run)
+    skipped_everywhere = sum(_skipped(part) for part in parts)
     merged = write_merged(kind, parts, out)
     for part in parts:
         part.unlink(missing_ok=True)
-    ui.say(f"Merged the {shard.count} parts into {out}: {len(merged['images'])} images")
+    ui.say(f"Merged the {shard.count} parts into {out}: {len(merged['images'])} images"
+           + (f"; {skipped_everywhere} input(s) skipped over all ranks (listed in each rank's output)" if skipped_everywhere else ""))
+    return 1 if skipped_everywhere else 0
+
+
+def exit_code_of_rank(work: ShardWork, skipped: int) -> int:
+    """For a command without parts (``spp cache``): under torchrun only rank 0's own skips set the code."""
+    if work.torchrun and work.shard.index != 0:
+        return 0
+    return 1 if skipped else 0
+
+
+def _skipped(part: Path) -> int:
+    try:
+        return int(json.loads(part.read_text(encoding="utf-8")).get("shard", {}).get("skipped", 0))
+    except (OSError, ValueError, TypeError):
+        return 0
 
 
 def _wait_for_parts(parts: list[Path], run: str | None, poll: float = 0.2) -> None:
@@ -91,7 +126,7 @@ def _wait_for_parts(parts: list[Path], run: str | None, poll: float = 0.2) -> No
             except OSError:
                 still.append(part)
                 continue
-            if checked.get(part) == stamp or not _written_by(part, run):
+            if checked.get(part) == stamp or (run is None and stamp < STARTED_NS) or not _written_by(part, run):
                 checked[part] = stamp
                 still.append(part)
         waiting = still

@@ -85,7 +85,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     ordered = [results[str(s.path)] for _, s in kept]
     document = proposals_document(params, ordered)
     if work.shard.active:
-        document = part_document(document, work.shard, [order for order, _ in kept], work.total, work.run)
+        document = part_document(document, work.shard, [order for order, _ in kept], work.total, work.run, len(bad))
     atomic_write_json(target, document)
     partial_path(target).unlink(missing_ok=True)
 
@@ -100,9 +100,8 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     )
     if report and sources.dataset is not None:
         _print_report(sources, ordered)
-    parts.finish("props", work, out)
     ui.print_bad(bad)
-    return 1 if bad else 0
+    return parts.finish("props", work, out, len(bad))
 
 
 def _load_partial(path: Path, params: ProposalParams) -> dict[str, ImageProposals]:

@@ -132,6 +132,7 @@ def _assemble_on_rank_0(detector, classes: list[str], out: Path, rank: int, worl
     def part(r: int) -> Path:
         return out.with_name(f"{out.name}.rank-{r}-of-{world}")
 
+    part(rank).unlink(missing_ok=True)  # an earlier run's part of this rank must not join
     if detector is not None:
         detector.save(part(rank))
     distributed.barrier()
