@@ -46,6 +46,14 @@ def run_spp(*args, env_extra=None) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+def torchrun(*args, ranks: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SPP_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "-m", "spp_cli", *map(str, args)],
+        env=env, capture_output=True, text=True, timeout=900, check=False,
+    )
+
+
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("photos") / "in"
@@ -164,12 +172,7 @@ def test_torchrun_propose_merges_on_rank_0(photos, tmp_path):
     single = tmp_path / "single.json"
     assert run_spp("propose", photos, "--out", single, "--workers", "1").returncode == 0
     out = tmp_path / "props.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SPP_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "spp_cli", "propose", str(photos), "--out", str(out), "--workers", "1"],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )
+    result = torchrun("propose", photos, "--out", out, "--workers", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Merged the 2 parts into {out}: 12 images" in result.stderr
     assert out.read_bytes() == single.read_bytes()
@@ -281,14 +284,6 @@ def test_claim_is_exclusive_and_released_when_its_holder_dies(tmp_path):
 
 
 # ------------------------------------------------------ training over ranks
-
-
-def torchrun(*args, ranks: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SPP_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "-m", "spp_cli", *map(str, args)],
-        env=env, capture_output=True, text=True, timeout=900, check=False,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -412,12 +407,7 @@ def test_torchrun_rank_with_a_bad_image_still_gets_merged_and_the_job_says_so(ph
     shutil.copytree(photos, folder)
     (folder / "broken.jpg").write_text("not a picture")
     out = tmp_path / "props.json"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SPP_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "spp_cli", "propose", str(folder), "--out", str(out), "--workers", "1"],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )
+    result = torchrun("propose", folder, "--out", out, "--workers", "1")
     assert result.returncode == 1, result.stderr[-3000:]  # the job reports the skip ...
     assert f"skipped {folder / 'broken.jpg'}: not an image file Pillow can read" in result.stderr
     assert "1 input(s) skipped over all ranks" in result.stderr

@@ -197,8 +197,8 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     return parts.exit_code_of_rank(work, len(bad))
 
 
-def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: list,
-                   positions: list[int] | None = None, everyone: list[Path] | None = None) -> None:
+def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: list, positions: list[int], everyone: list[Path]) -> None:
+    """Annotated images of ``results``, named as ``output_paths`` names ``everyone`` (result k is input ``positions[k]``)."""
     from PIL import Image
 
     from spp_cli.commands.draw import encode, output_paths
@@ -207,11 +207,8 @@ def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: l
     from spp_cli.images import load_image
 
     sources = [Path(r["path"]) for r in results]
-    if positions is None:
-        targets, _ = output_paths(sources, save_dir)
-    else:
-        names, _ = output_paths(everyone, save_dir)
-        targets = [names[k] for k in positions]
+    names, _ = output_paths(everyone, save_dir)
+    targets = [names[k] for k in positions]
     for result, source, target in zip(results, sources, targets):
         try:
             # A truncated file was warned of when it was read for detection (or caching).
