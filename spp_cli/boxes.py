@@ -14,9 +14,16 @@ Shape letters: R boxes, N ground truths.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torchvision import ops
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and torchvision are imported by the functions that need them: a
+# `spp propose` parent then holds no torch thread pools when it forks its
+# workers (spp_cli.proposals.run_proposals).
 
 
 def from_voc(xmin: float, ymin: float, xmax: float, ymax: float) -> list[float]:
@@ -67,6 +74,9 @@ def is_degenerate(boxes: np.ndarray) -> np.ndarray:
 
 def iou(boxes1: np.ndarray | torch.Tensor, boxes2: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Pairwise IoU ``(R1, R2)`` of two sets of ``xyxy`` boxes (torchvision.ops)."""
+    import torch
+    from torchvision import ops
+
     b1 = torch.as_tensor(np.asarray(boxes1, dtype=np.float32)).reshape(-1, 4)
     b2 = torch.as_tensor(np.asarray(boxes2, dtype=np.float32)).reshape(-1, 4)
     if len(b1) == 0 or len(b2) == 0:
@@ -108,6 +118,9 @@ def vote_boxes(
     Returns:
         ``(K, 4)`` voted ``xyxy`` boxes, in the order of ``kept``.
     """
+    import torch
+    from torchvision import ops
+
     out = boxes[kept].clone()
     for k in classes[kept].unique().tolist():
         rows = torch.nonzero(classes[kept] == k).flatten()

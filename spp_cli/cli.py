@@ -309,6 +309,38 @@ def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox
 
 
 @cli.command()
+@click.option("--data", required=True, metavar="SPEC", help="The dataset to train on: VOC folder, XML-beside-images folder, COCO .json or YOLO data.yaml.")
+@click.option("--split", default="train", show_default=True, metavar="NAME", help="The training split (a name or a .txt of image ids). No other split is read, unless --val-split names one.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model file to write (.safetensors).")
+@click.option("--val-split", metavar="NAME", help="Make the choices on this split (default: a --val-fraction of the training split).")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True, help="Share of the training split held out for the choices (stable: by sha256 of each image id); the final model is trained on the whole split.")
+@click.option("--work", type=click.Path(file_okay=False, path_type=Path), help="Folder for the steps' files (proposals, head, candidate models, train-state.json). Default: <out stem>.work beside --out.")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="Feature cache to build or reuse (default: <work>/feats).")
+@click.option("--features", type=click.Choice(["auto", "pool5", "fc7"]), default="auto", show_default=True, help="SVM input: auto picks pool5 or fc7 (a fine-tuned head) by validation mAP.")
+@click.option("--scales", default="688", show_default=True, help="Cache scales (short sides): 688, or 480,576,688,864,1200.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Backbone of the cache (see `spp cache --help`).")
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most fine-tuning epochs (early stopping on held-out windows).")
+@gpu_option
+def train(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, gpu) -> None:
+    """Train a detector from a dataset in one command: the recommended flow.
+
+    propose -> cache -> SVMs on pool5 -> fine-tune fc6/fc7 -> SVMs on fc7 ->
+    pick pool5 or fc7 by VOC07 mAP on the validation part -> final model on
+    the whole training split (box regression, box voting at detection).
+    Only the training split is read. Each step is resumable: after an
+    interruption, run the same command again.
+
+    \b
+    Example:
+      spp train --data ../shared/data/raccoon --split train --out raccoon.safetensors
+      spp detect --data ../shared/data/raccoon --split test --model raccoon.safetensors --out dets.json
+    """
+    from spp_cli.commands.train import run_train_command
+
+    sys.exit(run_train_command(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, gpu))
+
+
+@cli.command()
 @input_options
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="Detector (.safetensors from spp train-svm). Default: the shipped detector.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="Reuse conv maps (and proposals) of images already in this feature cache (an R-CNN model reuses the proposals only).")

@@ -470,10 +470,13 @@ def run_proposals(
             yield _run_task((task, params))
         return
     import multiprocessing as mp
+    import sys
 
-    # fork keeps start-up cheap (no re-import per worker); the parent holds no
-    # threads of ours at this point.
-    ctx = mp.get_context("fork")
+    # fork keeps start-up cheap (no re-import per worker) while the parent
+    # holds no threads; once torch is loaded (`spp train` after a step that
+    # ran the network, a script using the API) its thread pools may be
+    # running, and a forked child can hang on their locks: start afresh then.
+    ctx = mp.get_context("spawn" if "torch" in sys.modules else "fork")
     with ctx.Pool(processes=min(workers, len(tasks)), initializer=_worker_init) as pool:
         yield from pool.imap(_run_task, [(t, params) for t in tasks], chunksize=1)
 

@@ -19,7 +19,7 @@ from spp_cli.cache import (
 from spp_cli.errors import SPPError
 from spp_cli.features import feature_pyramid, parse_scales
 from spp_cli.memory import limit_heap_growth
-from spp_cli.sources import resolve_sources
+from spp_cli.sources import Sources, resolve_sources
 
 
 def settings_for(backbone: str, weights: str | None, scales: str, max_side: int, dtype: str) -> CacheSettings:
@@ -39,7 +39,8 @@ def settings_for(backbone: str, weights: str | None, scales: str, max_side: int,
 
 
 def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone: str, weights: str | None,
-              scales: str, max_side: int, dtype: str, gpu: bool, shard: str | None = None) -> int:
+              scales: str, max_side: int, dtype: str, gpu: bool, shard: str | None = None, sources: Sources | None = None) -> int:
+    """`spp cache`; ``sources`` (instead of inputs/data/split) is how `spp train` hands over its images."""
     from spp_cli.commands import parts
     from spp_cli.images import load_image
     from spp_cli.proposals import ProposalParams, propose, read_proposals
@@ -50,7 +51,7 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
     limit_heap_growth()
     settings = settings_for(backbone, weights, scales, max_side, dtype)
     proposal_set = read_proposals(props) if props is not None else None
-    sources = resolve_sources(inputs, data, split)
+    sources = sources if sources is not None else resolve_sources(inputs, data, split)
     work = parts.share(sources, shard)
     cache = FeatureCache.create_or_open(cache_dir, settings)
     cache.remove_stale_temporaries()

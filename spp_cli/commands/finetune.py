@@ -13,7 +13,8 @@ from spp_cli.fileio import check_writable
 
 
 def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, epochs: int, lr: float, batch: int,
-                 fg_fraction: float, hidden: int, flip: bool, seed: int, gpu: bool) -> int:
+                 fg_fraction: float, hidden: int, flip: bool, seed: int, gpu: bool, keys: list[str] | None = None) -> int:
+    """`spp finetune`; `spp train` passes the cache ``keys`` to train on."""
     from spp_cli.finetune import (
         FinetuneConfig,
         Finetuner,
@@ -28,7 +29,8 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
     wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     if split and not data:
         raise UsageError("--split needs --data SPEC (the dataset the split belongs to)")
-    keys = split_keys(cache, data, split) if data else None
+    if keys is None:
+        keys = split_keys(cache, data, split) if data else None
     data = training_set(cache, wanted, keys)
     config = FinetuneConfig(epochs=epochs, lr=lr, batch=batch, fg_fraction=fg_fraction, hidden=hidden, flip=flip, seed=seed)
     from spp_cli.shard import under_torchrun

@@ -21,7 +21,7 @@ from spp_cli.proposals import (
     proposals_document,
     run_proposals,
 )
-from spp_cli.sources import resolve_sources
+from spp_cli.sources import Sources, resolve_sources
 
 
 def make_params(mode: str, strategy: str | None, max_side: int | None, top: int | None, min_size: int | None) -> ProposalParams:
@@ -42,7 +42,8 @@ def partial_path(out: Path) -> Path:
 
 
 def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, min_size, workers: int, report: bool,
-                shard: str | None = None) -> int:
+                shard: str | None = None, sources: Sources | None = None) -> int:
+    """`spp propose`; ``sources`` (instead of inputs/data/split) is how `spp train` hands over its images."""
     from spp_cli.commands import parts
     from spp_cli.merge import part_document
 
@@ -50,7 +51,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     if report and not data:
         raise SPPError("--report needs ground truth: use --data SPEC")
     check_writable(out)
-    sources = resolve_sources(inputs, data, split)
+    sources = sources if sources is not None else resolve_sources(inputs, data, split)
     work = parts.share(sources, shard)
     target = work.output(out)
     items = work.items

@@ -15,7 +15,10 @@ from spp_cli.fileio import check_writable
 
 
 def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, C: float, bbox_reg: bool,
-                  features: str = "pool5", head_path: Path | None = None, mode: str = "spp", gpu: bool = False) -> int:
+                  features: str = "pool5", head_path: Path | None = None, mode: str = "spp", gpu: bool = False,
+                  keys: list[str] | None = None, training_extra: dict | None = None) -> int:
+    """`spp train-svm`; `spp train` passes the cache ``keys`` to train on and ``training_extra``
+    for the model's training metadata."""
     from spp_cli.head import Head
     from spp_cli.train import (
         TrainingSet,
@@ -37,7 +40,8 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         raise UsageError("--split needs --data SPEC (the dataset the split belongs to)")
     if mode == "rcnn" and head is not None:
         raise UsageError("--mode rcnn trains on R-CNN pool5 features; a fine-tuned head (--head) is for SPP features")
-    keys = split_keys(cache, data, split) if data else None
+    if keys is None:
+        keys = split_keys(cache, data, split) if data else None
     data = training_set(cache, wanted, keys)
     if head is not None:
         check_head(head, cache)
@@ -104,6 +108,7 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         if detector is None:
             return 0  # another rank's model: rank 0 writes it
     detector.training["cache"] = str(cache_dir)
+    detector.training.update(training_extra or {})
     if head_path is not None:
         detector.training["head"] = str(head_path)
     how = ""

@@ -1,0 +1,30 @@
+"""`spp train`: the recommended flow in one command, with a closing summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from spp_cli import ui
+
+
+def run_train_command(data: str, split: str, out: Path, val_split: str | None, val_fraction: float, work: Path | None,
+                      cache_dir: Path | None, features: str, scales: str, backbone: str, epochs: int, gpu: bool) -> int:
+    from rich.table import Table
+
+    from spp_cli.pipeline import TrainPlan, run_train
+
+    plan = TrainPlan(data=data, split=split, val_split=val_split, val_fraction=val_fraction, scales=scales,
+                     features=features, finetune_epochs=epochs, backbone=backbone)
+    code, result = run_train(plan, out, work, cache_dir, gpu)
+    table = Table(title=f"Validation AP (VOC07), {result.split.how}")
+    table.add_column("class")
+    for kind in result.val_map:
+        table.add_column(kind, justify="right")
+    classes = list(next(iter(result.val_ap.values()), {}))
+    for name in classes:
+        table.add_row(name, *["-" if result.val_ap[k].get(name) is None else f"{result.val_ap[k][name]:.3f}" for k in result.val_map])
+    table.add_row("mAP", *[f"{result.val_map[k]:.3f}" for k in result.val_map], style="bold")
+    ui.console.print(table)
+    steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.seconds.items())
+    ui.console.print(f"Chose {result.reason}. Wrote {out} (trained on the whole split). Time: {steps}; {sum(result.seconds.values()):.0f} s in all")
+    return code

@@ -1,0 +1,300 @@
+"""`spp train`'s recommended flow: images -> proposals -> cache -> SVMs (pool5, and fc7 on a
+fine-tuned head) -> a choice on validation -> the final model.
+
+Every choice is made on a validation part of the *training* data (a
+``--val-split``, or a stable fraction of the training split picked by the
+sha256 of each image id); the test split is never opened. The steps are
+the step commands' own functions (``run_propose``, ``run_cache``,
+``run_train_svm``, ``run_finetune``); each writes its output atomically and
+is recorded in ``<work>/train-state.json`` when done, so a rerun after an
+interruption (Ctrl-C, SIGKILL) skips finished steps and resumes the one it
+was in (proposals and the cache per image, fine-tuning per epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from collections.abc import Callable
+
+from spp_cli import __version__, ui
+from spp_cli.errors import DatasetError, UsageError
+from spp_cli.fileio import atomic_write_json, check_writable
+
+STATE_FORMAT = "spp-train-state"
+STATE_VERSION = 1
+FEATURE_CHOICES = ("auto", "pool5", "fc7")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What `spp train` was asked to do: everything a resumed run must match."""
+
+    data: str
+    split: str
+    val_split: str | None = None
+    val_fraction: float = 0.1
+    scales: str = "688"
+    features: str = "auto"  # auto: pool5 or fc7, whichever has the higher validation mAP
+    finetune_epochs: int = 30
+    backbone: str = "efficientnet_lite0"
+
+    def fingerprint(self) -> dict:
+        return {**asdict(self), "data": str(Path(self.data).resolve()) if Path(self.data).exists() else self.data}
+
+
+@dataclass
+class Split:
+    """The training split divided into the part models are fitted on and the validation part."""
+
+    fit_ids: list[str]
+    val_ids: list[str]
+    how: str  # a sentence for the summary and the model's metadata
+
+
+def id_rank(image_id: str) -> int:
+    """A stable pseudo-random number for an image id (sha256): the order validation images are drawn in."""
+    return int(hashlib.sha256(image_id.encode("utf-8")).hexdigest()[:16], 16)
+
+
+def split_for_validation(train_ids: list[str], val_ids: list[str] | None, val_fraction: float) -> Split:
+    """``val_ids`` when given (a ``--val-split``), else the ``round(fraction * n)`` training ids of
+    lowest sha256 rank (at least one; the same images on every rerun, whatever the list order).
+
+    Raises:
+        DatasetError: too few images to hold any out.
+    """
+    if val_ids is not None:
+        overlap = set(train_ids) & set(val_ids)
+        fit = [i for i in train_ids if i not in overlap]
+        if not fit or not val_ids:
+            raise DatasetError("the training and validation splits must each have images of their own")
+        return Split(fit, list(val_ids), f"validation split: {len(val_ids)} image(s)")
+    if len(train_ids) < 2:
+        raise DatasetError(f"{len(train_ids)} training image(s): at least 2 are needed to hold one out for validation")
+    count = min(len(train_ids) - 1, max(1, round(val_fraction * len(train_ids))))
+    held = set(sorted(train_ids, key=id_rank)[:count])
+    return Split([i for i in train_ids if i not in held], [i for i in train_ids if i in held],
+                 f"validation: {count} of the split's {len(train_ids)} image(s) (a {val_fraction:g} fraction, by sha256 of the image id)")
+
+
+@dataclass
+class TrainState:
+    """``<work>/train-state.json``: the plan and each finished step's results."""
+
+    path: Path
+    plan: dict
+    steps: dict[str, dict] = field(default_factory=dict)
+
+    @classmethod
+    def load_or_new(cls, path: Path, plan: dict) -> "TrainState":
+        if path.is_file():
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                doc = {}
+            if doc.get("format") == STATE_FORMAT and doc.get("version") == STATE_VERSION and doc.get("plan") == plan:
+                return cls(path, plan, dict(doc.get("steps", {})))
+            ui.warn(f"{path}: left by a run with other settings; its finished steps are redone")
+        return cls(path, plan)
+
+    def done(self, step: str, *outputs: Path) -> dict | None:
+        """The recorded results of ``step`` if it finished and its outputs are still there."""
+        result = self.steps.get(step)
+        return result if result is not None and all(p.exists() for p in outputs) else None
+
+    def record(self, step: str, result: dict) -> None:
+        self.steps[step] = result
+        atomic_write_json(self.path, {"format": STATE_FORMAT, "version": STATE_VERSION, "plan": self.plan, "steps": self.steps}, indent=2)
+
+
+@dataclass
+class TrainResult:
+    """What `spp train` made and why: for the summary and the model's metadata."""
+
+    features: str
+    reason: str
+    val_map: dict[str, float]
+    val_ap: dict[str, dict[str, float]]
+    split: Split
+    seconds: dict[str, float]
+
+
+def validation_map(model_path: Path, cache_dir: Path, records: list) -> tuple[float, dict[str, float]]:
+    """VOC07 mAP and per-class AP of a model on cached validation images (the detector's own
+    default thresholds, box regression and voting: what `spp detect` then `spp eval` give)."""
+    from spp_cli.cache import FeatureCache, image_key
+    from spp_cli.config import DetectConfig
+    from spp_cli.evaluate import GroundTruthImage, evaluate_voc
+    from spp_cli.model import Detector
+
+    detector = Detector.load(model_path)
+    cache = FeatureCache.open(cache_dir)
+    config = DetectConfig(score_threshold=detector.detect.score_threshold)
+    pairs = []
+    for record, classes in records:
+        entry = cache.read(image_key(record.path))
+        dets = detector.detect_windows(entry.maps, entry.factors, entry.proposals, entry.width, entry.height, config)
+        found = [{"box": d.box, "class": detector.classes[d.class_id], "score": d.score} for d in dets]
+        pairs.append((GroundTruthImage.from_record(record, classes), found))
+    classes = [c for c in records[0][1] if c in detector.classes] if records else []
+    result = evaluate_voc(pairs, classes, "voc07")
+    per_class = {k: (None if math.isnan(v) else round(v, 6)) for k, v in result.per_class.items()}
+    return (0.0 if math.isnan(result.mean_ap) else float(result.mean_ap)), per_class
+
+
+def choose_features(val_map: dict[str, float]) -> tuple[str, str]:
+    """The SVM input with the higher validation mAP; pool5 on a tie (no head to run at detection)."""
+    if "fc7" not in val_map:
+        return "pool5", f"pool5 only (validation mAP {val_map['pool5']:.3f})"
+    pool5, fc7 = val_map["pool5"], val_map["fc7"]
+    if fc7 > pool5:
+        return "fc7", f"fc7 (validation mAP {fc7:.3f}) over pool5 ({pool5:.3f})"
+    return "pool5", f"pool5 (validation mAP {pool5:.3f}) over fc7 ({fc7:.3f})"
+
+
+def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | None, gpu: bool = False,
+              step_banner: Callable[[int, int, str], None] | None = None) -> tuple[int, TrainResult | None]:
+    """The whole flow; (exit code, result). Resumes from ``<work>/train-state.json``."""
+    from spp_cli.commands.cache import run_cache
+    from spp_cli.commands.finetune import run_finetune
+    from spp_cli.commands.propose import run_propose
+    from spp_cli.commands.train_svm import run_train_svm
+    from spp_cli.data import open_dataset
+    from spp_cli.sources import Source, Sources
+
+    if plan.features not in FEATURE_CHOICES:
+        raise UsageError(f"--features must be one of {', '.join(FEATURE_CHOICES)}")
+    check_writable(out)
+    work = work if work is not None else out.with_name(out.stem + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    cache_dir = cache_dir if cache_dir is not None else work / "feats"
+    state = TrainState.load_or_new(work / "train-state.json", {**plan.fingerprint(), "cache": str(cache_dir.resolve()), "spp": __version__})
+
+    # Only the training split (and a validation split, when named) is opened: never the test split.
+    train_set = open_dataset(plan.data, plan.split)
+    val_set = open_dataset(plan.data, plan.val_split) if plan.val_split else None
+    if not train_set.records:
+        raise DatasetError(f"{plan.data}: no usable images in split '{plan.split}'")
+    split = split_for_validation([r.image_id for r in train_set.records],
+                                 [r.image_id for r in val_set.records] if val_set is not None else None, plan.val_fraction)
+    records = {r.image_id: (r, train_set.classes) for r in train_set.records}
+    if val_set is not None:
+        held = set(split.val_ids)
+        records.update({r.image_id: (_relabel(r, val_set.classes, train_set.classes), train_set.classes)
+                        for r in val_set.records if r.image_id in held})
+    items = [Source(i, records[i][0].path, records[i][0]) for i in split.fit_ids + split.val_ids]
+    bad = list(train_set.bad) + (list(val_set.bad) if val_set is not None else [])
+    warnings = list(train_set.warnings) + (list(val_set.warnings) if val_set is not None else [])
+
+    def sources() -> Sources:
+        # A fresh object per step: a step may rewrite its list of problems.
+        return Sources(list(items), train_set, list(bad), list(warnings))
+
+    fit_keys_of, val_records = None, [records[i] for i in split.val_ids]
+    steps = ["proposals", "cache", "SVMs on pool5"] + (["fine-tuning", "SVMs on fc7"] if plan.features != "pool5" else []) + ["final model"]
+    if plan.features == "fc7":
+        steps.remove("SVMs on pool5")
+    seconds: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        (step_banner or _banner)(steps.index(name) + 1, len(steps), name)
+
+    def timed(name: str, action: Callable[[], dict]) -> dict:
+        start = time.perf_counter()
+        result = action()
+        result["seconds"] = round(time.perf_counter() - start, 2)
+        state.record(name, result)
+        return result
+
+    props = work / "props.json"
+    step("proposals")
+    result = state.done("proposals", props) or timed("proposals", lambda: {"code": run_propose(
+        (), None, None, props, "fast", None, None, None, None, _workers(), False, shard="0/1", sources=sources())})
+    seconds["proposals"] = result["seconds"]
+    step("cache")
+    result = state.done("cache", cache_dir) or timed("cache", lambda: {"code": run_cache(
+        (), None, None, cache_dir, props, plan.backbone, None, plan.scales, 2000, "fp16", gpu, shard="0/1", sources=sources())})
+    seconds["cache"] = result["seconds"]
+
+    from spp_cli.cache import FeatureCache
+
+    cache = FeatureCache.open(cache_dir)
+    key_of = {cache.metadata(k).get("image_id"): k for k in cache.keys()}
+    fit_keys_of = [key_of[i] for i in split.fit_ids if i in key_of]
+    val_records = [records[i] for i in split.val_ids if i in key_of]
+    if not fit_keys_of or not val_records:
+        raise DatasetError(f"{cache_dir}: no cached image to {'fit on' if not fit_keys_of else 'validate on'} (see the problems listed above)")
+
+    val_map: dict[str, float] = {}
+    val_ap: dict[str, dict[str, float]] = {}
+    head = work / "head.safetensors"
+    candidates = {"pool5": work / "val-pool5.safetensors", "fc7": work / "val-fc7.safetensors"}
+
+    def svm_step(kind: str) -> None:
+        name = f"SVMs on {kind}"
+        step(name)
+
+        def action() -> dict:
+            run_train_svm(cache_dir, candidates[kind], None, None, None, 0.1, True, kind, head if kind == "fc7" else None, keys=fit_keys_of)
+            mean, per_class = validation_map(candidates[kind], cache_dir, val_records)
+            ui.say(f"validation mAP ({kind}): {mean:.3f} on {len(val_records)} image(s)")
+            return {"val_map": mean, "val_ap": per_class}
+
+        result = state.done(name, candidates[kind]) or timed(name, action)
+        seconds[name] = result["seconds"]
+        val_map[kind], val_ap[kind] = result["val_map"], result["val_ap"]
+
+    if plan.features != "fc7":
+        svm_step("pool5")
+    if plan.features != "pool5":
+        step("fine-tuning")
+        result = state.done("fine-tuning", head) or timed("fine-tuning", lambda: {"code": run_finetune(
+            cache_dir, head, None, None, None, plan.finetune_epochs, 1e-4, 128, 0.25, 1024, True, 0, gpu, keys=fit_keys_of)})
+        seconds["fine-tuning"] = result["seconds"]
+        svm_step("fc7")
+    features, reason = choose_features(val_map) if plan.features == "auto" else (plan.features, f"{plan.features} (asked for)")
+
+    step("final model")
+    all_keys = fit_keys_of + [key_of[r.image_id] for r, _ in val_records]
+    metadata = {
+        "flow": "spp train",
+        "choice": {"features": features, "reason": reason, "validation_mAP": val_map, "validation_AP": val_ap, "split": split.how},
+        "data": plan.data,
+        "split": plan.split,
+    }
+    start = time.perf_counter()
+    code = run_train_svm(cache_dir, out, None, None, None, 0.1, True, features, head if features == "fc7" else None,
+                         keys=all_keys, training_extra=metadata)
+    seconds["final model"] = round(time.perf_counter() - start, 2)
+    problems = [r.get("code", 0) for r in state.steps.values()]
+    return (1 if code or any(problems) else 0), TrainResult(features, reason, val_map, val_ap, split, seconds)
+
+
+def _relabel(record, names: list[str], classes: list[str]):
+    """``record`` with its labels (indices into ``names``) as indices into ``classes``, the training
+    split's list; boxes of a class the training split lacks are dropped (no model can find them)."""
+    import dataclasses
+
+    import numpy as np
+
+    index = {name: k for k, name in enumerate(classes)}
+    labels = [index.get(names[int(i)], -1) for i in record.labels]
+    keep = np.array([k >= 0 for k in labels], dtype=bool)
+    return dataclasses.replace(record, boxes=record.boxes[keep], labels=np.asarray(labels, np.int64)[keep],
+                               difficult=record.difficult[keep], iscrowd=record.iscrowd[keep])
+
+
+def _banner(number: int, total: int, name: str) -> None:
+    ui.say(f"[{number}/{total}] {name}")
+
+
+def _workers() -> int:
+    import os
+
+    return os.cpu_count() or 1
+

@@ -1,0 +1,141 @@
+"""`spp train`: the recommended flow in one command, on the shapes dataset.
+
+One uninterrupted run is shared by the module; the other tests check that
+the test split is never read, that a run killed (SIGKILL) at a random step
+and rerun ends with the same model, and the validation split's rules.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TEST, TRAIN, write_shapes
+from safetensors import safe_open
+
+from spp_cli.cache import FeatureCache
+from spp_cli.cli import cli
+from spp_cli.errors import DatasetError
+from spp_cli.model import Detector
+from spp_cli.pipeline import choose_features, split_for_validation
+
+# The pipeline tests' small setting: the stride-16 cut at one 96-pixel scale.
+OPTIONS = ["--backbone", "efficientnet_lite0_b4", "--scales", "96", "--epochs", "3", "--val-fraction", "0.25"]
+STEPS = ["proposals", "cache", "SVMs on pool5", "fine-tuning", "SVMs on fc7", "final model"]
+
+
+def train_args(data: Path, out: Path, *extra) -> list[str]:
+    return ["train", "--data", str(data), "--split", "train", "--out", str(out), *OPTIONS, *extra]
+
+
+def tensors(path) -> dict[str, np.ndarray]:
+    with safe_open(str(path), "np") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safetensors handles have no __iter__)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = write_shapes(root / "shapes")
+    out = root / "model.safetensors"
+    result = CliRunner().invoke(cli, train_args(data, out))
+    assert result.exit_code == 0, result.output
+    return data, out, result.output
+
+
+def test_one_command_trains_a_detector_and_says_what_it_chose(trained):
+    data, out, output = trained
+    detector = Detector.load(out)
+    choice = detector.training["choice"]
+    # 4 training images, a quarter held out: one validation image, the same on every run.
+    assert choice["split"].startswith("validation: 1 of the split's 4 image(s)")
+    assert set(choice["validation_mAP"]) == {"pool5", "fc7"}
+    best = max(choice["validation_mAP"], key=lambda k: (choice["validation_mAP"][k], k == "pool5"))
+    assert choice["features"] == best == detector.feature_kind
+    assert detector.training["images"] == len(TRAIN)  # the final model: the whole training split
+    for n, step in enumerate(STEPS, 1):
+        assert f"[{n}/{len(STEPS)}] {step}" in output
+    assert f"Chose {choice['reason']}. Wrote {out}" in output
+    state = json.loads((out.with_name("model.work") / "train-state.json").read_text())
+    assert set(state["steps"]) == set(STEPS) - {"final model"}
+    # The trained model finds the shapes of the held-out test split.
+    dets = out.with_name("dets.json")
+    runner = CliRunner()
+    assert runner.invoke(cli, ["detect", "--data", str(data), "--split", "test", "--model", str(out), "--out", str(dets)]).exit_code == 0
+    result = runner.invoke(cli, ["eval", str(dets), "--data", str(data), "--split", "test", "--out", str(out.with_name("m.json"))])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.with_name("m.json").read_text())["mAP"] > 0.5
+
+
+def test_a_finished_run_run_again_does_no_step_twice(trained, tmp_path):
+    data, out, _ = trained
+    again = CliRunner().invoke(cli, train_args(data, out))
+    assert again.exit_code == 0, again.output
+    assert "propose" not in again.output.lower().replace("[1/6] proposals", "")  # no step command ran its summary
+    assert "Fine-tuning fc6/fc7" not in again.output
+    assert "Training on pool5" in again.output  # only the final model is retrained
+
+
+def test_train_never_reads_the_test_split(tmp_path):
+    data = write_shapes(tmp_path / "shapes")
+    # Any read of a test image or annotation would now be an error or a warning.
+    for image_id in TEST:
+        (data / "images" / f"{image_id}.jpg").write_bytes(b"not an image")
+        (data / "annotations" / f"{image_id}.xml").write_text("<annotation><object>")
+    out = tmp_path / "model.safetensors"
+    result = CliRunner().invoke(cli, train_args(data, out, "--features", "pool5"))
+    assert result.exit_code == 0, result.output
+    for image_id in TEST:
+        assert image_id not in result.output
+    cache = FeatureCache.open(tmp_path / "model.work" / "feats")
+    assert sorted(cache.metadata(k)["image_id"] for k in cache.keys()) == sorted(TRAIN)
+
+
+def test_killed_at_a_random_step_and_rerun_gives_the_same_model(trained, tmp_path):
+    data, uninterrupted, _ = trained
+    out = tmp_path / "model.safetensors"
+    step = random.choice(STEPS)
+    delay = random.uniform(0.0, 1.0)
+    argv = [sys.executable, "-m", "spp_cli", *train_args(data, out)]
+    env = {**os.environ, "COLUMNS": "200"}
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    banner = f"] {step}"
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if banner in line:
+            break
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    rerun = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    assert rerun.returncode == 0, f"killed in '{step}' after {delay:.2f} s:\n{''.join(seen)}\n{rerun.stdout}\n{rerun.stderr}"
+    one, two = tensors(uninterrupted), tensors(out)
+    assert one.keys() == two.keys()
+    for name in one:
+        assert np.array_equal(one[name], two[name]), f"killed in '{step}' after {delay:.2f} s: {name} differs"
+
+
+def test_validation_part_is_stable_and_never_empty():
+    ids = [f"img{k:03d}" for k in range(40)]
+    split = split_for_validation(ids, None, 0.1)
+    assert len(split.val_ids) == 4 and len(split.fit_ids) == 36
+    assert split_for_validation(list(reversed(ids)), None, 0.1).val_ids == sorted(split.val_ids, key=ids[::-1].index)
+    assert len(split_for_validation(ids[:3], None, 0.1).val_ids) == 1
+    named = split_for_validation(ids[:30], ids[30:], 0.1)
+    assert named.fit_ids == ids[:30] and named.val_ids == ids[30:]
+    with pytest.raises(DatasetError, match="at least 2 are needed"):
+        split_for_validation(ids[:1], None, 0.1)
+
+
+def test_choice_prefers_pool5_on_a_tie():
+    assert choose_features({"pool5": 0.5, "fc7": 0.5})[0] == "pool5"
+    assert choose_features({"pool5": 0.5, "fc7": 0.6}) == ("fc7", "fc7 (validation mAP 0.600) over pool5 (0.500)")
+    assert choose_features({"pool5": 0.7})[0] == "pool5"
