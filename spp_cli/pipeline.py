@@ -160,13 +160,17 @@ def choose_features(val_map: dict[str, float]) -> tuple[str, str]:
 def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | None, gpu: bool = False,
               step_banner: Callable[[int, int, str], None] | None = None) -> tuple[int, TrainResult | None]:
     """The whole flow; (exit code, result). Resumes from ``<work>/train-state.json``."""
-    from spp_cli.commands.cache import run_cache
-    from spp_cli.commands.finetune import run_finetune
+    # torch-free until the proposals are done: their worker processes then fork cheaply.
     from spp_cli.commands.propose import run_propose
-    from spp_cli.commands.train_svm import run_train_svm
     from spp_cli.data import open_dataset
     from spp_cli.sources import Source, Sources
 
+    from spp_cli.shard import under_torchrun
+
+    if under_torchrun():
+        # Its steps share one state file and choose on rank 0's validation;
+        # the step commands themselves run over ranks (docs/scale-out.md).
+        raise UsageError("spp train runs as one process; under torchrun run its steps (propose, cache, finetune, train-svm) as in docs/scale-out.md")
     if plan.features not in FEATURE_CHOICES:
         raise UsageError(f"--features must be one of {', '.join(FEATURE_CHOICES)}")
     check_writable(out)
@@ -216,6 +220,10 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     result = state.done("proposals", props) or timed("proposals", lambda: {"code": run_propose(
         (), None, None, props, "fast", None, None, None, None, _workers(), False, shard="0/1", sources=sources())})
     seconds["proposals"] = result["seconds"]
+    from spp_cli.commands.cache import run_cache
+    from spp_cli.commands.finetune import run_finetune
+    from spp_cli.commands.train_svm import run_train_svm
+
     step("cache")
     result = state.done("cache", cache_dir) or timed("cache", lambda: {"code": run_cache(
         (), None, None, cache_dir, props, plan.backbone, None, plan.scales, 2000, "fp16", gpu, shard="0/1", sources=sources())})

@@ -139,3 +139,11 @@ def test_choice_prefers_pool5_on_a_tie():
     assert choose_features({"pool5": 0.5, "fc7": 0.5})[0] == "pool5"
     assert choose_features({"pool5": 0.5, "fc7": 0.6}) == ("fc7", "fc7 (validation mAP 0.600) over pool5 (0.500)")
     assert choose_features({"pool5": 0.7})[0] == "pool5"
+
+
+def test_under_torchrun_it_says_to_run_the_steps(tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.safetensors")],
+                                env={"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
+    assert result.exit_code == 1
+    assert result.output == ("Error: spp train runs as one process; under torchrun run its steps (propose, cache, finetune, "
+                             "train-svm) as in docs/scale-out.md\n")
