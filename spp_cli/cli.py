@@ -286,8 +286,9 @@ def finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fractio
     show_default=True,
     help="Window features: spp (pooled from the cached conv maps) or rcnn (each window warped to 224x224 and run through the same backbone; slow, the baseline).",
 )
+@click.option("--negatives", multiple=True, metavar="IMAGES", help="Background images that hold none of the classes (files, folders, globs, .txt lists; already in the cache): every window is a negative, mined like the others. Repeatable.")
 @click.option("--gpu", is_flag=True, help="With --mode rcnn: run the network on CUDA.")
-def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox_reg, mode, gpu) -> None:
+def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox_reg, mode, negatives, gpu) -> None:
     """Train per-class linear SVMs on cached SPP features (hard-negative mining).
 
     The R-CNN/SPPnet protocol: positives are ground-truth boxes, negatives
@@ -301,11 +302,12 @@ def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox
     \b
     Examples:
       spp train-svm --cache feats/ --out model.safetensors
+      spp cache backgrounds/ --cache feats/ && spp train-svm --cache feats/ --negatives backgrounds/ --out model.safetensors
       spp train-svm --cache feats/ --out rcnn.safetensors --mode rcnn
     """
     from spp_cli.commands.train_svm import run_train_svm
 
-    sys.exit(run_train_svm(cache_dir, out, data, split, classes, C, bbox_reg, features, head_path, mode, gpu))
+    sys.exit(run_train_svm(cache_dir, out, data, split, classes, C, bbox_reg, features, head_path, mode, gpu, negatives=negatives))
 
 
 @cli.command()

@@ -8,7 +8,7 @@ Shape letters: R windows, N ground truths, D feature length, K classes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -30,11 +30,17 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass
 class TrainingSet:
-    """The cache entries a detector is trained on, and its classes."""
+    """The cache entries a detector is trained on, and its classes.
+
+    ``negative_keys`` are background images (`--negatives`): entries that
+    hold none of the classes, whatever their own labels say; every window
+    of theirs is a negative candidate of every class, mined like the others.
+    """
 
     cache: FeatureCache
     keys: list[str]
     classes: list[str]
+    negative_keys: list[str] = field(default_factory=list)
 
 
 def training_set(cache: FeatureCache, classes: list[str] | None = None, keys: list[str] | None = None) -> TrainingSet:
@@ -80,6 +86,27 @@ def split_keys(cache: FeatureCache, spec: str, split: str | None) -> list[str]:
         where = f"{spec} (split {split})" if split else str(spec)
         raise DatasetError(f"{cache.root}: none of the {len(ids)} images of {where} is in the cache")
     return keys
+
+
+def negative_keys(cache: FeatureCache, paths: list) -> list[str]:
+    """Cache keys of background images given as files (sha256 of their bytes).
+
+    Raises:
+        DatasetError: an image is not in the cache (the message names it and says how to add it).
+    """
+    from spp_cli.cache import image_key
+
+    keys, missing = [], []
+    for path in paths:
+        try:
+            key = image_key(path)
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+        (keys if cache.has(key) else missing).append(key if cache.has(key) else path)
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DatasetError(f"{missing[0]}{more}: not in the cache {cache.root}; add the negatives with `spp cache IMAGES --cache {cache.root}` first")
+    return list(dict.fromkeys(keys))
 
 
 def check_head(head: Head, cache: FeatureCache, levels: tuple[int, ...] = DEFAULT_LEVELS) -> None:
@@ -164,19 +191,27 @@ def train_detector(
     #    collecting box-regression samples on the way.
     reg_feats: dict[str, list[np.ndarray]] = {c: [] for c in data.classes}
     reg_deltas: dict[str, list[np.ndarray]] = {c: [] for c in data.classes}
-    order = rng.permutation(len(data.keys))
+    # Background images join the same random order (without them the order,
+    # hence the model, is what it always was).
+    mined = list(data.keys) + [k for k in data.negative_keys if k not in set(data.keys)]
+    background = set(mined[len(data.keys):])
+    order = rng.permutation(len(mined))
     for n, i in enumerate(order, 1):
-        entry = cache.read(data.keys[i])
+        entry = cache.read(mined[i])
         windows = entry.proposals[featurizer.distinct(entry, entry.proposals)]
         pool5 = featurizer.features(entry, windows)
-        names = _gt_names(entry)
-        if bbox_config is not None:
-            _regression_samples(entry, windows, pool5, pool5_scale, names, data.classes, bbox_config, reg_feats, reg_deltas)
+        if mined[i] in background:
+            candidates = {name: np.arange(len(windows)) for name in data.classes}
+        else:
+            names = _gt_names(entry)
+            if bbox_config is not None:
+                _regression_samples(entry, windows, pool5, pool5_scale, names, data.classes, bbox_config, reg_feats, reg_deltas)
+            candidates = negative_candidates(windows, entry.gt_boxes, names, data.classes, svm_config.negative_iou)
         # In place: (R, D) is ~90 MB at blocks.6, and a scaled copy per image
         # was a sixth of the training time. Without a head, pool5 itself is
         # scaled; its regression rows were copied above.
         feats = pool5.mul_(scale) if head is None else classifier_input(pool5) * scale
-        miner.add_image(feats, negative_candidates(windows, entry.gt_boxes, names, data.classes, svm_config.negative_iou))
+        miner.add_image(feats, candidates)
         progress("mining", n, len(order))
     svms = miner.finish(scale)
     # A class without positives has no classifier: it must not be in the
@@ -211,6 +246,7 @@ def train_detector(
         mode=featurizer.mode,
         training={
             "images": len(data.keys),
+            "background_images": len(background),
             "svm": asdict(svm_config),
             "bbox_regression": asdict(bbox_config) if bbox_config else None,
             "mean_feature_norm": norm,

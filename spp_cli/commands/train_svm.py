@@ -16,7 +16,7 @@ from spp_cli.fileio import check_writable
 
 def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, C: float, bbox_reg: bool,
                   features: str = "pool5", head_path: Path | None = None, mode: str = "spp", gpu: bool = False,
-                  keys: list[str] | None = None, training_extra: dict | None = None) -> int:
+                  keys: list[str] | None = None, training_extra: dict | None = None, negatives: tuple[str, ...] = ()) -> int:
     """`spp train-svm`; `spp train` passes the cache ``keys`` to train on and ``training_extra``
     for the model's training metadata."""
     from spp_cli.head import Head
@@ -43,6 +43,14 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
     if keys is None:
         keys = split_keys(cache, data, split) if data else None
     data = training_set(cache, wanted, keys)
+    if negatives:
+        from spp_cli.images import expand_inputs
+        from spp_cli.train import negative_keys
+
+        paths, skipped = expand_inputs(list(negatives))
+        if skipped:
+            raise UsageError(f"--negatives {skipped[0][0]}: {skipped[0][1]}")
+        data.negative_keys = negative_keys(cache, paths)
     if head is not None:
         check_head(head, cache)
     from spp_cli.shard import under_torchrun
@@ -54,10 +62,11 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
 
         ranks = distributed.rank(), distributed.world_size()
         ui.console.quiet = ranks[0] != 0  # one voice: rank 0's
-        data = TrainingSet(data.cache, data.keys, all_classes[ranks[0] :: ranks[1]])
+        data = TrainingSet(data.cache, data.keys, all_classes[ranks[0] :: ranks[1]], data.negative_keys)
     over = f" over {ranks[1]} ranks (rank 0: {', '.join(data.classes) or 'none'})" if ranks else ""
+    background = f" and {len(data.negative_keys)} background image(s)" if data.negative_keys else ""
     ui.console.print(
-        f"Training on {features} features of {len(data.keys)} cached image(s), {len(all_classes)} class(es): {', '.join(all_classes)}{over}",
+        f"Training on {features} features of {len(data.keys)} cached image(s){background}, {len(all_classes)} class(es): {', '.join(all_classes)}{over}",
     )
     extractor = None
     if gpu and mode != "rcnn":
