@@ -52,13 +52,13 @@ DATASETS = {
 
 
 def spp(*args: str) -> tuple[float, str]:
-    """Seconds and output of ``spp ARGS`` in a fresh process (this checkout)."""
+    """Seconds and output (stdout, then stderr: where the summaries go) of ``spp ARGS`` in a fresh process (this checkout)."""
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "spp_cli", *args], env=checkout.ENV, capture_output=True, text=True, check=False)
     seconds = time.perf_counter() - start
     if done.returncode not in (0, 1):  # 1: some inputs skipped (listed); anything else is a failure
         sys.exit(f"spp {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return seconds, done.stdout
+    return seconds, done.stdout + done.stderr
 
 
 def voc07_map(dets: Path, data: str, split: str, work: Path) -> float:

@@ -322,8 +322,9 @@ def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox
 @click.option("--scales", default="688", show_default=True, help="Cache scales (short sides): 688, or 480,576,688,864,1200.")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Backbone of the cache (see `spp cache --help`).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most fine-tuning epochs (early stopping on held-out windows).")
+@click.option("--negatives", multiple=True, metavar="IMAGES", help="Background images that hold none of the classes (files, folders, globs, .txt lists): cached, then negatives for the SVMs. Repeatable.")
 @gpu_option
-def train(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, gpu) -> None:
+def train(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, gpu) -> None:
     """Train a detector from a dataset in one command: the recommended flow.
 
     propose -> cache -> SVMs on pool5 -> fine-tune fc6/fc7 -> SVMs on fc7 ->
@@ -339,7 +340,7 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
     """
     from spp_cli.commands.train import run_train_command
 
-    sys.exit(run_train_command(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, gpu))
+    sys.exit(run_train_command(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, gpu))
 
 
 @cli.command()

@@ -42,9 +42,12 @@ class TrainPlan:
     features: str = "auto"  # auto: pool5 or fc7, whichever has the higher validation mAP
     finetune_epochs: int = 30
     backbone: str = "efficientnet_lite0"
+    negatives: tuple[str, ...] = ()  # background images (no object of any class): negatives for the SVMs
 
     def fingerprint(self) -> dict:
-        return {**asdict(self), "data": str(Path(self.data).resolve()) if Path(self.data).exists() else self.data}
+        """The plan as it reads back from train-state.json (JSON types: lists, not tuples)."""
+        plan = {**asdict(self), "data": str(Path(self.data).resolve()) if Path(self.data).exists() else self.data}
+        return json.loads(json.dumps(plan))
 
 
 @dataclass
@@ -163,9 +166,8 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     # torch-free until the proposals are done: their worker processes then fork cheaply.
     from spp_cli.commands.propose import run_propose
     from spp_cli.data import open_dataset
-    from spp_cli.sources import Source, Sources
-
     from spp_cli.shard import under_torchrun
+    from spp_cli.sources import Source, Sources
 
     if under_torchrun():
         # Its steps share one state file and choose on rank 0's validation;
@@ -192,6 +194,14 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         records.update({r.image_id: (_relabel(r, val_set.classes, train_set.classes), train_set.classes)
                         for r in val_set.records if r.image_id in held})
     items = [Source(i, records[i][0].path, records[i][0]) for i in split.fit_ids + split.val_ids]
+    if plan.negatives:
+        from spp_cli.images import expand_inputs
+
+        background, skipped = expand_inputs(list(plan.negatives))
+        if skipped:
+            raise UsageError(f"--negatives {skipped[0][0]}: {skipped[0][1]}")
+        # No record: cached without ground truth, used only as negatives.
+        items += [Source(f"negative:{path.as_posix()}", path) for path in background]
     bad = list(train_set.bad) + (list(val_set.bad) if val_set is not None else [])
     warnings = list(train_set.warnings) + (list(val_set.warnings) if val_set is not None else [])
 
@@ -248,7 +258,8 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         step(name)
 
         def action() -> dict:
-            run_train_svm(cache_dir, candidates[kind], None, None, None, 0.1, True, kind, head if kind == "fc7" else None, keys=fit_keys_of)
+            run_train_svm(cache_dir, candidates[kind], None, None, None, 0.1, True, kind, head if kind == "fc7" else None, keys=fit_keys_of,
+                          negatives=plan.negatives)
             mean, per_class = validation_map(candidates[kind], cache_dir, val_records)
             ui.say(f"validation mAP ({kind}): {mean:.3f} on {len(val_records)} image(s)")
             return {"val_map": mean, "val_ap": per_class}
@@ -277,7 +288,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     }
     start = time.perf_counter()
     code = run_train_svm(cache_dir, out, None, None, None, 0.1, True, features, head if features == "fc7" else None,
-                         keys=all_keys, training_extra=metadata)
+                         keys=all_keys, training_extra=metadata, negatives=plan.negatives)
     seconds["final model"] = round(time.perf_counter() - start, 2)
     problems = [r.get("code", 0) for r in state.steps.values()]
     return (1 if code or any(problems) else 0), TrainResult(features, reason, val_map, val_ap, split, seconds)

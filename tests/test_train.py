@@ -147,3 +147,17 @@ def test_under_torchrun_it_says_to_run_the_steps(tmp_path):
     assert result.exit_code == 1
     assert result.output == ("Error: spp train runs as one process; under torchrun run its steps (propose, cache, finetune, "
                              "train-svm) as in docs/scale-out.md\n")
+
+
+def test_background_images_join_the_svms_as_negatives(tmp_path):
+    from PIL import Image
+
+    data = write_shapes(tmp_path / "shapes")
+    backgrounds = tmp_path / "backgrounds"
+    backgrounds.mkdir()
+    Image.fromarray(np.full((120, 160, 3), 200, np.uint8)).save(backgrounds / "grey.jpg")
+    out = tmp_path / "model.safetensors"
+    result = CliRunner().invoke(cli, train_args(data, out, "--features", "pool5", "--negatives", str(backgrounds)))
+    assert result.exit_code == 0, result.output
+    assert "4 cached image(s) and 1 background image(s)" in result.output
+    assert Detector.load(out).training["background_images"] == 1
