@@ -98,15 +98,11 @@ def faster_rcnn(num_classes: int) -> nn.Module:
     from torchvision.models.detection.anchor_utils import AnchorGenerator
     from torchvision.ops import MultiScaleRoIAlign
 
-    from spp_cli.backbones import get_spec
+    from spp_cli.backbones import build_trunk, get_spec
 
     spec = get_spec("efficientnet_lite0_b4")
     state, _ = spec.default_weights()
-    full = spec.load_full(state)
-    trunk = spec.build()
-    full_state = full.state_dict()
-    trunk.load_state_dict({k: full_state[k] for k in trunk.state_dict()}, strict=True)
-    backbone = FrozenBatchNormTrunk(trunk, spec.channels)
+    backbone = FrozenBatchNormTrunk(build_trunk(spec, state), spec.channels)
     anchors = AnchorGenerator(sizes=((32, 64, 128, 256, 512),), aspect_ratios=((0.5, 1.0, 2.0),))
     return FasterRCNN(
         backbone,

@@ -400,6 +400,18 @@ def analytic_alignment(module: nn.Module) -> tuple[int, float]:
 # ------------------------------------------------------------ runtime
 
 
+def build_trunk(spec: BackboneSpec, state: dict) -> nn.Module:
+    """The spec's network up to its layer, with the weights of ``state`` (batch norms as trained)."""
+    if spec.load_full is not None:
+        full = spec.load_full(state)
+        trunk = spec.build()
+        # Copy the trunk's share of the full network's weights by name.
+        full_state = full.state_dict()
+        trunk.load_state_dict({k: full_state[k] for k in trunk.state_dict()}, strict=True)
+        return trunk
+    return _load_into(spec.build(), state, spec.name)
+
+
 class FeatureExtractor:
     """A backbone with weights, on a device, turning images into feature maps.
 
@@ -432,15 +444,7 @@ class FeatureExtractor:
         self._std = torch.tensor(spec.std, device=self.device).view(1, 3, 1, 1)
 
     def _build_with(self, state: dict) -> nn.Module:
-        spec = self.spec
-        if spec.load_full is not None:
-            full = spec.load_full(state)
-            trunk = spec.build()
-            # Copy the trunk's share of the full network's weights by name.
-            full_state = full.state_dict()
-            trunk.load_state_dict({k: full_state[k] for k in trunk.state_dict()}, strict=True)
-            return trunk
-        return _load_into(spec.build(), state, spec.name)
+        return build_trunk(self.spec, state)
 
     def to(self, device: str) -> "FeatureExtractor":
         self.device = torch.device(device)

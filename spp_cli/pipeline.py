@@ -16,10 +16,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 
 from spp_cli import __version__, ui
 from spp_cli.errors import DatasetError, UsageError
@@ -195,11 +196,9 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
                         for r in val_set.records if r.image_id in held})
     items = [Source(i, records[i][0].path, records[i][0]) for i in split.fit_ids + split.val_ids]
     if plan.negatives:
-        from spp_cli.images import expand_inputs
+        from spp_cli.train import negative_images
 
-        background, skipped = expand_inputs(list(plan.negatives))
-        if skipped:
-            raise UsageError(f"--negatives {skipped[0][0]}: {skipped[0][1]}")
+        background = negative_images(plan.negatives)
         # No record: cached without ground truth, used only as negatives.
         items += [Source(f"negative:{path.as_posix()}", path) for path in background]
     bad = list(train_set.bad) + (list(val_set.bad) if val_set is not None else [])
@@ -228,7 +227,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     props = work / "props.json"
     step("proposals")
     result = state.done("proposals", props) or timed("proposals", lambda: {"code": run_propose(
-        (), None, None, props, "fast", None, None, None, None, _workers(), False, shard="0/1", sources=sources())})
+        (), None, None, props, "fast", None, None, None, None, os.cpu_count() or 1, False, shard="0/1", sources=sources())})
     seconds["proposals"] = result["seconds"]
     from spp_cli.commands.cache import run_cache
     from spp_cli.commands.finetune import run_finetune
@@ -310,10 +309,3 @@ def _relabel(record, names: list[str], classes: list[str]):
 
 def _banner(number: int, total: int, name: str) -> None:
     ui.say(f"[{number}/{total}] {name}")
-
-
-def _workers() -> int:
-    import os
-
-    return os.cpu_count() or 1
-

@@ -88,6 +88,21 @@ def split_keys(cache: FeatureCache, spec: str, split: str | None) -> list[str]:
     return keys
 
 
+def negative_images(inputs: tuple[str, ...] | list[str]) -> list:
+    """The image files of ``--negatives`` (files, folders, globs, .txt lists).
+
+    Raises:
+        UsageError: an input holds no image (the message names it).
+    """
+    from spp_cli.errors import UsageError
+    from spp_cli.images import expand_inputs
+
+    paths, skipped = expand_inputs(list(inputs))
+    if skipped:
+        raise UsageError(f"--negatives {skipped[0][0]}: {skipped[0][1]}")
+    return paths
+
+
 def negative_keys(cache: FeatureCache, paths: list) -> list[str]:
     """Cache keys of background images given as files (sha256 of their bytes).
 
@@ -102,7 +117,10 @@ def negative_keys(cache: FeatureCache, paths: list) -> list[str]:
             key = image_key(path)
         except OSError as exc:
             raise DatasetError(f"{path}: cannot read file ({exc.strerror or exc})") from None
-        (keys if cache.has(key) else missing).append(key if cache.has(key) else path)
+        if cache.has(key):
+            keys.append(key)
+        else:
+            missing.append(path)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise DatasetError(f"{missing[0]}{more}: not in the cache {cache.root}; add the negatives with `spp cache IMAGES --cache {cache.root}` first")

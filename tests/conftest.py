@@ -157,3 +157,11 @@ def yolo_dataset(tmp_path: Path) -> Path:
     (root / "labels" / "val" / "q.txt").write_text("1 0.5 0.5 1.0 1.0\n")
     (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames:\n  0: bird\n  1: fish\n")
     return root / "data.yaml"
+
+
+def model_tensors(path) -> dict[str, np.ndarray]:
+    """Every tensor of a .safetensors file, by name (for comparing two models)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "np") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safetensors handles have no __iter__)

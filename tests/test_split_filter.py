@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import TEST, TRAIN, write_shapes
-from safetensors import safe_open
+from conftest import model_tensors as tensors
 
 from spp_cli.cache import FeatureCache
 from spp_cli.cli import cli
@@ -24,11 +24,6 @@ def invoke(*args):
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     return result
-
-
-def tensors(path) -> dict[str, np.ndarray]:
-    with safe_open(str(path), "np") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safetensors handles have no __iter__)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import TEST, TRAIN, write_shapes
-from safetensors import safe_open
+from conftest import model_tensors as tensors
 
 from spp_cli.cache import FeatureCache
 from spp_cli.cli import cli
@@ -33,11 +33,6 @@ STEPS = ["proposals", "cache", "SVMs on pool5", "fine-tuning", "SVMs on fc7", "f
 
 def train_args(data: Path, out: Path, *extra) -> list[str]:
     return ["train", "--data", str(data), "--split", "train", "--out", str(out), *OPTIONS, *extra]
-
-
-def tensors(path) -> dict[str, np.ndarray]:
-    with safe_open(str(path), "np") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safetensors handles have no __iter__)
 
 
 @pytest.fixture(scope="module")

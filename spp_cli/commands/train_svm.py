@@ -44,13 +44,9 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         keys = split_keys(cache, data, split) if data else None
     data = training_set(cache, wanted, keys)
     if negatives:
-        from spp_cli.images import expand_inputs
-        from spp_cli.train import negative_keys
+        from spp_cli.train import negative_images, negative_keys
 
-        paths, skipped = expand_inputs(list(negatives))
-        if skipped:
-            raise UsageError(f"--negatives {skipped[0][0]}: {skipped[0][1]}")
-        data.negative_keys = negative_keys(cache, paths)
+        data.negative_keys = negative_keys(cache, negative_images(negatives))
     if head is not None:
         check_head(head, cache)
     from spp_cli.shard import under_torchrun
