@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="timed runs of each step after its warm-up run (best is kept)")
     parser.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS run of `spp cache` over coco128")
     parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--backbone", default="efficientnet_lite0", help="registry name (efficientnet_lite0_b4: the blocks.4 figures in README)")
+    parser.add_argument("--backbone", default="efficientnet_lite0", help="registry name (efficientnet_lite0_b4: the blocks.4 figures in benchmarks/README.md)")
     args = parser.parse_args()
     checkout.check()
 

@@ -294,7 +294,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     # The default: the end of the last block (stride 32, 320 channels), the
     # deepest cut before the 1280-wide conv_head. On raccoon it gave 0.866
     # VOC07 mAP (pool5 + box regression) against 0.797 at blocks.4, and
-    # fine-tuning helps it (benchmarks/accuracy.py, README).
+    # fine-tuning helps it (benchmarks/accuracy.py, benchmarks/README.md).
     "efficientnet_lite0": _lite0_cut("efficientnet_lite0", num_blocks=7, stride=32, channels=320),
     # A finer, shallower cut (stride 16, 112 channels): 3x shorter SPP
     # vectors, faster pooling and SVM training, less accurate.

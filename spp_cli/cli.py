@@ -125,7 +125,7 @@ def set_cpu_threads(threads: int) -> None:
     "--strategy",
     default=None,
     metavar="NAME",
-    help="A named strategy instead of --mode (see README: original-fast-fine, original-fast, opencv-fast, opencv-quality, ...).",
+    help="A named strategy instead of --mode (docs/proposals.md: original-fast-fine, original-fast, opencv-fast, opencv-quality, ...).",
 )
 @click.option("--max-side", type=click.IntRange(min=0), default=None, help="Downscale so the long side is at most PX before segmenting (0 = full size). Boxes are mapped back to original pixels.")
 @click.option("--top", type=click.IntRange(min=1), default=None, help="Keep at most N boxes per image.")

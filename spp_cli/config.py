@@ -49,7 +49,7 @@ class DetectConfig:
     # over the candidates above min(score_threshold, voting_floor), so that a
     # detection's box does not depend on --conf. Measured (VOC07 mAP, test
     # splits): raccoon pool5+bbox 0.866 -> 0.921, ftfc7+bbox 0.868 -> 0.896,
-    # coco128 5-scale ftfc7+bbox 0.108 -> 0.140 (README, Accuracy).
+    # coco128 5-scale ftfc7+bbox 0.108 -> 0.140 (benchmarks/README.md, Accuracy).
     box_voting: bool = True
     voting_iou: float = 0.5  # candidates at IoU >= 0.5 with the kept box vote (MR-CNN)
     voting_floor: float = -1.5  # candidates scoring above this vote: R-CNN's candidate threshold

@@ -11,7 +11,7 @@ bins of every pyramid level in reverse column order, so the flip is a
 permutation of the SPP vector (:func:`flip_spp_vectors`) and costs nothing.
 It is not the same as a conv pass over a mirrored image (conv filters are not
 symmetric); caching mirrored maps would double the conv time and the cache,
-and on raccoon the permutation gave the same mAP (see README, Measured).
+and on raccoon the permutation gave the same mAP (benchmarks/README.md).
 
 Runs are resumable: after every epoch the whole state (weights, optimizer
 moments, best weights, epoch, early-stopping counters) is written atomically

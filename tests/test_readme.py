@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 from conftest import REPO
 
 
@@ -27,3 +28,16 @@ def test_setup_asks_for_the_click_the_cli_tests_need():
     # The CLI tests read CliRunner results' .stderr, which click has from 8.2.
     requirement = next(line.strip() for line in (REPO / "setup.cfg").read_text().splitlines() if line.strip().startswith("click"))
     assert requirement == "click>=8.2"
+
+
+def test_readme_is_a_product_page_under_250_lines():
+    # Measurements and investigations live in benchmarks/README.md.
+    assert len((REPO / "README.md").read_text().splitlines()) < 250
+
+
+@pytest.mark.parametrize("page", ["README.md", "benchmarks/README.md", "weights/README.md", "docs/scale-out.md", "docs/formats.md", "docs/proposals.md"])
+def test_relative_links_point_at_files_of_the_repository(page):
+    path = REPO / page
+    links = re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", path.read_text())
+    missing = [link for link in links if not (path.parent / link).exists()]
+    assert not missing, missing
