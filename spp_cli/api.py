@@ -28,13 +28,15 @@ from spp_cli.errors import ModelError
 @dataclass(frozen=True)
 class Detection:
     """One detection: ``box`` ``(x1, y1, x2, y2)`` in continuous pixels of the
-    original image, the class, and its score (an SVM margin; ``spp detect``
-    shows those at or above the model's display threshold)."""
+    original image, the class, its score (an SVM margin; ``spp detect``
+    shows those at or above the model's display threshold) and, from a
+    calibrated model (`spp train`), its probability of being right."""
 
     box: tuple[float, float, float, float]
     class_name: str
     class_id: int
     score: float
+    probability: float | None = None
 
 
 @dataclass
@@ -78,16 +80,22 @@ class Detector:
         return list(self.model.classes)
 
     def __call__(self, image, conf: float | None = None, nms: float = 0.3, max_det: int = 100,
-                 bbox_reg: bool = True, vote: bool = True, warn: Callable[[str], None] | None = None) -> list[Detection]:
-        """Detections in one image, best first, scoring at least ``conf``
-        (default: the model's display threshold, as ``spp detect`` shows them)."""
+                 bbox_reg: bool = True, vote: bool = True, warn: Callable[[str], None] | None = None,
+                 min_prob: float | None = None) -> list[Detection]:
+        """Detections in one image, best first, scoring at least ``conf`` or with a
+        probability of at least ``min_prob`` (default: the model's display
+        threshold, as ``spp detect`` shows them)."""
         from spp_cli.config import DetectConfig
 
         pixels, name = _pixels(image, warn)
+        if min_prob is not None:
+            if conf is not None:
+                raise ValueError("conf and min_prob both set a threshold: give one")
+            conf = self.model.margin_at_probability(min_prob, str(self.path))
         threshold = self.model.detect.display_threshold if conf is None else conf
         config = DetectConfig(score_threshold=threshold, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote)
         found = detect_pixels(self.model, self.extractor, pixels, config, name=name, warn=warn or (lambda _: None))
-        return [Detection(tuple(d.box), self.model.classes[d.class_id], d.class_id, d.score) for d in found]
+        return [Detection(tuple(d.box), self.model.classes[d.class_id], d.class_id, d.score, self.model.probability(d.score)) for d in found]
 
     @property
     def extractor(self):

@@ -251,8 +251,9 @@ def draw(detections, images_root, out_dir, conf) -> None:
 @click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True, help="Width of fc6 and fc7.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Mirror half of the training windows.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling, initialisation and dropout.")
+@click.option("--negatives", multiple=True, metavar="IMAGES", help="Background images that hold none of the classes (files, folders, globs, .txt lists; already in the cache): all their windows are background. Repeatable.")
 @gpu_option
-def finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fraction, hidden, flip, seed, gpu) -> None:
+def finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fraction, hidden, flip, seed, negatives, gpu) -> None:
     """Fine-tune the fc6/fc7 head on cached SPP vectors (conv layers frozen).
 
     Mini-batches of windows with 25% foreground (IoU >= 0.5) and background
@@ -267,7 +268,7 @@ def finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fractio
     """
     from spp_cli.commands.finetune import run_finetune
 
-    sys.exit(run_finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fraction, hidden, flip, seed, gpu))
+    sys.exit(run_finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fraction, hidden, flip, seed, gpu, negatives=negatives))
 
 
 @cli.command("train-svm")
@@ -348,7 +349,9 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="Detector (.safetensors from spp train-svm). Default: the shipped detector.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="Reuse conv maps (and proposals) of images already in this feature cache (an R-CNN model reuses the proposals only).")
 @click.option("--props", type=click.Path(dir_okay=False, path_type=Path), help="props.json from spp propose (default: computed here).")
-@click.option("--conf", type=float, default=None, help="Keep detections scoring at least X (an SVM margin; default: the model's display threshold, -0.3, or its -1.5 with --data so that spp eval sees the whole ranking).")
+@click.option("--conf", type=float, default=None, help="Keep detections scoring at least X (an SVM margin; default: the model's display threshold (-0.3 for the shipped detector; probability 0.5 for a model from spp train), or -1.5 with --data so that spp eval sees the whole ranking).")
+@click.option("--min-prob", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, metavar="P",
+              help="Keep detections whose calibrated probability of being right is at least P (models from spp train; instead of --conf).")
 @click.option("--nms", type=click.FloatRange(0, 1), default=0.3, show_default=True, help="Per-class NMS IoU.")
 @click.option("--max-det", type=click.IntRange(min=1), default=100, show_default=True, help="Detections per image.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write detections JSON here (and COCO results beside it as *.coco.json).")
@@ -357,7 +360,7 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
 @click.option("--vote/--no-vote", default=True, show_default=True, help="Box voting after NMS: each box becomes the score-weighted mean of the candidates of its class overlapping it at IoU >= 0.5.")
 @gpu_option
 @shard_option
-def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, bbox_reg, vote, gpu, shard) -> None:
+def detect(inputs, data, split, model_path, cache_dir, props, conf, min_prob, nms, max_det, out, save_dir, bbox_reg, vote, gpu, shard) -> None:
     """Detect objects: proposals, one conv pass per image per scale, SPP, SVMs, NMS, box voting.
 
     Ends with a per-stage timing line in ms per image. A model trained with
@@ -372,7 +375,7 @@ def detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det
     """
     from spp_cli.commands.detect import run_detect
 
-    sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg, vote, shard))
+    sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg, vote, shard, min_prob))
 
 
 @cli.command()

@@ -236,23 +236,29 @@ def evaluate_voc(images: list[tuple[GroundTruthImage, list[dict]]], classes: lis
         metric: ``voc07`` (11-point) or ``voc`` (area).
     """
     per_class, counts = {}, {}
-    for k, name in enumerate(classes):
-        gt_by_image: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        ids, scores, boxes = [], [], []
-        for n, (record, dets) in enumerate(images):
-            key = str(n)
-            mask = np.array([c == name for c in record.class_names], dtype=bool)
-            gt_by_image[key] = (record.boxes[mask], (record.difficult | record.iscrowd)[mask])
-            for d in dets:
-                if d["class"] == name:
-                    ids.append(key)
-                    scores.append(d["score"])
-                    boxes.append(d["box"])
-        gt = ClassGroundTruth(gt_by_image)
-        detections = ClassDetections(ids, np.asarray(scores, float), np.asarray(boxes, np.float32).reshape(-1, 4))
+    for name in classes:
+        detections, gt = class_inputs(images, name)
         per_class[name] = average_precision(detections, gt, metric)
         counts[name] = gt.num_positives
     return EvalResult(metric, per_class, counts)
+
+
+def class_inputs(images: list[tuple[GroundTruthImage, list[dict]]], name: str) -> tuple[ClassDetections, ClassGroundTruth]:
+    """One class's detections and ground truth over ``images`` (as :func:`evaluate_voc` takes them;
+    crowd boxes count as difficult), images keyed by their place in the list."""
+    gt_by_image: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    ids, scores, boxes = [], [], []
+    for n, (record, dets) in enumerate(images):
+        key = str(n)
+        mask = np.array([c == name for c in record.class_names], dtype=bool)
+        gt_by_image[key] = (record.boxes[mask], (record.difficult | record.iscrowd)[mask])
+        for d in dets:
+            if d["class"] == name:
+                ids.append(key)
+                scores.append(d["score"])
+                boxes.append(d["box"])
+    detections = ClassDetections(ids, np.asarray(scores, float), np.asarray(boxes, np.float32).reshape(-1, 4))
+    return detections, ClassGroundTruth(gt_by_image)
 
 
 def evaluate_coco(images: list[tuple[GroundTruthImage, list[dict]]], classes: list[str]) -> EvalResult:

@@ -92,13 +92,18 @@ class WindowTable:
     fallback: np.ndarray
 
 
-def window_table(entry: CacheEntry, classes: list[str], config: FinetuneConfig) -> WindowTable:
+def window_table(entry: CacheEntry, classes: list[str], config: FinetuneConfig, background_image: bool = False) -> WindowTable:
     """Label the ground truth and proposals of an entry for sampling.
 
     Ground truth that is difficult or crowd is neither foreground nor a
     reason to call a window background; a window overlapping a crowd box at
-    IoU >= ``bg_iou_low`` is left out.
+    IoU >= ``bg_iou_low`` is left out. A ``background_image`` (`--negatives`)
+    holds none of the classes whatever its labels say: every proposal is
+    background (sampled from ``fallback``, as none overlaps a ground truth).
     """
+    if background_image:  # cached without ground truth, or with labels that do not count here
+        return WindowTable(entry.key, entry.proposals.astype(np.float32).reshape(-1, 4), np.zeros(len(entry.proposals), np.int64),
+                           np.zeros(0, np.int64), np.zeros(0, np.int64), np.arange(len(entry.proposals)))
     names = [entry.classes[int(i)] for i in entry.gt_labels]
     usable = ~entry.gt_difficult & ~entry.gt_iscrowd & np.array([n in classes for n in names], bool)
     gt = entry.gt_boxes[usable]
@@ -188,10 +193,14 @@ class Finetuner:
     """One fine-tuning run over a cache: sampling tables, validation set, checkpointing."""
 
     def __init__(self, cache: FeatureCache, keys: list[str], classes: list[str], config: FinetuneConfig,
-                 levels: tuple[int, ...] = DEFAULT_LEVELS, device: str = "cpu", rank: int = 0, world: int = 1):
+                 levels: tuple[int, ...] = DEFAULT_LEVELS, device: str = "cpu", rank: int = 0, world: int = 1,
+                 negative_keys: list[str] | None = None):
         self.cache, self.config, self.levels, self.device = cache, config, tuple(levels), torch.device(device)
         self.rank, self.world = rank, world
         self.classes = list(classes)
+        # Background images (`--negatives`): sampled, batched and held out like the others, all windows background.
+        self.negative_keys = set(negative_keys or ()) - set(keys)
+        keys = list(keys) + sorted(self.negative_keys)
         self.align = cache.settings.alignment
         self.dim = output_dim(cache.settings.channels, self.levels)
         rng = np.random.default_rng([config.seed, 1 << 20])
@@ -222,7 +231,7 @@ class Finetuner:
         keys = self.my_keys + self.val_keys
         for n, key in enumerate(keys, 1):
             entry = self.cache.read(key)
-            table = window_table(entry, self.classes, config)
+            table = window_table(entry, self.classes, config, background_image=key in self.negative_keys)
             self.tables[key] = table
             if key in self.val_keys:
                 picked = sample_windows(table, config.batch // config.images_per_batch, config.fg_fraction, rng)
@@ -369,6 +378,7 @@ class Finetuner:
             {
                 "images": len(self.train_keys),
                 "validation_images": len(self.val_keys),
+                "background_images": len(self.negative_keys),
                 "ranks": self.world,
                 "config": asdict(self.config),
                 "best_epoch": state.best_epoch,

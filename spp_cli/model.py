@@ -6,7 +6,8 @@ Saved as one ``.safetensors`` file: tensors ``svm_weight (K, D)``,
 ``head.`` (the SVMs then read fc7, D = H; regression reads pool5, D5); JSON
 metadata under the key ``spp`` holds everything else (format version,
 feature mode, classes, backbone and cache settings, pyramid levels, feature
-scales, thresholds, proposal settings, training record). No pickle.
+scales, thresholds, proposal settings, training record, and a calibration
+of the SVM margins into probabilities where training fitted one). No pickle.
 
 Shape letters: R windows, D feature length, K classes.
 """
@@ -25,6 +26,7 @@ from torchvision import ops
 from spp_cli.bbox_reg import BoxRegressors, decode
 from spp_cli.boxes import vote_boxes
 from spp_cli.cache import CacheSettings, tensor_digest
+from spp_cli.calibration import Calibration
 from spp_cli.config import DetectConfig
 from spp_cli.errors import ModelError
 from spp_cli.fileio import atomic_write_bytes, read_safetensors
@@ -72,6 +74,8 @@ class Detector:
         training: a free-form record of how the model was made.
         mode: how window features are computed, one of :data:`MODES`
             (``spp``: pooled from conv maps; ``rcnn``: warped windows).
+        calibration: margins -> probabilities (fitted on held-out detections
+            by `spp train`), or ``None``: scores are margins only.
     """
 
     features: CacheSettings
@@ -84,6 +88,7 @@ class Detector:
     proposals: dict = field(default_factory=dict)
     training: dict = field(default_factory=dict)
     mode: str = "spp"
+    calibration: Calibration | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -132,6 +137,8 @@ class Detector:
             "training": self.training,
             "digest": tensor_digest(tensors),
         }
+        if self.calibration is not None:  # absent, not null: uncalibrated files stay as they were
+            meta["calibration"] = self.calibration.to_json()
         atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}))
 
     @classmethod
@@ -186,9 +193,21 @@ class Detector:
                 proposals=dict(meta.get("proposals", {})),
                 training=dict(meta.get("training", {})),
                 mode=mode,
+                calibration=Calibration.from_json(meta["calibration"]) if meta.get("calibration") else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{path}: damaged spp model ({exc})") from None
+
+    def probability(self, score: float) -> float | None:
+        """A detection's calibrated probability of being right, or ``None`` for an uncalibrated model."""
+        return None if self.calibration is None else round(float(self.calibration.probability(score)), 4)
+
+    def margin_at_probability(self, probability: float, source: str) -> float:
+        """The SVM margin a detection needs to reach ``probability``: a probability threshold
+        as a margin threshold (the same detections pass either)."""
+        if self.calibration is None:
+            raise ModelError(f"{source}: has no calibrated probabilities (models from `spp train` have them); threshold the SVM margin (--conf) instead")
+        return self.calibration.margin_at(probability)
 
     # ---------------------------------------------------------------- inference
 

@@ -1,5 +1,6 @@
 """`spp train`'s recommended flow: images -> proposals -> cache -> SVMs (pool5, and fc7 on a
-fine-tuned head) -> a choice on validation -> the final model.
+fine-tuned head) -> a choice on validation -> the final model, its SVM margins calibrated
+into probabilities on the chosen candidate's validation detections (spp_cli.calibration).
 
 Every choice is made on a validation part of the *training* data (a
 ``--val-split``, or a stable fraction of the training split picked by the
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from spp_cli import __version__, ui
+from spp_cli.calibration import Calibration
 from spp_cli.errors import DatasetError, UsageError
 from spp_cli.fileio import atomic_write_json, check_writable
 
@@ -43,7 +45,7 @@ class TrainPlan:
     features: str = "auto"  # auto: pool5 or fc7, whichever has the higher validation mAP
     finetune_epochs: int = 30
     backbone: str = "efficientnet_lite0"
-    negatives: tuple[str, ...] = ()  # background images (no object of any class): negatives for the SVMs
+    negatives: tuple[str, ...] = ()  # background images (no object of any class): negatives for the SVMs and the fine-tuning
 
     def fingerprint(self) -> dict:
         """The plan as it reads back from train-state.json (JSON types: lists, not tuples)."""
@@ -126,12 +128,15 @@ class TrainResult:
     val_ap: dict[str, dict[str, float]]
     split: Split
     seconds: dict[str, float]
+    calibration: Calibration | None = None  # of the final model; None: too few validation outcomes
 
 
-def validation_map(model_path: Path, cache_dir: Path, records: list) -> tuple[float, dict[str, float]]:
-    """VOC07 mAP and per-class AP of a model on cached validation images (the detector's own
-    default thresholds, box regression and voting: what `spp detect` then `spp eval` give)."""
+def validation_results(model_path: Path, cache_dir: Path, records: list) -> tuple[float, dict[str, float], dict | None]:
+    """VOC07 mAP, per-class AP and the margin calibration (JSON, or ``None`` when the outcomes
+    cannot support one) of a model on cached validation images, with the detector's own default
+    thresholds, box regression and voting: what `spp detect` then `spp eval` give."""
     from spp_cli.cache import FeatureCache, image_key
+    from spp_cli.calibration import detection_outcomes, fit_calibration
     from spp_cli.config import DetectConfig
     from spp_cli.evaluate import GroundTruthImage, evaluate_voc
     from spp_cli.model import Detector
@@ -148,7 +153,9 @@ def validation_map(model_path: Path, cache_dir: Path, records: list) -> tuple[fl
     classes = [c for c in records[0][1] if c in detector.classes] if records else []
     result = evaluate_voc(pairs, classes, "voc07")
     per_class = {k: (None if math.isnan(v) else round(v, 6)) for k, v in result.per_class.items()}
-    return (0.0 if math.isnan(result.mean_ap) else float(result.mean_ap)), per_class
+    calibration = fit_calibration(*detection_outcomes(pairs, classes), images=len(pairs))
+    mean = 0.0 if math.isnan(result.mean_ap) else float(result.mean_ap)
+    return mean, per_class, (calibration.to_json() if calibration is not None else None)
 
 
 def choose_features(val_map: dict[str, float]) -> tuple[str, str]:
@@ -249,6 +256,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
 
     val_map: dict[str, float] = {}
     val_ap: dict[str, dict[str, float]] = {}
+    calibrations: dict[str, dict | None] = {}  # per kind: its validation detections' margin -> probability curve
     head = work / "head.safetensors"
     candidates = {"pool5": work / "val-pool5.safetensors", "fc7": work / "val-fc7.safetensors"}
 
@@ -259,20 +267,25 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         def action() -> dict:
             run_train_svm(cache_dir, candidates[kind], None, None, None, 0.1, True, kind, head if kind == "fc7" else None, keys=fit_keys_of,
                           negatives=plan.negatives)
-            mean, per_class = validation_map(candidates[kind], cache_dir, val_records)
+            mean, per_class, calibration = validation_results(candidates[kind], cache_dir, val_records)
             ui.say(f"validation mAP ({kind}): {mean:.3f} on {len(val_records)} image(s)")
-            return {"val_map": mean, "val_ap": per_class}
+            return {"val_map": mean, "val_ap": per_class, "calibration": calibration}
 
         result = state.done(name, candidates[kind]) or timed(name, action)
+        if "calibration" not in result:  # recorded by an spp that did not calibrate: fit it now
+            result["val_map"], result["val_ap"], result["calibration"] = validation_results(candidates[kind], cache_dir, val_records)
+            state.record(name, result)
         seconds[name] = result["seconds"]
         val_map[kind], val_ap[kind] = result["val_map"], result["val_ap"]
+        calibrations[kind] = result["calibration"]
 
     if plan.features != "fc7":
         svm_step("pool5")
     if plan.features != "pool5":
         step("fine-tuning")
         result = state.done("fine-tuning", head) or timed("fine-tuning", lambda: {"code": run_finetune(
-            cache_dir, head, None, None, None, plan.finetune_epochs, 1e-4, 128, 0.25, 1024, True, 0, gpu, keys=fit_keys_of)})
+            cache_dir, head, None, None, None, plan.finetune_epochs, 1e-4, 128, 0.25, 1024, True, 0, gpu, keys=fit_keys_of,
+            negatives=plan.negatives)})
         seconds["fine-tuning"] = result["seconds"]
         svm_step("fc7")
     features, reason = choose_features(val_map) if plan.features == "auto" else (plan.features, f"{plan.features} (asked for)")
@@ -288,9 +301,27 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     start = time.perf_counter()
     code = run_train_svm(cache_dir, out, None, None, None, 0.1, True, features, head if features == "fc7" else None,
                          keys=all_keys, training_extra=metadata, negatives=plan.negatives)
+    calibration = calibrate_model(out, calibrations.get(features))
     seconds["final model"] = round(time.perf_counter() - start, 2)
     problems = [r.get("code", 0) for r in state.steps.values()]
-    return (1 if code or any(problems) else 0), TrainResult(features, reason, val_map, val_ap, split, seconds)
+    return (1 if code or any(problems) else 0), TrainResult(features, reason, val_map, val_ap, split, seconds, calibration)
+
+
+def calibrate_model(model_path: Path, calibration: dict | None) -> Calibration | None:
+    """Give the model at ``model_path`` the calibration fitted on the validation detections of its
+    kind's candidate (trained without them), and a display threshold at its display probability."""
+    import dataclasses
+
+    from spp_cli.model import Detector
+
+    if calibration is None:
+        return None
+    detector = Detector.load(model_path)
+    detector.calibration = Calibration.from_json(calibration)
+    margin = round(detector.calibration.margin_at(detector.calibration.display_probability), 4)
+    detector.detect = dataclasses.replace(detector.detect, display_threshold=margin)
+    detector.save(model_path)
+    return detector.calibration
 
 
 def _relabel(record, names: list[str], classes: list[str]):

@@ -1,4 +1,4 @@
-"""`spp train-svm --negatives`: background images mined as negatives of every class."""
+"""`--negatives`: background images mined as negatives of every class (train-svm) and sampled as background (finetune)."""
 
 import numpy as np
 import pytest
@@ -78,3 +78,24 @@ def test_negatives_that_match_nothing(trained, tmp_path):
     result = CliRunner().invoke(cli, ["train-svm", "--cache", str(feats), "--negatives", str(tmp_path / "none"), "--out", str(tmp_path / "m.safetensors")])
     assert result.exit_code == 1
     assert result.output == f"Error: {tmp_path / 'none'}: no such file or folder\n"
+
+
+def test_a_background_image_gives_fine_tuning_only_background_windows(trained):
+    from spp_cli.finetune import FinetuneConfig, window_table
+
+    feats, backgrounds, _, _, _ = trained
+    entry = FeatureCache.open(feats).read(image_key(sorted(backgrounds.iterdir())[0]))
+    table = window_table(entry, ["blue", "red"], FinetuneConfig(), background_image=True)
+    assert len(table.boxes) == len(entry.proposals) > 0
+    assert not table.labels.any() and len(table.foreground) == 0
+    assert sorted(table.fallback.tolist()) == list(range(len(entry.proposals)))
+
+
+def test_finetune_takes_negatives_and_says_so(trained, tmp_path):
+    feats, backgrounds, _, _, _ = trained
+    head = tmp_path / "head.safetensors"
+    output = invoke("finetune", "--cache", feats, "--negatives", backgrounds, "--epochs", "1", "--out", head).output
+    assert "Fine-tuning fc6/fc7 (1024 wide) on 5 cached image(s) (+1 held out; 2 background image(s) among them), 2 class(es)" in output
+    from spp_cli.head import Head
+
+    assert Head.load(head).training["background_images"] == 2

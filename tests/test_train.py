@@ -58,6 +58,9 @@ def test_one_command_trains_a_detector_and_says_what_it_chose(trained):
     for n, step in enumerate(STEPS, 1):
         assert f"[{n}/{len(STEPS)}] {step}" in output
     assert f"Chose {choice['reason']}. Wrote {out}" in output
+    # One validation image holds 2 shapes: too few right detections to fit probabilities on.
+    assert detector.calibration is None
+    assert "Probabilities: too few validation detections to fit them; scores are SVM margins, shown from -0.3" in output
     state = json.loads((out.with_name("model.work") / "train-state.json").read_text())
     assert set(state["steps"]) == set(STEPS) - {"final model"}
     # The trained model finds the shapes of the held-out test split.
@@ -71,8 +74,15 @@ def test_one_command_trains_a_detector_and_says_what_it_chose(trained):
 
 def test_a_finished_run_run_again_does_no_step_twice(trained, tmp_path):
     data, out, _ = trained
+    # A state file from an spp that did not calibrate: the validation part is scored again, nothing retrained.
+    state_path = out.with_name("model.work") / "train-state.json"
+    state = json.loads(state_path.read_text())
+    for step in ("SVMs on pool5", "SVMs on fc7"):
+        del state["steps"][step]["calibration"]
+    state_path.write_text(json.dumps(state))
     again = CliRunner().invoke(cli, train_args(data, out))
     assert again.exit_code == 0, again.output
+    assert all("calibration" in json.loads(state_path.read_text())["steps"][step] for step in ("SVMs on pool5", "SVMs on fc7"))
     assert "propose" not in again.output.lower().replace("[1/6] proposals", "")  # no step command ran its summary
     assert "Fine-tuning fc6/fc7" not in again.output
     assert "Training on pool5" in again.output  # only the final model is retrained

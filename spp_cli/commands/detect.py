@@ -13,7 +13,7 @@ from pathlib import Path
 
 from spp_cli import backbones, ui
 from spp_cli.config import DetectConfig
-from spp_cli.errors import ModelError, SPPError
+from spp_cli.errors import ModelError, SPPError, UsageError
 from spp_cli.fileio import atomic_write_json, check_writable
 from spp_cli.sources import resolve_sources
 
@@ -30,7 +30,7 @@ def parse_speed_line(output: str) -> dict[str, float] | None:
 
 def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
                conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool,
-               bbox_reg: bool = True, vote: bool = True, shard: str | None = None) -> int:
+               bbox_reg: bool = True, vote: bool = True, shard: str | None = None, min_prob: float | None = None) -> int:
     import torch
 
     from spp_cli.cache import DTYPES, FeatureCache, image_key
@@ -51,6 +51,10 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     if out is not None:
         check_writable(out)
     detector = Detector.load(model_path)
+    if min_prob is not None:
+        if conf is not None:
+            raise UsageError("--conf and --min-prob both set a threshold: give one")
+        conf = detector.margin_at_probability(min_prob, str(model_path))
     if conf is None:
         # With ground truth the run is usually for `spp eval`, which needs the
         # whole ranking; for plain images show confident detections only.
@@ -157,7 +161,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                 "width": int(width),
                 "height": int(height),
                 "detections": [
-                    {"box": d.box, "class": detector.classes[d.class_id], "class_id": d.class_id, "score": d.score} for d in dets
+                    _detection_json(detector, d) for d in dets
                 ],
             }
             record = source.record
@@ -182,7 +186,8 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
         everyone = [s.path for s in sources.items]
         place = {str(path): k for k, path in enumerate(everyone)}
         _save_drawings(results, save_dir, shown, bad, [place[r["path"]] for r in results], everyone)
-    _summary(results, detector.classes, work.output(out) if out is not None else None, save_dir, shown, coco=not work.shard.active)
+    threshold = f"score >= {shown:g}" if detector.calibration is None else f"probability >= {detector.probability(shown):.2f} (score >= {shown:.3g})"
+    _summary(results, work.output(out) if out is not None else None, save_dir, shown, threshold, coco=not work.shard.active)
     n = max(len(results), 1)
     per_stage = ", ".join(f"{1000 * timings[s] / n:.1f}ms {s}" for s in STAGES)
     if rcnn:
@@ -220,7 +225,15 @@ def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: l
         atomic_write_bytes(target, encode(drawn, target.suffix))
 
 
-def _summary(results: list[dict], classes: list[str], out: Path | None, save_dir: Path | None, shown: float, coco: bool = True) -> None:
+def _detection_json(detector, detection) -> dict:
+    """A detection as the detections file holds it; ``probability`` only from a calibrated model."""
+    entry = {"box": detection.box, "class": detector.classes[detection.class_id], "class_id": detection.class_id, "score": detection.score}
+    if detector.calibration is not None:
+        entry["probability"] = detector.probability(detection.score)
+    return entry
+
+
+def _summary(results: list[dict], out: Path | None, save_dir: Path | None, shown: float, threshold: str, coco: bool = True) -> None:
     counts: dict[str, int] = {}
     for r in results:
         for d in r["detections"]:
@@ -234,7 +247,7 @@ def _summary(results: list[dict], classes: list[str], out: Path | None, save_dir
         where.append(f"{out} (+ {coco_results_path(out).name})" if coco else str(out))
     if save_dir is not None:
         where.append(f"annotated images in {save_dir}")
-    ui.console.print(f"{len(results)} image(s): {found} at score >= {shown:g}" + (f"; wrote {', '.join(where)}" if where else ""))
+    ui.console.print(f"{len(results)} image(s): {found} at {threshold}" + (f"; wrote {', '.join(where)}" if where else ""))
 
 
 

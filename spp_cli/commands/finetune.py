@@ -13,7 +13,8 @@ from spp_cli.fileio import check_writable
 
 
 def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, epochs: int, lr: float, batch: int,
-                 fg_fraction: float, hidden: int, flip: bool, seed: int, gpu: bool, keys: list[str] | None = None) -> int:
+                 fg_fraction: float, hidden: int, flip: bool, seed: int, gpu: bool, keys: list[str] | None = None,
+                 negatives: tuple[str, ...] = ()) -> int:
     """`spp finetune`; `spp train` passes the cache ``keys`` to train on."""
     from spp_cli.finetune import (
         FinetuneConfig,
@@ -21,7 +22,7 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
         check_checkpoint,
         checkpoint_path,
     )
-    from spp_cli.train import split_keys, training_set
+    from spp_cli.train import negative_images, negative_keys, split_keys, training_set
 
     check_writable(out)
     device = backbones.select_device(gpu)
@@ -32,6 +33,7 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
     if keys is None:
         keys = split_keys(cache, data, split) if data else None
     data = training_set(cache, wanted, keys)
+    background = negative_keys(cache, negative_images(negatives)) if negatives else []
     config = FinetuneConfig(epochs=epochs, lr=lr, batch=batch, fg_fraction=fg_fraction, hidden=hidden, flip=flip, seed=seed)
     from spp_cli.shard import under_torchrun
 
@@ -42,7 +44,7 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
         distributed.ensure_group(cuda=device.startswith("cuda"))
         rank, world = distributed.rank(), distributed.world_size()
         ui.console.quiet = rank != 0  # one voice: rank 0's
-    tuner = Finetuner(cache, data.keys, data.classes, config, device=device, rank=rank, world=world)
+    tuner = Finetuner(cache, data.keys, data.classes, config, device=device, rank=rank, world=world, negative_keys=background)
     if not tuner.my_keys:
         raise UsageError(f"{cache_dir}: {len(tuner.train_keys)} training image(s) for {world} ranks; run with at most {len(tuner.train_keys)} ranks")
     checkpoint = checkpoint_path(out)
@@ -51,7 +53,8 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
     over = f", {world} ranks (DistributedDataParallel)" if world > 1 else ""
     ui.console.print(
         f"Fine-tuning fc6/fc7 ({hidden} wide) on {len(tuner.train_keys)} cached image(s) "
-        f"(+{len(tuner.val_keys)} held out), {len(data.classes)} class(es), on {device}{over}",
+        f"(+{len(tuner.val_keys)} held out{f'; {len(tuner.negative_keys)} background image(s) among them' if tuner.negative_keys else ''}), "
+        f"{len(data.classes)} class(es), on {device}{over}",
     )
     start = time.perf_counter()
     with ui.progress(10) as bar:

@@ -11,6 +11,7 @@ def run_train_command(data: str, split: str, out: Path, val_split: str | None, v
                       cache_dir: Path | None, features: str, scales: str, backbone: str, epochs: int, negatives: tuple[str, ...], gpu: bool) -> int:
     from rich.table import Table
 
+    from spp_cli.config import DetectConfig
     from spp_cli.pipeline import TrainPlan, run_train
 
     plan = TrainPlan(data=data, split=split, val_split=val_split, val_fraction=val_fraction, scales=scales,
@@ -26,5 +27,11 @@ def run_train_command(data: str, split: str, out: Path, val_split: str | None, v
     table.add_row("mAP", *[f"{result.val_map[k]:.3f}" for k in result.val_map], style="bold")
     ui.console.print(table)
     steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result.seconds.items())
+    if result.calibration is not None:
+        c = result.calibration
+        ui.console.print(f"Probabilities: fitted on {c.detections} validation detection(s) ({c.right} right) of {c.images} image(s); "
+                         f"shown from probability {c.display_probability:.2f} (score {c.margin_at(c.display_probability):.3f})")
+    else:
+        ui.console.print(f"Probabilities: too few validation detections to fit them; scores are SVM margins, shown from {DetectConfig().display_threshold:g}")
     ui.console.print(f"Chose {result.reason}. Wrote {out} (trained on the whole split). Time: {steps}; {sum(result.seconds.values()):.0f} s in all")
     return code
