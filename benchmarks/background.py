@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import checkout  # this checkout's spp_cli first, here and in the subprocesses
@@ -32,11 +29,7 @@ COCO = SHARED / "coco128" / "images" / "train2017"
 
 
 def spp(*args: str) -> float:
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "spp_cli", *map(str, args)], env=checkout.ENV, capture_output=True, text=True, check=False)
-    if done.returncode not in (0, 1):
-        sys.exit(f"spp {' '.join(map(str, args))} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return checkout.run_spp(*args)[0]
 
 
 def coco_paths(split: str) -> list[Path]:

@@ -21,34 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import checkout  # this checkout's spp_cli first, here and in the subprocesses
-import numpy as np
+from vs_faster_rcnn import DATASETS  # the same datasets and splits
 
 REPO = checkout.REPO
 SHARED = REPO.parent / "shared" / "data"
 SPLITS = REPO / "benchmarks" / "splits"
 
-# name -> (dataset spec, training split, test split): vs_faster_rcnn.py's.
-DATASETS = {
-    "raccoon": (str(SHARED / "raccoon"), "train", "test"),
-    "bccd": (str(SHARED / "bccd"), "trainval", "test"),
-    "coco128": (str(SHARED / "coco128" / "annotations" / "instances_train2017.json"),
-                str(SPLITS / "coco128-train.txt"), str(SPLITS / "coco128-test.txt")),
-}
 
 
 def spp(*args: str) -> float:
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "spp_cli", *map(str, args)], env=checkout.ENV, capture_output=True, text=True, check=False)
-    if done.returncode not in (0, 1):
-        sys.exit(f"spp {' '.join(map(str, args))} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
+    return checkout.run_spp(*args)[0]
 
 
 def reliability(name: str, work: Path) -> dict:

@@ -25,3 +25,18 @@ def check() -> None:
     where = Path(spp_cli.__file__).resolve().parent
     if where != REPO / "spp_cli":
         sys.exit(f"benchmarks: imported spp_cli from {where}, not from this checkout ({REPO / 'spp_cli'})")
+
+
+def run_spp(*args, allowed: tuple[int, ...] = (0, 1)) -> tuple[float, str]:
+    """Seconds and output (stdout, then stderr: where the summaries go) of ``spp ARGS`` in a
+    fresh process of this checkout. Stops the benchmark on an exit code outside ``allowed``
+    (1: some inputs were skipped and listed, the rest done)."""
+    import subprocess
+    import time
+
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "spp_cli", *map(str, args)], env=ENV, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode not in allowed:
+        sys.exit(f"spp {' '.join(map(str, args))} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+    return seconds, done.stdout + done.stderr

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,10 +39,7 @@ REPO = checkout.REPO
 
 
 def spp(*args) -> str:
-    result = subprocess.run([sys.executable, "-m", "spp_cli", *map(str, args)], env=checkout.ENV, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        sys.exit(f"spp {' '.join(map(str, args))} failed ({result.returncode}):\n{result.stderr[-2000:]}")
-    return result.stdout + result.stderr
+    return checkout.run_spp(*args, allowed=(0,))[1]
 
 
 def speed_line(output: str) -> dict[str, float]:

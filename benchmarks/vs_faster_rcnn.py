@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,13 +50,8 @@ DATASETS = {
 
 
 def spp(*args: str) -> tuple[float, str]:
-    """Seconds and output (stdout, then stderr: where the summaries go) of ``spp ARGS`` in a fresh process (this checkout)."""
-    start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "spp_cli", *args], env=checkout.ENV, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - start
-    if done.returncode not in (0, 1):  # 1: some inputs skipped (listed); anything else is a failure
-        sys.exit(f"spp {' '.join(args)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return seconds, done.stdout + done.stderr
+    """Seconds and output of ``spp ARGS`` in a fresh process (this checkout)."""
+    return checkout.run_spp(*args)
 
 
 def voc07_map(dets: Path, data: str, split: str, work: Path) -> float:
