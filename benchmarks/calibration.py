@@ -48,9 +48,12 @@ def reliability(name: str, work: Path) -> dict:
     model, dets = work / "model.safetensors", work / "dets.json"
     train_s = spp("train", "--data", data, "--split", train, "--out", model, "--work", work / "train")
     detect_s = spp("detect", "--data", data, "--split", test, "--model", model, "--out", dets)
+    metrics = work / "metrics.json"
+    spp("eval", dets, "--data", data, "--split", test, "--metric", "voc07", "--out", metrics)
+    test_map = json.loads(metrics.read_text())["mAP"]
     detector = Detector.load(model)
     if detector.calibration is None:
-        return {"dataset": name, "calibrated": False}
+        return {"dataset": name, "calibrated": False, "test_mAP": round(float(test_map), 4)}
     dataset = open_dataset(data, test)
     by_id = {image.id: image.detections for image in read_detections(dets).images}
     pairs = [(GroundTruthImage.from_record(r, dataset.classes), by_id.get(r.image_id, [])) for r in dataset.records]
@@ -64,6 +67,7 @@ def reliability(name: str, work: Path) -> dict:
         "calibrated": True,
         "fitted_on": {"detections": detector.calibration.detections, "right": detector.calibration.right, "images": detector.calibration.images},
         "features": detector.feature_kind,
+        "test_mAP": round(float(test_map), 4),
         "test_detections": int(len(right)),
         "bins": rows,
         "ece": round(float(ece), 4),
@@ -89,10 +93,10 @@ def main() -> None:
         result = reliability(name, work)
         results.append(result)
         if not result["calibrated"]:
-            print(f"{name}: too few validation detections to fit probabilities")
+            print(f"{name}: test VOC07 mAP {result['test_mAP']:.3f}; too few validation detections to fit probabilities")
             continue
         fitted = result["fitted_on"]
-        print(f"\n{name} ({result['features']}; fitted on {fitted['detections']} validation detections, {fitted['right']} right, "
+        print(f"\n{name} (test VOC07 mAP {result['test_mAP']:.3f}, {result['features']}; fitted on {fitted['detections']} validation detections, {fitted['right']} right, "
               f"{fitted['images']} images; {result['test_detections']} test detections)")
         print(f"{'probability':>12}{'detections':>12}{'predicted':>11}{'observed':>10}")
         for row in result["bins"]:
