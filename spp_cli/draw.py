@@ -9,7 +9,9 @@ floats in continuous pixel coordinates of the original image, so a box
 box covers (from its edges inward), which keeps a whole-image box visible.
 
 Scores are SVM scores, not probabilities: they can be negative and are
-printed as they are, with two decimals.
+printed as they are, with two decimals. A detection from a calibrated model
+(`spp train`) also carries a probability: its label shows that instead, as
+a percentage.
 """
 
 from __future__ import annotations
@@ -120,9 +122,7 @@ def draw_detections(
         placed.append((det, rect, colour))
 
     for det, (left, top, _, _), colour in placed:
-        score = _score(det)
-        text = str(det["class"]) if score is None else f"{det['class']} {score:.2f}"
-        tag = _label_tag(text, colour, size)
+        tag = _label_tag(label_text(det), colour, size)
         # Above the box, its bottom on the box's top edge; inside at the top
         # when that would leave the image. Shifted left if it would run off
         # the right edge, but never past the left one.
@@ -130,6 +130,14 @@ def draw_detections(
         x = max(0, min(left, width - tag.width))
         out.paste(tag, (x, y))
     return out
+
+
+def label_text(det: dict) -> str:
+    """``class 87%`` with a probability, ``class -0.25`` with a margin only, ``class`` with neither."""
+    if det.get("probability") is not None:
+        return f"{det['class']} {float(det['probability']):.0%}"
+    score = _score(det)
+    return str(det["class"]) if score is None else f"{det['class']} {score:.2f}"
 
 
 def _score(det: dict) -> float | None:

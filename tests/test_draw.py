@@ -107,6 +107,12 @@ def test_label_text_is_score_with_two_decimals_in_contrasting_colour():
     assert (255, 255, 255) in colours(tag_neg)  # white text on navy
 
 
+def test_label_shows_the_probability_where_the_model_gave_one():
+    assert draw_lib.label_text({"class": "raccoon", "score": -0.25}) == "raccoon -0.25"
+    assert draw_lib.label_text({"class": "raccoon", "score": 1.3, "probability": 0.8731}) == "raccoon 87%"
+    assert draw_lib.label_text({"class": "raccoon"}) == "raccoon"
+
+
 def test_min_score_leaves_out_weak_detections_and_boxes_outside_are_ignored():
     colour_cat = class_colour("cat")
     out = draw_detections(
