@@ -198,6 +198,14 @@ class Detector:
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{path}: damaged spp model ({exc})") from None
 
+    def calibrate(self, calibration: Calibration) -> None:
+        """Adopt ``calibration`` and show detections from its display probability on."""
+        import dataclasses
+
+        self.calibration = calibration
+        margin = round(calibration.margin_at(calibration.display_probability), 4)
+        self.detect = dataclasses.replace(self.detect, display_threshold=margin)
+
     def probability(self, score: float) -> float | None:
         """A detection's calibrated probability of being right, or ``None`` for an uncalibrated model."""
         return None if self.calibration is None else round(float(self.calibration.probability(score)), 4)

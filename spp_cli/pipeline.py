@@ -299,29 +299,13 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         "split": plan.split,
     }
     start = time.perf_counter()
+    fitted = calibrations.get(features)
+    calibration = Calibration.from_json(fitted) if fitted is not None else None
     code = run_train_svm(cache_dir, out, None, None, None, 0.1, True, features, head if features == "fc7" else None,
-                         keys=all_keys, training_extra=metadata, negatives=plan.negatives)
-    calibration = calibrate_model(out, calibrations.get(features))
+                         keys=all_keys, training_extra=metadata, negatives=plan.negatives, calibration=calibration)
     seconds["final model"] = round(time.perf_counter() - start, 2)
     problems = [r.get("code", 0) for r in state.steps.values()]
     return (1 if code or any(problems) else 0), TrainResult(features, reason, val_map, val_ap, split, seconds, calibration)
-
-
-def calibrate_model(model_path: Path, calibration: dict | None) -> Calibration | None:
-    """Give the model at ``model_path`` the calibration fitted on the validation detections of its
-    kind's candidate (trained without them), and a display threshold at its display probability."""
-    import dataclasses
-
-    from spp_cli.model import Detector
-
-    if calibration is None:
-        return None
-    detector = Detector.load(model_path)
-    detector.calibration = Calibration.from_json(calibration)
-    margin = round(detector.calibration.margin_at(detector.calibration.display_probability), 4)
-    detector.detect = dataclasses.replace(detector.detect, display_threshold=margin)
-    detector.save(model_path)
-    return detector.calibration
 
 
 def _relabel(record, names: list[str], classes: list[str]):

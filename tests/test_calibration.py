@@ -13,7 +13,6 @@ from spp_cli.cli import cli
 from spp_cli.commands.models import default_model_path
 from spp_cli.evaluate import GroundTruthImage
 from spp_cli.model import Detector
-from spp_cli.pipeline import calibrate_model
 
 PHOTO = REPO / "examples" / "raccoon.jpg"
 CURVE = Calibration(slope=2.0, intercept=-1.0, detections=100, right=40, images=10)
@@ -84,12 +83,13 @@ def test_model_file_keeps_the_calibration_and_uncalibrated_files_have_none(calib
 
 def test_spp_train_gives_its_model_the_curve_and_a_threshold_at_probability_half(tmp_path):
     path = tmp_path / "model.safetensors"
-    Detector.load(default_model_path()).save(path)
-    assert calibrate_model(path, CURVE.to_json()) == CURVE
+    detector = Detector.load(default_model_path())
+    detector.calibrate(Calibration.from_json(CURVE.to_json()))
+    detector.save(path)
     detector = Detector.load(path)
     assert detector.calibration == CURVE
     assert detector.detect.display_threshold == pytest.approx(CURVE.margin_at(0.5), abs=1e-4)
-    assert calibrate_model(path, None) is None and Detector.load(path).calibration == CURVE  # nothing fitted: left as it is
+    assert Detector.load(default_model_path()).calibration is None  # nothing fitted: left as it is
 
 
 def test_detect_writes_probabilities_and_thresholds_on_them(calibrated, tmp_path):

@@ -16,7 +16,8 @@ from spp_cli.fileio import check_writable
 
 def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, C: float, bbox_reg: bool,
                   features: str = "pool5", head_path: Path | None = None, mode: str = "spp", gpu: bool = False,
-                  keys: list[str] | None = None, training_extra: dict | None = None, negatives: tuple[str, ...] = ()) -> int:
+                  keys: list[str] | None = None, training_extra: dict | None = None, negatives: tuple[str, ...] = (),
+                  calibration=None) -> int:
     """`spp train-svm`; `spp train` passes the cache ``keys`` to train on and ``training_extra``
     for the model's training metadata."""
     from spp_cli.head import Head
@@ -114,6 +115,8 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
             return 0  # another rank's model: rank 0 writes it
     detector.training["cache"] = str(cache_dir)
     detector.training.update(training_extra or {})
+    if calibration is not None:  # `spp train`: fitted on its validation part (spp_cli.calibration)
+        detector.calibrate(calibration)
     if head_path is not None:
         detector.training["head"] = str(head_path)
     how = ""
