@@ -316,7 +316,7 @@ def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox
 @click.option("--split", default="train", show_default=True, metavar="NAME", help="The training split (a name or a .txt of image ids). No other split is read, unless --val-split names one.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model file to write (.safetensors).")
 @click.option("--val-split", metavar="NAME", help="Make the choices on this split (default: a --val-fraction of the training split).")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True, help="Share of the training split held out for the choices (stable: by sha256 of each image id); the final model is trained on the whole split.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True, help="Share of the training split held out for the choices (stable: by sha256 of each image id); the model is the candidate fitted on the rest (see --refit).")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), help="Folder for the steps' files (proposals, head, candidate models, train-state.json). Default: <out stem>.work beside --out.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="Feature cache to build or reuse (default: <work>/feats).")
 @click.option("--features", type=click.Choice(["auto", "pool5", "fc7"]), default="auto", show_default=True, help="SVM input: auto picks pool5 or fc7 (a fine-tuned head) by validation mAP.")
@@ -324,13 +324,16 @@ def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox
 @click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Backbone of the cache (see `spp cache --help`).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most fine-tuning epochs (early stopping on held-out windows).")
 @click.option("--negatives", multiple=True, metavar="IMAGES", help="Background images that hold none of the classes (files, folders, globs, .txt lists): cached, then negatives for the SVMs. Repeatable.")
+@click.option("--refit/--no-refit", default=False, show_default=True, help="Train the chosen kind again on the whole split, validation images included (one more SVM step; its probabilities are the candidate's).")
 @gpu_option
-def train(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, gpu) -> None:
+def train(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, refit, gpu) -> None:
     """Train a detector from a dataset in one command: the recommended flow.
 
     propose -> cache -> SVMs on pool5 -> fine-tune fc6/fc7 -> SVMs on fc7 ->
-    pick pool5 or fc7 by VOC07 mAP on the validation part -> final model on
-    the whole training split (box regression, box voting at detection).
+    pick pool5 or fc7 by VOC07 mAP on the validation part -> the chosen
+    candidate is the model (box regression, box voting at detection), its
+    scores calibrated on its validation detections; --refit trains it again
+    on the whole training split.
     Only the training split is read. Each step is resumable: after an
     interruption, run the same command again.
 
@@ -341,7 +344,7 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
     """
     from spp_cli.commands.train import run_train_command
 
-    sys.exit(run_train_command(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, gpu))
+    sys.exit(run_train_command(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, gpu, refit))
 
 
 @cli.command()

@@ -1,6 +1,7 @@
 """`spp train`'s recommended flow: images -> proposals -> cache -> SVMs (pool5, and fc7 on a
-fine-tuned head) -> a choice on validation -> the final model, its SVM margins calibrated
-into probabilities on the chosen candidate's validation detections (spp_cli.calibration).
+fine-tuned head) -> a choice on validation -> the final model: the chosen candidate itself,
+its SVM margins calibrated into probabilities on its own validation detections
+(spp_cli.calibration); with ``refit`` the chosen kind is trained again on the whole split.
 
 Every choice is made on a validation part of the *training* data (a
 ``--val-split``, or a stable fraction of the training split picked by the
@@ -46,6 +47,10 @@ class TrainPlan:
     finetune_epochs: int = 30
     backbone: str = "efficientnet_lite0"
     negatives: tuple[str, ...] = ()  # background images (no object of any class): negatives for the SVMs and the fine-tuning
+    # False: the model is the validated candidate (fitted on the fit part), so its validation
+    # mAP and probabilities describe it, and the SVMs are mined once; True: the chosen kind is
+    # mined again on the whole split (the validation images too), which costs that step again.
+    refit: bool = False
 
     def fingerprint(self) -> dict:
         """The plan as it reads back from train-state.json (JSON types: lists, not tuples)."""
@@ -301,11 +306,27 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     start = time.perf_counter()
     fitted = calibrations.get(features)
     calibration = Calibration.from_json(fitted) if fitted is not None else None
-    code = run_train_svm(cache_dir, out, None, None, None, 0.1, True, features, head if features == "fc7" else None,
-                         keys=all_keys, training_extra=metadata, negatives=plan.negatives, calibration=calibration)
+    if plan.refit:
+        code = run_train_svm(cache_dir, out, None, None, None, 0.1, True, features, head if features == "fc7" else None,
+                             keys=all_keys, training_extra=metadata, negatives=plan.negatives, calibration=calibration)
+    else:
+        code = _adopt_candidate(candidates[features], out, metadata, calibration)
     seconds["final model"] = round(time.perf_counter() - start, 2)
     problems = [r.get("code", 0) for r in state.steps.values()]
     return (1 if code or any(problems) else 0), TrainResult(features, reason, val_map, val_ap, split, seconds, calibration)
+
+
+def _adopt_candidate(candidate: Path, out: Path, metadata: dict, calibration: Calibration | None) -> int:
+    """Write the validated candidate as the final model, with the flow's metadata and calibration."""
+    from spp_cli.model import Detector
+
+    detector = Detector.load(candidate)
+    detector.training.update(metadata)
+    if calibration is not None:
+        detector.calibrate(calibration)
+    detector.save(out)
+    ui.say(f"Wrote {out}: the {metadata['choice']['features']} candidate, {detector.training.get('images')} training image(s)")
+    return 0
 
 
 def _relabel(record, names: list[str], classes: list[str]):

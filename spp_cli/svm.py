@@ -5,7 +5,7 @@ has it in the same shape): positives are the ground-truth boxes of the class;
 negatives are proposals under IoU 0.3 with every ground truth of the class;
 features are scaled so that their mean L2 norm is 20; liblinear's
 L2-regularised hinge loss (``-s 3``) with C = 0.001, positive weight 2 and
-bias multiplier 10; one epoch of hard-negative mining: a negative is hard if
+bias multiplier 10, liblinear's default tolerance 0.1; one epoch of hard-negative mining: a negative is hard if
 it scores above -1.0001, cached easy negatives below -1.2 are evicted, and a
 class is retrained after every 2,000 new hard negatives.
 
@@ -79,7 +79,7 @@ def fit_linear_svm(positives: np.ndarray, negatives: np.ndarray, config: SVMConf
         dual=True,
         class_weight={1: config.positive_weight, -1: 1.0},
         intercept_scaling=config.bias_multiplier,
-        tol=1e-3,
+        tol=config.tol,
         max_iter=5000,
         random_state=config.seed,
     )

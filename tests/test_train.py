@@ -54,7 +54,11 @@ def test_one_command_trains_a_detector_and_says_what_it_chose(trained):
     assert set(choice["validation_mAP"]) == {"pool5", "fc7"}
     best = max(choice["validation_mAP"], key=lambda k: (choice["validation_mAP"][k], k == "pool5"))
     assert choice["features"] == best == detector.feature_kind
-    assert detector.training["images"] == len(TRAIN)  # the final model: the whole training split
+    # The final model is the validated candidate: fitted on the 3 other images, its tensors as validated.
+    assert detector.training["images"] == len(TRAIN) - 1
+    candidate = tensors(out.with_name("model.work") / f"val-{choice['features']}.safetensors")
+    assert candidate.keys() == tensors(out).keys()
+    assert all(np.array_equal(candidate[name], tensors(out)[name]) for name in candidate)
     for n, step in enumerate(STEPS, 1):
         assert f"[{n}/{len(STEPS)}] {step}" in output
     assert f"Chose {choice['reason']}. Wrote {out}" in output
@@ -85,7 +89,17 @@ def test_a_finished_run_run_again_does_no_step_twice(trained, tmp_path):
     assert all("calibration" in json.loads(state_path.read_text())["steps"][step] for step in ("SVMs on pool5", "SVMs on fc7"))
     assert "propose" not in again.output.lower().replace("[1/6] proposals", "")  # no step command ran its summary
     assert "Fine-tuning fc6/fc7" not in again.output
-    assert "Training on pool5" in again.output  # only the final model is retrained
+    assert "Training on" not in again.output  # no SVM is trained again: the model is the validated candidate
+
+
+def test_refit_trains_the_chosen_kind_again_on_the_whole_split(tmp_path):
+    data = write_shapes(tmp_path / "shapes")
+    out = tmp_path / "model.safetensors"
+    result = CliRunner().invoke(cli, train_args(data, out, "--features", "pool5", "--refit"))
+    assert result.exit_code == 0, result.output
+    assert "Training on pool5 features of 4 cached image(s)" in result.output
+    assert "(trained again on the whole split)" in result.output
+    assert Detector.load(out).training["images"] == len(TRAIN)
 
 
 def test_train_never_reads_the_test_split(tmp_path):
@@ -164,5 +178,5 @@ def test_background_images_join_the_svms_as_negatives(tmp_path):
     out = tmp_path / "model.safetensors"
     result = CliRunner().invoke(cli, train_args(data, out, "--features", "pool5", "--negatives", str(backgrounds)))
     assert result.exit_code == 0, result.output
-    assert "4 cached image(s) and 1 background image(s)" in result.output
+    assert "3 cached image(s) and 1 background image(s)" in result.output  # the fit part
     assert Detector.load(out).training["background_images"] == 1

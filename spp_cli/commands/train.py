@@ -8,14 +8,15 @@ from spp_cli import ui
 
 
 def run_train_command(data: str, split: str, out: Path, val_split: str | None, val_fraction: float, work: Path | None,
-                      cache_dir: Path | None, features: str, scales: str, backbone: str, epochs: int, negatives: tuple[str, ...], gpu: bool) -> int:
+                      cache_dir: Path | None, features: str, scales: str, backbone: str, epochs: int, negatives: tuple[str, ...], gpu: bool,
+                      refit: bool = False) -> int:
     from rich.table import Table
 
     from spp_cli.config import DetectConfig
     from spp_cli.pipeline import TrainPlan, run_train
 
     plan = TrainPlan(data=data, split=split, val_split=val_split, val_fraction=val_fraction, scales=scales,
-                     features=features, finetune_epochs=epochs, backbone=backbone, negatives=tuple(negatives))
+                     features=features, finetune_epochs=epochs, backbone=backbone, negatives=tuple(negatives), refit=refit)
     code, result = run_train(plan, out, work, cache_dir, gpu)
     table = Table(title=f"Validation AP (VOC07), {result.split.how}")
     table.add_column("class")
@@ -33,5 +34,5 @@ def run_train_command(data: str, split: str, out: Path, val_split: str | None, v
                          f"shown from probability {c.display_probability:.2f} (score {c.margin_at(c.display_probability):.3f})")
     else:
         ui.console.print(f"Probabilities: too few validation detections to fit them; scores are SVM margins, shown from {DetectConfig().display_threshold:g}")
-    ui.console.print(f"Chose {result.reason}. Wrote {out} (trained on the whole split). Time: {steps}; {sum(result.seconds.values()):.0f} s in all")
+    ui.console.print(f"Chose {result.reason}. Wrote {out} ({'trained again on the whole split' if refit else 'the validated candidate'}). Time: {steps}; {sum(result.seconds.values()):.0f} s in all")
     return code
