@@ -131,6 +131,7 @@ class HardNegativeMiner:
         """
         w, b = self._weights()
         scores = (features @ torch.from_numpy(w).T + torch.from_numpy(b)).numpy()
+        due = []
         for k, name in enumerate(self.classes):
             idx = candidates.get(name)
             st = self.state[name]
@@ -143,9 +144,27 @@ class HardNegativeMiner:
             st.negatives = rows if st.negatives is None else np.concatenate([st.negatives, rows])
             st.new_since_retrain += len(hard)
             if st.new_since_retrain >= self.config.retrain_every:
-                self._retrain(name)
+                due.append(name)
+        self._retrain_all(due)
 
-    def _retrain(self, name: str) -> None:
+    def _retrain_all(self, names: list[str]) -> None:
+        """Retrain these classes, several at once: liblinear is single-threaded and
+        releases the GIL, and each class's fit reads and writes only its own state,
+        so the models are the same as one after another."""
+        workers = min(len(names), max(1, torch.get_num_threads()))
+        if workers <= 1:
+            for name in names:
+                self._retrain(name)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            done = list(pool.map(self._retrain, names, [False] * len(names)))
+        if self.on_retrain:
+            for name, (positives, negatives) in zip(names, done):
+                self.on_retrain(name, positives, negatives)
+
+    def _retrain(self, name: str, report: bool = True) -> tuple[int, int]:
         st = self.state[name]
         positives = np.concatenate(st.positives).astype(np.float32)
         negatives = st.negatives.astype(np.float32)
@@ -159,15 +178,14 @@ class HardNegativeMiner:
             keep = keep[np.argsort(-neg_scores[keep], kind="stable")[: self.config.max_negatives]]
             keep.sort()
         st.negatives = st.negatives[keep]
-        if self.on_retrain:
+        if report and self.on_retrain:
             self.on_retrain(name, len(positives), len(keep))
+        return len(positives), len(keep)
 
     def finish(self, feature_scale: float) -> LinearSVMs:
         """Final retrain of every class with new negatives, and the classifiers."""
-        for name in self.classes:
-            st = self.state[name]
-            if st.positives and st.negatives is not None and (st.new_since_retrain or st.weight is None):
-                self._retrain(name)
+        self._retrain_all([name for name in self.classes if self.state[name].positives and self.state[name].negatives is not None
+                           and (self.state[name].new_since_retrain or self.state[name].weight is None)])
         w, b = self._weights()
         return LinearSVMs(self.classes, w, b, feature_scale)
 
