@@ -195,6 +195,7 @@ def run_dataset(name: str, work: Path, epochs: int, skip: set[str], log) -> dict
     if "spp" not in skip:
         model = work / "spp-model.safetensors"
         seconds, output = spp("train", "--data", data, "--split", train_split, "--out", str(model), "--work", str(work / "spp-work"))
+        (work / "spp-train.log").write_text(output)  # its closing summary: validation AP, choice, time per step
         chose = next((line for line in output.splitlines() if line.startswith("Chose ")), "")
         log(f"  spp train: {seconds:.0f} s; {chose[:160]}")
         dets = work / "spp-dets.json"
