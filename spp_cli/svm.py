@@ -150,8 +150,9 @@ class HardNegativeMiner:
     def _retrain_all(self, names: list[str]) -> None:
         """Retrain these classes, several at once: liblinear is single-threaded and
         releases the GIL, and each class's fit reads and writes only its own state,
-        so the models are the same as one after another."""
-        workers = min(len(names), max(1, torch.get_num_threads()))
+        so the models are the same as one after another. At most 4 at once: each fit holds
+        float32 and float64 copies of its set (up to 3.8 GB at 20,000 x 16,000)."""
+        workers = min(len(names), max(1, torch.get_num_threads()), 4)
         if workers <= 1:
             for name in names:
                 self._retrain(name)
