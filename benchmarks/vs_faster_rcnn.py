@@ -236,6 +236,7 @@ def main() -> None:
     for name in names:
         log(f"{name}:")
         rows.append(run_dataset(name, work / name, args.epochs, skip, log))
+        log(f"  row: {json.dumps(rows[-1])}")  # kept in the log should a later dataset fail
 
     def cell(row: dict, key: str, fmt: str) -> str:
         return format(row[key], fmt) if key in row else "-"
