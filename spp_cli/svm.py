@@ -25,10 +25,6 @@ from spp_cli import boxes as box_ops
 from spp_cli.config import SVMConfig
 
 
-# Most bytes that side-by-side SVM fits may hold in float copies of their sets at once.
-PARALLEL_FIT_BYTES = 2 * 1024**3
-
-
 @dataclass
 class LinearSVMs:
     """K one-vs-rest linear classifiers: ``score = x @ weight[k] + bias[k]``.
@@ -152,39 +148,13 @@ class HardNegativeMiner:
         self._retrain_all(due)
 
     def _retrain_all(self, names: list[str]) -> None:
-        """Retrain these classes, several at once where memory allows: liblinear is
-        single-threaded and releases the GIL, and each class's fit reads and writes only
-        its own state, so the models are the same as one after another.
-
-        A fit holds float32 and float64 copies of its set (12 bytes per value: 1.15 GB
-        for 6,000 x 16,000), so fits go side by side (one per torch thread) only while
-        their copies add up to at most ``PARALLEL_FIT_BYTES``; a larger set fits alone.
-        """
-        workers = max(1, torch.get_num_threads())
-        groups: list[list[str]] = []
-        held = 0
+        """Retrain these classes one after another. Not side by side: scikit-learn's
+        liblinear draws its coordinate order from one generator shared by all threads, so
+        concurrent fits interleave their draws and the models stop being reproducible."""
         for name in names:
-            st = self.state[name]
-            size = (sum(len(p) for p in st.positives) + len(st.negatives)) * self.dim * 12
-            if groups and len(groups[-1]) < workers and held + size <= PARALLEL_FIT_BYTES:
-                groups[-1].append(name)
-                held += size
-            else:
-                groups.append([name])
-                held = size
-        for group in groups:
-            if len(group) == 1:
-                self._retrain(group[0])
-                continue
-            from concurrent.futures import ThreadPoolExecutor
+            self._retrain(name)
 
-            with ThreadPoolExecutor(len(group)) as pool:
-                done = list(pool.map(self._retrain, group, [False] * len(group)))
-            if self.on_retrain:
-                for name, (positives, negatives) in zip(group, done):
-                    self.on_retrain(name, positives, negatives)
-
-    def _retrain(self, name: str, report: bool = True) -> tuple[int, int]:
+    def _retrain(self, name: str) -> tuple[int, int]:
         st = self.state[name]
         positives = np.concatenate(st.positives).astype(np.float32)
         negatives = st.negatives.astype(np.float32)
@@ -198,7 +168,7 @@ class HardNegativeMiner:
             keep = keep[np.argsort(-neg_scores[keep], kind="stable")[: self.config.max_negatives]]
             keep.sort()
         st.negatives = st.negatives[keep]
-        if report and self.on_retrain:
+        if self.on_retrain:
             self.on_retrain(name, len(positives), len(keep))
         return len(positives), len(keep)
 

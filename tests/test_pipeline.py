@@ -25,6 +25,7 @@ from spp_cli import backbones
 from spp_cli.cache import FeatureCache
 from spp_cli.cli import cli
 from spp_cli.commands.detect import STAGES, parse_speed_line
+from spp_cli.config import DetectConfig
 from spp_cli.model import Detector
 from spp_cli.spp import DEFAULT_LEVELS
 
@@ -112,9 +113,9 @@ def test_train_detect_eval(pipeline, tmp_path):
             x1, y1, x2, y2 = d["box"]
             assert 0 <= x1 < x2 <= 160 and 0 <= y1 < y2 <= 120
         # The detector finds both rectangles: each one is matched (IoU >= 0.5,
-        # right class) by a detection scoring above 0.
+        # right class) by a detection shown by default (score >= the display threshold).
         for name, box in ground_truth(pipeline.data, im["id"]):
-            best = max((iou(d["box"], box) for d in im["detections"] if d["class"] == name and d["score"] >= 0), default=0)
+            best = max((iou(d["box"], box) for d in im["detections"] if d["class"] == name and d["score"] >= DetectConfig().display_threshold), default=0)
             assert best >= 0.5, (im["id"], name, box, im["detections"][:4])
 
     # COCO results beside it: the same detections as [x, y, w, h], category = class index + 1.

@@ -29,11 +29,11 @@ def mine(threads: int) -> tuple[np.ndarray, np.ndarray, list]:
     return svms.weight, svms.bias, log
 
 
-def test_classes_retrained_side_by_side_give_the_models_of_one_after_another():
+def test_mining_is_reproducible_whatever_the_thread_count():
     w1, b1, log1 = mine(threads=1)
     w2, b2, log2 = mine(threads=2)
     assert len(log1) > len(CLASSES)  # several retrains per class happened
-    assert log1 == log2  # the same retrains, reported in class order
+    assert log1 == log2  # the same retrains, in class order
     assert np.array_equal(w1, w2) and np.array_equal(b1, b2)
 
 
