@@ -131,7 +131,6 @@ class HardNegativeMiner:
         """
         w, b = self._weights()
         scores = (features @ torch.from_numpy(w).T + torch.from_numpy(b)).numpy()
-        due = []
         for k, name in enumerate(self.classes):
             idx = candidates.get(name)
             st = self.state[name]
@@ -144,17 +143,11 @@ class HardNegativeMiner:
             st.negatives = rows if st.negatives is None else np.concatenate([st.negatives, rows])
             st.new_since_retrain += len(hard)
             if st.new_since_retrain >= self.config.retrain_every:
-                due.append(name)
-        self._retrain_all(due)
+                self._retrain(name)
 
-    def _retrain_all(self, names: list[str]) -> None:
-        """Retrain these classes one after another. Not side by side: scikit-learn's
-        liblinear draws its coordinate order from one generator shared by all threads, so
-        concurrent fits interleave their draws and the models stop being reproducible."""
-        for name in names:
-            self._retrain(name)
-
-    def _retrain(self, name: str) -> tuple[int, int]:
+    def _retrain(self, name: str) -> None:
+        # One class at a time: scikit-learn's liblinear draws its coordinate order from one
+        # generator shared by all threads, so side-by-side fits would not be reproducible.
         st = self.state[name]
         positives = np.concatenate(st.positives).astype(np.float32)
         negatives = st.negatives.astype(np.float32)
@@ -170,12 +163,13 @@ class HardNegativeMiner:
         st.negatives = st.negatives[keep]
         if self.on_retrain:
             self.on_retrain(name, len(positives), len(keep))
-        return len(positives), len(keep)
 
     def finish(self, feature_scale: float) -> LinearSVMs:
         """Final retrain of every class with new negatives, and the classifiers."""
-        self._retrain_all([name for name in self.classes if self.state[name].positives and self.state[name].negatives is not None
-                           and (self.state[name].new_since_retrain or self.state[name].weight is None)])
+        for name in self.classes:
+            st = self.state[name]
+            if st.positives and st.negatives is not None and (st.new_since_retrain or st.weight is None):
+                self._retrain(name)
         w, b = self._weights()
         return LinearSVMs(self.classes, w, b, feature_scale)
 
