@@ -277,6 +277,13 @@ def finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fractio
 @subset_options
 @click.option("--classes", metavar="A,B", help="Train only these classes (default: every class in the cache).")
 @click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="SVM regularisation (liblinear -c; R-CNN used 0.001, which underfits these features).")
+@click.option(
+    "--solver",
+    type=click.Choice(["newton", "liblinear"]),
+    default="newton",
+    show_default=True,
+    help="newton: the squared hinge (liblinear -s 2's objective) by Newton steps in torch, each retrain started from the last; liblinear: R-CNN's hinge (-s 3), slower.",
+)
 @click.option("--features", type=click.Choice(["pool5", "fc7"]), default="pool5", show_default=True, help="SVM input: SPP vectors (pool5) or the fine-tuned head's fc7 (needs --head).")
 @click.option("--head", "head_path", type=click.Path(dir_okay=False, path_type=Path), help="Head from `spp finetune` (with --features fc7); the model file carries it.")
 @click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Also train ridge box regressors (on pool5).")
@@ -289,13 +296,14 @@ def finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fractio
 )
 @click.option("--negatives", multiple=True, metavar="IMAGES", help="Background images that hold none of the classes (files, folders, globs, .txt lists; already in the cache): every window is a negative, mined like the others. Repeatable.")
 @click.option("--gpu", is_flag=True, help="With --mode rcnn: run the network on CUDA.")
-def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox_reg, mode, negatives, gpu) -> None:
+def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_path, bbox_reg, mode, negatives, gpu) -> None:
     """Train per-class linear SVMs on cached SPP features (hard-negative mining).
 
     The R-CNN/SPPnet protocol: positives are ground-truth boxes, negatives
     proposals under IoU 0.3; features scaled to mean norm 20; positive weight
     2, bias multiplier 10; one epoch of hard-negative mining (C defaults to
-    0.1, measured; R-CNN's 0.001 underfits EfficientNet features).
+    0.1, measured; R-CNN's 0.001 underfits EfficientNet features). The loss
+    is the squared hinge (--solver liblinear: R-CNN's hinge).
     Reads only the cache: no network pass. With --mode rcnn, the R-CNN
     baseline on the same backbone: the cache gives proposals and ground
     truth, and every window of every image goes through the network.
@@ -308,7 +316,7 @@ def train_svm(cache_dir, out, data, split, classes, C, features, head_path, bbox
     """
     from spp_cli.commands.train_svm import run_train_svm
 
-    sys.exit(run_train_svm(cache_dir, out, data, split, classes, C, bbox_reg, features, head_path, mode, gpu, negatives=negatives))
+    sys.exit(run_train_svm(cache_dir, out, data, split, classes, C, bbox_reg, features, head_path, mode, gpu, negatives=negatives, solver=solver))
 
 
 @cli.command()

@@ -1,10 +1,11 @@
 """Hard-negative mining (spp_cli.svm) on small synthetic features."""
 
 import numpy as np
+import pytest
 import torch
 
 from spp_cli.config import SVMConfig
-from spp_cli.svm import HardNegativeMiner
+from spp_cli.svm import HardNegativeMiner, NegativeStore
 
 CLASSES = ["a", "b", "c"]
 
@@ -47,3 +48,56 @@ def test_the_mined_svms_separate_their_class():
     background = rng.normal(0, 1, (500, 40)).astype(np.float32) @ weight.T + bias
     assert (background < 0).mean() > 0.95
 
+
+
+def test_newton_solver_reaches_liblinears_squared_hinge_optimum():
+    """The Newton solver against liblinear's own primal solver (-s 2) run to a tight tolerance."""
+    from sklearn.svm import LinearSVC
+
+    from spp_cli.svm import fit_linear_svm
+
+    rng = np.random.default_rng(1)
+    positives = (rng.normal(0, 1, (60, 30)) + 1.5).astype(np.float32)
+    negatives = rng.normal(0, 1, (400, 30)).astype(np.float32)
+    config = SVMConfig(C=0.1, newton_tol=1e-6)
+    x = np.concatenate([positives, negatives]).astype(np.float64)
+    y = np.concatenate([np.ones(60), -np.ones(400)])
+
+    def objective(weight, bias):
+        cost = np.where(y > 0, config.C * config.positive_weight, config.C)
+        loss = np.maximum(0, 1 - y * (x @ weight + bias))
+        return 0.5 * (weight @ weight + (bias / config.bias_multiplier) ** 2) + (cost * loss**2).sum()
+
+    reference = LinearSVC(C=config.C, loss="squared_hinge", dual=False, tol=1e-8, max_iter=10_000,
+                          class_weight={1: config.positive_weight, -1: 1.0}, intercept_scaling=config.bias_multiplier).fit(x, y)
+    weight, bias = fit_linear_svm(positives, negatives, config)
+    best = objective(reference.coef_[0], reference.intercept_[0])
+    assert objective(weight.astype(np.float64), bias) == pytest.approx(best, rel=1e-4)
+    assert np.allclose(x @ weight + bias, reference.decision_function(x), atol=1e-2)
+    # Started from another model, it reaches the same optimum.
+    warm_weight, warm_bias = fit_linear_svm(positives, negatives, config, start=(rng.normal(0, 1, 30).astype(np.float32), 3.0))
+    assert objective(warm_weight.astype(np.float64), warm_bias) == pytest.approx(best, rel=1e-4)
+
+
+def test_the_store_keeps_each_window_once_and_compaction_keeps_rows_and_order():
+    store = NegativeStore(4)
+    first = store.add(np.arange(12, dtype=np.float16).reshape(3, 4))
+    second = store.add(np.arange(12, 24, dtype=np.float16).reshape(3, 4))
+    holders = [np.array([first[0], second[2]]), np.array([first[2], second[2]])]
+    before = [store.rows[numbers].copy() for numbers in holders]
+    renumbered = store.compact(holders)
+    assert store.count == 3  # rows held by no class are gone; the shared one is kept once
+    for numbers, rows in zip(renumbered, before):
+        assert np.array_equal(store.rows[numbers], rows)
+        assert (np.diff(numbers) > 0).all()  # still in mined order
+
+
+def test_a_window_hard_for_several_classes_is_stored_once():
+    miner = HardNegativeMiner(CLASSES, 40, SVMConfig(retrain_every=10_000))
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        miner.add_positives(name, rng.normal(3, 1, (5, 40)).astype(np.float32))
+    miner.add_image(torch.from_numpy(rng.normal(0, 1, (50, 40)).astype(np.float32)), {name: np.arange(50) for name in CLASSES})
+    # No model yet: every window is hard for all three classes, and stored once.
+    assert miner.store.count == 50
+    assert all(np.array_equal(miner.state[name].negatives, np.arange(50)) for name in CLASSES)

@@ -17,7 +17,7 @@ from spp_cli.fileio import check_writable
 def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, C: float, bbox_reg: bool,
                   features: str = "pool5", head_path: Path | None = None, mode: str = "spp", gpu: bool = False,
                   keys: list[str] | None = None, training_extra: dict | None = None, negatives: tuple[str, ...] = (),
-                  calibration=None) -> int:
+                  calibration=None, solver: str = "newton") -> int:
     """`spp train-svm`; `spp train` passes the cache ``keys`` to train on and ``training_extra``
     for the model's training metadata."""
     from spp_cli.head import Head
@@ -102,7 +102,7 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
 
         detector = None if not data.classes else train_detector(
             data,
-            svm_config=SVMConfig(C=C),
+            svm_config=SVMConfig(C=C, solver=solver),
             bbox_config=BBoxRegConfig() if bbox_reg else None,
             progress=progress,
             log=lambda line: ui.say(line),
