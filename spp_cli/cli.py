@@ -327,7 +327,8 @@ def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_pa
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True, help="Share of the training split held out for the choices (stable: by sha256 of each image id); the model is the candidate fitted on the rest (see --refit).")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), help="Folder for the steps' files (proposals, head, candidate models, train-state.json). Default: <out stem>.work beside --out.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="Feature cache to build or reuse (default: <work>/feats).")
-@click.option("--features", type=click.Choice(["auto", "pool5", "fc7"]), default="auto", show_default=True, help="SVM input: auto picks pool5 or fc7 (a fine-tuned head) by validation mAP.")
+@click.option("--features", type=click.Choice(["pool5", "auto", "fc7"]), default="pool5", show_default=True,
+              help="SVM input: pool5 (SPP vectors); auto also fine-tunes a head, trains SVMs on its fc7 and keeps the one of higher validation mAP (2-3x the training time; on the validation parts of raccoon and bccd fc7 did not win); fc7 only.")
 @click.option("--scales", default="688", show_default=True, help="Cache scales (short sides): 688, or 480,576,688,864,1200.")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Backbone of the cache (see `spp cache --help`).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most fine-tuning epochs (early stopping on held-out windows).")
@@ -337,11 +338,12 @@ def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_pa
 def train(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, refit, gpu) -> None:
     """Train a detector from a dataset in one command: the recommended flow.
 
-    propose -> cache -> SVMs on pool5 -> fine-tune fc6/fc7 -> SVMs on fc7 ->
-    pick pool5 or fc7 by VOC07 mAP on the validation part -> the chosen
-    candidate is the model (box regression, box voting at detection), its
-    scores calibrated on its validation detections; --refit trains it again
-    on the whole training split.
+    propose -> cache -> SVMs on pool5 (box regression, box voting at
+    detection), scored by VOC07 mAP on the validation part, their margins
+    calibrated into probabilities there; with --features auto also fine-tune
+    fc6/fc7 -> SVMs on fc7 -> keep pool5 or fc7, whichever has the higher
+    validation mAP. The model is that candidate; --refit trains it again on
+    the whole training split.
     Only the training split is read. Each step is resumable: after an
     interruption, run the same command again.
 

@@ -28,6 +28,8 @@ from spp_cli.pipeline import choose_features, split_for_validation
 
 # The pipeline tests' small setting: the stride-16 cut at one 96-pixel scale.
 OPTIONS = ["--backbone", "efficientnet_lite0_b4", "--scales", "96", "--epochs", "3", "--val-fraction", "0.25"]
+# The whole flow: pool5 and a fine-tuned fc7, the better on validation (the default is pool5 alone).
+AUTO = ("--features", "auto")
 STEPS = ["proposals", "cache", "SVMs on pool5", "fine-tuning", "SVMs on fc7", "final model"]
 
 
@@ -40,7 +42,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     data = write_shapes(root / "shapes")
     out = root / "model.safetensors"
-    result = CliRunner().invoke(cli, train_args(data, out))
+    result = CliRunner().invoke(cli, train_args(data, out, *AUTO))
     assert result.exit_code == 0, result.output
     return data, out, result.output
 
@@ -84,7 +86,7 @@ def test_a_finished_run_run_again_does_no_step_twice(trained, tmp_path):
     for step in ("SVMs on pool5", "SVMs on fc7"):
         del state["steps"][step]["calibration"]
     state_path.write_text(json.dumps(state))
-    again = CliRunner().invoke(cli, train_args(data, out))
+    again = CliRunner().invoke(cli, train_args(data, out, *AUTO))
     assert again.exit_code == 0, again.output
     assert all("calibration" in json.loads(state_path.read_text())["steps"][step] for step in ("SVMs on pool5", "SVMs on fc7"))
     assert "propose" not in again.output.lower().replace("[1/6] proposals", "")  # no step command ran its summary
@@ -109,10 +111,14 @@ def test_train_never_reads_the_test_split(tmp_path):
         (data / "images" / f"{image_id}.jpg").write_bytes(b"not an image")
         (data / "annotations" / f"{image_id}.xml").write_text("<annotation><object>")
     out = tmp_path / "model.safetensors"
-    result = CliRunner().invoke(cli, train_args(data, out, "--features", "pool5"))
+    result = CliRunner().invoke(cli, train_args(data, out))
     assert result.exit_code == 0, result.output
     for image_id in TEST:
         assert image_id not in result.output
+    # The default flow: SVMs on pool5, no fine-tuning.
+    assert "[3/4] SVMs on pool5" in result.output and "fine-tuning" not in result.output
+    assert "Chose pool5 (validation mAP " in result.output
+    assert not (tmp_path / "model.work" / "head.safetensors").exists()
     cache = FeatureCache.open(tmp_path / "model.work" / "feats")
     assert sorted(cache.metadata(k)["image_id"] for k in cache.keys()) == sorted(TRAIN)
 
@@ -122,7 +128,7 @@ def test_killed_at_a_random_step_and_rerun_gives_the_same_model(trained, tmp_pat
     out = tmp_path / "model.safetensors"
     step = random.choice(STEPS)
     delay = random.uniform(0.0, 1.0)
-    argv = [sys.executable, "-m", "spp_cli", *train_args(data, out)]
+    argv = [sys.executable, "-m", "spp_cli", *train_args(data, out, *AUTO)]
     env = {**os.environ, "COLUMNS": "200"}
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     banner = f"] {step}"
