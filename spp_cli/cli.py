@@ -132,19 +132,26 @@ def set_cpu_threads(threads: int) -> None:
 @click.option("--min-size", type=click.IntRange(min=0), default=None, help="Drop boxes narrower or shorter than PX (original pixels).")
 @workers_option
 @click.option("--report", is_flag=True, help="With ground truth (--data): print recall at IoU 0.5/0.7 and MABO per class.")
+@click.option("--method", type=click.Choice(["selective-search", "learned"]), default="selective-search", show_default=True,
+              help="selective-search (OpenCV, the paper's), or learned: a proposal model from `spp train-proposals` (--model) on each image's conv maps.")
+@click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="With --method learned: the proposal model (.safetensors).")
+@click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="With --method learned: read the conv maps of images already in this feature cache.")
+@click.option("--gpu", is_flag=True, help="With --method learned: run the network on CUDA.")
 @shard_option
-def propose(inputs, data, split, out, mode, strategy, max_side, top, min_size, workers, report, shard) -> None:
-    """Generate selective-search region proposals for images.
+def propose(inputs, data, split, out, mode, strategy, max_side, top, min_size, workers, report, method, model_path, cache_dir, gpu, shard) -> None:
+    """Generate region proposals for images: selective search, or a learned proposal model.
 
     \b
     Examples:
       spp propose photos/ --out props.json
       spp propose --data ../shared/data/raccoon --split test --out props.json --report
       spp propose "imgs/**/*.jpg" --mode quality --top 3000 --workers 4 --out props.json
+      spp propose photos/ --method learned --model props-model.safetensors --out props.json
     """
     from spp_cli.commands.propose import run_propose
 
-    code = run_propose(inputs, data, split, out, mode, strategy, max_side, top, min_size, workers, report, shard)
+    code = run_propose(inputs, data, split, out, mode, strategy, max_side, top, min_size, workers, report, shard,
+                       method=method, model_path=model_path, cache_dir=cache_dir, gpu=gpu)
     sys.exit(code)
 
 
@@ -269,6 +276,31 @@ def finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fractio
     from spp_cli.commands.finetune import run_finetune
 
     sys.exit(run_finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fraction, hidden, flip, seed, gpu, negatives=negatives))
+
+
+@cli.command("train-proposals")
+@click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Feature cache built with --data (ground truth needed).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Proposal model to write (.safetensors); a checkpoint <out>.ckpt is kept until the run ends.")
+@subset_options
+@click.option("--epochs", type=click.IntRange(min=1), default=16, show_default=True, help="Epochs (learning rate x0.1 for the last quarter; the epoch of best held-out recall is kept).")
+@click.option("--top", type=click.IntRange(min=1), default=300, show_default=True, help="Boxes per image the model gives by default (and the held-out recall is measured at).")
+@gpu_option
+def train_proposals(cache_dir, out, data, split, epochs, top, gpu) -> None:
+    """Train class-agnostic learned proposals on cached conv maps (no conv pass).
+
+    A region proposal network (Faster R-CNN's: a 3x3 conv, then per map cell
+    and anchor an objectness score and box deltas) reads the cache's maps;
+    anchors are 16-512 px at ratios 0.5/1/2. A tenth of the images is held
+    out to pick the epoch. Interrupted runs resume from <out>.ckpt.
+
+    \b
+    Example:
+      spp train-proposals --cache feats/ --data raccoon/ --split train --out props-model.safetensors
+      spp propose photos/ --method learned --model props-model.safetensors --out props.json
+    """
+    from spp_cli.commands.train_proposals import run_train_proposals
+
+    sys.exit(run_train_proposals(cache_dir, out, data, split, epochs, top, gpu))
 
 
 @cli.command("train-svm")

@@ -402,9 +402,10 @@ def checkpoint_path(out: str | Path) -> Path:
     return out.with_name(out.name + ".ckpt")
 
 
-def write_checkpoint(path: Path, identity: str, state: _State, network: FCHead, optimizer: torch.optim.Optimizer,
-                     best_weights: dict[str, torch.Tensor]) -> None:
-    """Atomically write weights, best weights and optimizer moments (safetensors, no pickle)."""
+def write_checkpoint(path: Path, identity: str, state, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     best_weights: dict[str, torch.Tensor], kind: str = CHECKPOINT_FORMAT) -> None:
+    """Atomically write weights, best weights and optimizer moments (safetensors, no pickle);
+    ``state`` is a dataclass of the run's counters, ``kind`` the format name (also `spp train-proposals`)."""
     from safetensors.torch import save
 
     tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
@@ -413,31 +414,32 @@ def write_checkpoint(path: Path, identity: str, state: _State, network: FCHead, 
     for index, slots in opt["state"].items():
         for name, value in slots.items():
             tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    meta = {"format": CHECKPOINT_FORMAT, "identity": identity, "state": asdict(state), "param_groups": opt["param_groups"]}
+    meta = {"format": kind, "identity": identity, "state": asdict(state), "param_groups": opt["param_groups"]}
     atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}))
 
 
-def check_checkpoint(path: Path, identity: str) -> None:
+def check_checkpoint(path: Path, identity: str, kind: str = CHECKPOINT_FORMAT, what: str = "fine-tuning checkpoint") -> None:
     """Refuse, before any work, a checkpoint that another run wrote (header only).
 
     Raises:
         ModelError: unreadable, not a checkpoint, or of other data or settings.
     """
-    meta, _ = read_safetensors(path, "fine-tuning checkpoint", ModelError, tensors=False, remedy="delete it to start over")
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path}: not a fine-tuning checkpoint; delete it or choose another --out")
+    meta, _ = read_safetensors(path, what, ModelError, tensors=False, remedy="delete it to start over")
+    if not isinstance(meta, dict) or meta.get("format") != kind:
+        raise ModelError(f"{path}: not a {what}; delete it or choose another --out")
     if meta.get("identity") != identity:
         raise ModelError(f"{path}: checkpoint of a run with other data or settings; delete it to start over, or use the same settings")
 
 
-def read_checkpoint(path: Path, identity: str, network: FCHead, optimizer: torch.optim.Optimizer) -> tuple[_State, dict[str, torch.Tensor]]:
-    """Restore a checkpoint into ``network`` and ``optimizer``.
+def read_checkpoint(path: Path, identity: str, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    kind: str = CHECKPOINT_FORMAT, what: str = "fine-tuning checkpoint", state_type: type = _State) -> tuple:
+    """Restore a checkpoint into ``network`` and ``optimizer``: ``(state_type(**state), best weights)``.
 
     Raises:
         ModelError: unreadable, or written by a run with other data or settings.
     """
-    check_checkpoint(path, identity)
-    meta, tensors = read_safetensors(path, "fine-tuning checkpoint", ModelError, remedy="delete it to start over")
+    check_checkpoint(path, identity, kind, what)
+    meta, tensors = read_safetensors(path, what, ModelError, remedy="delete it to start over")
     network.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
     best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
     slots: dict[int, dict] = {}
@@ -446,4 +448,4 @@ def read_checkpoint(path: Path, identity: str, network: FCHead, optimizer: torch
             _, index, name = k.split(".", 2)
             slots.setdefault(int(index), {})[name] = v
     optimizer.load_state_dict({"state": slots, "param_groups": meta["param_groups"]})
-    return _State(**meta["state"]), best
+    return state_type(**meta["state"]), best

@@ -505,12 +505,13 @@ class ProposalSet:
         return self._by_path.get(str(Path(path).resolve())) or self._by_id.get(image_id)
 
 
-def proposals_document(params: ProposalParams, images: Iterable[ImageProposals]) -> dict:
-    """The versioned props.json document."""
+def proposals_document(params: ProposalParams | dict, images: Iterable[ImageProposals]) -> dict:
+    """The versioned props.json document; ``params`` a selective-search run's settings, or a
+    dict (``{"strategy": "learned", "model": ..., "model_sha256": ..., "top": N}``)."""
     return {
         "format": PROPOSALS_FORMAT,
         "version": PROPOSALS_VERSION,
-        "params": asdict(params),
+        "params": params if isinstance(params, dict) else asdict(params),
         "images": [e.to_json() for e in images],
     }
 

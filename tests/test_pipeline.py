@@ -416,3 +416,57 @@ def test_bit_flip_in_model_tensors_is_detected(pipeline, tmp_path):
     result = CliRunner().invoke(cli, ["detect", str(image), "--model", str(damaged)])
     assert result.exit_code == 1
     assert result.stderr.strip() == f"Error: {damaged}: damaged spp model (checksum mismatch)"
+
+
+# ---------------------------------------------------------------- learned proposals
+
+
+def test_learned_proposals_are_read_by_every_command(pipeline, tmp_path):
+    props_model = tmp_path / "props-model.safetensors"
+    result = invoke("train-proposals", "--cache", pipeline.cache, "--out", props_model, "--epochs", "2")
+    assert result.exit_code == 0, result.output
+    assert "on 3 cached image(s) (+1 held out to pick the epoch)" in result.output
+
+    learned = tmp_path / "learned.json"
+    result = invoke("propose", "--data", pipeline.data, "--split", "test", "--method", "learned", "--model", props_model, "--out", learned)
+    assert result.exit_code == 0, result.output
+    assert "2 image(s) through the network on cpu, 0 from the cache" in result.output
+    doc = json.loads(learned.read_text())
+    assert doc["params"]["strategy"] == "learned" and doc["params"]["top"] == 300
+    assert [im["id"] for im in doc["images"]] == TEST
+    for im in doc["images"]:
+        boxes = np.asarray(im["boxes"])
+        assert 0 < len(boxes) <= 300
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= 160).all() and (boxes[:, 3] <= 120).all()
+
+    # From the cache: no conv pass, the same settings (the training images are cached).
+    from_cache = tmp_path / "from-cache.json"
+    result = invoke("propose", "--data", pipeline.data, "--split", "train", "--method", "learned", "--model", props_model,
+                    "--cache", pipeline.cache, "--top", "50", "--out", from_cache)
+    assert result.exit_code == 0, result.output
+    assert "0 image(s) through the network on cpu, 4 from the cache" in result.output
+    assert all(len(im["boxes"]) <= 50 for im in json.loads(from_cache.read_text())["images"])
+
+    # The file is a props.json like selective search's: cache and detect read it.
+    feats = tmp_path / "feats"
+    result = invoke("cache", "--data", pipeline.data, "--split", "test", "--props", learned, "--cache", feats, "--scales", SCALE, "--backbone", BACKBONE)
+    assert result.exit_code == 0, result.output
+    dets = tmp_path / "dets.json"
+    result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", pipeline.model, "--props", learned, "--out", dets)
+    assert result.exit_code == 0, result.output
+    assert [im["id"] for im in json.loads(dets.read_text())["images"]] == TEST
+
+
+def test_learned_proposals_need_a_model_and_matching_maps(pipeline, plain_zf5_cache, tmp_path):
+    result = invoke("propose", "--data", pipeline.data, "--method", "learned", "--out", tmp_path / "p.json")
+    assert result.exit_code == 1
+    assert one_line(result) == "Error: --method learned needs --model FILE (a proposal model from `spp train-proposals`)"
+    result = invoke("propose", "--data", pipeline.data, "--method", "learned", "--model", pipeline.model, "--out", tmp_path / "p.json")
+    assert result.exit_code == 1
+    assert one_line(result).startswith(f"Error: {pipeline.model}: not a proposal model")
+    props_model = tmp_path / "props-model.safetensors"
+    assert invoke("train-proposals", "--cache", pipeline.cache, "--out", props_model, "--epochs", "1").exit_code == 0
+    result = invoke("propose", "--data", pipeline.data, "--method", "learned", "--model", props_model, "--cache", plain_zf5_cache, "--out", tmp_path / "p.json")
+    assert result.exit_code == 1
+    assert one_line(result).startswith(f"Error: {plain_zf5_cache}: maps of zf5")
+    assert not (tmp_path / "p.json").exists()

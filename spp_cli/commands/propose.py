@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from spp_cli import ui
-from spp_cli.errors import SPPError
+from spp_cli.errors import SPPError, UsageError
 from spp_cli.fileio import atomic_write_json, check_writable
 from spp_cli.proposals import (
     DEFAULT_STRATEGY,
@@ -42,14 +42,30 @@ def partial_path(out: Path) -> Path:
 
 
 def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, min_size, workers: int, report: bool,
-                shard: str | None = None, sources: Sources | None = None) -> int:
-    """`spp propose`; ``sources`` (instead of inputs/data/split) is how `spp train` hands over its images."""
+                shard: str | None = None, sources: Sources | None = None, method: str = "selective-search",
+                model_path: Path | None = None, cache_dir: Path | None = None, gpu: bool = False) -> int:
+    """`spp propose`; ``sources`` (instead of inputs/data/split) is how `spp train` hands over its images.
+
+    ``method`` ``learned`` runs a proposal model (``model_path``, from `spp train-proposals`) on
+    each image's conv maps: from ``cache_dir`` where the image is cached, else one conv pass here.
+    """
     from spp_cli.commands import parts
     from spp_cli.merge import part_document
 
-    params = make_params(mode, strategy, max_side, top, min_size)
     if report and not data:
         raise SPPError("--report needs ground truth: use --data SPEC")
+    learned = None
+    if method == "learned":
+        if model_path is None:
+            raise UsageError("--method learned needs --model FILE (a proposal model from `spp train-proposals`)")
+        if strategy or max_side is not None or min_size is not None or mode != "fast":
+            raise UsageError("--mode, --strategy, --max-side and --min-size set selective search; --method learned takes --model and --top")
+        learned = LearnedProposer(model_path, cache_dir, gpu, top)
+        params = learned.params
+    else:
+        if model_path is not None or cache_dir is not None:
+            raise UsageError("--model and --cache are for --method learned")
+        params = make_params(mode, strategy, max_side, top, min_size)
     check_writable(out)
     sources = sources if sources is not None else resolve_sources(inputs, data, split)
     work = parts.share(sources, shard)
@@ -68,7 +84,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     with _open_partial(partial_path(target), params, fresh=not done) as partial, ui.progress() as bar:
         task_id = bar.add_task("propose", total=len(items), completed=len(items) - len(tasks), rate="")
         finished = 0
-        for result in run_proposals(tasks, params, workers):
+        for result in (learned.run(tasks) if learned is not None else run_proposals(tasks, params, workers)):
             finished += 1
             if isinstance(result, TaskFailure):
                 bad.append((result.path, result.message))
@@ -95,9 +111,9 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     ui.console.print(
         f"Wrote {target}: {len(ordered)} images, {np.mean(counts) if counts else 0:.0f} boxes/image "
         f"(min {min(counts, default=0)}, max {max(counts, default=0)}), "
-        f"{np.mean(seg_seconds) if seg_seconds else 0:.2f} s/image per worker, "
-        f"{wall / max(len(tasks), 1):.2f} s/image wall with {workers} worker(s) "
-        f"({params.strategy}, max side {params.max_side or 'full'}, top {params.top})",
+        + (f"{np.mean(seg_seconds) if seg_seconds else 0:.2f} s/image per worker, " if learned is None else "")
+        + (f"{wall / max(len(tasks), 1):.2f} s/image wall with {workers} worker(s) ({params.strategy}, max side {params.max_side or 'full'}, top {params.top})"
+           if learned is None else learned.describe(wall, len(tasks))),
     )
     if report and sources.dataset is not None:
         _print_report(sources, ordered)
@@ -105,7 +121,80 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     return parts.finish("props", work, out, len(bad))
 
 
-def _load_partial(path: Path, params: ProposalParams) -> dict[str, ImageProposals]:
+def _settings(params) -> dict:
+    """The settings a journal and props.json record: a selective-search ProposalParams, or a learned run's dict."""
+    return params if isinstance(params, dict) else asdict(params)
+
+
+class LearnedProposer:
+    """`spp propose --method learned`: a proposal model over cached or freshly computed conv maps."""
+
+    def __init__(self, model_path: Path, cache_dir: Path | None, gpu: bool, top: int | None):
+        from spp_cli import backbones
+        from spp_cli.cache import FeatureCache
+        from spp_cli.fileio import file_sha256
+        from spp_cli.rpn import ProposalModel
+
+        self.model = ProposalModel.load(model_path)
+        self.model_path = model_path
+        self.device = backbones.select_device(gpu)
+        self.cache = FeatureCache.open(cache_dir) if cache_dir is not None else None
+        if self.cache is not None:
+            self.model.check_features(self.cache.settings, str(cache_dir))
+        self.top = top or self.model.config.top_n
+        self.params = {"strategy": "learned", "model": str(model_path), "model_sha256": file_sha256(model_path), "top": self.top}
+        self.extractor = None
+        self.from_cache = self.computed = 0
+        self.conv_seconds = self.head_seconds = 0.0
+
+    def run(self, tasks: list[ProposalTask]):
+        """Each task's :class:`ImageProposals` (or :class:`TaskFailure`), in order."""
+        from spp_cli import backbones
+        from spp_cli.cache import DTYPES, image_key
+        from spp_cli.features import feature_pyramid
+        from spp_cli.images import load_image
+
+        settings = self.model.features
+        for task in tasks:
+            warnings: list[str] = []
+            try:
+                key = image_key(task.path) if self.cache is not None else None
+            except OSError:
+                key = None  # missing or unreadable: load_image below says why
+            try:
+                if key is not None and self.cache.has(key):
+                    entry = self.cache.read(key)
+                    maps, factors, width, height = entry.maps, entry.factors, entry.width, entry.height
+                    self.from_cache += 1
+                else:
+                    image = load_image(task.path, warn=warnings.append)
+                    height, width = image.shape[:2]
+                    if self.extractor is None:
+                        self.extractor = backbones.extractor_for(settings, str(self.model_path), self.device)
+                    maps, factors, seconds = feature_pyramid(self.extractor, image, settings.scales, settings.max_side,
+                                                             warn=warnings.append, name=task.path)
+                    # As cached maps are stored: the model trained on this precision.
+                    maps = [m.to(DTYPES[settings.dtype]) for m in maps]
+                    self.conv_seconds += sum(seconds)
+                    self.computed += 1
+            except SPPError as exc:
+                yield TaskFailure(task.image_id, task.path, str(exc))
+                continue
+            start = time.perf_counter()
+            boxes, _ = self.model.propose(maps, factors, width, height, self.top)
+            seconds = time.perf_counter() - start
+            self.head_seconds += seconds
+            yield ImageProposals(task.image_id, task.path, width, height, boxes, seconds, warnings)
+
+    def describe(self, wall: float, count: int) -> str:
+        images = max(self.from_cache + self.computed, 1)
+        conv = f", conv {1000 * self.conv_seconds / max(self.computed, 1):.0f} ms/image" if self.computed else ""
+        return (f"{1000 * self.head_seconds / images:.1f} ms/image in the proposal head{conv}, {wall / max(count, 1):.2f} s/image wall "
+                f"(learned: {self.model_path}, top {self.top}; {self.computed} image(s) through the network on {self.device}, "
+                f"{self.from_cache} from the cache)")
+
+
+def _load_partial(path: Path, params) -> dict[str, ImageProposals]:
     """Images finished by an interrupted run with the same settings."""
     if not path.exists():
         return {}
@@ -114,7 +203,7 @@ def _load_partial(path: Path, params: ProposalParams) -> dict[str, ImageProposal
         header = json.loads(lines[0]) if lines else {}
     except json.JSONDecodeError:
         header = {}
-    if header.get("params") != asdict(params):
+    if header.get("params") != _settings(params):
         ui.console.print(f"{path}: left by a run with other settings; starting afresh.")
         return {}
     done: dict[str, ImageProposals] = {}
@@ -133,14 +222,14 @@ def _load_partial(path: Path, params: ProposalParams) -> dict[str, ImageProposal
 class _open_partial:
     """Append-only journal of finished images, with a header of the settings."""
 
-    def __init__(self, path: Path, params: ProposalParams, fresh: bool):
+    def __init__(self, path: Path, params, fresh: bool):
         self.path, self.params, self.fresh = path, params, fresh
 
     def __enter__(self):
         if self.fresh:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = self.path.open("w", encoding="utf-8")
-            self.file.write(json.dumps({"params": asdict(self.params)}) + "\n")
+            self.file.write(json.dumps({"params": _settings(self.params)}) + "\n")
         else:
             # Rewrite to drop a possibly cut-short last line before appending.
             lines = self.path.read_text(encoding="utf-8").splitlines()

@@ -1,0 +1,204 @@
+"""Learned proposals: anchors and box decoding against slow references, learning a synthetic set, resuming, files."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from spp_cli.cache import CacheEntry, CacheSettings, FeatureCache
+from spp_cli.cli import cli
+from spp_cli.errors import ModelError
+from spp_cli.finetune import checkpoint_path
+from spp_cli.rpn import ProposalConfig, ProposalModel, ProposalNet, ProposalTrainer, cell_anchors, grid_anchors, recall
+from spp_cli.spp import Alignment
+
+STRIDE = 16
+SETTINGS = CacheSettings("synthetic", "random:0", "map", STRIDE, 7.5, 16, (320,), 2000)
+# Small, quick settings for the synthetic maps (20 x 20 cells).
+SMALL = ProposalConfig(anchor_sizes=(32, 64), epochs=20, lr=0.05, top_n=20, pre_nms_top_n=600)
+
+
+# ---------------------------------------------------------------- anchors and decoding
+
+
+def test_anchor_grid_matches_slow_reference():
+    config = ProposalConfig(anchor_sizes=(16, 64), aspect_ratios=(0.5, 1.0, 2.0))
+    align = Alignment(32, 15.5)
+    height, width = 3, 4
+    anchors = grid_anchors(cell_anchors(config), height, width, align)
+    expected = []
+    for y in range(height):  # row-major over cells, then anchors: ratios outer, sizes inner (torchvision's order)
+        for x in range(width):
+            cx, cy = x * 32 + 15.5, y * 32 + 15.5
+            for ratio in config.aspect_ratios:
+                for size in config.anchor_sizes:
+                    h = size * math.sqrt(ratio)
+                    w = size / math.sqrt(ratio)
+                    expected.append([cx + round(-w / 2), cy + round(-h / 2), cx + round(w / 2), cy + round(h / 2)])
+    assert anchors.shape == (height * width * 6, 4)
+    np.testing.assert_allclose(anchors.numpy(), np.array(expected), atol=1e-4)
+
+
+def test_box_decoding_matches_slow_reference():
+    net = ProposalNet(8, SMALL)
+    rng = np.random.default_rng(0)
+    anchors = torch.as_tensor(np.sort(rng.uniform(0, 300, (50, 2, 2)), axis=1).transpose(0, 2, 1).reshape(50, 4), dtype=torch.float32)
+    anchors = torch.stack([anchors[:, 0], anchors[:, 1], anchors[:, 0] + 5 + anchors[:, 2] / 3, anchors[:, 1] + 5 + anchors[:, 3] / 3], 1)
+    deltas = torch.as_tensor(rng.normal(0, 0.5, (50, 4)), dtype=torch.float32)
+    decoded = net.box_coder.decode_single(deltas, anchors)
+    for (x1, y1, x2, y2), (dx, dy, dw, dh), got in zip(anchors.tolist(), deltas.tolist(), decoded.tolist()):
+        w, h = x2 - x1, y2 - y1
+        cx, cy = x1 + w / 2 + dx * w, y1 + h / 2 + dy * h
+        pw, ph = w * math.exp(dw), h * math.exp(dh)
+        np.testing.assert_allclose(got, [cx - pw / 2, cy - ph / 2, cx + pw / 2, cy + ph / 2], rtol=1e-5, atol=1e-3)
+    # Encoding ground truth against the anchors and decoding gives the ground truth back.
+    truth = anchors + torch.as_tensor(rng.normal(0, 4, (50, 4)), dtype=torch.float32)
+    truth[:, 2:] = torch.maximum(truth[:, 2:], truth[:, :2] + 2)
+    back = net.box_coder.decode_single(net.box_coder.encode_single(truth, anchors), anchors)
+    np.testing.assert_allclose(back.numpy(), truth.numpy(), atol=1e-3)
+
+
+# ---------------------------------------------------------------- learning
+
+
+def _synthetic_entry(index: int, rng: np.random.Generator) -> CacheEntry:
+    """A 320 x 320 image with two objects on a 20 x 20 map, each of an anchor's shape at a
+    random cell (one in each half): inside an object channel 0 is lit and channels 1-4 hold
+    the cell's distances to the object's sides; the centre cell lights channel 5 + the
+    shape's index (what a deep layer's wide receptive field tells a 3 x 3 conv about the
+    extent of what it sits on)."""
+    cells = 20
+    fmap = torch.from_numpy(rng.random((SETTINGS.channels, cells, cells), dtype=np.float32) * 0.1)
+    shapes = cell_anchors(SMALL).numpy()
+    gt = []
+    for k in range(2):
+        while True:
+            x, y = int(rng.integers(0, 10)) + 10 * k, int(rng.integers(0, cells))
+            shape = int(rng.integers(len(shapes)))
+            box = shapes[shape] + [x * STRIDE + 7.5, y * STRIDE + 7.5] * 2
+            if box.min() >= 0 and box.max() <= 320 and (k == 0 or box[0] >= gt[0][2]):
+                break
+        centres = np.arange(cells) * STRIDE + 7.5
+        inside_x = (centres > box[0]) & (centres < box[2])
+        inside_y = (centres > box[1]) & (centres < box[3])
+        ys, xs = np.meshgrid(centres[inside_y], centres[inside_x], indexing="ij")
+        region = np.ix_(np.flatnonzero(inside_y), np.flatnonzero(inside_x))
+        fmap[0][region] += 10.0
+        for channel, distance in zip((1, 2, 3, 4), (xs - box[0], ys - box[1], box[2] - xs, box[3] - ys)):
+            fmap[channel][region] += torch.from_numpy(distance / 8).float()
+        fmap[5 + shape, y, x] += 20.0
+        gt.append(box.tolist())
+    return CacheEntry(
+        key=f"{index:064x}", image_id=f"img{index}", path=f"img{index}.jpg", width=320, height=320,
+        maps=[fmap.half()], factors=[1.0], proposals=np.zeros((0, 4), np.float32),
+        gt_boxes=np.array(gt, np.float32), gt_labels=np.zeros(2, np.int64), gt_difficult=np.zeros(2, bool),
+        gt_iscrowd=np.zeros(2, bool), classes=["thing"],
+    )
+
+
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory):
+    cache = FeatureCache.create_or_open(tmp_path_factory.mktemp("rpn") / "cache", SETTINGS)
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        cache.write(_synthetic_entry(i, rng))
+    return cache
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_cache):
+    trainer = ProposalTrainer(synthetic_cache, synthetic_cache.keys(), SMALL)
+    trainer.prepare()
+    return trainer, trainer.run()
+
+
+def test_learned_proposals_find_every_object_of_a_synthetic_set(trained):
+    trainer, model = trained
+    assert (len(trainer.train), len(trainer.val)) == (22, 2)
+    images = trainer.train + trainer.val
+    found = [model.propose(im.maps, im.factors, im.width, im.height)[0] for im in images]
+    truth = [im.gt_boxes for im in images]
+    assert all(len(boxes) <= SMALL.top_n for boxes in found)
+    assert recall(found, truth, 0.7) == 1.0
+    # Best first: the top 10 boxes of each image already hold both objects at IoU 0.5.
+    assert recall([boxes[:10] for boxes in found], truth, 0.5) == 1.0
+    for boxes, image in zip(found, images):
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= image.width).all() and (boxes[:, 3] <= image.height).all()
+    assert model.training["best_epoch"] >= 1 and model.training["held_out_recall@0.7"] == 1.0
+
+
+def test_a_saved_model_proposes_the_same_boxes(trained, tmp_path):
+    trainer, model = trained
+    path = tmp_path / "props-model.safetensors"
+    model.save(path)
+    loaded = ProposalModel.load(path)
+    image = trainer.val[0]
+    # Weights are stored in fp16: the same boxes within rounding, in the same order at the top.
+    np.testing.assert_allclose(loaded.propose(image.maps, image.factors, 320, 320)[0][:4],
+                               model.propose(image.maps, image.factors, 320, 320)[0][:4], atol=0.5)
+    assert loaded.config == SMALL and loaded.features == SETTINGS
+
+
+def test_a_damaged_or_foreign_file_is_refused(trained, tmp_path):
+    _, model = trained
+    path = tmp_path / "m.safetensors"
+    model.save(path)
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="proposal model is damaged"):
+        ProposalModel.load(path)
+    other = tmp_path / "plain.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(other))
+    with pytest.raises(ModelError, match="not a proposal model"):
+        ProposalModel.load(other)
+
+
+def test_an_interrupted_run_resumes_to_the_same_model(synthetic_cache, tmp_path):
+    config = ProposalConfig(anchor_sizes=(32, 64), epochs=3, lr=0.05, top_n=20, pre_nms_top_n=600)
+    keys = synthetic_cache.keys()[:8]
+
+    def trainer():
+        t = ProposalTrainer(synthetic_cache, keys, config)
+        t.prepare()
+        return t
+
+    whole = trainer().run()
+    checkpoint = tmp_path / "m.safetensors.ckpt"
+
+    def stop_after_two(state, best):
+        if state.epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        trainer().run(checkpoint, on_epoch=stop_after_two)
+    resumed = trainer().run(checkpoint)
+    for name, tensor in whole.net.head.state_dict().items():
+        torch.testing.assert_close(resumed.net.head.state_dict()[name], tensor)
+    assert resumed.training["history"] == whole.training["history"]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_train_proposals_command(synthetic_cache, tmp_path):
+    out = tmp_path / "props-model.safetensors"
+    result = CliRunner().invoke(cli, ["train-proposals", "--cache", str(synthetic_cache.root), "--out", str(out), "--epochs", "2", "--top", "50"])
+    assert result.exit_code == 0, result.output
+    assert "Training proposals (18 anchors per cell) on 22 cached image(s) (+2 held out to pick the epoch), on cpu" in result.output
+    assert f"Wrote {out}: epoch " in result.output and "held-out recall at 50 boxes" in result.output
+    assert not checkpoint_path(out).exists()
+    model = ProposalModel.load(out)
+    assert model.config.top_n == 50 and model.training["epochs_run"] == 2
+
+
+def test_train_proposals_refuses_a_foreign_checkpoint(synthetic_cache, tmp_path):
+    out = tmp_path / "p.safetensors"
+    checkpoint_path(out).write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(cli, ["train-proposals", "--cache", str(synthetic_cache.root), "--out", str(out), "--epochs", "1"])
+    assert result.exit_code == 1
+    assert result.output.startswith(f"Error: {checkpoint_path(out)}: not a readable proposal-training checkpoint")
