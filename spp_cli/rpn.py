@@ -172,6 +172,8 @@ class ProposalModel:
             ``(R,)`` float32 objectness logits, ``R <= top_n``; the scales'
             boxes are merged by one NMS.
         """
+        if maps:
+            self.net.to(maps[0].device)  # the maps' device: a CUDA conv pass's maps stay on the GPU
         self.net.eval()
         config = self.config
         boxes, scores = [], []
