@@ -8,8 +8,8 @@
     for d in detector("examples/raccoon.jpg"):
         print(d.class_name, d.score, d.box)
 
-A call runs what ``spp detect`` runs on an image (selective search, one conv
-pass per scale, SPP pooling, SVM scores, box regression, NMS, box voting),
+A call runs what ``spp detect`` runs on an image (selective search, or the
+model's learned proposals where it carries a proposal network; one conv pass per scale, SPP pooling, SVM scores, box regression, NMS, box voting),
 through the same functions, so it returns the same numbers as the command.
 Images are a path, a Pillow image, or an ``(H, W, 3)`` uint8 RGB array.
 """
@@ -108,16 +108,20 @@ class Detector:
 
 
 def detect_pixels(model, extractor, pixels: np.ndarray, config, boxes: np.ndarray | None = None,
-                  timings: dict | None = None, name: str = "image", warn: Callable[[str], None] = lambda _: None) -> list:
+                  timings: dict | None = None, name: str = "image", warn: Callable[[str], None] = lambda _: None,
+                  learned: bool | None = None) -> list:
     """One image through an SPP detector: what ``spp detect`` does to an image it
     does not find in a cache.
 
     Args:
         pixels: ``(H, W, 3)`` uint8 RGB.
-        boxes: ``(R, 4)`` proposals (``xyxy``, original pixels); computed
-            with the model's proposal settings when ``None``.
+        boxes: ``(R, 4)`` proposals (``xyxy``, original pixels); when ``None``,
+            the model's own proposal network's boxes from the conv maps
+            (``learned``, the default where the model carries one), else
+            selective search with the model's settings.
         timings: if given, accumulates ``proposals``, ``conv``, ``pool``,
-            ``classify``, ``nms`` seconds.
+            ``classify``, ``nms`` seconds (learned proposals: the proposal
+            head only; the conv pass is counted once, as ``conv``).
 
     Returns:
         :class:`spp_cli.model.Detection` objects, best first.
@@ -130,7 +134,8 @@ def detect_pixels(model, extractor, pixels: np.ndarray, config, boxes: np.ndarra
 
     timings = {} if timings is None else timings
     height, width = pixels.shape[:2]
-    if boxes is None:
+    learned = model.proposal_model is not None if learned is None else learned
+    if boxes is None and not learned:
         t0 = time.perf_counter()
         boxes = propose(pixels, ProposalParams(**model.proposals) if model.proposals else ProposalParams())
         timings["proposals"] = timings.get("proposals", 0.0) + time.perf_counter() - t0
@@ -141,7 +146,24 @@ def detect_pixels(model, extractor, pixels: np.ndarray, config, boxes: np.ndarra
     # default): round fresh maps the same way, so that detections are the
     # same with or without a cache.
     maps = [m.to(DTYPES[settings.dtype]) for m in maps]
+    if boxes is None:
+        boxes = learned_proposals(model, maps, factors, width, height, timings)
     return model.detect_windows(maps, factors, boxes, width, height, config, timings)
+
+
+def learned_proposals(model, maps, factors, width: int, height: int, timings: dict | None = None) -> np.ndarray:
+    """The model's proposal network's boxes of one image from its conv maps (seconds to ``timings["proposals"]``)."""
+    import time
+
+    from spp_cli.errors import ModelError
+
+    if model.proposal_model is None:
+        raise ModelError("the model carries no proposal network; train one with `spp train-proposals` and embed it with `spp train-svm --proposal-model`")
+    t0 = time.perf_counter()
+    boxes, _ = model.proposal_model.propose(maps, factors, width, height)
+    if timings is not None:
+        timings["proposals"] = timings.get("proposals", 0.0) + time.perf_counter() - t0
+    return boxes
 
 
 def _pixels(image, warn: Callable[[str], None] | None) -> tuple[np.ndarray, str]:

@@ -327,8 +327,12 @@ def train_proposals(cache_dir, out, data, split, epochs, top, gpu) -> None:
     help="Window features: spp (pooled from the cached conv maps) or rcnn (each window warped to 224x224 and run through the same backbone; slow, the baseline).",
 )
 @click.option("--negatives", multiple=True, metavar="IMAGES", help="Background images that hold none of the classes (files, folders, globs, .txt lists; already in the cache): every window is a negative, mined like the others. Repeatable.")
+@click.option("--proposal-model", "proposal_model_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="A proposal model from `spp train-proposals` for the model to carry: `spp detect` then proposes with it by default.")
+@click.option("--windows", type=click.Choice(["learned", "selective-search"]), default=None,
+              help="Training windows: learned (the proposal model's boxes on each cached map; the default with --proposal-model) or selective-search (the cache's proposals; the default otherwise).")
 @click.option("--gpu", is_flag=True, help="With --mode rcnn: run the network on CUDA.")
-def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_path, bbox_reg, mode, negatives, gpu) -> None:
+def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_path, bbox_reg, mode, negatives, proposal_model_path, windows, gpu) -> None:
     """Train per-class linear SVMs on cached SPP features (hard-negative mining).
 
     The R-CNN/SPPnet protocol: positives are ground-truth boxes, negatives
@@ -348,7 +352,8 @@ def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_pa
     """
     from spp_cli.commands.train_svm import run_train_svm
 
-    sys.exit(run_train_svm(cache_dir, out, data, split, classes, C, bbox_reg, features, head_path, mode, gpu, negatives=negatives, solver=solver))
+    sys.exit(run_train_svm(cache_dir, out, data, split, classes, C, bbox_reg, features, head_path, mode, gpu, negatives=negatives, solver=solver,
+                           proposal_model_path=proposal_model_path, windows=windows))
 
 
 @cli.command()
@@ -366,12 +371,15 @@ def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_pa
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most fine-tuning epochs (early stopping on held-out windows).")
 @click.option("--negatives", multiple=True, metavar="IMAGES", help="Background images that hold none of the classes (files, folders, globs, .txt lists): cached, then negatives for the SVMs. Repeatable.")
 @click.option("--refit/--no-refit", default=False, show_default=True, help="Train the chosen kind again on the whole split, validation images included (one more SVM step; its probabilities are the candidate's).")
+@click.option("--proposals", type=click.Choice(["learned", "selective-search"]), default="learned", show_default=True,
+              help="learned: no selective search; a proposal network trained on the cached maps gives the training windows and travels in the model (spp detect uses it). selective-search: the paper's proposals.")
 @gpu_option
-def train(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, refit, gpu) -> None:
+def train(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, refit, proposals, gpu) -> None:
     """Train a detector from a dataset in one command: the recommended flow.
 
-    propose -> cache -> SVMs on pool5 (box regression, box voting at
-    detection), scored by VOC07 mAP on the validation part, their margins
+    cache -> proposal network (learned proposals on the cached maps) -> SVMs
+    on pool5 over its windows (box regression, box voting at detection; the
+    model carries the network), scored by VOC07 mAP on the validation part, their margins
     calibrated into probabilities there; with --features auto also fine-tune
     fc6/fc7 -> SVMs on fc7 -> keep pool5 or fc7, whichever has the higher
     validation mAP. The model is that candidate; --refit trains it again on
@@ -386,7 +394,7 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
     """
     from spp_cli.commands.train import run_train_command
 
-    sys.exit(run_train_command(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, gpu, refit))
+    sys.exit(run_train_command(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, gpu, refit, proposals))
 
 
 @cli.command()
@@ -394,6 +402,8 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
 @click.option("--model", "model_path", type=click.Path(dir_okay=False, path_type=Path), help="Detector (.safetensors from spp train-svm). Default: the shipped detector.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="Reuse conv maps (and proposals) of images already in this feature cache (an R-CNN model reuses the proposals only).")
 @click.option("--props", type=click.Path(dir_okay=False, path_type=Path), help="props.json from spp propose (default: computed here).")
+@click.option("--proposals", type=click.Choice(["learned", "selective-search"]), default=None,
+              help="How proposals are computed without --props: learned (the model's proposal network, on the conv maps; the default where the model carries one) or selective-search (the default otherwise; with --cache, the cached boxes).")
 @click.option("--conf", type=float, default=None, help="Keep detections scoring at least X (an SVM margin; default: the model's display threshold (-0.3 for the shipped detector; probability 0.5 for a model from spp train), or -1.5 with --data so that spp eval sees the whole ranking).")
 @click.option("--min-prob", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, metavar="P",
               help="Keep detections whose calibrated probability of being right is at least P (models from spp train; instead of --conf).")
@@ -405,7 +415,7 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
 @click.option("--vote/--no-vote", default=True, show_default=True, help="Box voting after NMS: each box becomes the score-weighted mean of the candidates of its class overlapping it at IoU >= 0.5.")
 @gpu_option
 @shard_option
-def detect(inputs, data, split, model_path, cache_dir, props, conf, min_prob, nms, max_det, out, save_dir, bbox_reg, vote, gpu, shard) -> None:
+def detect(inputs, data, split, model_path, cache_dir, props, proposals, conf, min_prob, nms, max_det, out, save_dir, bbox_reg, vote, gpu, shard) -> None:
     """Detect objects: proposals, one conv pass per image per scale, SPP, SVMs, NMS, box voting.
 
     Ends with a per-stage timing line in ms per image. A model trained with
@@ -420,7 +430,7 @@ def detect(inputs, data, split, model_path, cache_dir, props, conf, min_prob, nm
     """
     from spp_cli.commands.detect import run_detect
 
-    sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg, vote, shard, min_prob))
+    sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg, vote, shard, min_prob, proposals))
 
 
 @cli.command()

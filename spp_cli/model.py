@@ -18,6 +18,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,9 +35,13 @@ from spp_cli.head import Head
 from spp_cli.spp import Alignment, PyramidPooler
 from spp_cli.svm import LinearSVMs
 
+if TYPE_CHECKING:  # imported where a model carries one: torchvision's detection modules load then
+    from spp_cli.rpn import ProposalModel
+
 MODEL_FORMAT = "spp-detector"
 MODEL_VERSION = 1
 HEAD_PREFIX = "head."
+PROPOSAL_PREFIX = "proposals."
 # How window features are computed: "spp" pools each window from the image's
 # conv maps; "rcnn" warps each window to the network's input size and runs
 # the network on it (spp_cli.rcnn). Models from before the field are "spp".
@@ -76,6 +81,9 @@ class Detector:
             (``spp``: pooled from conv maps; ``rcnn``: warped windows).
         calibration: margins -> probabilities (fitted on held-out detections
             by `spp train`), or ``None``: scores are margins only.
+        proposal_model: learned proposals on the same conv maps
+            (:class:`spp_cli.rpn.ProposalModel`), used by default at detection;
+            ``None``: selective search.
     """
 
     features: CacheSettings
@@ -89,6 +97,7 @@ class Detector:
     training: dict = field(default_factory=dict)
     mode: str = "spp"
     calibration: Calibration | None = None
+    proposal_model: ProposalModel | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -139,6 +148,10 @@ class Detector:
         }
         if self.calibration is not None:  # absent, not null: uncalibrated files stay as they were
             meta["calibration"] = self.calibration.to_json()
+        if self.proposal_model is not None:
+            tensors.update(self.proposal_model.tensors(prefix=PROPOSAL_PREFIX))
+            meta["proposal_model"] = self.proposal_model.metadata()
+            meta["digest"] = tensor_digest(tensors)
         atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}))
 
     @classmethod
@@ -180,6 +193,11 @@ class Detector:
                 if regressors.weight.shape[0] != len(classes):
                     raise ValueError("box regressor shapes do not match the classifiers")
             head = Head.from_parts(meta["head"], tensors, str(path), HEAD_PREFIX) if meta.get("head") else None
+            proposal_model = None
+            if meta.get("proposal_model"):
+                from spp_cli.rpn import ProposalModel
+
+                proposal_model = ProposalModel.from_parts(meta["proposal_model"], tensors, str(path), PROPOSAL_PREFIX)
             if head is not None and head.hidden != weight.shape[1]:
                 raise ValueError("classifier length does not match the head's fc7 width")
             return cls(
@@ -194,6 +212,7 @@ class Detector:
                 training=dict(meta.get("training", {})),
                 mode=mode,
                 calibration=Calibration.from_json(meta["calibration"]) if meta.get("calibration") else None,
+                proposal_model=proposal_model,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{path}: damaged spp model ({exc})") from None

@@ -401,3 +401,21 @@ class ProposalTrainer:
         }
         net.cpu()
         return model
+
+
+class LearnedWindows:
+    """A feature cache whose entries' proposals are a proposal model's boxes (computed from
+    the cached maps on each read): SVMs and box regressors then train on the windows the
+    detector will see. Everything else is the cache's own."""
+
+    def __init__(self, cache, model: ProposalModel):
+        model.check_features(cache.settings, str(cache.root))
+        self.cache, self.model = cache, model
+
+    def __getattr__(self, name):
+        return getattr(self.cache, name)
+
+    def read(self, key: str, device: str = "cpu"):
+        entry = self.cache.read(key, device)
+        entry.proposals = self.model.propose(entry.maps, entry.factors, entry.width, entry.height)[0]
+        return entry

@@ -470,3 +470,56 @@ def test_learned_proposals_need_a_model_and_matching_maps(pipeline, plain_zf5_ca
     assert result.exit_code == 1
     assert one_line(result).startswith(f"Error: {plain_zf5_cache}: maps of zf5")
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.fixture(scope="module")
+def carrying(pipeline, tmp_path_factory):
+    """A detector trained on its proposal network's windows, carrying the network."""
+    root = tmp_path_factory.mktemp("carrying")
+    props_model, model = root / "props-model.safetensors", root / "model.safetensors"
+    assert invoke("train-proposals", "--cache", pipeline.cache, "--out", props_model, "--epochs", "2").exit_code == 0
+    train = invoke("train-svm", "--cache", pipeline.cache, "--proposal-model", props_model, "--out", model)
+    return SimpleNamespace(props_model=props_model, model=model, train=train)
+
+
+def test_a_detector_carries_its_proposal_network_and_detect_uses_it(pipeline, carrying, tmp_path):
+    assert carrying.train.exit_code == 0, carrying.train.output
+    assert f"; windows: {carrying.props_model}'s top 300 boxes" in carrying.train.output
+    assert "proposal network carried (trained on its boxes)" in carrying.train.output
+    from spp_cli.model import Detector
+    from spp_cli.rpn import ProposalModel
+
+    detector = Detector.load(carrying.model)
+    alone = ProposalModel.load(carrying.props_model)
+    assert detector.proposal_model is not None and detector.training["windows"] == "learned"
+    assert detector.proposal_model.config == alone.config and detector.proposal_model.features == detector.features
+
+    dets = tmp_path / "dets.json"
+    result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", carrying.model, "--out", dets)
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "(2 image(s) through the network on cpu, 0 from the cache; proposals from the model's proposal network (the conv pass is shared))")
+    # From the cache, the same maps give the same proposals: the same detections.
+    cached = tmp_path / "cached.json"
+    feats = tmp_path / "feats"
+    assert invoke("cache", "--data", pipeline.data, "--split", "test", "--props", pipeline.props, "--cache", feats, "--scales", SCALE, "--backbone", BACKBONE).exit_code == 0
+    result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", carrying.model, "--cache", feats, "--out", cached)
+    assert result.exit_code == 0, result.output
+    assert json.loads(cached.read_text())["images"] == json.loads(dets.read_text())["images"]
+    # --proposals selective-search takes the old path (the cache's boxes), another set of windows.
+    forced = tmp_path / "forced.json"
+    result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", carrying.model, "--cache", feats, "--proposals", "selective-search", "--out", forced)
+    assert result.exit_code == 0, result.output
+    assert "proposal network" not in result.stderr
+
+
+def test_learned_proposals_need_a_model_that_carries_them(pipeline, carrying, tmp_path):
+    result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", pipeline.model, "--proposals", "learned")
+    assert result.exit_code == 1
+    assert one_line(result).startswith(f"Error: {pipeline.model}: carries no proposal network (--proposals learned)")
+    result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", carrying.model, "--proposals", "learned", "--props", pipeline.props)
+    assert result.exit_code == 1
+    assert one_line(result) == "Error: --props gives the proposals; --proposals learned computes them: give one"
+    result = invoke("train-svm", "--cache", pipeline.cache, "--windows", "learned", "--out", tmp_path / "m.safetensors")
+    assert result.exit_code == 1
+    assert one_line(result) == "Error: --windows learned needs --proposal-model FILE"

@@ -30,7 +30,7 @@ from spp_cli.pipeline import choose_features, split_for_validation
 OPTIONS = ["--backbone", "efficientnet_lite0_b4", "--scales", "96", "--epochs", "3", "--val-fraction", "0.25"]
 # The whole flow: pool5 and a fine-tuned fc7, the better on validation (the default is pool5 alone).
 AUTO = ("--features", "auto")
-STEPS = ["proposals", "cache", "SVMs on pool5", "fine-tuning", "SVMs on fc7", "final model"]
+STEPS = ["cache", "proposal network", "SVMs on pool5", "fine-tuning", "SVMs on fc7", "final model"]
 
 
 def train_args(data: Path, out: Path, *extra) -> list[str]:
@@ -89,7 +89,7 @@ def test_a_finished_run_run_again_does_no_step_twice(trained, tmp_path):
     again = CliRunner().invoke(cli, train_args(data, out, *AUTO))
     assert again.exit_code == 0, again.output
     assert all("calibration" in json.loads(state_path.read_text())["steps"][step] for step in ("SVMs on pool5", "SVMs on fc7"))
-    assert "propose" not in again.output.lower().replace("[1/6] proposals", "")  # no step command ran its summary
+    assert "Wrote " not in again.output.replace(f"Wrote {out}", "")  # no step command ran its summary
     assert "Fine-tuning fc6/fc7" not in again.output
     assert "Training on" not in again.output  # no SVM is trained again: the model is the validated candidate
 

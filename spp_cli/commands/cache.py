@@ -39,8 +39,11 @@ def settings_for(backbone: str, weights: str | None, scales: str, max_side: int,
 
 
 def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone: str, weights: str | None,
-              scales: str, max_side: int, dtype: str, gpu: bool, shard: str | None = None, sources: Sources | None = None) -> int:
-    """`spp cache`; ``sources`` (instead of inputs/data/split) is how `spp train` hands over its images."""
+              scales: str, max_side: int, dtype: str, gpu: bool, shard: str | None = None, sources: Sources | None = None,
+              selective_search: bool = True) -> int:
+    """`spp cache`; ``sources`` (instead of inputs/data/split) is how `spp train` hands over its images.
+    ``selective_search=False`` (without ``props``): entries hold no proposals (learned proposals come
+    from the maps later; `spp detect --proposals selective-search` then computes them)."""
     from spp_cli.commands import parts
     from spp_cli.images import load_image
     from spp_cli.proposals import ProposalParams, propose, read_proposals
@@ -92,7 +95,7 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
             bad.append((source.path, str(exc)))
             return "bad"
         if entry_props is None:
-            entry_props = propose(image, proposal_params)
+            entry_props = propose(image, proposal_params) if selective_search else np.zeros((0, 4), np.float32)
         if extractor is None:
             extractor = backbones.FeatureExtractor(backbones.get_spec(backbone), weights, device)
         maps, factors, seconds = feature_pyramid(extractor, image, settings.scales, settings.max_side, warn=ui.warn, name=str(source.path))

@@ -30,14 +30,15 @@ def parse_speed_line(output: str) -> dict[str, float] | None:
 
 def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
                conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool,
-               bbox_reg: bool = True, vote: bool = True, shard: str | None = None, min_prob: float | None = None) -> int:
+               bbox_reg: bool = True, vote: bool = True, shard: str | None = None, min_prob: float | None = None,
+               proposals: str | None = None) -> int:
     import torch
 
     from spp_cli.cache import DTYPES, FeatureCache, image_key
     from spp_cli.commands import parts
     from spp_cli.commands.models import default_model_path
     from spp_cli.detections import coco_results, coco_results_path, detections_document
-    from spp_cli.api import detect_pixels
+    from spp_cli.api import detect_pixels, learned_proposals
     from spp_cli.images import load_image
     from spp_cli.memory import release_free_memory
     from spp_cli.model import Detector
@@ -51,6 +52,12 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     if out is not None:
         check_writable(out)
     detector = Detector.load(model_path)
+    # Learned proposals where the model carries its proposal network (and no props.json is given).
+    if proposals == "learned" and detector.proposal_model is None:
+        raise ModelError(f"{model_path}: carries no proposal network (--proposals learned); train one with `spp train-proposals` and embed it with `spp train-svm --proposal-model`")
+    learned = props is None and proposals != "selective-search" and detector.proposal_model is not None
+    if props is not None and proposals == "learned":
+        raise UsageError("--props gives the proposals; --proposals learned computes them: give one")
     if min_prob is not None:
         if conf is not None:
             raise UsageError("--conf and --min-prob both set a threshold: give one")
@@ -111,20 +118,24 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                         entry = cache.read(key)
                 if entry is not None:
                     maps, factors, width, height = entry.maps, entry.factors, entry.width, entry.height
-                    boxes = entry.proposals
+                    boxes = entry.proposals if not learned else learned_proposals(detector, maps, factors, width, height, timings)
                     from_cache += 1
-                if entry is None or rcnn:
+                # A cache of `spp train`'s learned flow holds no selective-search boxes: compute them.
+                searching = entry is not None and not learned and proposal_set is None and len(entry.proposals) == 0
+                if entry is None or rcnn or searching:
                     image = load_image(source.path, warn=ui.warn)
                     height, width = image.shape[:2]
                     if entry is None:
                         boxes = None
                         computed += 1
+                    elif searching:
+                        boxes = None
                 if proposal_set is not None:
                     found = proposal_set.lookup(source.image_id, source.path)
                     if found is None:
                         raise SPPError(f"{source.path}: not in {props}; run `spp propose` on it first")
                     boxes = found.boxes
-                if boxes is None:
+                if boxes is None and not learned:
                     t0 = time.perf_counter()
                     boxes = propose(image, proposal_params)
                     timings["proposals"] += time.perf_counter() - t0
@@ -142,8 +153,9 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
                         extractor = backbones.extractor_for(settings, str(model_path), device, "use --cache with features from the model's settings")
                     release_free_memory()  # what the last image freed (spp_cli.memory)
                     # The Python API's function: the same numbers from `spp detect` and `Detector()`.
-                    dets = detect_pixels(detector, extractor, image, config, boxes, stage_times, name=str(source.path), warn=ui.warn)
+                    dets = detect_pixels(detector, extractor, image, config, boxes, stage_times, name=str(source.path), warn=ui.warn, learned=learned)
                     timings["conv"] += stage_times["conv"]
+                    timings["proposals"] += stage_times.get("proposals", 0.0)
                 else:
                     dets = detector.detect_windows(maps, factors, boxes, width, height, config, stage_times)
                 timings["pooling"] += stage_times.get("pool", 0.0)
@@ -195,6 +207,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
         where += f", proposals of {from_cache} from the cache" if cache is not None and proposal_set is None else ""
     else:
         where = f"{computed} image(s) through the network on {device}, {from_cache} from the cache"
+        where += "; proposals from the model's proposal network (the conv pass is shared)" if learned else ""
     ui.console.print(f"Speed: {per_stage} per image ({where})")
     ui.print_bad(bad)
     if out is not None:

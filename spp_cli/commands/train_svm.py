@@ -17,9 +17,10 @@ from spp_cli.fileio import check_writable
 def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, C: float, bbox_reg: bool,
                   features: str = "pool5", head_path: Path | None = None, mode: str = "spp", gpu: bool = False,
                   keys: list[str] | None = None, training_extra: dict | None = None, negatives: tuple[str, ...] = (),
-                  calibration=None, solver: str = "newton") -> int:
+                  calibration=None, solver: str = "newton", proposal_model_path: Path | None = None, windows: str | None = None) -> int:
     """`spp train-svm`; `spp train` passes the cache ``keys`` to train on and ``training_extra``
-    for the model's training metadata."""
+    for the model's training metadata. ``proposal_model_path``: a proposal model the detector
+    carries (and, with ``windows`` ``learned``, the default then, whose boxes are the training windows)."""
     from spp_cli.head import Head
     from spp_cli.train import (
         TrainingSet,
@@ -50,6 +51,19 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         data.negative_keys = negative_keys(cache, negative_images(negatives))
     if head is not None:
         check_head(head, cache)
+    proposal_model = None
+    windows = windows or ("learned" if proposal_model_path is not None else "selective-search")
+    if windows == "learned" and proposal_model_path is None:
+        raise UsageError("--windows learned needs --proposal-model FILE")
+    if proposal_model_path is not None:
+        from spp_cli.rpn import LearnedWindows, ProposalModel
+
+        if mode == "rcnn":
+            raise UsageError("--proposal-model is for SPP detectors (the R-CNN baseline takes the cache's proposals)")
+        proposal_model = ProposalModel.load(proposal_model_path)
+        proposal_model.check_features(cache.settings, str(cache_dir))
+        if windows == "learned":
+            data = TrainingSet(LearnedWindows(cache, proposal_model), data.keys, data.classes, data.negative_keys)
     from spp_cli.shard import under_torchrun
 
     ranks = None  # (rank, world) under torchrun: the classes are divided over the ranks
@@ -62,8 +76,9 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         data = TrainingSet(data.cache, data.keys, all_classes[ranks[0] :: ranks[1]], data.negative_keys)
     over = f" over {ranks[1]} ranks (rank 0: {', '.join(data.classes) or 'none'})" if ranks else ""
     background = f" and {len(data.negative_keys)} background image(s)" if data.negative_keys else ""
+    from_model = f"; windows: {proposal_model_path}'s top {proposal_model.config.top_n} boxes" if windows == "learned" else ""
     ui.console.print(
-        f"Training on {features} features of {len(data.keys)} cached image(s){background}, {len(all_classes)} class(es): {', '.join(all_classes)}{over}",
+        f"Training on {features} features of {len(data.keys)} cached image(s){background}, {len(all_classes)} class(es): {', '.join(all_classes)}{over}{from_model}",
     )
     extractor = None
     if gpu and mode != "rcnn":
@@ -120,6 +135,10 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
     if head_path is not None:
         detector.training["head"] = str(head_path)
     how = ""
+    if proposal_model is not None:
+        detector.proposal_model = proposal_model
+        detector.training.update({"proposal_model": str(proposal_model_path), "windows": windows})
+        how = f", proposal network carried (trained on its {'boxes' if windows == 'learned' else 'selective-search windows'})"
     if featurizer is not None:
         from spp_cli.rcnn import CONTEXT_PADDING
 
