@@ -12,10 +12,16 @@
    (the timing line's stages after proposals), then computing proposals (the
    whole), and once more with --no-vote (what box voting costs).
 
+3. Learned proposals against selective search, end to end (proposals +
+   conv + pooling + classify + NMS), one after the other on the same
+   photos, with a model that carries a proposal network (``--model``, e.g.
+   from `spp train`; by default the shipped detector where it carries one):
+   `spp detect --proposals selective-search` then `spp detect` (learned).
+
 Prints the per-stage timing lines, the sum after proposals against the
 issue's 300 ms, and a last line of JSON.
 
-    python benchmarks/detect_speed.py [--data-root ../shared/data]
+    python benchmarks/detect_speed.py [--data-root ../shared/data] [--model raccoon.safetensors]
 """
 
 from __future__ import annotations
@@ -95,6 +101,7 @@ def test_photos_near(dataset: Path, pixels: int, within: float = 0.3) -> list[Pa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--model", type=Path, help="a detector that carries a proposal network (default: the shipped one, if it does)")
     args = parser.parse_args()
     checkout.check()
     photos = test_photos_near(args.data_root / "raccoon", 500 * 375)
@@ -130,7 +137,36 @@ def main() -> None:
           f"{after['classify']:.0f} + nms/voting {after['nms']:.1f}; target < 300); whole with proposals: {whole:.0f} ms")
     figures["after_proposals_ms"] = round(total, 1)
     figures["whole_ms"] = round(whole, 1)
+    figures.update(learned_side_by_side(photos, args.model))
     print(json.dumps(figures))
+
+
+def learned_side_by_side(photos: list[Path], model: Path | None) -> dict:
+    """End to end ms per image of `spp detect` with selective search, then with the model's learned proposals."""
+    from spp_cli.commands.models import default_model_path
+    from spp_cli.model import Detector
+
+    model = model or default_model_path()
+    if model is None or Detector.load(model).proposal_model is None:
+        print(f"learned proposals: skipped ({model or 'no model'} carries no proposal network; pass --model from `spp train`)")
+        return {}
+    figures = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        folder.mkdir()
+        for path in photos:
+            for copy in ("a", "b"):
+                shutil.copy(path, folder / f"{path.stem}-{copy}.jpg")
+        for name, extra in {"selective_search": ["--proposals", "selective-search"], "learned": []}.items():
+            print(f"spp detect --model {model} on {2 * len(photos)} images, {name.replace('_', ' ')} proposals, end to end:")
+            stages = speed_line(spp("detect", folder, "--model", model, "--out", Path(tmp) / f"{name}.json", *extra))
+            figures[f"{name}_whole_ms"] = round(sum(stages.values()), 1)
+            figures[f"{name}_stages"] = stages
+    ratio = figures["selective_search_whole_ms"] / max(figures["learned_whole_ms"], 1e-9)
+    print(f"end to end: learned {figures['learned_whole_ms']:.0f} ms per image vs selective search {figures['selective_search_whole_ms']:.0f} ms "
+          f"({ratio:.1f}x faster; target <= 300 ms)")
+    figures["learned_speedup"] = round(ratio, 2)
+    return figures
 
 
 if __name__ == "__main__":

@@ -313,7 +313,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         step("fine-tuning")
         result = state.done("fine-tuning", head) or timed("fine-tuning", lambda: {"code": run_finetune(
             cache_dir, head, None, None, None, plan.finetune_epochs, 1e-4, 128, 0.25, 1024, True, 0, gpu, keys=fit_keys_of,
-            negatives=plan.negatives)})
+            negatives=plan.negatives, proposal_model_path=proposal_model)})
         seconds["fine-tuning"] = result["seconds"]
         svm_step("fc7")
     if plan.features == "auto":

@@ -14,8 +14,9 @@ from spp_cli.fileio import check_writable
 
 def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, epochs: int, lr: float, batch: int,
                  fg_fraction: float, hidden: int, flip: bool, seed: int, gpu: bool, keys: list[str] | None = None,
-                 negatives: tuple[str, ...] = ()) -> int:
-    """`spp finetune`; `spp train` passes the cache ``keys`` to train on."""
+                 negatives: tuple[str, ...] = (), proposal_model_path: Path | None = None) -> int:
+    """`spp finetune`; `spp train` passes the cache ``keys`` to train on and, in its learned flow,
+    the proposal model whose boxes are the training windows (its cache holds no others)."""
     from spp_cli.finetune import (
         FinetuneConfig,
         Finetuner,
@@ -27,6 +28,10 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
     check_writable(out)
     device = backbones.select_device(gpu)
     cache = FeatureCache.open(cache_dir)
+    if proposal_model_path is not None:
+        from spp_cli.rpn import LearnedWindows, ProposalModel
+
+        cache = LearnedWindows(cache, ProposalModel.load(proposal_model_path))
     wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     if split and not data:
         raise UsageError("--split needs --data SPEC (the dataset the split belongs to)")
