@@ -11,9 +11,10 @@ Per dataset, both trained on its training split and scored by `spp eval
     the last quarter, gradient-norm clip 10. Test: score threshold 0.001,
     100 detections per image.
 (b) `spp train --data D --split TRAIN --out model.safetensors` with its
-    defaults (proposals, cache, pool5 SVMs and their validation: every step
-    from images to model), then `spp detect --data D --split TEST` from the
-    images (proposals and conv pass included in its time).
+    defaults (cache, proposal network, the proposal choice, pool5 SVMs and
+    their validation: every step from images to model), then `spp detect
+    --data D --split TEST` from the images (proposals and conv pass included
+    in its time).
 
 Prints a table (dataset x {Faster R-CNN mAP, train s, test s/img; spp mAP,
 train s, detect s/img}) and a last line of JSON. Not a test: about an hour

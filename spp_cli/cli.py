@@ -371,15 +371,17 @@ def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_pa
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most fine-tuning epochs (early stopping on held-out windows).")
 @click.option("--negatives", multiple=True, metavar="IMAGES", help="Background images that hold none of the classes (files, folders, globs, .txt lists): cached, then negatives for the SVMs. Repeatable.")
 @click.option("--refit/--no-refit", default=False, show_default=True, help="Train the chosen kind again on the whole split, validation images included (one more SVM step; its probabilities are the candidate's).")
-@click.option("--proposals", type=click.Choice(["learned", "selective-search"]), default="learned", show_default=True,
-              help="learned: no selective search; a proposal network trained on the cached maps gives the training windows and travels in the model (spp detect uses it). selective-search: the paper's proposals.")
+@click.option("--proposals", type=click.Choice(["auto", "learned", "selective-search"]), default="auto", show_default=True,
+              help="learned: a proposal network trained on the cached maps gives the training windows and travels in the model (spp detect uses it); selective-search: the paper's proposals; auto: the network where it finds the validation objects (recall@0.5) at least as often as selective search.")
 @gpu_option
 def train(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, refit, proposals, gpu) -> None:
     """Train a detector from a dataset in one command: the recommended flow.
 
-    cache -> proposal network (learned proposals on the cached maps) -> SVMs
-    on pool5 over its windows (box regression, box voting at detection; the
-    model carries the network), scored by VOC07 mAP on the validation part, their margins
+    cache -> proposal network (learned on the cached maps) -> proposals: the
+    network's where it finds the validation objects at least as often as
+    selective search, else selective search -> SVMs on pool5 over those
+    windows (box regression, box voting at detection; a model on learned
+    proposals carries the network), scored by VOC07 mAP on the validation part, their margins
     calibrated into probabilities there; with --features auto also fine-tune
     fc6/fc7 -> SVMs on fc7 -> keep pool5 or fc7, whichever has the higher
     validation mAP. The model is that candidate; --refit trains it again on

@@ -30,7 +30,7 @@ from spp_cli.pipeline import choose_features, split_for_validation
 OPTIONS = ["--backbone", "efficientnet_lite0_b4", "--scales", "96", "--epochs", "3", "--val-fraction", "0.25"]
 # The whole flow: pool5 and a fine-tuned fc7, the better on validation (the default is pool5 alone).
 AUTO = ("--features", "auto")
-STEPS = ["cache", "proposal network", "SVMs on pool5", "fine-tuning", "SVMs on fc7", "final model"]
+STEPS = ["cache", "proposal network", "proposals", "SVMs on pool5", "fine-tuning", "SVMs on fc7", "final model"]
 
 
 def train_args(data: Path, out: Path, *extra) -> list[str]:
@@ -116,7 +116,7 @@ def test_train_never_reads_the_test_split(tmp_path):
     for image_id in TEST:
         assert image_id not in result.output
     # The default flow: SVMs on pool5, no fine-tuning.
-    assert "[3/4] SVMs on pool5" in result.output and "fine-tuning" not in result.output
+    assert "[4/5] SVMs on pool5" in result.output and "fine-tuning" not in result.output
     assert "Chose pool5 (validation mAP " in result.output
     assert not (tmp_path / "model.work" / "head.safetensors").exists()
     cache = FeatureCache.open(tmp_path / "model.work" / "feats")
@@ -186,3 +186,36 @@ def test_background_images_join_the_svms_as_negatives(tmp_path):
     assert result.exit_code == 0, result.output
     assert "3 cached image(s) and 1 background image(s)" in result.output  # the fit part
     assert Detector.load(out).training["background_images"] == 1
+
+
+def test_the_proposal_choice_is_made_on_validation_and_recorded(trained):
+    _, out, output = trained
+    choice = Detector.load(out).training["choice"]["proposals"]
+    assert choice["choice"] in ("learned", "selective-search")
+    learned, searched = choice["learned_recall@0.5"], choice["selective_search_recall@0.5"]
+    assert (choice["choice"] == "learned") == (learned >= searched)
+    assert f"Proposals: {choice['choice']} (validation recall@0.5: learned {learned:.3f} at 300 boxes, selective search {searched:.3f} at " in output
+    assert (Detector.load(out).proposal_model is not None) == (choice["choice"] == "learned")
+
+
+def test_the_learned_flow_runs_no_selective_search_and_detect_can_still(tmp_path):
+    data = write_shapes(tmp_path / "shapes")
+    out = tmp_path / "model.safetensors"
+    result = CliRunner().invoke(cli, train_args(data, out, "--proposals", "learned"))
+    assert result.exit_code == 0, result.output
+    assert "[2/4] proposal network" in result.output and "[3/4] SVMs on pool5" in result.output
+    work = out.with_name("model.work")
+    assert not (work / "props.json").exists()
+    cache = FeatureCache.open(work / "feats")
+    assert all(len(cache.read(k).proposals) == 0 for k in cache.keys())
+    detector = Detector.load(out)
+    assert detector.proposal_model is not None and detector.training["windows"] == "learned"
+    # Forced back to selective search on that cache: its boxes are computed from the images.
+    dets = tmp_path / "d.json"
+    result = CliRunner().invoke(cli, ["detect", "--data", str(data), "--split", "train", "--model", str(out), "--cache", str(work / "feats"),
+                                      "--proposals", "selective-search", "--out", str(dets)])
+    assert result.exit_code == 0, result.output
+    speed = result.output.strip().splitlines()[-1]
+    assert "0 image(s) through the network on cpu, 4 from the cache" in speed and "proposal network" not in speed
+    assert float(speed.split("Speed: ")[1].split("ms proposals")[0]) > 0
+    assert all(image["detections"] for image in json.loads(dets.read_text())["images"])
