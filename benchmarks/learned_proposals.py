@@ -1,0 +1,94 @@
+"""Learned proposals against selective search: recall on the test splits, in one run.
+
+Per dataset: `spp cache` of the training split, `spp train-proposals` on it,
+then `spp propose --report` on the test split with the learned model (300 and
+at most 1000 boxes per image) and with selective search (the default, up to
+2000), and the recall of the raccoon-trained model on the other test splits
+(the proposals are class-agnostic: what a user gets who trains on one set
+and proposes on another). Prints a table of recall@0.5 / recall@0.7 and
+boxes per image, and a last line of JSON. Not a test: ~20 min on 2 cores.
+
+    python benchmarks/learned_proposals.py [--datasets raccoon,bccd,coco128] [--work DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+from pathlib import Path
+
+import checkout  # this checkout's spp_cli first, here and in the subprocesses
+
+REPO = checkout.REPO
+SHARED = REPO.parent / "shared" / "data"
+SPLITS = REPO / "benchmarks" / "splits"
+DATASETS = {
+    "raccoon": (str(SHARED / "raccoon"), "train", "test"),
+    "bccd": (str(SHARED / "bccd"), "trainval", "test"),
+    "coco128": (str(SHARED / "coco128" / "annotations" / "instances_train2017.json"),
+                str(SPLITS / "coco128-train.txt"), str(SPLITS / "coco128-test.txt")),
+}
+# The console may wrap long lines: match across whitespace of any kind.
+ALL_ROW = re.compile(r"│ all\s+│\s+(\d+)\s+│\s+([\d.]+)\s+│\s+([\d.]+)\s+│")
+BOXES = re.compile(r"Wrote\s.+?:\s+\d+\s+images,\s+(\d+)\s+boxes/image", re.S)
+
+
+def spp(*args) -> str:
+    return checkout.run_spp(*args, allowed=(0,))[1]
+
+
+def report(*args) -> dict:
+    """`spp propose ... --report`'s overall recall and boxes per image."""
+    output = spp("propose", *args, "--report")
+    row, boxes = ALL_ROW.search(output), BOXES.search(output)
+    if row is None or boxes is None:
+        raise SystemExit(f"no recall table in the output of spp propose:\n{output[-2000:]}")
+    return {"gt": int(row.group(1)), "recall@0.5": float(row.group(2)), "recall@0.7": float(row.group(3)), "boxes": int(boxes.group(1))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", default="raccoon,bccd,coco128")
+    parser.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
+    args = parser.parse_args()
+    checkout.check()
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        rows, models = [], {}
+        for name in names:
+            data, train, test = DATASETS[name]
+            folder = work / name
+            folder.mkdir(parents=True, exist_ok=True)
+            spp("cache", "--data", data, "--split", train, "--cache", folder / "feats")
+            models[name] = folder / "proposals.safetensors"
+            spp("train-proposals", "--cache", folder / "feats", "--data", data, "--split", train, "--out", models[name])
+            row = {"dataset": name}
+            for top in (300, 1000):
+                row[f"learned_{top}"] = report("--data", data, "--split", test, "--method", "learned", "--model", models[name],
+                                               "--top", str(top), "--out", folder / f"learned-{top}.json")
+            row["selective_search"] = report("--data", data, "--split", test, "--out", folder / "ss.json")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        cross = []
+        if "raccoon" in models:
+            for name in names:
+                if name != "raccoon":
+                    data, _, test = DATASETS[name]
+                    found = report("--data", data, "--split", test, "--method", "learned", "--model", models["raccoon"],
+                                   "--out", work / name / "learned-from-raccoon.json")
+                    cross.append({"dataset": name, **found})
+    print(f"{'test split':<10} {'boxes':>6} | {'learned 300':>13} | {'learned <=1000':>16} | {'selective search':>24}")
+    for row in rows:
+        cells = [row["learned_300"], row["learned_1000"], row["selective_search"]]
+        text = " | ".join(f"{c['recall@0.5']:.3f} / {c['recall@0.7']:.3f} ({c['boxes']})" for c in cells)
+        print(f"{row['dataset']:<10} {row['learned_300']['gt']:>6} | {text}")
+    for row in cross:
+        print(f"raccoon's model on {row['dataset']}: recall@0.5 {row['recall@0.5']:.3f}, @0.7 {row['recall@0.7']:.3f} ({row['boxes']} boxes/image)")
+    print(json.dumps({"rows": rows, "from_raccoon": cross}))
+
+
+if __name__ == "__main__":
+    main()
