@@ -81,12 +81,18 @@ class Detector:
 
     def __call__(self, image, conf: float | None = None, nms: float = 0.3, max_det: int = 100,
                  bbox_reg: bool = True, vote: bool = True, warn: Callable[[str], None] | None = None,
-                 min_prob: float | None = None) -> list[Detection]:
+                 min_prob: float | None = None, proposals: str | None = None) -> list[Detection]:
         """Detections in one image, best first, scoring at least ``conf`` or with a
         probability of at least ``min_prob`` (default: the model's display
-        threshold, as ``spp detect`` shows them)."""
+        threshold, as ``spp detect`` shows them). ``proposals``: ``learned`` (the
+        default where the model carries a proposal network) or ``selective-search``,
+        as ``spp detect --proposals``."""
         from spp_cli.config import DetectConfig
 
+        if proposals not in (None, "learned", "selective-search"):
+            raise ValueError(f"proposals must be 'learned' or 'selective-search', not {proposals!r}")
+        if proposals == "learned" and self.model.proposal_model is None:
+            raise ModelError(f"{self.path}: carries no proposal network (proposals='learned')")
         pixels, name = _pixels(image, warn)
         if min_prob is not None:
             if conf is not None:
@@ -94,7 +100,8 @@ class Detector:
             conf = self.model.margin_at_probability(min_prob, str(self.path))
         threshold = self.model.detect.display_threshold if conf is None else conf
         config = DetectConfig(score_threshold=threshold, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote)
-        found = detect_pixels(self.model, self.extractor, pixels, config, name=name, warn=warn or (lambda _: None))
+        learned = self.model.proposal_model is not None and proposals != "selective-search"
+        found = detect_pixels(self.model, self.extractor, pixels, config, name=name, warn=warn or (lambda _: None), learned=learned)
         return [Detection(tuple(d.box), self.model.classes[d.class_id], d.class_id, d.score, self.model.probability(d.score)) for d in found]
 
     @property

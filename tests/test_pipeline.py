@@ -523,3 +523,20 @@ def test_learned_proposals_need_a_model_that_carries_them(pipeline, carrying, tm
     result = invoke("train-svm", "--cache", pipeline.cache, "--windows", "learned", "--out", tmp_path / "m.safetensors")
     assert result.exit_code == 1
     assert one_line(result) == "Error: --windows learned needs --proposal-model FILE"
+
+
+def test_the_python_api_proposes_as_spp_detect_does(pipeline, carrying, tmp_path):
+    import spp_cli
+    from spp_cli.errors import ModelError
+
+    image = pipeline.data / "images" / f"{TEST[0]}.jpg"
+    detector = spp_cli.Detector.load(carrying.model)
+    for proposals, extra in ((None, []), ("selective-search", ["--proposals", "selective-search"])):
+        out = tmp_path / f"{proposals}.json"
+        result = invoke("detect", image, "--model", carrying.model, "--conf", "-1.5", "--out", out, *extra)
+        assert result.exit_code == 0, result.output
+        cli_dets = json.loads(out.read_text())["images"][0]["detections"]
+        api_dets = detector(image, conf=-1.5, proposals=proposals)
+        assert [(list(d.box), d.class_name, d.score) for d in api_dets] == [(d["box"], d["class"], d["score"]) for d in cli_dets]
+    with pytest.raises(ModelError, match="carries no proposal network"):
+        spp_cli.Detector.load(pipeline.model)(image, proposals="learned")
