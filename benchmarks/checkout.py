@@ -13,6 +13,15 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+SPLITS = REPO / "benchmarks" / "splits"
+# name -> (dataset spec, training split, test split): the benchmarks' datasets
+DATASETS = {
+    "raccoon": (str(SHARED / "raccoon"), "train", "test"),
+    "bccd": (str(SHARED / "bccd"), "trainval", "test"),
+    "coco128": (str(SHARED / "coco128" / "annotations" / "instances_train2017.json"),
+                str(SPLITS / "coco128-train.txt"), str(SPLITS / "coco128-test.txt")),
+}
 sys.path.insert(0, str(REPO))
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))

@@ -90,6 +90,16 @@ def pooling_side_by_side(photos: list[Path], repeat: int = 3) -> tuple[float, fl
     return float(np.mean(ours)), float(np.mean(reference))
 
 
+def doubled(photos: list[Path], tmp: Path) -> Path:
+    """A folder holding each photo twice under two names, so that the first image's warm-up is shared by all."""
+    folder = tmp / "photos"
+    folder.mkdir()
+    for path in photos:
+        for copy in ("a", "b"):
+            shutil.copy(path, folder / f"{path.stem}-{copy}.jpg")
+    return folder
+
+
 def test_photos_near(dataset: Path, pixels: int, within: float = 0.3) -> list[Path]:
     """The test split's photos whose pixel count is within ``within`` of ``pixels``."""
     from spp_cli.data import open_dataset
@@ -114,11 +124,7 @@ def main() -> None:
 
     figures: dict = {"pool_ms": round(1000 * ours, 1), "roi_pool_ms": round(1000 * roi, 1)}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "photos"
-        folder.mkdir()
-        for path in photos:
-            for copy in ("a", "b"):
-                shutil.copy(path, folder / f"{path.stem}-{copy}.jpg")
+        folder = doubled(photos, Path(tmp))
         props = Path(tmp) / "props.json"
         spp("propose", folder, "--out", props)
         runs = {
@@ -152,11 +158,7 @@ def learned_side_by_side(photos: list[Path], model: Path | None) -> dict:
         return {}
     figures = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp) / "photos"
-        folder.mkdir()
-        for path in photos:
-            for copy in ("a", "b"):
-                shutil.copy(path, folder / f"{path.stem}-{copy}.jpg")
+        folder = doubled(photos, Path(tmp))
         for name, extra in {"selective_search": ["--proposals", "selective-search"], "learned": []}.items():
             print(f"spp detect --model {model} on {2 * len(photos)} images, {name.replace('_', ' ')} proposals, end to end:")
             stages = speed_line(spp("detect", folder, "--model", model, "--out", Path(tmp) / f"{name}.json", *extra))

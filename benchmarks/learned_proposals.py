@@ -22,14 +22,7 @@ from pathlib import Path
 import checkout  # this checkout's spp_cli first, here and in the subprocesses
 
 REPO = checkout.REPO
-SHARED = REPO.parent / "shared" / "data"
-SPLITS = REPO / "benchmarks" / "splits"
-DATASETS = {
-    "raccoon": (str(SHARED / "raccoon"), "train", "test"),
-    "bccd": (str(SHARED / "bccd"), "trainval", "test"),
-    "coco128": (str(SHARED / "coco128" / "annotations" / "instances_train2017.json"),
-                str(SPLITS / "coco128-train.txt"), str(SPLITS / "coco128-test.txt")),
-}
+DATASETS = checkout.DATASETS
 # The console may wrap long lines: match across whitespace of any kind.
 ALL_ROW = re.compile(r"│ all\s+│\s+(\d+)\s+│\s+([\d.]+)\s+│\s+([\d.]+)\s+│")
 BOXES = re.compile(r"Wrote\s.+?:\s+\d+\s+images,\s+(\d+)\s+boxes/image", re.S)

@@ -38,16 +38,7 @@ import torch
 from torch import nn
 
 REPO = checkout.REPO
-SHARED = REPO.parent / "shared" / "data"
-SPLITS = REPO / "benchmarks" / "splits"
-
-# name -> (dataset spec, training split, test split)
-DATASETS = {
-    "raccoon": (str(SHARED / "raccoon"), "train", "test"),
-    "bccd": (str(SHARED / "bccd"), "trainval", "test"),
-    "coco128": (str(SHARED / "coco128" / "annotations" / "instances_train2017.json"),
-                str(SPLITS / "coco128-train.txt"), str(SPLITS / "coco128-test.txt")),
-}
+DATASETS = checkout.DATASETS
 
 
 def spp(*args: str) -> tuple[float, str]:
