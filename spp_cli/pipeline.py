@@ -15,6 +15,7 @@ was in (proposals and the cache per image, fine-tuning per epoch).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -147,12 +148,36 @@ class TrainResult:
     proposals: str = ""  # which proposals the model uses, and why
 
 
-def validation_results(model_path: Path, cache_dir: Path, records: list) -> tuple[float, dict[str, float], dict | None]:
+def split_backgrounds(paths: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
+    """``--negatives`` divided like the training split: ``(fit, held out)``, the held-out part the
+    ``round(fraction * n)`` images of lowest rank of their sha256 (at least one, never all; none of
+    a single image). The same files on every rerun, wherever they lie and in whatever order."""
+    from spp_cli.cache import image_key
+
+    if len(paths) < 2:
+        return list(paths), []
+    def rank(path: Path) -> int:
+        try:
+            return id_rank(image_key(path))
+        except OSError as exc:
+            raise DatasetError(f"{path}: cannot read file ({exc.strerror or exc})") from None
+
+    count = min(len(paths) - 1, max(1, round(val_fraction * len(paths))))
+    held = set(sorted(paths, key=rank)[:count])
+    return [p for p in paths if p not in held], [p for p in paths if p in held]
+
+
+def validation_results(model_path: Path, cache_dir: Path, records: list, backgrounds: list[Path] = ()) -> tuple[float, dict[str, float], dict | None]:
     """VOC07 mAP, per-class AP and the margin calibration (JSON, or ``None`` when the outcomes
     cannot support one) of a model on cached validation images, with the detector's own default
-    thresholds, box regression and voting: what `spp detect` then `spp eval` give."""
+    thresholds, box regression and voting: what `spp detect` then `spp eval` give.
+
+    ``backgrounds`` are held-out background images: every detection on them is wrong, in the
+    AP (a false positive ranked among the others) and in the calibration alike."""
     from spp_cli.cache import FeatureCache, image_key
     from spp_cli.calibration import detection_outcomes, fit_calibration
+    import numpy as np
+
     from spp_cli.config import DetectConfig
     from spp_cli.evaluate import GroundTruthImage, evaluate_voc
     from spp_cli.model import Detector
@@ -160,15 +185,18 @@ def validation_results(model_path: Path, cache_dir: Path, records: list) -> tupl
     detector = Detector.load(model_path)
     cache = FeatureCache.open(cache_dir)
     config = DetectConfig(score_threshold=detector.detect.score_threshold)
-    pairs = []
-    for record, classes in records:
-        entry = cache.read(image_key(record.path))
+
+    def detections(path: Path) -> list[dict]:
+        entry = cache.read(image_key(path))
         proposals = entry.proposals
         if detector.proposal_model is not None:  # as `spp detect` proposes with it by default
             proposals = detector.proposal_model.propose(entry.maps, entry.factors, entry.width, entry.height)[0]
         dets = detector.detect_windows(entry.maps, entry.factors, proposals, entry.width, entry.height, config)
-        found = [{"box": d.box, "class": detector.classes[d.class_id], "score": d.score} for d in dets]
-        pairs.append((GroundTruthImage.from_record(record, classes), found))
+        return [{"box": d.box, "class": detector.classes[d.class_id], "score": d.score} for d in dets]
+
+    pairs = [(GroundTruthImage.from_record(record, classes), detections(record.path)) for record, classes in records]
+    nothing = GroundTruthImage(np.zeros((0, 4), np.float32), [], np.zeros(0, bool), np.zeros(0, bool))
+    pairs += [(nothing, detections(path)) for path in backgrounds]
     classes = [c for c in records[0][1] if c in detector.classes] if records else []
     result = evaluate_voc(pairs, classes, "voc07")
     per_class = {k: (None if math.isnan(v) else round(v, 6)) for k, v in result.per_class.items()}
@@ -244,12 +272,19 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         records.update({r.image_id: (_relabel(r, val_set.classes, train_set.classes), train_set.classes)
                         for r in val_set.records if r.image_id in held})
     items = [Source(i, records[i][0].path, records[i][0]) for i in split.fit_ids + split.val_ids]
+    fit_backgrounds: tuple[str, ...] = ()  # --negatives the models are trained with
+    val_backgrounds: list[Path] = []  # and those held out with the validation images
     if plan.negatives:
         from spp_cli.train import negative_images
 
         background = negative_images(plan.negatives)
-        # No record: cached without ground truth, used only as negatives.
+        # No record: cached without ground truth, used only as negatives. A part is held out
+        # with the validation images, so that validation sees what the negatives are for.
         items += [Source(f"negative:{path.as_posix()}", path) for path in background]
+        fit, val_backgrounds = split_backgrounds(background, plan.val_fraction)
+        fit_backgrounds = tuple(str(path) for path in fit)
+        if val_backgrounds:
+            split = dataclasses.replace(split, how=f"{split.how}, with {len(val_backgrounds)} of the {len(background)} background image(s)")
     bad = list(train_set.bad) + (list(val_set.bad) if val_set is not None else [])
     warnings = list(train_set.warnings) + (list(val_set.warnings) if val_set is not None else [])
 
@@ -293,12 +328,13 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         selective_search=not learned)})
     seconds["cache"] = result["seconds"]
 
-    from spp_cli.cache import FeatureCache
+    from spp_cli.cache import FeatureCache, image_key
 
     cache = FeatureCache.open(cache_dir)
     key_of = {cache.metadata(k).get("image_id"): k for k in cache.keys()}
     fit_keys_of = [key_of[i] for i in split.fit_ids if i in key_of]
     val_records = [records[i] for i in split.val_ids if i in key_of]
+    val_backgrounds = [path for path in val_backgrounds if cache.has(image_key(path))]  # unreadable ones were listed
     if not fit_keys_of or not val_records:
         raise DatasetError(f"{cache_dir}: no cached image to {'fit on' if not fit_keys_of else 'validate on'} (see the problems listed above)")
 
@@ -342,14 +378,15 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
 
         def action() -> dict:
             run_train_svm(cache_dir, candidates[kind], None, None, None, 0.1, True, kind, head if kind == "fc7" else None, keys=fit_keys_of,
-                          negatives=plan.negatives, proposal_model_path=proposal_model)
-            mean, per_class, calibration = validation_results(candidates[kind], cache_dir, val_records)
-            ui.say(f"validation mAP ({kind}): {mean:.3f} on {len(val_records)} image(s)")
+                          negatives=fit_backgrounds, proposal_model_path=proposal_model)
+            mean, per_class, calibration = validation_results(candidates[kind], cache_dir, val_records, val_backgrounds)
+            also = f" and {len(val_backgrounds)} background image(s)" if val_backgrounds else ""
+            ui.say(f"validation mAP ({kind}): {mean:.3f} on {len(val_records)} image(s){also}")
             return {"val_map": mean, "val_ap": per_class, "calibration": calibration}
 
         result = state.done(name, candidates[kind]) or timed(name, action)
         if "calibration" not in result:  # recorded by an spp that did not calibrate: fit it now
-            result["val_map"], result["val_ap"], result["calibration"] = validation_results(candidates[kind], cache_dir, val_records)
+            result["val_map"], result["val_ap"], result["calibration"] = validation_results(candidates[kind], cache_dir, val_records, val_backgrounds)
             state.record(name, result)
         seconds[name] = result["seconds"]
         val_map[kind], val_ap[kind] = result["val_map"], result["val_ap"]
@@ -361,7 +398,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         step("fine-tuning")
         result = state.done("fine-tuning", head) or timed("fine-tuning", lambda: {"code": run_finetune(
             cache_dir, head, None, None, None, plan.finetune_epochs, 1e-4, 128, 0.25, 1024, True, 0, gpu, keys=fit_keys_of,
-            negatives=plan.negatives, proposal_model_path=proposal_model)})
+            negatives=fit_backgrounds, proposal_model_path=proposal_model)})
         seconds["fine-tuning"] = result["seconds"]
         svm_step("fc7")
     if plan.features == "auto":
@@ -410,8 +447,6 @@ def _adopt_candidate(candidate: Path, out: Path, metadata: dict, calibration: Ca
 def _relabel(record, names: list[str], classes: list[str]):
     """``record`` with its labels (indices into ``names``) as indices into ``classes``, the training
     split's list; boxes of a class the training split lacks are dropped (no model can find them)."""
-    import dataclasses
-
     import numpy as np
 
     index = {name: k for k, name in enumerate(classes)}

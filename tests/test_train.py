@@ -24,7 +24,7 @@ from spp_cli.cache import FeatureCache
 from spp_cli.cli import cli
 from spp_cli.errors import DatasetError
 from spp_cli.model import Detector
-from spp_cli.pipeline import choose_features, split_for_validation
+from spp_cli.pipeline import choose_features, split_backgrounds, split_for_validation
 
 # The pipeline tests' small setting: the stride-16 cut at one 96-pixel scale.
 OPTIONS = ["--backbone", "efficientnet_lite0_b4", "--scales", "96", "--epochs", "3", "--val-fraction", "0.25"]
@@ -184,8 +184,30 @@ def test_background_images_join_the_svms_as_negatives(tmp_path):
     out = tmp_path / "model.safetensors"
     result = CliRunner().invoke(cli, train_args(data, out, "--features", "pool5", "--negatives", str(backgrounds)))
     assert result.exit_code == 0, result.output
-    assert "3 cached image(s) and 1 background image(s)" in result.output  # the fit part
+    assert "3 cached image(s) and 1 background image(s)" in result.output  # the fit part; one image is not split
     assert Detector.load(out).training["background_images"] == 1
+
+
+def test_part_of_the_background_images_is_held_out_for_validation(tmp_path):
+    from PIL import Image
+
+    data = write_shapes(tmp_path / "shapes")
+    backgrounds = tmp_path / "backgrounds"
+    backgrounds.mkdir()
+    for k in range(10):
+        Image.fromarray(np.full((120, 160, 3), 20 * k, np.uint8)).save(backgrounds / f"plain{k}.png")
+    fit, held = split_backgrounds(sorted(backgrounds.iterdir()), 0.1)
+    assert len(held) == 1 and len(fit) == 9 and held[0] not in fit
+    assert split_backgrounds(sorted(backgrounds.iterdir(), reverse=True), 0.1)[1] == held  # by content, not by order
+    assert split_backgrounds([held[0]], 0.1) == ([held[0]], [])
+    out = tmp_path / "model.safetensors"
+    result = CliRunner().invoke(cli, train_args(data, out, "--features", "pool5", "--negatives", str(backgrounds)))  # --val-fraction 0.25
+    assert result.exit_code == 0, result.output
+    assert "3 cached image(s) and 8 background image(s)" in result.output
+    assert "on 1 image(s) and 2 background image(s)" in result.output
+    training = Detector.load(out).training
+    assert training["background_images"] == 8
+    assert training["choice"]["split"].endswith(", with 2 of the 10 background image(s)")
 
 
 def test_the_proposal_choice_is_made_on_validation_and_recorded(trained):
