@@ -31,7 +31,9 @@ from spp_cli.errors import DatasetError, UsageError
 from spp_cli.fileio import atomic_write_json, check_writable
 
 STATE_FORMAT = "spp-train-state"
-STATE_VERSION = 1
+# Version 2 holds part of --negatives out for validation; a version-1 state's steps were
+# fitted on all of them, so they are redone rather than resumed.
+STATE_VERSION = 2
 FEATURE_CHOICES = ("auto", "pool5", "fc7")
 PROPOSAL_CHOICES = ("auto", "learned", "selective-search")
 
