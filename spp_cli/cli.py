@@ -170,9 +170,10 @@ def gpu_option(func):
 @click.option("--scales", default="688", show_default=True, help="Short sides to resize to: 688 (1-scale) or 480,576,688,864,1200 (5-scale).")
 @click.option("--max-side", type=click.IntRange(min=64), default=2000, show_default=True, help="Cap on the resized long side.")
 @click.option("--dtype", type=click.Choice(["fp16", "fp32"]), default="fp16", show_default=True, help="Storage type of the conv maps.")
+@click.option("--no-proposals", is_flag=True, help="Store no proposals and run no selective search: for learned proposals (`spp train-proposals`, then `spp train-svm --proposal-model`).")
 @gpu_option
 @shard_option
-def cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu, shard) -> None:
+def cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, no_proposals, gpu, shard) -> None:
     """Run the conv layers once per image per scale into a feature cache.
 
     Each entry holds the conv maps, the image's proposals and, with --data,
@@ -184,10 +185,12 @@ def cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_
       spp propose --data ../shared/data/raccoon --split train --out p.json
       spp cache --data ../shared/data/raccoon --split train --props p.json --cache feats/
       spp cache photos/ --cache feats/ --scales 480,576,688,864,1200 --gpu
+      spp cache --data ../shared/data/raccoon --split train --cache feats/ --no-proposals
     """
     from spp_cli.commands.cache import run_cache
 
-    sys.exit(run_cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu, shard))
+    sys.exit(run_cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu, shard,
+                       selective_search=not no_proposals))
 
 
 @cli.command("cache-info")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TEST, write_image, write_shapes
+from conftest import TEST, TRAIN, write_image, write_shapes
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -455,6 +455,24 @@ def test_learned_proposals_are_read_by_every_command(pipeline, tmp_path):
     result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", pipeline.model, "--props", learned, "--out", dets)
     assert result.exit_code == 0, result.output
     assert [im["id"] for im in json.loads(dets.read_text())["images"]] == TEST
+
+
+def test_the_learned_flow_by_step_commands_runs_no_selective_search(pipeline, tmp_path):
+    feats = tmp_path / "feats"
+    result = invoke("cache", "--data", pipeline.data, "--split", "train", "--cache", feats, "--scales", SCALE, "--backbone", BACKBONE,
+                    "--no-proposals")
+    assert result.exit_code == 0, result.output
+    cache = FeatureCache.open(feats)
+    assert len(cache.keys()) == len(TRAIN) and all(len(cache.read(k).proposals) == 0 for k in cache.keys())
+    props_model, model = tmp_path / "props-model.safetensors", tmp_path / "model.safetensors"
+    assert invoke("train-proposals", "--cache", feats, "--out", props_model, "--epochs", "2").exit_code == 0
+    result = invoke("train-svm", "--cache", feats, "--proposal-model", props_model, "--out", model)
+    assert result.exit_code == 0, result.output
+    assert Detector.load(model).training["windows"] == "learned"
+
+    result = invoke("cache", "--data", pipeline.data, "--cache", feats, "--props", tmp_path / "p.json", "--no-proposals")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: --props gives the proposals; --no-proposals stores none: give one"
 
 
 def test_learned_proposals_need_a_model_and_matching_maps(pipeline, plain_zf5_cache, tmp_path):

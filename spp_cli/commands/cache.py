@@ -16,7 +16,7 @@ from spp_cli.cache import (
     image_key,
     proposals_digest,
 )
-from spp_cli.errors import SPPError
+from spp_cli.errors import SPPError, UsageError
 from spp_cli.features import feature_pyramid, parse_scales
 from spp_cli.memory import limit_heap_growth
 from spp_cli.sources import Sources, resolve_sources
@@ -48,6 +48,8 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
     from spp_cli.images import load_image
     from spp_cli.proposals import ProposalParams, propose, read_proposals
 
+    if props is not None and not selective_search:
+        raise UsageError("--props gives the proposals; --no-proposals stores none: give one")
     device = backbones.select_device(gpu)
     # Multi-scale batch runs fragment the heap: keep RSS at the working set
     # (spp_cli.memory says what it costs and why detect does otherwise).
