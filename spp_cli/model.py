@@ -131,6 +131,8 @@ class Detector:
             tensors["bbox_bias"] = torch.from_numpy(np.ascontiguousarray(self.regressors.bias, np.float32))
         if self.head is not None:
             tensors.update(self.head.tensors(prefix=HEAD_PREFIX))
+        if self.proposal_model is not None:
+            tensors.update(self.proposal_model.tensors(prefix=PROPOSAL_PREFIX))
         meta = {
             "format": MODEL_FORMAT,
             "version": MODEL_VERSION,
@@ -148,10 +150,8 @@ class Detector:
         }
         if self.calibration is not None:  # absent, not null: uncalibrated files stay as they were
             meta["calibration"] = self.calibration.to_json()
-        if self.proposal_model is not None:
-            tensors.update(self.proposal_model.tensors(prefix=PROPOSAL_PREFIX))
+        if self.proposal_model is not None:  # absent without one, as for the calibration
             meta["proposal_model"] = self.proposal_model.metadata()
-            meta["digest"] = tensor_digest(tensors)
         atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}))
 
     @classmethod
