@@ -114,6 +114,17 @@ def trained(synthetic_cache):
     return trainer, trainer.run()
 
 
+def test_maps_read_from_the_cache_at_each_step_train_the_same_network(synthetic_cache, trained):
+    _, held = trained
+    streaming = ProposalTrainer(synthetic_cache, synthetic_cache.keys(), SMALL, hold_bytes=0)
+    streaming.prepare()
+    assert all(image.maps is None for image in streaming.train + streaming.val)
+    model = streaming.run()
+    for name, tensor in held.net.head.state_dict().items():
+        assert torch.equal(tensor, model.net.head.state_dict()[name]), name
+    assert model.training == held.training
+
+
 def test_learned_proposals_find_every_object_of_a_synthetic_set(trained):
     trainer, model = trained
     assert (len(trainer.train), len(trainer.val)) == (22, 2)
