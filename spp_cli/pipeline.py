@@ -156,14 +156,14 @@ def split_backgrounds(paths: list[Path], val_fraction: float) -> tuple[list[Path
     a single image). The same files on every rerun, wherever they lie and in whatever order."""
     from spp_cli.cache import image_key
 
-    if len(paths) < 2:
-        return list(paths), []
     def rank(path: Path) -> int:
         try:
             return id_rank(image_key(path))
         except OSError as exc:
             raise DatasetError(f"{path}: cannot read file ({exc.strerror or exc})") from None
 
+    if len(paths) < 2:
+        return list(paths), []
     count = min(len(paths) - 1, max(1, round(val_fraction * len(paths))))
     held = set(sorted(paths, key=rank)[:count])
     return [p for p in paths if p not in held], [p for p in paths if p in held]
@@ -176,10 +176,10 @@ def validation_results(model_path: Path, cache_dir: Path, records: list, backgro
 
     ``backgrounds`` are held-out background images: every detection on them is wrong, in the
     AP (a false positive ranked among the others) and in the calibration alike."""
-    from spp_cli.cache import FeatureCache, image_key
-    from spp_cli.calibration import detection_outcomes, fit_calibration
     import numpy as np
 
+    from spp_cli.cache import FeatureCache, image_key
+    from spp_cli.calibration import detection_outcomes, fit_calibration
     from spp_cli.config import DetectConfig
     from spp_cli.evaluate import GroundTruthImage, evaluate_voc
     from spp_cli.model import Detector

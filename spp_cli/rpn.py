@@ -347,6 +347,7 @@ class ProposalTrainer:
         return recall(found, truth, 0.7), recall(found, truth, 0.5)
 
     def maps(self, image: _Image) -> list[torch.Tensor]:
+        """The image's cached maps: held in memory, or read again from the cache."""
         return image.maps if image.maps is not None else self.cache.read(image.key).maps
 
     def learning_rate(self, epoch: int, step: int) -> float:
