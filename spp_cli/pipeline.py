@@ -100,10 +100,15 @@ def split_for_validation(train_ids: list[str], val_ids: list[str] | None, val_fr
         return Split(fit, list(val_ids), f"validation split: {len(val_ids)} image(s)")
     if len(train_ids) < 2:
         raise DatasetError(f"{len(train_ids)} training image(s): at least 2 are needed to hold one out for validation")
-    count = min(len(train_ids) - 1, max(1, round(val_fraction * len(train_ids))))
-    held = set(sorted(train_ids, key=id_rank)[:count])
+    held = _held_out(train_ids, val_fraction, id_rank)
     return Split([i for i in train_ids if i not in held], [i for i in train_ids if i in held],
-                 f"validation: {count} of the split's {len(train_ids)} image(s) (a {val_fraction:g} fraction, by sha256 of the image id)")
+                 f"validation: {len(held)} of the split's {len(train_ids)} image(s) (a {val_fraction:g} fraction, by sha256 of the image id)")
+
+
+def _held_out(items: list, fraction: float, rank: Callable) -> set:
+    """The ``round(fraction * n)`` items of lowest ``rank`` (at least one, never all; n >= 2)."""
+    count = min(len(items) - 1, max(1, round(fraction * len(items))))
+    return set(sorted(items, key=rank)[:count])
 
 
 @dataclass
@@ -164,8 +169,7 @@ def split_backgrounds(paths: list[Path], val_fraction: float) -> tuple[list[Path
 
     if len(paths) < 2:
         return list(paths), []
-    count = min(len(paths) - 1, max(1, round(val_fraction * len(paths))))
-    held = set(sorted(paths, key=rank)[:count])
+    held = _held_out(paths, val_fraction, rank)
     return [p for p in paths if p not in held], [p for p in paths if p in held]
 
 
