@@ -17,6 +17,10 @@
    photos, with a model that carries a proposal network (``--model``, e.g.
    from `spp train`; by default the shipped detector where it carries one):
    `spp detect --proposals selective-search` then `spp detect` (learned).
+4. Selective search on a second thread ahead of the network (the default)
+   against one stage after the other (`--no-prefetch`): wall-clock ms per
+   image on the doubled photos, and the README's main command in a fresh
+   process (startup included), alternating.
 
 Prints the per-stage timing lines, the sum after proposals against the
 issue's 300 ms, and a last line of JSON.
@@ -39,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from spp_cli.commands.detect import STAGES, parse_speed_line
+from spp_cli.commands.detect import STAGES, parse_speed_line, parse_wall_ms
 
 REPO = checkout.REPO
 
@@ -144,7 +148,33 @@ def main() -> None:
     figures["after_proposals_ms"] = round(total, 1)
     figures["whole_ms"] = round(whole, 1)
     figures.update(learned_side_by_side(photos, args.model))
+    figures.update(search_ahead_side_by_side(photos))
     print(json.dumps(figures))
+
+
+def search_ahead_side_by_side(photos: list[Path], repeat: int = 2) -> dict:
+    """Selective search on a second thread ahead of the network (the default) against one stage after
+    the other (--no-prefetch): wall-clock ms per image over a folder, and the README's main command
+    (one photo, a fresh process: imports, model and network included), alternating, ``repeat`` times each."""
+    figures: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = doubled(photos, Path(tmp))
+        for name, extra in {"ahead": [], "serial": ["--no-prefetch"]}.items():
+            print(f"spp detect on {2 * len(photos)} images, selective search {name}:")
+            output = spp("detect", folder, "--out", Path(tmp) / f"{name}.json", *extra)
+            speed_line(output)
+            figures[f"search_{name}_wall_ms"] = parse_wall_ms(output)
+    main_job = {"ahead": [], "serial": []}
+    for _ in range(repeat):
+        for name, extra in {"ahead": [], "serial": ["--no-prefetch"]}.items():
+            main_job[name].append(checkout.run_spp("detect", REPO / "examples" / "raccoon.jpg", *extra, allowed=(0,))[0])
+    for name, seconds in main_job.items():
+        figures[f"main_command_{name}_s"] = round(float(np.mean(seconds)), 2)
+    print(f"selective search ahead of the network vs one stage after the other: {figures['search_ahead_wall_ms']:.0f} vs "
+          f"{figures['search_serial_wall_ms']:.0f} ms per image in all ({figures['search_serial_wall_ms'] / figures['search_ahead_wall_ms']:.2f}x); "
+          f"`spp detect examples/raccoon.jpg` in a fresh process: {figures['main_command_ahead_s']:.2f} vs {figures['main_command_serial_s']:.2f} s "
+          f"(mean of {repeat})")
+    return figures
 
 
 def learned_side_by_side(photos: list[Path], model: Path | None) -> dict:

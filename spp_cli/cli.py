@@ -418,12 +418,16 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
 @click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path), help="Write annotated images here (detections scoring >= --conf, or the display threshold).")
 @click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Refine boxes with the model's regressors (if it has them).")
 @click.option("--vote/--no-vote", default=True, show_default=True, help="Box voting after NMS: each box becomes the score-weighted mean of the candidates of its class overlapping it at IoU >= 0.5.")
+@click.option("--prefetch/--no-prefetch", default=True, show_default=True,
+              help="Run selective search on a second thread, ahead of the network (the same boxes; off with one core or spp --threads 1).")
 @gpu_option
 @shard_option
-def detect(inputs, data, split, model_path, cache_dir, props, proposals, conf, min_prob, nms, max_det, out, save_dir, bbox_reg, vote, gpu, shard) -> None:
+def detect(inputs, data, split, model_path, cache_dir, props, proposals, conf, min_prob, nms, max_det, out, save_dir, bbox_reg, vote, prefetch, gpu, shard) -> None:
     """Detect objects: proposals, one conv pass per image per scale, SPP, SVMs, NMS, box voting.
 
-    Ends with a per-stage timing line in ms per image. A model trained with
+    Ends with a timing line: ms per image by stage, then the wall-clock ms
+    per image (selective search runs on a second thread ahead of the network,
+    so the proposals stage counts only the wait for it). A model trained with
     `train-svm --mode rcnn` runs the network on every warped window instead
     (the R-CNN baseline); its "conv" time is that network time.
 
@@ -435,7 +439,8 @@ def detect(inputs, data, split, model_path, cache_dir, props, proposals, conf, m
     """
     from spp_cli.commands.detect import run_detect
 
-    sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg, vote, shard, min_prob, proposals))
+    sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg, vote, shard, min_prob, proposals,
+                        prefetch))
 
 
 @cli.command()

@@ -52,7 +52,8 @@ def read_safetensors(path: str | Path, what: str, error: type[SPPError] = SPPErr
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="pt") as f:
+        # numpy for the header alone: reading metadata then imports no torch (spp detect starts sooner).
+        with safe_open(str(path), framework="pt" if tensors else "numpy") as f:
             text = (f.metadata() or {}).get("spp")
             loaded = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}  # noqa: SIM118 (safe_open is not a dict)
         meta = json.loads(text) if text is not None else None

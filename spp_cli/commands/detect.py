@@ -11,7 +11,7 @@ import re
 import time
 from pathlib import Path
 
-from spp_cli import backbones, ui
+from spp_cli import ui
 from spp_cli.config import DetectConfig
 from spp_cli.errors import ModelError, SPPError, UsageError
 from spp_cli.fileio import atomic_write_json, check_writable
@@ -22,21 +22,81 @@ STAGES = ("proposals", "conv", "pooling", "classify", "nms")
 SPEED_LINE = re.compile(r"Speed: " + ", ".join(rf"([\d.]+)ms {stage}" for stage in STAGES) + r" per image")
 
 
+# ... and its wall-clock figure: "...; 1234.5ms per image in all" (the loop over the images, start to end).
+WALL_FIGURE = re.compile(r"Speed: .*; ([\d.]+)ms per image in all")
+
+
 def parse_speed_line(output: str) -> dict[str, float] | None:
     """The ms per image of each stage in ``spp detect``'s timing line, or None where ``output`` has none."""
     match = SPEED_LINE.search(output)
     return None if match is None else {stage: float(value) for stage, value in zip(STAGES, match.groups())}
 
 
+def parse_wall_ms(output: str) -> float | None:
+    """The timing line's wall-clock ms per image (stages that overlap count once), or None."""
+    match = WALL_FIGURE.search(output)
+    return None if match is None else float(match.group(1))
+
+
 def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
                conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool,
                bbox_reg: bool = True, vote: bool = True, shard: str | None = None, min_prob: float | None = None,
-               proposals: str | None = None) -> int:
+               proposals: str | None = None, prefetch: bool = True) -> int:
+    from spp_cli.commands.models import default_model_path
+
+    if model_path is None:
+        model_path = default_model_path()
+        if model_path is None:
+            raise ModelError("no --model given and no default detector is installed (weights/default.safetensors)")
+    if out is not None:
+        check_writable(out)
+    if gpu:
+        from spp_cli.backbones import select_device
+
+        select_device(gpu)  # no CUDA: say so before any work starts
+    # Selective search of the first images starts before torch loads (spp_cli.prefetch).
+    ahead, resolved = _start_prefetch(inputs, data, split, shard, model_path, cache_dir, props, proposals) if prefetch else (None, None)
+    try:
+        return _run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu,
+                           bbox_reg, vote, shard, min_prob, proposals, ahead, resolved)
+    finally:
+        if ahead is not None:
+            ahead.close()
+
+
+def _start_prefetch(inputs, data, split, shard, model_path: Path, cache_dir: Path | None, props: Path | None, proposals: str | None):
+    """A :class:`~spp_cli.prefetch.ProposalPrefetch` of the job's images, and their sources and share,
+    where every image takes selective search computed here (no cache, no props.json, no proposal
+    network) and a second core is free; else ``(None, None)``. Reads the model's header only:
+    `Detector.load` checks the rest."""
+    from spp_cli.commands import parts
+    from spp_cli.fileio import read_safetensors
+    from spp_cli.images import load_image
+    from spp_cli.prefetch import ProposalPrefetch, second_core_free
+    from spp_cli.proposals import ProposalParams
+
+    if cache_dir is not None or props is not None or proposals == "learned" or not second_core_free():
+        return None, None
+    try:
+        meta, _ = read_safetensors(model_path, "spp model", ModelError, tensors=False)
+        if not isinstance(meta, dict) or (meta.get("proposal_model") and proposals != "selective-search"):
+            return None, None
+        params = ProposalParams(**meta.get("proposals", {}))
+        sources = resolve_sources(inputs, data, split)
+        work = parts.share(sources, shard)
+    except (SPPError, TypeError):  # TypeError: unknown proposal settings in a damaged header
+        return None, None  # said properly, in order, by the run itself
+    return ProposalPrefetch([source.path for source in work.items], params, lambda path: load_image(path, warn=ui.warn)), (sources, work)
+
+
+def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, props: Path | None, conf: float | None, nms: float,
+                max_det: int, out: Path | None, save_dir: Path | None, gpu: bool, bbox_reg: bool, vote: bool, shard: str | None,
+                min_prob: float | None, proposals: str | None, ahead, resolved) -> int:
     import torch
 
+    from spp_cli import backbones
     from spp_cli.cache import DTYPES, FeatureCache, image_key
     from spp_cli.commands import parts
-    from spp_cli.commands.models import default_model_path
     from spp_cli.detections import coco_results, coco_results_path, detections_document
     from spp_cli.api import detect_pixels, learned_proposals
     from spp_cli.images import load_image
@@ -44,13 +104,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     from spp_cli.model import Detector
     from spp_cli.proposals import ProposalParams, propose, read_proposals
 
-    if model_path is None:
-        model_path = default_model_path()
-        if model_path is None:
-            raise ModelError("no --model given and no default detector is installed (weights/default.safetensors)")
     device = backbones.select_device(gpu)
-    if out is not None:
-        check_writable(out)
     detector = Detector.load(model_path)
     # Learned proposals where the model carries its proposal network (and no props.json is given).
     if proposals == "learned" and detector.proposal_model is None:
@@ -82,8 +136,11 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
         else:
             detector.check_features(cache.settings, str(cache_dir))
     proposal_set = read_proposals(props) if props is not None else None
-    sources = resolve_sources(inputs, data, split)
-    work = parts.share(sources, shard)
+    if resolved is None:
+        sources = resolve_sources(inputs, data, split)
+        work = parts.share(sources, shard)
+    else:
+        sources, work = resolved
     ui.print_warnings(sources.warnings or [])
     if data and sources.dataset is not None:
         missing = [c for c in sources.dataset.classes if c not in detector.classes]
@@ -103,85 +160,96 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     timings = {stage: 0.0 for stage in STAGES}
     from_cache = computed = 0
     orders: list[int] = []  # each result's position in the whole job (for the merge of shards)
+    network_threads = torch.get_num_threads()
     start = time.perf_counter()
-    with ui.progress() as bar:
-        task = bar.add_task("detect", total=len(work.items), rate="")
-        for done, (order, source) in enumerate(zip(work.orders, work.items), 1):
-            try:
-                entry = None
-                if cache is not None:
-                    try:
-                        key = image_key(source.path)
-                    except OSError:
-                        key = None  # missing or unreadable: load_image below says why
-                    if key is not None and cache.has(key):
-                        entry = cache.read(key)
-                if entry is not None:
-                    maps, factors, width, height = entry.maps, entry.factors, entry.width, entry.height
-                    boxes = entry.proposals if not learned else learned_proposals(detector, maps, factors, width, height, timings)
-                    from_cache += 1
-                # A cache of `spp train`'s learned flow holds no selective-search boxes: compute them.
-                searching = entry is not None and not learned and proposal_set is None and len(entry.proposals) == 0
-                if entry is None or rcnn or searching:
-                    image = load_image(source.path, warn=ui.warn)
-                    height, width = image.shape[:2]
-                    if entry is None:
-                        boxes = None
-                        computed += 1
-                    elif searching:
-                        boxes = None
-                if proposal_set is not None:
-                    found = proposal_set.lookup(source.image_id, source.path)
-                    if found is None:
-                        raise SPPError(f"{source.path}: not in {props}; run `spp propose` on it first")
-                    boxes = found.boxes
-                if boxes is None and not learned:
-                    t0 = time.perf_counter()
-                    boxes = propose(image, proposal_params)
-                    timings["proposals"] += time.perf_counter() - t0
-                stage_times: dict = {}
-                if rcnn:
-                    t0 = time.perf_counter()
-                    features = rcnn_features(extractor, image, boxes, detector.levels)  # CPU tensors: GPU work is done
-                    timings["conv"] += time.perf_counter() - t0
-                    windows += len(boxes)
-                    # Trained on rows stored at the cache's precision: round the same way.
-                    features = features.to(DTYPES[settings.dtype]).float()
-                    dets = detector.detect_features(features, torch.as_tensor(boxes, dtype=torch.float32), width, height, config, stage_times)
-                elif entry is None:
-                    if extractor is None:
-                        extractor = backbones.extractor_for(settings, str(model_path), device, "use --cache with features from the model's settings")
-                    release_free_memory()  # what the last image freed (spp_cli.memory)
-                    # The Python API's function: the same numbers from `spp detect` and `Detector()`.
-                    dets = detect_pixels(detector, extractor, image, config, boxes, stage_times, name=str(source.path), warn=ui.warn, learned=learned)
-                    timings["conv"] += stage_times["conv"]
-                    timings["proposals"] += stage_times.get("proposals", 0.0)
-                else:
-                    dets = detector.detect_windows(maps, factors, boxes, width, height, config, stage_times)
-                timings["pooling"] += stage_times.get("pool", 0.0)
-                timings["classify"] += stage_times["classify"]
-                timings["nms"] += stage_times["nms"]
-            except ModelError:
-                raise  # the model or its weights, not this image: stop once
-            except SPPError as exc:
-                bad.append((source.path, str(exc)))
-                bar.update(task, advance=1)
-                continue
-            entry_json = {
-                "id": source.image_id,
-                "path": str(source.path),
-                "width": int(width),
-                "height": int(height),
-                "detections": [
-                    _detection_json(detector, d) for d in dets
-                ],
-            }
-            record = source.record
-            if record is not None and getattr(record, "coco_id", None) is not None:
-                entry_json["coco_id"] = record.coco_id
-            results.append(entry_json)
-            orders.append(order)
-            bar.update(task, advance=1, rate=f"{done / (time.perf_counter() - start):.2f} img/s")
+    try:
+        with ui.progress() as bar:
+            task = bar.add_task("detect", total=len(work.items), rate="")
+            for done, (order, source) in enumerate(zip(work.orders, work.items), 1):
+                try:
+                    entry = None
+                    if cache is not None:
+                        try:
+                            key = image_key(source.path)
+                        except OSError:
+                            key = None  # missing or unreadable: load_image below says why
+                        if key is not None and cache.has(key):
+                            entry = cache.read(key)
+                    if entry is not None:
+                        maps, factors, width, height = entry.maps, entry.factors, entry.width, entry.height
+                        boxes = entry.proposals if not learned else learned_proposals(detector, maps, factors, width, height, timings)
+                        from_cache += 1
+                    # A cache of `spp train`'s learned flow holds no selective-search boxes: compute them.
+                    searching = entry is not None and not learned and proposal_set is None and len(entry.proposals) == 0
+                    if entry is None or rcnn or searching:
+                        if ahead is not None:  # no cache: entry is None
+                            # What the search costs here is the wait for it; the rest overlapped the network.
+                            t0 = time.perf_counter()
+                            image, boxes, _ = ahead.take(done - 1)
+                            timings["proposals"] += time.perf_counter() - t0
+                            # While the next image is searched, the search holds a core: the network
+                            # keeps off it (two threads on one core run slower than one).
+                            torch.set_num_threads(max(1, network_threads - 1) if ahead.searching_after(done - 1) else network_threads)
+                        else:
+                            image = load_image(source.path, warn=ui.warn)
+                            if entry is None or searching:
+                                boxes = None  # computed below (an R-CNN model's cached ones are kept)
+                        height, width = image.shape[:2]
+                        computed += entry is None
+                    if proposal_set is not None:
+                        found = proposal_set.lookup(source.image_id, source.path)
+                        if found is None:
+                            raise SPPError(f"{source.path}: not in {props}; run `spp propose` on it first")
+                        boxes = found.boxes
+                    if boxes is None and not learned:
+                        t0 = time.perf_counter()
+                        boxes = propose(image, proposal_params)
+                        timings["proposals"] += time.perf_counter() - t0
+                    stage_times: dict = {}
+                    if rcnn:
+                        t0 = time.perf_counter()
+                        features = rcnn_features(extractor, image, boxes, detector.levels)  # CPU tensors: GPU work is done
+                        timings["conv"] += time.perf_counter() - t0
+                        windows += len(boxes)
+                        # Trained on rows stored at the cache's precision: round the same way.
+                        features = features.to(DTYPES[settings.dtype]).float()
+                        dets = detector.detect_features(features, torch.as_tensor(boxes, dtype=torch.float32), width, height, config, stage_times)
+                    elif entry is None:
+                        if extractor is None:
+                            extractor = backbones.extractor_for(settings, str(model_path), device, "use --cache with features from the model's settings")
+                        release_free_memory()  # what the last image freed (spp_cli.memory)
+                        # The Python API's function: the same numbers from `spp detect` and `Detector()`.
+                        dets = detect_pixels(detector, extractor, image, config, boxes, stage_times, name=str(source.path), warn=ui.warn, learned=learned)
+                        timings["conv"] += stage_times["conv"]
+                        timings["proposals"] += stage_times.get("proposals", 0.0)
+                    else:
+                        dets = detector.detect_windows(maps, factors, boxes, width, height, config, stage_times)
+                    timings["pooling"] += stage_times.get("pool", 0.0)
+                    timings["classify"] += stage_times["classify"]
+                    timings["nms"] += stage_times["nms"]
+                except ModelError:
+                    raise  # the model or its weights, not this image: stop once
+                except SPPError as exc:
+                    bad.append((source.path, str(exc)))
+                    bar.update(task, advance=1)
+                    continue
+                entry_json = {
+                    "id": source.image_id,
+                    "path": str(source.path),
+                    "width": int(width),
+                    "height": int(height),
+                    "detections": [
+                        _detection_json(detector, d) for d in dets
+                    ],
+                }
+                record = source.record
+                if record is not None and getattr(record, "coco_id", None) is not None:
+                    entry_json["coco_id"] = record.coco_id
+                results.append(entry_json)
+                orders.append(order)
+                bar.update(task, advance=1, rate=f"{done / (time.perf_counter() - start):.2f} img/s")
+    finally:
+        torch.set_num_threads(network_threads)  # as it was (set lower while a search ran beside)
 
     if out is not None and work.shard.active:
         from spp_cli.merge import part_document
@@ -208,7 +276,9 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     else:
         where = f"{computed} image(s) through the network on {device}, {from_cache} from the cache"
         where += "; proposals from the model's proposal network (the conv pass is shared)" if learned else ""
-    ui.console.print(f"Speed: {per_stage} per image ({where})")
+    where += "; selective search ran ahead on a second thread: proposals is the wait for it" if ahead is not None else ""
+    wall = f"{1000 * (time.perf_counter() - start) / n:.1f}ms per image in all"
+    ui.console.print(f"Speed: {per_stage} per image ({where}); {wall}")
     ui.print_bad(bad)
     if out is not None:
         return parts.finish("dets", work, out, len(bad))
