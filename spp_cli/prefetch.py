@@ -11,8 +11,9 @@ backbone. The boxes are the same: OpenCV ranks with the C library's global
 thread is the only caller while a prefetch runs, so the sequence of draws
 per image is the one a serial run makes.
 
-Only the standard library, numpy, PIL and OpenCV are imported here, so that
-the search can start before torch loads.
+Nothing here imports torch, so that the search can start before torch
+loads (the search takes torchvision's NMS after OpenCV's part, by which time
+the main thread has usually imported it).
 """
 
 from __future__ import annotations
