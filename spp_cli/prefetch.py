@@ -11,9 +11,11 @@ backbone. The boxes are the same: OpenCV ranks with the C library's global
 thread is the only caller while a prefetch runs, so the sequence of draws
 per image is the one a serial run makes.
 
-Nothing here imports torch, so that the search can start before torch
-loads (the search takes torchvision's NMS after OpenCV's part, by which time
-the main thread has usually imported it).
+The worker thread runs OpenCV's part of the search only
+(:func:`spp_cli.proposals.search_runs`, no torch): the ranking, which takes
+torchvision's NMS, runs on the thread that takes the boxes, so the two
+threads never import torch at once (a package imported from two threads at
+the same time can be seen half-initialised by one of them).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from spp_cli.proposals import ProposalParams, propose
+from spp_cli.proposals import ProposalParams, rank_runs, search_runs
 
 # How many images the search may run ahead of the network: one keeps both
 # cores busy; a second absorbs an image whose search is unusually quick.
@@ -56,11 +58,11 @@ class ProposalPrefetch:
         self._lock = threading.Lock()
         self._submit_up_to(self._ahead)
 
-    def _work(self, path: Path) -> tuple[np.ndarray, np.ndarray, float]:
+    def _work(self, path: Path) -> tuple[np.ndarray, tuple, float]:
         image = self._load(path)
         start = time.perf_counter()
-        boxes = propose(image, self._params)
-        return image, boxes, time.perf_counter() - start
+        searched = search_runs(image, self._params)  # OpenCV and numpy only: no import races with the main thread
+        return image, searched, time.perf_counter() - start
 
     def _submit_up_to(self, end: int) -> None:
         with self._lock:
@@ -69,10 +71,14 @@ class ProposalPrefetch:
                 self._next += 1
 
     def take(self, index: int) -> tuple[np.ndarray, np.ndarray, float]:
-        """Image ``index``, its boxes and the search's seconds (waits for them)."""
+        """Image ``index``, its boxes and the search's seconds (waits for them). The ranking
+        (torchvision's NMS) runs here, on the calling thread."""
         self._submit_up_to(index + 1 + self._ahead)
         future = self._futures.pop(index)
-        return future.result()  # re-raises the worker's SPPError (or anything else) here
+        image, searched, seconds = future.result()  # re-raises the worker's SPPError (or anything else) here
+        start = time.perf_counter()
+        boxes = rank_runs(searched, image.shape[:2], self._params)
+        return image, boxes, seconds + time.perf_counter() - start
 
     def searching_after(self, index: int) -> bool:
         """Whether images after ``index`` are still to be searched (the worker is busy)."""

@@ -194,6 +194,14 @@ def propose(image: np.ndarray, params: ProposalParams) -> np.ndarray:
         best first, distinct, each at least ``min_size`` wide and high,
         ``R <= params.top``.
     """
+    return rank_runs(search_runs(image, params), image.shape[:2], params)
+
+
+def search_runs(image: np.ndarray, params: ProposalParams) -> tuple[list[np.ndarray], tuple[float, float]]:
+    """The first half of :func:`propose`: OpenCV's runs, ``(R_k, 4)`` ``xyxy`` boxes each,
+    and the factors from segmented to original pixels. Draws on the C library's
+    ``rand()`` (seeded here) and imports no torch: :mod:`spp_cli.prefetch` runs it on a
+    second thread while the main one may be importing torch."""
     strategy = STRATEGIES.get(params.strategy)
     _seed_ranking()
     in_original = strategy is not None and strategy.rank_in_original_pixels
@@ -204,6 +212,16 @@ def propose(image: np.ndarray, params: ProposalParams) -> np.ndarray:
         fine_side = 0 if params.max_side == 0 else max(params.max_side, strategy.fine_max_side)
         for boxes in _runs(image, params.strategy, fine_side, fine=True)[0]:
             runs.append(boxes[_sqrt_area(boxes) < strategy.fine_max_box])
+    return runs, factors
+
+
+def rank_runs(searched: tuple[list[np.ndarray], tuple[float, float]], image_size: tuple[int, int],
+              params: ProposalParams) -> np.ndarray:
+    """The second half of :func:`propose`: :func:`search_runs`' boxes of an image of
+    ``image_size`` ``(H, W)`` ranked, filtered and mapped to original pixels (no ``rand()``)."""
+    runs, factors = searched
+    strategy = STRATEGIES.get(params.strategy)
+    in_original = strategy is not None and strategy.rank_in_original_pixels
     if strategy is not None and strategy.ranking == "stratified":
         boxes = _stratified(runs)
         if strategy.duplicate_iou < 1.0 and len(boxes):
@@ -215,7 +233,7 @@ def propose(image: np.ndarray, params: ProposalParams) -> np.ndarray:
     if len(boxes) == 0:
         return np.zeros((0, 4), np.float32)
     if not in_original and factors != (1.0, 1.0):
-        height, width = image.shape[:2]
+        height, width = image_size
         boxes = _to_original(boxes, factors, width, height)
     if params.min_size > 0:
         sizes = np.minimum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])

@@ -77,3 +77,29 @@ def test_bad_inputs_are_clear_errors(detector, tmp_path):
 def test_import_spp_cli_stays_light():
     code = "import sys, spp_cli; assert 'torch' not in sys.modules and 'numpy' not in sys.modules; spp_cli.Detector"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_detect_many_gives_the_numbers_of_spp_detect_on_a_folder(detector, tmp_path, monkeypatch):
+    from spp_cli import prefetch
+
+    monkeypatch.setattr(prefetch, "second_core_free", lambda: True)  # the search ahead, whatever this machine's cores
+    photos = [REPO / "tests" / "data" / f"{name}.jpg" for name in ("chelsea", "coffee")]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for photo in photos:
+        (folder / photo.name).write_bytes(photo.read_bytes())
+    many = detector.detect_many([photos[0], Image.open(photos[1])], conf=-1.5)
+    out = tmp_path / "dets.json"
+    result = CliRunner().invoke(cli, ["detect", str(folder), "--conf", "-1.5", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "selective search ran ahead on a second thread" in result.output
+    theirs = json.loads(out.read_text())["images"]
+    assert len(many) == len(theirs) == 2
+    for ours, image in zip(many, theirs):
+        assert ours and [(list(d.box), d.class_name, d.score) for d in ours] == [(d["box"], d["class"], d["score"]) for d in image["detections"]]
+    # One image at a time (the network on every thread): the same up to float rounding.
+    for ours, photo in zip(many, photos):
+        alone = detector(photo, conf=-1.5)
+        assert len(alone) == len(ours) and all(abs(a.score - b.score) < 1e-3 for a, b in zip(alone, ours))
+    with pytest.raises(ImageError, match=r"nope\.jpg: no such file"):
+        detector.detect_many([photos[0], tmp_path / "nope.jpg"])

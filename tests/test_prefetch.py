@@ -86,3 +86,13 @@ def test_detect_with_the_search_ahead_finds_what_it_finds_without(tmp_path, monk
         for da, ds in zip(a["detections"], s["detections"]):
             assert da["class"] == ds["class"] and abs(da["score"] - ds["score"]) < 1e-3
             assert np.allclose(da["box"], ds["box"], atol=0.1)
+
+
+def test_the_search_thread_imports_no_torch():
+    # The main thread imports torch meanwhile; two threads importing one package at once can see it half-initialised.
+    import subprocess
+    import sys
+
+    code = ("import sys; from spp_cli.images import load_image; from spp_cli.proposals import search_runs, ProposalParams; "
+            f"search_runs(load_image({str(PHOTOS[0])!r}), ProposalParams(max_side=200)); assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
