@@ -116,7 +116,7 @@ class Detector:
             with ProposalPrefetch(items, params, lambda item: _pixels(item, warn)[0]) as ahead:
                 for index, item in enumerate(items):
                     pixels, boxes, _ = ahead.take(index)
-                    torch.set_num_threads(max(1, threads - 1) if ahead.searching_after(index) else threads)
+                    torch.set_num_threads(ahead.network_threads(index, threads))
                     name = str(item) if isinstance(item, (str, Path)) else "image"
                     results.append(self._detect(pixels, name, boxes, *options))
         finally:

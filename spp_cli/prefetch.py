@@ -25,8 +25,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-
 import numpy as np
 
 from spp_cli.proposals import ProposalParams, rank_runs, search_runs
@@ -39,16 +37,17 @@ DEFAULT_AHEAD = 2
 class ProposalPrefetch:
     """Images and their selective-search boxes, computed in order on one worker thread.
 
-    ``take(k)`` returns image ``k`` of ``paths`` as ``(image (H, W, 3) uint8 RGB,
-    boxes (R, 4) float32 xyxy in original pixels, seconds the search took)``,
-    or raises what loading or searching it raised (an :class:`spp_cli.errors.SPPError`
-    for a bad image).
-    Images must be taken in order; at most ``ahead`` are searched ahead of
-    the last one taken, so memory stays bounded on long folders.
+    ``load`` turns each of ``items`` (paths for `spp detect`; paths, Pillow images
+    or arrays for the Python API) into ``(H, W, 3)`` uint8 RGB pixels. ``take(k)``
+    returns item ``k`` as ``(pixels, boxes (R, 4) float32 xyxy in original pixels,
+    seconds of the search)``, or raises what loading or searching it raised (an
+    :class:`spp_cli.errors.SPPError` for a bad image). Items must be taken in
+    order; at most ``ahead`` are searched ahead of the last one taken, so memory
+    stays bounded on long folders.
     """
 
-    def __init__(self, paths: list[Path], params: ProposalParams, load: Callable[[Path], np.ndarray], ahead: int = DEFAULT_AHEAD):
-        self._paths = list(paths)
+    def __init__(self, items: list, params: ProposalParams, load: Callable[[object], np.ndarray], ahead: int = DEFAULT_AHEAD):
+        self._items = list(items)
         self._params = params
         self._load = load
         self._ahead = max(1, ahead)
@@ -58,16 +57,16 @@ class ProposalPrefetch:
         self._lock = threading.Lock()
         self._submit_up_to(self._ahead)
 
-    def _work(self, path: Path) -> tuple[np.ndarray, tuple, float]:
-        image = self._load(path)
+    def _work(self, item) -> tuple[np.ndarray, tuple, float]:
+        image = self._load(item)
         start = time.perf_counter()
         searched = search_runs(image, self._params)  # OpenCV and numpy only: no import races with the main thread
         return image, searched, time.perf_counter() - start
 
     def _submit_up_to(self, end: int) -> None:
         with self._lock:
-            while self._next < min(end, len(self._paths)):
-                self._futures[self._next] = self._pool.submit(self._work, self._paths[self._next])
+            while self._next < min(end, len(self._items)):
+                self._futures[self._next] = self._pool.submit(self._work, self._items[self._next])
                 self._next += 1
 
     def take(self, index: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -81,8 +80,14 @@ class ProposalPrefetch:
         return image, boxes, seconds + time.perf_counter() - start
 
     def searching_after(self, index: int) -> bool:
-        """Whether images after ``index`` are still to be searched (the worker is busy)."""
-        return index + 1 < len(self._paths)
+        """Whether items after ``index`` are still to be searched (the worker is busy)."""
+        return index + 1 < len(self._items)
+
+    def network_threads(self, index: int, threads: int) -> int:
+        """The torch threads for item ``index``'s network pass out of ``threads``: one
+        fewer while the next items are searched beside it (two threads on one core
+        ran the conv pass 3x slower), all of them for the last."""
+        return max(1, threads - 1) if self.searching_after(index) else threads
 
     def close(self) -> None:
         """Drop the searches not yet started; wait for the one running (at most one image)."""

@@ -51,6 +51,7 @@ def test_it_searches_at_most_ahead_images_beyond_the_last_taken():
         ahead.take(1)
         assert sorted(ahead._futures) == [2, 3]
         assert ahead.searching_after(3) and not ahead.searching_after(4)
+        assert (ahead.network_threads(3, 2), ahead.network_threads(4, 2), ahead.network_threads(0, 1)) == (1, 2, 1)
 
 
 def test_one_core_or_threads_1_searches_on_the_main_thread(monkeypatch):

@@ -187,9 +187,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
                             t0 = time.perf_counter()
                             image, boxes, _ = ahead.take(done - 1)
                             timings["proposals"] += time.perf_counter() - t0
-                            # While the next image is searched, the search holds a core: the network
-                            # keeps off it (two threads on one core run slower than one).
-                            torch.set_num_threads(max(1, network_threads - 1) if ahead.searching_after(done - 1) else network_threads)
+                            torch.set_num_threads(ahead.network_threads(done - 1, network_threads))  # off the search's core
                         else:
                             image = load_image(source.path, warn=ui.warn)
                             if entry is None or searching:
