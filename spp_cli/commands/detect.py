@@ -50,14 +50,15 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
             raise ModelError("no --model given and no default detector is installed (weights/default.safetensors)")
     if out is not None:
         check_writable(out)
-    if gpu:
+    device = "cpu"
+    if gpu:  # no CUDA: say so before any work starts (torch loads here only with --gpu)
         from spp_cli.backbones import select_device
 
-        select_device(gpu)  # no CUDA: say so before any work starts
+        device = select_device(gpu)
     # Selective search of the first images starts before torch loads (spp_cli.prefetch).
     ahead, resolved = _start_prefetch(inputs, data, split, shard, model_path, cache_dir, props, proposals) if prefetch else (None, None)
     try:
-        return _run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu,
+        return _run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, device,
                            bbox_reg, vote, shard, min_prob, proposals, ahead, resolved)
     finally:
         if ahead is not None:
@@ -90,7 +91,7 @@ def _start_prefetch(inputs, data, split, shard, model_path: Path, cache_dir: Pat
 
 
 def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, props: Path | None, conf: float | None, nms: float,
-                max_det: int, out: Path | None, save_dir: Path | None, gpu: bool, bbox_reg: bool, vote: bool, shard: str | None,
+                max_det: int, out: Path | None, save_dir: Path | None, device: str, bbox_reg: bool, vote: bool, shard: str | None,
                 min_prob: float | None, proposals: str | None, ahead, resolved) -> int:
     import torch
 
@@ -104,7 +105,6 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     from spp_cli.model import Detector
     from spp_cli.proposals import ProposalParams, propose, read_proposals
 
-    device = backbones.select_device(gpu)
     detector = Detector.load(model_path)
     # Learned proposals where the model carries its proposal network (and no props.json is given).
     if proposals == "learned" and detector.proposal_model is None:
