@@ -36,6 +36,14 @@ STATE_FORMAT = "spp-train-state"
 STATE_VERSION = 2
 FEATURE_CHOICES = ("auto", "pool5", "fc7")
 PROPOSAL_CHOICES = ("auto", "learned", "selective-search")
+# A class whose median box spans fewer cells of the feature map than SMALL_OBJECT_CELLS at the
+# largest cached scale is small: `spp train` says so and names a larger scale. Not a default:
+# `spp train --scales 1024` against 688 on the validation part of the training split gave bccd
+# 0.70 -> 0.80 mAP (Platelets, median box 57 px at 688: 0.40 -> 0.73) but coco128 0.064 -> 0.040
+# (its smallest class, car, 19 px); raccoon's smallest median box is 565 px (benchmarks/README.md).
+LARGER_SCALE = 1024
+SMALL_OBJECT_CELLS = 2.0
+MIN_CLASS_BOXES = 3  # classes with fewer boxes have no median worth the name
 
 
 @dataclass(frozen=True)
@@ -153,6 +161,7 @@ class TrainResult:
     seconds: dict[str, float]
     calibration: Calibration | None = None  # of the final model; None: too few validation outcomes
     proposals: str = ""  # which proposals the model uses, and why
+    scales: str = ""  # the cache's scales and the size of the smallest objects on its map
 
 
 def split_backgrounds(paths: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
@@ -232,6 +241,35 @@ def choose_proposals(cache, proposal_model: Path, val_records: list) -> dict:
     reason = (f"Proposals: {choice} (validation recall@0.5: learned {ours:.3f} at {model.config.top_n} boxes, "
               f"selective search {theirs:.3f} at {count})")
     return {"choice": choice, "reason": reason, "learned_recall@0.5": round(ours, 4), "selective_search_recall@0.5": round(theirs, 4)}
+
+
+def scale_note(records: list, classes: list[str], scales: tuple[int, ...], stride: int) -> str:
+    """``Scale: <scales>`` and the size of the smallest objects on the feature map: the median
+    box side (sqrt of the area) of the class whose median is smallest, after resizing each image's
+    short side to the largest of ``scales``, in pixels and in map cells (``stride`` pixels each);
+    where that is under ``SMALL_OBJECT_CELLS`` cells and the scales stay below ``LARGER_SCALE``,
+    a pointer to it. Only the given (training) records are read: boxes and sizes, no pixels."""
+    import numpy as np
+
+    side_of = max(scales)
+    sides: dict[int, list[float]] = {}
+    for record in records:
+        if not record.width or not record.height or not len(record.boxes):
+            continue
+        boxes, labels = record.boxes[~record.iscrowd], record.labels[~record.iscrowd]
+        widths, heights = np.clip(boxes[:, 2] - boxes[:, 0], 0, None), np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+        for label, value in zip(labels, np.sqrt(widths * heights) * side_of / min(record.width, record.height)):
+            sides.setdefault(int(label), []).append(float(value))
+    counted = {k: v for k, v in sides.items() if len(v) >= MIN_CLASS_BOXES} or sides  # a median needs a few boxes
+    text = f"Scale: {','.join(map(str, scales))}"
+    if not counted:
+        return text
+    label, median = min(((k, float(np.median(v))) for k, v in counted.items()), key=lambda kv: kv[1])
+    cells = median / stride
+    text += f" (the smallest class's median box, {classes[label]}, is {median:.0f} px: {cells:.1f} cells of the stride-{stride} map)"
+    if cells < SMALL_OBJECT_CELLS and side_of < LARGER_SCALE:
+        text += f"; small objects may be found better at --scales {LARGER_SCALE} (bccd's were, coco128's not: benchmarks/README.md)"
+    return text
 
 
 def choose_features(val_map: dict[str, float]) -> tuple[str, str]:
@@ -324,17 +362,21 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         result = state.done("proposals", props) or timed("proposals", lambda: {"code": run_propose(
             (), None, None, props, "fast", None, None, None, None, os.cpu_count() or 1, False, shard="0/1", sources=sources())})
         seconds["proposals"] = result["seconds"]
+    from spp_cli.backbones import get_spec
+    from spp_cli.cache import FeatureCache, image_key
     from spp_cli.commands.cache import run_cache
     from spp_cli.commands.finetune import run_finetune
     from spp_cli.commands.train_svm import run_train_svm
+    from spp_cli.features import parse_scales
 
+    scales = parse_scales(plan.scales)
+    scale_line = scale_note([records[i][0] for i in split.fit_ids], train_set.classes, scales, get_spec(plan.backbone).stride)
+    ui.say(scale_line)
     step("cache")
     result = state.done("cache", cache_dir) or timed("cache", lambda: {"code": run_cache(
         (), None, None, cache_dir, props, plan.backbone, None, plan.scales, 2000, "fp16", gpu, shard="0/1", sources=sources(),
         selective_search=not learned)})
     seconds["cache"] = result["seconds"]
-
-    from spp_cli.cache import FeatureCache, image_key
 
     cache = FeatureCache.open(cache_dir)
     key_of = {cache.metadata(k).get("image_id"): k for k in cache.keys()}
@@ -418,6 +460,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     metadata = {
         "flow": "spp train",
         "choice": {"features": features, "reason": reason, "validation_mAP": val_map, "validation_AP": val_ap, "split": split.how,
+                   "scales": scale_line,
                    "proposals": {k: v for k, v in proposal_choice.items() if k not in ("code", "seconds")}},
         "data": plan.data,
         "split": plan.split,
@@ -434,7 +477,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     seconds["final model"] = round(time.perf_counter() - start, 2)
     problems = [r.get("code", 0) for r in state.steps.values()]
     return (1 if code or any(problems) else 0), TrainResult(features, reason, val_map, val_ap, split, seconds, calibration,
-                                                           proposal_choice["reason"])
+                                                           proposal_choice["reason"], scale_line)
 
 
 def _adopt_candidate(candidate: Path, out: Path, metadata: dict, calibration: Calibration | None) -> int:

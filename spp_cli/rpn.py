@@ -51,7 +51,7 @@ PROPOSAL_VERSION = 1
 class ProposalConfig:
     """Anchors, training sampling and test-time filtering (Faster R-CNN's RPN settings unless said)."""
 
-    # Anchor sides in network-input pixels (the cache's scale: 688 short side);
+    # Anchor sides in network-input pixels (the cache's scale: a 688 or 1024 short side);
     # 16 is below Faster R-CNN's 32: touching cells and coco's small objects.
     anchor_sizes: tuple[int, ...] = (16, 32, 64, 128, 256, 512)
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # height / width

@@ -17,14 +17,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TEST, TRAIN, write_shapes
+from conftest import RACCOON, SHARED_DATA, TEST, TRAIN, require_shared_data, write_shapes
 from conftest import model_tensors as tensors
 
 from spp_cli.cache import FeatureCache
 from spp_cli.cli import cli
 from spp_cli.errors import DatasetError
 from spp_cli.model import Detector
-from spp_cli.pipeline import choose_features, split_backgrounds, split_for_validation
+from spp_cli.data import open_dataset
+from spp_cli.data.records import ImageRecord
+from spp_cli.pipeline import choose_features, scale_note, split_backgrounds, split_for_validation
 
 # The pipeline tests' small setting: the stride-16 cut at one 96-pixel scale.
 OPTIONS = ["--backbone", "efficientnet_lite0_b4", "--scales", "96", "--epochs", "3", "--val-fraction", "0.25"]
@@ -64,6 +66,7 @@ def test_one_command_trains_a_detector_and_says_what_it_chose(trained):
     for n, step in enumerate(STEPS, 1):
         assert f"[{n}/{len(STEPS)}] {step}" in output
     assert f"Chose {choice['reason']}. Wrote {out}" in output
+    assert choice["scales"].startswith("Scale: 96 (the smallest class's median box, ") and choice["scales"] in output
     # One validation image holds 2 shapes: too few right detections to fit probabilities on.
     assert detector.calibration is None
     assert "Probabilities: too few validation detections to fit them; scores are SVM margins, shown from -0.3" in output
@@ -164,6 +167,37 @@ def test_choice_prefers_pool5_on_a_tie():
     assert choose_features({"pool5": 0.5, "fc7": 0.5})[0] == "pool5"
     assert choose_features({"pool5": 0.5, "fc7": 0.6}) == ("fc7", "fc7 (validation mAP 0.600) over pool5 (0.500)")
     assert choose_features({"pool5": 0.7})[0] == "pool5"
+
+
+def scale_records(small_boxes: int, small_side: float, crowd: bool = False) -> list[ImageRecord]:
+    """480 x 640 images: one with ``small_boxes`` class-0 squares of ``small_side`` px, one with big class-1 boxes."""
+    small = np.array([[10 + 60 * i, 10, 10 + 60 * i + small_side, 10 + small_side] for i in range(small_boxes)], np.float32)
+    big = np.array([[0, 0, 300, 300], [100, 100, 420, 400], [200, 50, 600, 470]], np.float32)
+    return [ImageRecord("a", Path("a.jpg"), 640, 480, small, np.zeros(small_boxes, np.int64), np.zeros(small_boxes, bool),
+                        np.full(small_boxes, crowd)),
+            ImageRecord("b", Path("b.jpg"), 640, 480, big, np.ones(3, np.int64), np.zeros(3, bool), np.zeros(3, bool))]
+
+
+def test_the_scale_line_says_how_small_the_smallest_class_is():
+    # 40 px boxes in a 480-px-short image are 57 px at 688: 1.8 cells at stride 32, 3.6 at stride 16.
+    hint = "; small objects may be found better at --scales 1024 (bccd's were, coco128's not: benchmarks/README.md)"
+    size = "Scale: 688 (the smallest class's median box, dot, is 57 px: {} cells of the stride-{} map)"
+    assert scale_note(scale_records(3, 40), ["dot", "blob"], (688,), 32) == size.format(1.8, 32) + hint
+    assert scale_note(scale_records(3, 40), ["dot", "blob"], (688,), 16) == size.format(3.6, 16)
+    assert scale_note(scale_records(3, 48), ["dot", "blob"], (688,), 32).endswith("69 px: 2.2 cells of the stride-32 map)")
+    assert scale_note(scale_records(3, 40), ["dot", "blob"], (480, 1024), 32).startswith("Scale: 480,1024 (the smallest class's median box, dot, is 85 px: 2.7 cells")
+    assert "dot" not in scale_note(scale_records(2, 40), ["dot", "blob"], (688,), 32)  # too few boxes for a median
+    assert "dot" not in scale_note(scale_records(3, 40, crowd=True), ["dot", "blob"], (688,), 32)  # crowd boxes do not count
+    assert scale_note([], ["dot"], (688,), 32) == "Scale: 688"
+
+
+def test_the_scale_line_on_the_shared_datasets():
+    require_shared_data()
+    raccoon = open_dataset(str(RACCOON), "train")
+    bccd = open_dataset(str(SHARED_DATA / "bccd"), "trainval")
+    assert not scale_note(raccoon.records, raccoon.classes, (688,), 32).endswith("benchmarks/README.md)")
+    assert scale_note(bccd.records, bccd.classes, (688,), 32).startswith("Scale: 688 (the smallest class's median box, Platelets, is 58 px: 1.8 cells")
+    assert scale_note(bccd.records, bccd.classes, (688,), 32).endswith("benchmarks/README.md)")
 
 
 def test_under_torchrun_it_says_to_run_the_steps(tmp_path):

@@ -35,6 +35,7 @@ def run_train_command(data: str, split: str, out: Path, val_split: str | None, v
                          f"shown from probability {c.display_probability:.2f} (score {c.margin_at(c.display_probability):.3f})")
     else:
         ui.console.print(f"Probabilities: too few validation detections to fit them; scores are SVM margins, shown from {DetectConfig().display_threshold:g}")
+    ui.console.print(result.scales)
     if result.proposals.startswith("Proposals: "):
         ui.console.print(result.proposals)
     ui.console.print(f"Chose {result.reason}. Wrote {out} ({'trained again on the whole split' if refit else 'the validated candidate'}). Time: {steps}; {sum(result.seconds.values()):.0f} s in all")
