@@ -96,6 +96,36 @@ def test_propose_resumes_from_partial_journal(tmp_path):
     assert not journal.exists()
 
 
+def test_propose_again_reuses_the_boxes_of_unchanged_images(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / "imgs" / f"{i}.jpg", 90, 70, seed=i)
+    out = tmp_path / "p.json"
+    assert invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1").exit_code == 0
+    full = json.loads(out.read_text())
+    # The same run again: nothing to search, the same file.
+    result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1")
+    assert result.exit_code == 0
+    assert (f"Reusing 3 of 3 images' boxes from {out} (same settings, image files not modified since it was "
+            "written; delete it to search again).") in result.stderr
+    assert json.loads(out.read_text()) == full
+    # An image written after the file is searched again; one added joins; one gone leaves.
+    write_image(tmp_path / "imgs" / "1.jpg", 90, 70, seed=7)
+    write_image(tmp_path / "imgs" / "3.jpg", 90, 70, seed=3)
+    (tmp_path / "imgs" / "2.jpg").unlink()
+    result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1")
+    assert result.exit_code == 0
+    assert "Reusing 1 of 3 images' boxes" in result.stderr
+    again = {im["id"]: im for im in json.loads(out.read_text())["images"]}
+    assert list(again) == ["0", "1", "3"] and again["0"] == full["images"][0] and again["1"] != full["images"][1]
+    fresh = tmp_path / "fresh.json"
+    assert invoke("propose", tmp_path / "imgs", "--out", fresh, "--workers", "1").exit_code == 0
+    assert json.loads(fresh.read_text())["images"] == list(again.values())
+    # Other settings: every image is searched again.
+    result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1", "--top", "50")
+    assert result.exit_code == 0 and "Reusing" not in result.stderr
+    assert all(len(im["boxes"]) <= 50 for im in json.loads(out.read_text())["images"])
+
+
 def test_existing_output_survives_a_failed_run(tmp_path):
     out = tmp_path / "p.json"
     out.write_text("precious")

@@ -19,6 +19,7 @@ from spp_cli.proposals import (
     ProposalTask,
     TaskFailure,
     proposals_document,
+    read_proposals,
     run_proposals,
 )
 from spp_cli.sources import Sources, resolve_sources
@@ -74,14 +75,20 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     ui.print_warnings(sources.warnings or [])
     bad: list[tuple[Path | str, str]] = list(sources.bad or [])
 
-    done = _load_partial(partial_path(target), params)
+    journaled = _load_partial(partial_path(target), params)
+    reused = {path: e for path, e in _unchanged_entries(target, params).items() if path not in journaled}
+    done = {**reused, **journaled}
     tasks = [ProposalTask(s.image_id, str(s.path)) for s in items if str(s.path) not in done]
-    if done:
-        ui.console.print(f"Resuming: {len(items) - len(tasks)} of {len(items)} images already done.")
+    wanted = {str(s.path) for s in items}
+    if reused.keys() & wanted:
+        ui.console.print(f"Reusing {len(reused.keys() & wanted)} of {len(items)} images' boxes from {target} "
+                         "(same settings, image files not modified since it was written; delete it to search again).")
+    if journaled.keys() & wanted:
+        ui.console.print(f"Resuming: {len(journaled.keys() & wanted)} of {len(items)} images already done.")
 
     results: dict[str, ImageProposals] = dict(done)
     start = time.perf_counter()
-    with _open_partial(partial_path(target), params, fresh=not done) as partial, ui.progress() as bar:
+    with _open_partial(partial_path(target), params, fresh=not journaled) as partial, ui.progress() as bar:
         task_id = bar.add_task("propose", total=len(items), completed=len(items) - len(tasks), rate="")
         finished = 0
         for result in (learned.run(tasks) if learned is not None else run_proposals(tasks, params, workers)):
@@ -192,6 +199,27 @@ class LearnedProposer:
         return (f"{1000 * self.head_seconds / images:.1f} ms/image in the proposal head{conv}, {wall / max(count, 1):.2f} s/image wall "
                 f"(learned: {self.model_path}, top {self.top}; {self.computed} image(s) through the network on {self.device}, "
                 f"{self.from_cache} from the cache)")
+
+
+def _unchanged_entries(target: Path, params) -> dict[str, ImageProposals]:
+    """The images of an earlier, finished ``target`` with the same settings whose files have not
+    been modified since it was written (make's rule: an image file newer than the output, or
+    gone, is searched again). Nothing from a file that is not a readable props.json."""
+    try:
+        written = target.stat().st_mtime_ns
+        earlier = read_proposals(target)
+    except (OSError, SPPError):
+        return {}
+    if earlier.params != _settings(params):
+        return {}
+    unchanged = {}
+    for entry in earlier.images:
+        try:
+            if Path(entry.path).stat().st_mtime_ns <= written:
+                unchanged[entry.path] = entry
+        except OSError:
+            continue
+    return unchanged
 
 
 def _load_partial(path: Path, params) -> dict[str, ImageProposals]:
