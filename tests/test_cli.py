@@ -77,12 +77,17 @@ def test_propose_with_two_workers_matches_one(tmp_path):
     assert outs[0] == outs[1]
 
 
-def test_propose_resumes_from_partial_journal(tmp_path):
+def propose_three_images(tmp_path: Path) -> tuple[Path, dict]:
+    """``tmp_path/imgs/{0,1,2}.jpg`` proposed into ``tmp_path/p.json``: its path and content."""
     for i in range(3):
         write_image(tmp_path / "imgs" / f"{i}.jpg", 90, 70, seed=i)
     out = tmp_path / "p.json"
     assert invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1").exit_code == 0
-    full = json.loads(out.read_text())
+    return out, json.loads(out.read_text())
+
+
+def test_propose_resumes_from_partial_journal(tmp_path):
+    out, full = propose_three_images(tmp_path)
     # Simulate a run killed after the first image: journal with one entry
     # and a half-written second line.
     journal = tmp_path / "p.json.partial"
@@ -97,11 +102,7 @@ def test_propose_resumes_from_partial_journal(tmp_path):
 
 
 def test_propose_again_reuses_the_boxes_of_unchanged_images(tmp_path):
-    for i in range(3):
-        write_image(tmp_path / "imgs" / f"{i}.jpg", 90, 70, seed=i)
-    out = tmp_path / "p.json"
-    assert invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1").exit_code == 0
-    full = json.loads(out.read_text())
+    out, full = propose_three_images(tmp_path)
     # The same run again: nothing to search, the same file.
     result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1")
     assert result.exit_code == 0

@@ -75,16 +75,16 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     ui.print_warnings(sources.warnings or [])
     bad: list[tuple[Path | str, str]] = list(sources.bad or [])
 
-    journaled = _load_partial(partial_path(target), params)
-    reused = {path: e for path, e in _unchanged_entries(target, params).items() if path not in journaled}
+    wanted = {str(s.path) for s in items}
+    journaled = {path: e for path, e in _load_partial(partial_path(target), params).items() if path in wanted}
+    reused = {path: e for path, e in _unchanged_entries(target, params).items() if path in wanted and path not in journaled}
     done = {**reused, **journaled}
     tasks = [ProposalTask(s.image_id, str(s.path)) for s in items if str(s.path) not in done]
-    wanted = {str(s.path) for s in items}
-    if reused.keys() & wanted:
-        ui.console.print(f"Reusing {len(reused.keys() & wanted)} of {len(items)} images' boxes from {target} "
+    if reused:
+        ui.console.print(f"Reusing {len(reused)} of {len(items)} images' boxes from {target} "
                          "(same settings, image files not modified since it was written; delete it to search again).")
-    if journaled.keys() & wanted:
-        ui.console.print(f"Resuming: {len(journaled.keys() & wanted)} of {len(items)} images already done.")
+    if journaled:
+        ui.console.print(f"Resuming: {len(journaled)} of {len(items)} images already done.")
 
     results: dict[str, ImageProposals] = dict(done)
     start = time.perf_counter()
