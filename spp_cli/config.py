@@ -71,3 +71,16 @@ class DetectConfig:
     # precision 0.87 at >= 0, 0.75 in [-0.25, 0), 0.42 in [-0.5, -0.25), <= 0.13
     # below; at -0.3 a shown detection is right more often than not.
     display_threshold: float = -0.3
+
+
+def parse_scales(text: str) -> tuple[int, ...]:
+    """``"688"`` or ``"480,576,688,864,1200"`` -> sorted distinct short sides."""
+    from spp_cli.errors import SPPError
+
+    try:
+        values = sorted({int(v) for v in text.replace(" ", "").split(",") if v})
+    except ValueError:
+        raise SPPError(f"--scales: '{text}' is not a comma-separated list of pixel sizes (e.g. 688 or 480,576,688,864,1200)") from None
+    if not values or any(v < 32 or v > 4000 for v in values):
+        raise SPPError(f"--scales: '{text}': each short side must be between 32 and 4000 pixels")
+    return tuple(values)

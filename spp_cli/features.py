@@ -19,19 +19,6 @@ FIVE_SCALES = (480, 576, 688, 864, 1200)
 DEFAULT_MAX_SIDE = 2000  # cap on the resized long side (a 4:3 photo at 1200 is 1600 long)
 
 
-def parse_scales(text: str) -> tuple[int, ...]:
-    """``"688"`` or ``"480,576,688,864,1200"`` -> sorted distinct short sides."""
-    from spp_cli.errors import SPPError
-
-    try:
-        values = sorted({int(v) for v in text.replace(" ", "").split(",") if v})
-    except ValueError:
-        raise SPPError(f"--scales: '{text}' is not a comma-separated list of pixel sizes (e.g. 688 or 480,576,688,864,1200)") from None
-    if not values or any(v < 32 or v > 4000 for v in values):
-        raise SPPError(f"--scales: '{text}': each short side must be between 32 and 4000 pixels")
-    return tuple(values)
-
-
 def feature_pyramid(
     extractor: FeatureExtractor,
     image: np.ndarray,

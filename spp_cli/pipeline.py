@@ -36,11 +36,13 @@ STATE_FORMAT = "spp-train-state"
 STATE_VERSION = 2
 FEATURE_CHOICES = ("auto", "pool5", "fc7")
 PROPOSAL_CHOICES = ("auto", "learned", "selective-search")
-# A class whose median box spans fewer cells of the feature map than SMALL_OBJECT_CELLS at the
-# largest cached scale is small: `spp train` says so and names a larger scale. Not a default:
-# `spp train --scales 1024` against 688 on the validation part of the training split gave bccd
-# 0.70 -> 0.80 mAP (Platelets, median box 57 px at 688: 0.40 -> 0.73) but coco128 0.064 -> 0.040
-# (its smallest class, car, 19 px); raccoon's smallest median box is 565 px (benchmarks/README.md).
+# A class whose median box spans fewer cells of the feature map than SMALL_OBJECT_CELLS at
+# BASE_SCALE is small: `--scales auto` (the default) then trains at LARGER_SCALE as well and keeps
+# the scale of higher validation mAP. Neither scale wins everywhere: on the validation part of the
+# training split bccd went 0.70 -> 0.80 mAP at 1024 (Platelets, median box 57 px at 688: 0.40 ->
+# 0.73) and coco128 0.064 -> 0.040 (its smallest class, car, 19 px); raccoon's smallest median
+# box is 565 px, so it trains at 688 alone (benchmarks/README.md, "Scale").
+BASE_SCALE = 688
 LARGER_SCALE = 1024
 SMALL_OBJECT_CELLS = 2.0
 MIN_CLASS_BOXES = 3  # classes with fewer boxes have no median worth the name
@@ -54,7 +56,7 @@ class TrainPlan:
     split: str
     val_split: str | None = None
     val_fraction: float = 0.1
-    scales: str = "688"
+    scales: str = "auto"  # see scale_alternatives
     # pool5: SVMs on SPP vectors. auto: also a fine-tuned head and SVMs on its fc7, and
     # whichever has the higher validation mAP (on the validation parts of raccoon and
     # bccd fc7 did not win: 0.818 vs 0.847, 0.668 vs 0.670; it tripled the training time).
@@ -243,33 +245,95 @@ def choose_proposals(cache, proposal_model: Path, val_records: list) -> dict:
     return {"choice": choice, "reason": reason, "learned_recall@0.5": round(ours, 4), "selective_search_recall@0.5": round(theirs, 4)}
 
 
-def scale_note(records: list, classes: list[str], scales: tuple[int, ...], stride: int) -> str:
-    """``Scale: <scales>`` and the size of the smallest objects on the feature map: the median
-    box side (sqrt of the area) of the class whose median is smallest, after resizing each image's
-    short side to the largest of ``scales``, in pixels and in map cells (``stride`` pixels each);
-    where that is under ``SMALL_OBJECT_CELLS`` cells and the scales stay below ``LARGER_SCALE``,
-    a pointer to it. Only the given (training) records are read: boxes and sizes, no pixels."""
+def smallest_class(records: list, classes: list[str], side: int) -> tuple[str, float] | None:
+    """The class whose median box side (sqrt of the area) is smallest after resizing each image's
+    short side to ``side``, and that median in pixels; ``None`` without boxes. Classes with fewer
+    than ``MIN_CLASS_BOXES`` boxes count only when no class has that many; crowd boxes never.
+    Only the given (training) records are read: boxes and sizes, no pixels."""
     import numpy as np
 
-    side_of = max(scales)
     sides: dict[int, list[float]] = {}
     for record in records:
         if not record.width or not record.height or not len(record.boxes):
             continue
         boxes, labels = record.boxes[~record.iscrowd], record.labels[~record.iscrowd]
         widths, heights = np.clip(boxes[:, 2] - boxes[:, 0], 0, None), np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
-        for label, value in zip(labels, np.sqrt(widths * heights) * side_of / min(record.width, record.height)):
+        for label, value in zip(labels, np.sqrt(widths * heights) * side / min(record.width, record.height)):
             sides.setdefault(int(label), []).append(float(value))
     counted = {k: v for k, v in sides.items() if len(v) >= MIN_CLASS_BOXES} or sides  # a median needs a few boxes
-    text = f"Scale: {','.join(map(str, scales))}"
     if not counted:
-        return text
+        return None
     label, median = min(((k, float(np.median(v))) for k, v in counted.items()), key=lambda kv: kv[1])
-    cells = median / stride
-    text += f" (the smallest class's median box, {classes[label]}, is {median:.0f} px: {cells:.1f} cells of the stride-{stride} map)"
-    if cells < SMALL_OBJECT_CELLS and side_of < LARGER_SCALE:
-        text += f"; small objects may be found better at --scales {LARGER_SCALE} (bccd's were, coco128's not: benchmarks/README.md)"
+    return classes[label], median
+
+
+def _size_phrase(size: tuple[str, float], stride: int, side: int | None = None) -> str:
+    name, median = size
+    at = f" at {side}" if side is not None else ""
+    return f"the smallest class's median box, {name}, is {median:.0f} px{at}: {median / stride:.1f} cells of the stride-{stride} map"
+
+
+def scale_note(records: list, classes: list[str], scales: tuple[int, ...], stride: int) -> str:
+    """``Scale: <scales>`` and the size of the smallest objects on the feature map (see
+    ``smallest_class``) at the largest of ``scales``, in pixels and in map cells (``stride``
+    pixels each); where that is under ``SMALL_OBJECT_CELLS`` cells and the scales stay below
+    ``LARGER_SCALE``, a pointer to it."""
+    side = max(scales)
+    size = smallest_class(records, classes, side)
+    text = f"Scale: {','.join(map(str, scales))}"
+    if size is None:
+        return text
+    text += f" ({_size_phrase(size, stride)})"
+    if size[1] / stride < SMALL_OBJECT_CELLS and side < LARGER_SCALE:
+        text += f"; small objects may be found better at --scales {LARGER_SCALE} (--scales auto tries it where they are this small)"
     return text
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """The cache scale sets `spp train` trains at (each a candidate for the final model), the line
+    that says so, and the size of the smallest objects at the first ("" without boxes)."""
+
+    alternatives: list[str]
+    line: str
+    size: str = ""
+
+    def chosen(self, scores: dict[str, float], chosen: str) -> str:
+        """The Scale line once validation has chosen: each alternative's validation mAP."""
+        if len(self.alternatives) == 1:
+            return self.line
+        figures = ", ".join(f"{scales}: {scores[scales]:.3f}" for scales in self.alternatives)
+        return f"Scale: {chosen} (validation mAP {figures}" + (f"; {self.size})" if self.size else ")")
+
+
+def scale_alternatives(text: str, records: list, classes: list[str], stride: int) -> ScalePlan:
+    """What ``--scales`` asks of `spp train`: ``auto`` (``BASE_SCALE``, and ``LARGER_SCALE`` as
+    well where the smallest class's median box spans under ``SMALL_OBJECT_CELLS`` cells at
+    ``BASE_SCALE``), one scale set (``688``, ``480,576,688,864,1200``), or alternatives separated
+    by ``/`` (``688/1024``).
+
+    Raises:
+        SPPError: a part is not a scale set (the message names it).
+        UsageError: two parts are the same.
+    """
+    from spp_cli.config import parse_scales
+
+    if text == "auto":
+        size = smallest_class(records, classes, BASE_SCALE)
+        if size is None or size[1] / stride >= SMALL_OBJECT_CELLS:
+            return ScalePlan([str(BASE_SCALE)], scale_note(records, classes, (BASE_SCALE,), stride))
+        phrase = _size_phrase(size, stride, BASE_SCALE)
+        return ScalePlan([str(BASE_SCALE), str(LARGER_SCALE)],
+                         f"Scale: {BASE_SCALE} and {LARGER_SCALE}, the one of higher validation mAP ({phrase}, under {SMALL_OBJECT_CELLS:g})", phrase)
+    parts = [",".join(map(str, parse_scales(part))) for part in text.split("/")]
+    if len(set(parts)) < len(parts):
+        raise UsageError(f"--scales {text}: each alternative must differ from the others")
+    if len(parts) == 1:
+        return ScalePlan(parts, scale_note(records, classes, tuple(int(v) for v in parts[0].split(",")), stride))
+    side = max(int(v) for v in parts[0].split(","))
+    size = smallest_class(records, classes, side)
+    phrase = _size_phrase(size, stride, side) if size else ""
+    return ScalePlan(parts, f"Scale: {' and '.join(parts)}, the one of higher validation mAP" + (f" ({phrase})" if phrase else ""), phrase)
 
 
 def choose_features(val_map: dict[str, float]) -> tuple[str, str]:
@@ -285,7 +349,7 @@ def choose_features(val_map: dict[str, float]) -> tuple[str, str]:
 def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | None, gpu: bool = False,
               step_banner: Callable[[int, int, str], None] | None = None) -> tuple[int, TrainResult | None]:
     """The whole flow; (exit code, result). Resumes from ``<work>/train-state.json``."""
-    # torch-free until the proposals are done: their worker processes then fork cheaply.
+    # No torch op runs before the selective-search workers fork (torch's thread pools start with the first op).
     from spp_cli.commands.propose import run_propose
     from spp_cli.data import open_dataset
     from spp_cli.shard import under_torchrun
@@ -336,14 +400,23 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         # A fresh object per step: a step may rewrite its list of problems.
         return Sources(list(items), train_set, list(bad), list(warnings))
 
-    fit_keys_of, val_records = None, [records[i] for i in split.val_ids]
     if plan.proposals not in PROPOSAL_CHOICES:
         raise UsageError(f"--proposals must be one of {', '.join(PROPOSAL_CHOICES)}")
+    from spp_cli.backbones import get_spec
+
+    scale_plan = scale_alternatives(plan.scales, [records[i][0] for i in split.fit_ids], train_set.classes, get_spec(plan.backbone).stride)
+    ui.say(scale_plan.line)
+    alternatives = scale_plan.alternatives
+    several = len(alternatives) > 1
+
+    def at(name: str, scales: str) -> str:
+        """A step's (or candidate's) name: with the scales it is trained at, when several are tried."""
+        return f"{name} at {scales}" if several else name
+
     learned = plan.proposals != "selective-search"  # the cache first, then the proposal network
-    first = ["cache", "proposal network"] + (["proposals"] if plan.proposals == "auto" else []) if learned else ["proposals", "cache"]
-    steps = first + ["SVMs on pool5"] + (["fine-tuning", "SVMs on fc7"] if plan.features != "pool5" else []) + ["final model"]
-    if plan.features == "fc7":
-        steps.remove("SVMs on pool5")
+    per_scale = ["cache", "proposal network"] + (["proposals"] if plan.proposals == "auto" else []) if learned else ["cache"]
+    per_scale += (["SVMs on pool5"] if plan.features != "fc7" else []) + (["fine-tuning", "SVMs on fc7"] if plan.features != "pool5" else [])
+    steps = ([] if learned else ["proposals"]) + [at(name, scales) for scales in alternatives for name in per_scale] + ["final model"]
     seconds: dict[str, float] = {}
 
     def step(name: str) -> None:
@@ -356,128 +429,158 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         state.record(name, result)
         return result
 
-    props = work / "props.json" if not learned else None
+    # Selective search's boxes are the image's, whatever the scale: one file for every scale
+    # (`spp propose` run again over it reuses the boxes of unchanged images).
+    props = work / "props.json"
+
+    def search_all() -> int:
+        return run_propose((), None, None, props, "fast", None, None, None, None, os.cpu_count() or 1, False, shard="0/1", sources=sources())
+
     if not learned:
         step("proposals")
-        result = state.done("proposals", props) or timed("proposals", lambda: {"code": run_propose(
-            (), None, None, props, "fast", None, None, None, None, os.cpu_count() or 1, False, shard="0/1", sources=sources())})
+        result = state.done("proposals", props) or timed("proposals", lambda: {"code": search_all()})
         seconds["proposals"] = result["seconds"]
-    from spp_cli.backbones import get_spec
     from spp_cli.cache import FeatureCache, image_key
     from spp_cli.commands.cache import run_cache
     from spp_cli.commands.finetune import run_finetune
     from spp_cli.commands.train_svm import run_train_svm
-    from spp_cli.features import parse_scales
 
-    scales = parse_scales(plan.scales)
-    scale_line = scale_note([records[i][0] for i in split.fit_ids], train_set.classes, scales, get_spec(plan.backbone).stride)
-    ui.say(scale_line)
-    step("cache")
-    result = state.done("cache", cache_dir) or timed("cache", lambda: {"code": run_cache(
-        (), None, None, cache_dir, props, plan.backbone, None, plan.scales, 2000, "fp16", gpu, shard="0/1", sources=sources(),
-        selective_search=not learned)})
-    seconds["cache"] = result["seconds"]
-
-    cache = FeatureCache.open(cache_dir)
-    key_of = {cache.metadata(k).get("image_id"): k for k in cache.keys()}
-    fit_keys_of = [key_of[i] for i in split.fit_ids if i in key_of]
-    val_records = [records[i] for i in split.val_ids if i in key_of]
-    val_backgrounds = [path for path in val_backgrounds if cache.has(image_key(path))]  # unreadable ones were listed
-    if not fit_keys_of or not val_records:
-        raise DatasetError(f"{cache_dir}: no cached image to {'fit on' if not fit_keys_of else 'validate on'} (see the problems listed above)")
-
-    proposal_model = work / "proposals.safetensors" if learned else None
-    if learned:
-        from spp_cli.commands.train_proposals import run_train_proposals
-
-        step("proposal network")
-        result = state.done("proposal network", proposal_model) or timed("proposal network", lambda: {"code": run_train_proposals(
-            cache_dir, proposal_model, None, None, 16, 300, gpu, keys=fit_keys_of)})
-        seconds["proposal network"] = result["seconds"]
-    proposal_choice = {"choice": "learned" if learned else "selective-search", "reason": f"--proposals {plan.proposals}"}
-    if plan.proposals == "auto":
-        step("proposals")
-
-        def choose_and_search() -> dict:
-            choice = choose_proposals(cache, proposal_model, val_records)
-            ui.say(choice["reason"])
-            if choice["choice"] == "selective-search":
-                # Every image's boxes, then the cache's entries take them (no forward pass).
-                props_file = work / "props.json"
-                choice["code"] = run_propose((), None, None, props_file, "fast", None, None, None, None, os.cpu_count() or 1, False,
-                                             shard="0/1", sources=sources()) or run_cache(
-                    (), None, None, cache_dir, props_file, plan.backbone, None, plan.scales, 2000, "fp16", gpu, shard="0/1", sources=sources())
-            return choice
-
-        proposal_choice = state.done("proposals") or timed("proposals", choose_and_search)
-        seconds["proposals"] = proposal_choice["seconds"]
-        if proposal_choice["choice"] == "selective-search":
-            proposal_model = None
-
-    val_map: dict[str, float] = {}
-    val_ap: dict[str, dict[str, float]] = {}
-    calibrations: dict[str, dict | None] = {}  # per kind: its validation detections' margin -> probability curve
-    head = work / "head.safetensors"
-    candidates = {"pool5": work / "val-pool5.safetensors", "fc7": work / "val-fc7.safetensors"}
-
-    def svm_step(kind: str) -> None:
-        name = f"SVMs on {kind}"
+    def train_at(scales: str, folder: Path, feats: Path) -> ScaleRun:
+        """The flow's steps at one scale set, their files in ``folder``; the cache in ``feats``."""
+        run = ScaleRun(scales, feats, folder / "proposals.safetensors" if learned else None, folder / "head.safetensors",
+                       {kind: folder / f"val-{kind}.safetensors" for kind in ("pool5", "fc7")},
+                       proposal_choice={"choice": "learned" if learned else "selective-search", "reason": f"--proposals {plan.proposals}"})
+        name = at("cache", scales)
         step(name)
-
-        def action() -> dict:
-            run_train_svm(cache_dir, candidates[kind], None, None, None, 0.1, True, kind, head if kind == "fc7" else None, keys=fit_keys_of,
-                          negatives=fit_backgrounds, proposal_model_path=proposal_model)
-            mean, per_class, calibration = validation_results(candidates[kind], cache_dir, val_records, val_backgrounds)
-            also = f" and {len(val_backgrounds)} background image(s)" if val_backgrounds else ""
-            ui.say(f"validation mAP ({kind}): {mean:.3f} on {len(val_records)} image(s){also}")
-            return {"val_map": mean, "val_ap": per_class, "calibration": calibration}
-
-        result = state.done(name, candidates[kind]) or timed(name, action)
-        if "calibration" not in result:  # recorded by an spp that did not calibrate: fit it now
-            result["val_map"], result["val_ap"], result["calibration"] = validation_results(candidates[kind], cache_dir, val_records, val_backgrounds)
-            state.record(name, result)
+        result = state.done(name, feats) or timed(name, lambda: {"code": run_cache(
+            (), None, None, feats, None if learned else props, plan.backbone, None, scales, 2000, "fp16", gpu, shard="0/1", sources=sources(),
+            selective_search=not learned)})
         seconds[name] = result["seconds"]
-        val_map[kind], val_ap[kind] = result["val_map"], result["val_ap"]
-        calibrations[kind] = result["calibration"]
 
-    if plan.features != "fc7":
-        svm_step("pool5")
-    if plan.features != "pool5":
-        step("fine-tuning")
-        result = state.done("fine-tuning", head) or timed("fine-tuning", lambda: {"code": run_finetune(
-            cache_dir, head, None, None, None, plan.finetune_epochs, 1e-4, 128, 0.25, 1024, True, 0, gpu, keys=fit_keys_of,
-            negatives=fit_backgrounds, proposal_model_path=proposal_model)})
-        seconds["fine-tuning"] = result["seconds"]
-        svm_step("fc7")
-    if plan.features == "auto":
-        features, reason = choose_features(val_map)
-    else:
-        also = "; --features auto also tries a fine-tuned fc7" if plan.features == "pool5" else ""
-        features, reason = plan.features, f"{plan.features} (validation mAP {val_map[plan.features]:.3f}{also})"
+        cache = FeatureCache.open(feats)
+        key_of = {cache.metadata(k).get("image_id"): k for k in cache.keys()}
+        run.fit_keys = [key_of[i] for i in split.fit_ids if i in key_of]
+        run.val_records = [records[i] for i in split.val_ids if i in key_of]
+        run.val_keys = [key_of[r.image_id] for r, _ in run.val_records]
+        held_backgrounds = [path for path in val_backgrounds if cache.has(image_key(path))]  # unreadable ones were listed
+        if not run.fit_keys or not run.val_records:
+            raise DatasetError(f"{feats}: no cached image to {'fit on' if not run.fit_keys else 'validate on'} (see the problems listed above)")
+
+        if learned:
+            from spp_cli.commands.train_proposals import run_train_proposals
+
+            name = at("proposal network", scales)
+            step(name)
+            result = state.done(name, run.proposal_model) or timed(name, lambda: {"code": run_train_proposals(
+                feats, run.proposal_model, None, None, 16, 300, gpu, keys=run.fit_keys)})
+            seconds[name] = result["seconds"]
+        if plan.proposals == "auto":
+            name = at("proposals", scales)
+            step(name)
+
+            def choose_and_search() -> dict:
+                choice = choose_proposals(cache, run.proposal_model, run.val_records)
+                ui.say(choice["reason"])
+                if choice["choice"] == "selective-search":
+                    # Every image's boxes, then the cache's entries take them (no forward pass).
+                    choice["code"] = search_all() or run_cache(
+                        (), None, None, feats, props, plan.backbone, None, scales, 2000, "fp16", gpu, shard="0/1", sources=sources())
+                return choice
+
+            run.proposal_choice = state.done(name) or timed(name, choose_and_search)
+            seconds[name] = run.proposal_choice["seconds"]
+            if run.proposal_choice["choice"] == "selective-search":
+                run.proposal_model = None
+
+        def svm_step(kind: str) -> None:
+            name = at(f"SVMs on {kind}", scales)
+            step(name)
+            candidate = run.candidates[kind]
+
+            def action() -> dict:
+                run_train_svm(feats, candidate, None, None, None, 0.1, True, kind, run.head if kind == "fc7" else None, keys=run.fit_keys,
+                              negatives=fit_backgrounds, proposal_model_path=run.proposal_model)
+                mean, per_class, calibration = validation_results(candidate, feats, run.val_records, held_backgrounds)
+                also = f" and {len(held_backgrounds)} background image(s)" if held_backgrounds else ""
+                ui.say(f"validation mAP ({at(kind, scales)}): {mean:.3f} on {len(run.val_records)} image(s){also}")
+                return {"val_map": mean, "val_ap": per_class, "calibration": calibration}
+
+            result = state.done(name, candidate) or timed(name, action)
+            if "calibration" not in result:  # recorded by an spp that did not calibrate: fit it now
+                result["val_map"], result["val_ap"], result["calibration"] = validation_results(candidate, feats, run.val_records, held_backgrounds)
+                state.record(name, result)
+            seconds[name] = result["seconds"]
+            run.val_map[kind], run.val_ap[kind], run.calibrations[kind] = result["val_map"], result["val_ap"], result["calibration"]
+
+        if plan.features != "fc7":
+            svm_step("pool5")
+        if plan.features != "pool5":
+            name = at("fine-tuning", scales)
+            step(name)
+            result = state.done(name, run.head) or timed(name, lambda: {"code": run_finetune(
+                feats, run.head, None, None, None, plan.finetune_epochs, 1e-4, 128, 0.25, 1024, True, 0, gpu, keys=run.fit_keys,
+                negatives=fit_backgrounds, proposal_model_path=run.proposal_model)})
+            seconds[name] = result["seconds"]
+            svm_step("fc7")
+        if plan.features == "auto":
+            run.features, run.reason = choose_features(run.val_map)
+        else:
+            also = "; --features auto also tries a fine-tuned fc7" if plan.features == "pool5" else ""
+            run.features, run.reason = plan.features, f"{plan.features} (validation mAP {run.val_map[plan.features]:.3f}{also})"
+        return run
+
+    # The first scale set's files where a single-scale run keeps them; each other's in a folder of its own.
+    runs = [train_at(scales, work if n == 0 else work / f"scale-{scales.replace(',', '-')}",
+                     cache_dir if n == 0 else work / f"scale-{scales.replace(',', '-')}" / "feats")
+            for n, scales in enumerate(alternatives)]
+    chosen = max(runs, key=lambda run: run.val_map[run.features])  # the first (smallest) on a tie
+    scale_line = scale_plan.chosen({run.scales: run.val_map[run.features] for run in runs}, chosen.scales)
+    val_map = {at(kind, run.scales): value for run in runs for kind, value in run.val_map.items()}
+    val_ap = {at(kind, run.scales): value for run in runs for kind, value in run.val_ap.items()}
+    features, reason = chosen.features, chosen.reason
 
     step("final model")
-    all_keys = fit_keys_of + [key_of[r.image_id] for r, _ in val_records]
     metadata = {
         "flow": "spp train",
         "choice": {"features": features, "reason": reason, "validation_mAP": val_map, "validation_AP": val_ap, "split": split.how,
                    "scales": scale_line,
-                   "proposals": {k: v for k, v in proposal_choice.items() if k not in ("code", "seconds")}},
+                   "proposals": {k: v for k, v in chosen.proposal_choice.items() if k not in ("code", "seconds")}},
         "data": plan.data,
         "split": plan.split,
     }
     start = time.perf_counter()
-    fitted = calibrations.get(features)
+    fitted = chosen.calibrations.get(features)
     calibration = Calibration.from_json(fitted) if fitted is not None else None
     if plan.refit:
-        code = run_train_svm(cache_dir, out, None, None, None, 0.1, True, features, head if features == "fc7" else None,
-                             keys=all_keys, training_extra=metadata, negatives=plan.negatives, calibration=calibration,
-                             proposal_model_path=proposal_model)
+        code = run_train_svm(chosen.cache_dir, out, None, None, None, 0.1, True, features, chosen.head if features == "fc7" else None,
+                             keys=chosen.fit_keys + chosen.val_keys, training_extra=metadata, negatives=plan.negatives, calibration=calibration,
+                             proposal_model_path=chosen.proposal_model)
     else:
-        code = _adopt_candidate(candidates[features], out, metadata, calibration)
+        code = _adopt_candidate(chosen.candidates[features], out, metadata, calibration)
     seconds["final model"] = round(time.perf_counter() - start, 2)
     problems = [r.get("code", 0) for r in state.steps.values()]
     return (1 if code or any(problems) else 0), TrainResult(features, reason, val_map, val_ap, split, seconds, calibration,
-                                                           proposal_choice["reason"], scale_line)
+                                                           chosen.proposal_choice["reason"], scale_line)
+
+
+@dataclass
+class ScaleRun:
+    """The flow at one scale set: where its files are, and what validation said of its candidates."""
+
+    scales: str
+    cache_dir: Path
+    proposal_model: Path | None  # None: the SVMs' windows (and the model's proposals) are selective search's
+    head: Path
+    candidates: dict[str, Path]  # per kind (pool5, fc7): the model validated
+    fit_keys: list[str] = field(default_factory=list)
+    val_keys: list[str] = field(default_factory=list)
+    val_records: list = field(default_factory=list)
+    proposal_choice: dict = field(default_factory=dict)
+    val_map: dict[str, float] = field(default_factory=dict)
+    val_ap: dict[str, dict] = field(default_factory=dict)
+    calibrations: dict[str, dict | None] = field(default_factory=dict)
+    features: str = "pool5"
+    reason: str = ""
 
 
 def _adopt_candidate(candidate: Path, out: Path, metadata: dict, calibration: Calibration | None) -> int:

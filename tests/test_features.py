@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from spp_cli.config import parse_scales
 from spp_cli.errors import SPPError
-from spp_cli.features import feature_pyramid, parse_scales
+from spp_cli.features import feature_pyramid
 
 
 class _FlakyGPUExtractor:

@@ -22,11 +22,11 @@ from conftest import model_tensors as tensors
 
 from spp_cli.cache import FeatureCache
 from spp_cli.cli import cli
-from spp_cli.errors import DatasetError
+from spp_cli.errors import DatasetError, SPPError, UsageError
 from spp_cli.model import Detector
 from spp_cli.data import open_dataset
 from spp_cli.data.records import ImageRecord
-from spp_cli.pipeline import choose_features, scale_note, split_backgrounds, split_for_validation
+from spp_cli.pipeline import ScalePlan, choose_features, scale_alternatives, scale_note, split_backgrounds, split_for_validation
 
 # The pipeline tests' small setting: the stride-16 cut at one 96-pixel scale.
 OPTIONS = ["--backbone", "efficientnet_lite0_b4", "--scales", "96", "--epochs", "3", "--val-fraction", "0.25"]
@@ -126,6 +126,32 @@ def test_train_never_reads_the_test_split(tmp_path):
     assert sorted(cache.metadata(k)["image_id"] for k in cache.keys()) == sorted(TRAIN)
 
 
+def test_each_alternative_scale_is_trained_and_the_better_one_kept(tmp_path):
+    data = write_shapes(tmp_path / "shapes")
+    out = tmp_path / "model.safetensors"
+    result = CliRunner().invoke(cli, train_args(data, out, "--scales", "96/128"))
+    assert result.exit_code == 0, result.output
+    steps = [f"{name} at {scales}" for scales in ("96", "128") for name in ("cache", "proposal network", "proposals", "SVMs on pool5")]
+    for n, name in enumerate(steps + ["final model"], 1):
+        assert f"[{n}/9] {name}" in result.output
+    detector = Detector.load(out)
+    choice = detector.training["choice"]
+    scores = choice["validation_mAP"]
+    assert set(scores) == {"pool5 at 96", "pool5 at 128"}
+    best = "128" if scores["pool5 at 128"] > scores["pool5 at 96"] else "96"  # the first on a tie
+    assert detector.features.scales == (int(best),)
+    assert "Scale: 96 and 128, the one of higher validation mAP (the smallest class's median box, blue, is 42 px at 96: 2.6 cells of the stride-16 map)\n" in result.output
+    assert choice["scales"] == (f"Scale: {best} (validation mAP 96: {scores['pool5 at 96']:.3f}, 128: {scores['pool5 at 128']:.3f}; "
+                                "the smallest class's median box, blue, is 42 px at 96: 2.6 cells of the stride-16 map)")
+    assert choice["scales"] in result.output
+    # The model is the chosen scale's validated candidate; the other scale's files are in a folder of their own.
+    work = tmp_path / "model.work"
+    candidate = tensors(work / ("scale-128" if best == "128" else ".") / "val-pool5.safetensors")
+    assert all(np.array_equal(candidate[name], tensors(out)[name]) for name in candidate)
+    assert FeatureCache.open(work / "feats").settings.scales == (96,)
+    assert FeatureCache.open(work / "scale-128" / "feats").settings.scales == (128,)
+
+
 def test_killed_at_a_random_step_and_rerun_gives_the_same_model(trained, tmp_path):
     data, uninterrupted, _ = trained
     out = tmp_path / "model.safetensors"
@@ -180,7 +206,7 @@ def scale_records(small_boxes: int, small_side: float, crowd: bool = False) -> l
 
 def test_the_scale_line_says_how_small_the_smallest_class_is():
     # 40 px boxes in a 480-px-short image are 57 px at 688: 1.8 cells at stride 32, 3.6 at stride 16.
-    hint = "; small objects may be found better at --scales 1024 (bccd's were, coco128's not: benchmarks/README.md)"
+    hint = "; small objects may be found better at --scales 1024 (--scales auto tries it where they are this small)"
     size = "Scale: 688 (the smallest class's median box, dot, is 57 px: {} cells of the stride-{} map)"
     assert scale_note(scale_records(3, 40), ["dot", "blob"], (688,), 32) == size.format(1.8, 32) + hint
     assert scale_note(scale_records(3, 40), ["dot", "blob"], (688,), 16) == size.format(3.6, 16)
@@ -195,9 +221,35 @@ def test_the_scale_line_on_the_shared_datasets():
     require_shared_data()
     raccoon = open_dataset(str(RACCOON), "train")
     bccd = open_dataset(str(SHARED_DATA / "bccd"), "trainval")
-    assert not scale_note(raccoon.records, raccoon.classes, (688,), 32).endswith("benchmarks/README.md)")
+    assert not scale_note(raccoon.records, raccoon.classes, (688,), 32).endswith("this small)")
     assert scale_note(bccd.records, bccd.classes, (688,), 32).startswith("Scale: 688 (the smallest class's median box, Platelets, is 58 px: 1.8 cells")
-    assert scale_note(bccd.records, bccd.classes, (688,), 32).endswith("benchmarks/README.md)")
+    assert scale_note(bccd.records, bccd.classes, (688,), 32).endswith("this small)")
+    # The default, --scales auto: raccoon at 688 alone, bccd at 688 and 1024.
+    assert scale_alternatives("auto", raccoon.records, raccoon.classes, 32) == ScalePlan(["688"], scale_note(raccoon.records, raccoon.classes, (688,), 32))
+    bccd_plan = scale_alternatives("auto", bccd.records, bccd.classes, 32)
+    assert bccd_plan.alternatives == ["688", "1024"]
+    assert bccd_plan.line == ("Scale: 688 and 1024, the one of higher validation mAP (the smallest class's median box, Platelets, is 58 px at 688: "
+                              "1.8 cells of the stride-32 map, under 2)")
+    assert bccd_plan.chosen({"688": 0.7, "1024": 0.8}, "1024") == ("Scale: 1024 (validation mAP 688: 0.700, 1024: 0.800; the smallest class's "
+                                                                  "median box, Platelets, is 58 px at 688: 1.8 cells of the stride-32 map)")
+
+
+def test_scale_alternatives():
+    records, names = scale_records(3, 40), ["dot", "blob"]  # dot: 57 px at 688
+    assert scale_alternatives("auto", records, names, 32).alternatives == ["688", "1024"]  # 1.8 cells
+    assert scale_alternatives("auto", records, names, 16) == ScalePlan(["688"], scale_note(records, names, (688,), 16))  # 3.6 cells
+    assert scale_alternatives("auto", [], names, 32) == ScalePlan(["688"], "Scale: 688")
+    assert scale_alternatives("688", records, names, 32) == ScalePlan(["688"], scale_note(records, names, (688,), 32))
+    assert scale_alternatives("688", records, names, 32).chosen({"688": 0.5}, "688") == scale_note(records, names, (688,), 32)
+    two = scale_alternatives("1024/ 480,688", records, names, 32)
+    assert two.alternatives == ["1024", "480,688"]
+    assert two.line == ("Scale: 1024 and 480,688, the one of higher validation mAP (the smallest class's median box, dot, is 85 px at 1024: "
+                        "2.7 cells of the stride-32 map)")
+    assert scale_alternatives("96/128", [], names, 32).chosen({"96": 0.25, "128": 0.5}, "128") == "Scale: 128 (validation mAP 96: 0.250, 128: 0.500)"
+    with pytest.raises(UsageError, match="^--scales 688/688: each alternative must differ from the others$"):
+        scale_alternatives("688/688", records, names, 32)
+    with pytest.raises(SPPError, match="^--scales: 'big' is not a comma-separated list of pixel sizes"):
+        scale_alternatives("688/big", records, names, 32)
 
 
 def test_under_torchrun_it_says_to_run_the_steps(tmp_path):

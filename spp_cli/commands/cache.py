@@ -16,8 +16,9 @@ from spp_cli.cache import (
     image_key,
     proposals_digest,
 )
+from spp_cli.config import parse_scales
 from spp_cli.errors import SPPError, UsageError
-from spp_cli.features import feature_pyramid, parse_scales
+from spp_cli.features import feature_pyramid
 from spp_cli.memory import limit_heap_growth
 from spp_cli.sources import Sources, resolve_sources
 
