@@ -533,7 +533,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     runs = [train_at(scales, work if n == 0 else work / f"scale-{scales.replace(',', '-')}",
                      cache_dir if n == 0 else work / f"scale-{scales.replace(',', '-')}" / "feats")
             for n, scales in enumerate(alternatives)]
-    chosen = max(runs, key=lambda run: run.val_map[run.features])  # the first (smallest) on a tie
+    chosen = max(runs, key=lambda run: run.val_map[run.features])  # the first alternative on a tie
     scale_line = scale_plan.chosen({run.scales: run.val_map[run.features] for run in runs}, chosen.scales)
     val_map = {at(kind, run.scales): value for run in runs for kind, value in run.val_map.items()}
     val_ap = {at(kind, run.scales): value for run in runs for kind, value in run.val_ap.items()}
