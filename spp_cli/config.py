@@ -73,6 +73,7 @@ class DetectConfig:
     display_threshold: float = -0.3
 
 
+# Here rather than in spp_cli.features (which imports torch): `spp train` reads --scales first.
 def parse_scales(text: str) -> tuple[int, ...]:
     """``"688"`` or ``"480,576,688,864,1200"`` -> sorted distinct short sides."""
     from spp_cli.errors import SPPError
