@@ -48,7 +48,7 @@ def report(*args) -> dict:
     return {"gt": int(row.group(1)), "recall@0.5": float(row.group(2)), "recall@0.7": float(row.group(3)), "boxes": int(boxes.group(1))}
 
 
-def detection(names: list[str], work: Path) -> None:
+def detection(names: list[str], work: Path, scales: str = "auto") -> None:
     """Test mAP of `spp train` with learned proposals and with selective search, side by side."""
     from spp_cli.data import open_dataset
 
@@ -61,7 +61,7 @@ def detection(names: list[str], work: Path) -> None:
             folder = work / name / proposals
             folder.mkdir(parents=True, exist_ok=True)
             model, dets, metrics = folder / "model.safetensors", folder / "dets.json", folder / "metrics.json"
-            train_s, _ = checkout.run_spp("train", "--data", data, "--split", train, "--out", model, "--proposals", proposals, allowed=(0,))
+            train_s, _ = checkout.run_spp("train", "--data", data, "--split", train, "--out", model, "--proposals", proposals, "--scales", scales, allowed=(0,))
             detect_s, _ = checkout.run_spp("detect", "--data", data, "--split", test, "--model", model, "--out", dets, allowed=(0,))
             spp("eval", dets, "--data", data, "--split", test, "--metric", "voc07", "--out", metrics)
             row[proposals] = {"mAP": json.loads(metrics.read_text())["mAP"], "train_s": round(train_s), "detect_s_per_image": round(detect_s / images, 3)}
@@ -80,12 +80,13 @@ def main() -> None:
     parser.add_argument("--datasets", default="raccoon,bccd,coco128")
     parser.add_argument("--detection", action="store_true", help="test mAP of spp train with each kind of proposals instead of recall")
     parser.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
+    parser.add_argument("--scales", default="auto", help="spp train --scales for --detection (688: one scale, half the training)")
     args = parser.parse_args()
     checkout.check()
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     if args.detection:
         with tempfile.TemporaryDirectory() as tmp:
-            detection(names, args.work or Path(tmp))
+            detection(names, args.work or Path(tmp), args.scales)
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
