@@ -222,21 +222,26 @@ def validation_results(model_path: Path, cache_dir: Path, records: list, backgro
     return mean, per_class, (calibration.to_json() if calibration is not None else None)
 
 
-def choose_proposals(cache, proposal_model: Path, val_records: list) -> dict:
+def choose_proposals(cache, proposal_model: Path, val_records: list, searched_boxes: dict | None = None) -> dict:
     """Learned proposals where they find the validation objects at IoU 0.5 at least as often as
-    selective search (run here on those images only); the figures and a sentence on why."""
+    selective search (run here on those images only); the figures and a sentence on why.
+    ``searched_boxes`` (image path -> boxes) keeps selective search's boxes for the next call:
+    they are the image's, whatever the cache's scale."""
     from spp_cli.cache import image_key
     from spp_cli.images import load_image
     from spp_cli.proposals import ProposalParams, propose
     from spp_cli.rpn import ProposalModel, recall
 
+    searched_boxes = {} if searched_boxes is None else searched_boxes
     model = ProposalModel.load(proposal_model)
     learned, searched, truth = [], [], []
     for record, _ in val_records:
         entry = cache.read(image_key(record.path))
         truth.append(record.boxes[~record.iscrowd])
         learned.append(model.propose(entry.maps, entry.factors, entry.width, entry.height)[0])
-        searched.append(propose(load_image(record.path), ProposalParams()))
+        if record.path not in searched_boxes:
+            searched_boxes[record.path] = propose(load_image(record.path), ProposalParams())
+        searched.append(searched_boxes[record.path])
     ours, theirs = recall(learned, truth, 0.5), recall(searched, truth, 0.5)
     count = round(sum(len(b) for b in searched) / max(len(searched), 1))
     choice = "learned" if not ours < theirs else "selective-search"  # a NaN (no validation box) keeps the learned ones
@@ -436,6 +441,8 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     def search_all() -> int:
         return run_propose((), None, None, props, "fast", None, None, None, None, os.cpu_count() or 1, False, shard="0/1", sources=sources())
 
+    searched_val_boxes: dict = {}  # selective search on the validation images, for every scale's choice of proposals
+
     if not learned:
         step("proposals")
         result = state.done("proposals", props) or timed("proposals", lambda: {"code": search_all()})
@@ -452,9 +459,11 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
                        proposal_choice={"choice": "learned" if learned else "selective-search", "reason": f"--proposals {plan.proposals}"})
         name = at("cache", scales)
         step(name)
-        result = state.done(name, feats) or timed(name, lambda: {"code": run_cache(
-            (), None, None, feats, None if learned else props, plan.backbone, None, scales, 2000, "fp16", gpu, shard="0/1", sources=sources(),
-            selective_search=not learned)})
+
+        def build_cache(boxes: Path | None, **how) -> int:
+            return run_cache((), None, None, feats, boxes, plan.backbone, None, scales, 2000, "fp16", gpu, shard="0/1", sources=sources(), **how)
+
+        result = state.done(name, feats) or timed(name, lambda: {"code": build_cache(None if learned else props, selective_search=not learned)})
         seconds[name] = result["seconds"]
 
         cache = FeatureCache.open(feats)
@@ -479,12 +488,11 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
             step(name)
 
             def choose_and_search() -> dict:
-                choice = choose_proposals(cache, run.proposal_model, run.val_records)
+                choice = choose_proposals(cache, run.proposal_model, run.val_records, searched_val_boxes)
                 ui.say(choice["reason"])
                 if choice["choice"] == "selective-search":
                     # Every image's boxes, then the cache's entries take them (no forward pass).
-                    choice["code"] = search_all() or run_cache(
-                        (), None, None, feats, props, plan.backbone, None, scales, 2000, "fp16", gpu, shard="0/1", sources=sources())
+                    choice["code"] = search_all() or build_cache(props)
                 return choice
 
             run.proposal_choice = state.done(name) or timed(name, choose_and_search)
@@ -530,9 +538,8 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         return run
 
     # The first scale set's files where a single-scale run keeps them; each other's in a folder of its own.
-    runs = [train_at(scales, work if n == 0 else work / f"scale-{scales.replace(',', '-')}",
-                     cache_dir if n == 0 else work / f"scale-{scales.replace(',', '-')}" / "feats")
-            for n, scales in enumerate(alternatives)]
+    folders = [work] + [work / f"scale-{scales.replace(',', '-')}" for scales in alternatives[1:]]
+    runs = [train_at(scales, folder, cache_dir if folder == work else folder / "feats") for scales, folder in zip(alternatives, folders)]
     chosen = max(runs, key=lambda run: run.val_map[run.features])  # the first alternative on a tie
     scale_line = scale_plan.chosen({run.scales: run.val_map[run.features] for run in runs}, chosen.scales)
     val_map = {at(kind, run.scales): value for run in runs for kind, value in run.val_map.items()}
