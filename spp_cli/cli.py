@@ -22,8 +22,18 @@ class SPPGroup(click.Group):
     """A group that turns library errors into clean one-line CLI errors."""
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
+        import signal
+        import threading
+
         from spp_cli.errors import SPPError
 
+        # `kill PID` (SIGTERM, also what SLURM and torchrun send) stops the work
+        # the way Ctrl-C does: atomic writes unwound, worker pools terminated,
+        # one line said. By default Python would die at once and leave the
+        # pool's workers running, orphaned.
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return super().invoke(ctx)
         except SPPError as exc:
@@ -31,6 +41,13 @@ class SPPGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("Interrupted. Finished work is kept; run the same command again to resume.", err=True)
             ctx.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def input_options(func):

@@ -451,6 +451,21 @@ class TaskFailure:
     message: str
 
 
+def _pool_worker_init() -> None:
+    """A pool worker leaves interrupts to the parent, which stops the pool.
+
+    Ctrl-C reaches the whole process group; a worker that raised
+    KeyboardInterrupt too would print its own traceback. SIGTERM (the pool's
+    terminate, or a fork of a parent that turns it into KeyboardInterrupt)
+    just ends the worker.
+    """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _worker_init()
+
+
 def _worker_init() -> None:
     import cv2
 
@@ -495,7 +510,7 @@ def run_proposals(
     # ran the network, a script using the API) its thread pools may be
     # running, and a forked child can hang on their locks: start afresh then.
     ctx = mp.get_context("spawn" if "torch" in sys.modules else "fork")
-    with ctx.Pool(processes=min(workers, len(tasks)), initializer=_worker_init) as pool:
+    with ctx.Pool(processes=min(workers, len(tasks)), initializer=_pool_worker_init) as pool:
         yield from pool.imap(_run_task, [(t, params) for t in tasks], chunksize=1)
 
 

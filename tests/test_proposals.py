@@ -204,3 +204,40 @@ def test_fine_runs_add_only_small_boxes(monkeypatch):
     assert out & only_fine_small  # small fine boxes join the ranking
     assert not out & only_fine_large  # larger ones do not
     assert out <= coarse | only_fine_small
+
+
+def test_sigterm_stops_the_workers_and_keeps_the_finished_images(tmp_path):
+    """`kill PID` ends a run as Ctrl-C does: one line, code 130, no orphaned worker, resumable."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from conftest import write_image
+
+    images = tmp_path / "imgs"
+    for i in range(60):
+        write_image(images / f"{i:02d}.jpg", 640, 480, seed=i)
+    out = tmp_path / "props.json"
+    cmd = [sys.executable, "-m", "spp_cli", "propose", str(images), "--out", str(out), "--workers", "2"]
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    journal = out.with_name("props.json.partial")
+    deadline = time.time() + 120
+    while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < 3):
+        time.sleep(0.02)
+    workers = psutil.Process(process.pid).children(recursive=True)
+    process.terminate()  # SIGTERM
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr.strip().splitlines()[-1] == "Interrupted. Finished work is kept; run the same command again to resume."
+    assert "Traceback" not in stderr and "Process" not in stderr
+    assert len(workers) == 2
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == []
+    done = journal.read_text().count("\n") - 1  # a header line, then one line per image
+    assert 2 <= done < 60, "the signal should land mid-run"
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming: {done} of 60 images already done." in resumed.stderr
+    assert len(json.loads(out.read_text())["images"]) == 60
