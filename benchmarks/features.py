@@ -11,6 +11,10 @@ the peak RSS of `spp cache` over coco128 at 5 scales (a subprocess). The
 last line is a JSON object of the figures.
 
     python benchmarks/features.py [--images 4] [--rcnn-images 2] [--repeat 2] [--skip-rss] [--gpu]
+
+`--compare-backbones efficientnet_lite0,efficientnet_lite2` times only the
+1-scale conv pass (688) of each named backbone on the same photos, the
+backbones taking turns image by image, and prints their ratios to the first.
 """
 
 from __future__ import annotations
@@ -92,6 +96,24 @@ def peak_rss_of_cache(data_root: Path, scales: str, backbone: str) -> tuple[floa
         return max(peak, before) / 1024, seconds
 
 
+def compare_backbones(names: list[str], records, device: str, repeat: int) -> None:
+    """Conv pass at one scale (688) of each backbone on the same images, side by side."""
+    extractors = {name: FeatureExtractor(get_spec(name), device=device) for name in names}
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    print(f"device: {device}, torch threads: {torch.get_num_threads()}; conv pass at 688, best of {repeat} after a warm-up")
+    print(f"{'image':<22}{'size':>10}" + "".join(f"{name:>22}" for name in names))
+    for record in records:
+        image = load_image(record.path)
+        for name, extractor in extractors.items():
+            best, _ = timed(lambda: extractor.image_pyramid(image, [688], DEFAULT_MAX_SIDE), device, repeat)
+            seconds[name].append(best)
+        h, w = image.shape[:2]
+        print(f"{record.image_id:<22}{f'{w}x{h}':>10}" + "".join(f"{seconds[name][-1]:>22.3f}" for name in names), flush=True)
+    mean = {name: float(np.mean(values)) for name, values in seconds.items()}
+    print("mean s/image: " + ", ".join(f"{name} {mean[name]:.3f} ({mean[name] / mean[names[0]]:.2f}x)" for name in names))
+    print(json.dumps({"device": device, "conv_s_1scale": {name: round(value, 4) for name, value in mean.items()}}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", type=Path, default=REPO.parent / "shared" / "data")
@@ -101,6 +123,7 @@ def main() -> None:
     parser.add_argument("--skip-rss", action="store_true", help="skip the peak-RSS run of `spp cache` over coco128")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--backbone", default="efficientnet_lite0", help="registry name (efficientnet_lite0_b4: the blocks.4 figures in benchmarks/README.md)")
+    parser.add_argument("--compare-backbones", help="comma-separated registry names: time their 1-scale conv pass side by side, nothing else")
     args = parser.parse_args()
     checkout.check()
 
@@ -111,6 +134,9 @@ def main() -> None:
     coco = open_dataset(args.data_root / "coco128" / "annotations" / "instances_train2017.json").records
     half = max(1, args.images // 2)
     records = raccoon[:half] + coco[:half]
+    if args.compare_backbones:
+        compare_backbones(args.compare_backbones.split(","), records, device, args.repeat)
+        return
     print(f"device: {device}, torch threads: {torch.get_num_threads()}, backbone: {spec.name} ({spec.layer}, {spec.channels} ch, stride {spec.stride})")
     print(f"{'image':<22}{'size':>10}{'conv 1s':>9}{'conv 5s':>9}{'pool 1s':>9}{'pool 5s':>9}{'R-CNN':>9}{'x 1s':>8}{'x 5s':>8}")
 

