@@ -128,8 +128,6 @@ def main() -> None:
     checkout.check()
 
     device = select_device(args.gpu)
-    spec = get_spec(args.backbone)
-    extractor = FeatureExtractor(spec, device=device)
     raccoon = open_dataset(args.data_root / "raccoon", "test").records
     coco = open_dataset(args.data_root / "coco128" / "annotations" / "instances_train2017.json").records
     half = max(1, args.images // 2)
@@ -137,6 +135,8 @@ def main() -> None:
     if args.compare_backbones:
         compare_backbones(args.compare_backbones.split(","), records, device, args.repeat)
         return
+    spec = get_spec(args.backbone)
+    extractor = FeatureExtractor(spec, device=device)
     print(f"device: {device}, torch threads: {torch.get_num_threads()}, backbone: {spec.name} ({spec.layer}, {spec.channels} ch, stride {spec.stride})")
     print(f"{'image':<22}{'size':>10}{'conv 1s':>9}{'conv 5s':>9}{'pool 1s':>9}{'pool 5s':>9}{'R-CNN':>9}{'x 1s':>8}{'x 5s':>8}")
 

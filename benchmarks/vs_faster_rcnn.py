@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import tempfile
 import time
 from pathlib import Path
@@ -229,7 +230,7 @@ def main() -> None:
     rows = []
     for name in names:
         log(f"{name}:")
-        rows.append(run_dataset(name, work / name, args.epochs, skip, log, tuple(args.spp_train_args.split())))
+        rows.append(run_dataset(name, work / name, args.epochs, skip, log, tuple(shlex.split(args.spp_train_args))))
         log(f"  row: {json.dumps(rows[-1])}")  # kept in the log should a later dataset fail
 
     def cell(row: dict, key: str, fmt: str) -> str:

