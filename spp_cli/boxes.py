@@ -31,9 +31,10 @@ def from_voc(xmin: float, ymin: float, xmax: float, ymax: float) -> list[float]:
     return [xmin - 1.0, ymin - 1.0, float(xmax), float(ymax)]
 
 
-def from_xywh(boxes: np.ndarray) -> np.ndarray:
-    """``(R, 4)`` boxes ``[x, y, w, h]`` (COCO, OpenCV rects) to ``xyxy``."""
-    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+def from_xywh(boxes: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """``(R, 4)`` boxes ``[x, y, w, h]`` (COCO, OpenCV rects) to ``xyxy`` (annotations: float64, so
+    that :func:`spp_cli.data.records.sanitise` sees values beyond float32's range)."""
+    boxes = np.asarray(boxes, dtype=dtype).reshape(-1, 4)
     return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
 
 

@@ -174,3 +174,58 @@ def test_paths_with_spaces_and_non_ascii(tmp_path):
     (root / "annotations" / "chat été.xml").write_text(voc_xml("chat été.jpg", 64, 48, [("chat", 1, 1, 10, 10)]), encoding="utf-8")
     ds = open_dataset(root)
     assert ds.records[0].image_id == "chat été" and ds.records[0].path.exists()
+
+
+def test_box_with_a_coordinate_that_is_not_a_number_is_dropped_with_warning(tmp_path):
+    objects = [("cat", "nan", 5, 10, 30), ("dog", 1, 1, "1e400", 5), ("dog", 1, 1, 5, 5)]
+    path = _one_xml(tmp_path / "d", voc_xml("x.jpg", 64, 48, objects))
+    ds = open_dataset(tmp_path / "d")
+    np.testing.assert_allclose(ds.records[0].boxes, [[0, 0, 5, 5]])
+    assert ds.warnings == [
+        f"{path}: box 1 [nan, 4, 10, 30] has a coordinate that is not a usable number; dropped",
+        f"{path}: box 2 [0, 0, inf, 5] has a coordinate that is not a usable number; dropped",
+    ]
+
+
+def test_coco_bbox_beyond_float32_is_dropped_without_numpy_noise(coco_dataset, recwarn):
+    doc = coco_document()
+    doc["annotations"][0]["bbox"] = [1e300, 5, 20, 10]
+    coco_dataset.write_text(json.dumps(doc))
+    ds = open_dataset(coco_dataset)
+    assert ds.warnings == [f"{coco_dataset}: box 1 [1e+300, 5, 1e+300, 15] has a coordinate that is not a usable number; dropped"]
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+@pytest.mark.parametrize(
+    ("where", "field", "value", "kind"),
+    [
+        ("annotations", "category_id", [3], "a number or a string"),
+        ("annotations", "image_id", None, "a number or a string"),
+        ("categories", "id", True, "a number or a string"),
+        ("images", "file_name", 5, "a string"),
+        ("images", "file_name", "", "a string"),
+    ],
+)
+def test_coco_field_of_the_wrong_kind(coco_dataset, where, field, value, kind):
+    doc = coco_document()
+    doc[where][0][field] = value
+    coco_dataset.write_text(json.dumps(doc))
+    with pytest.raises(DatasetError) as info:
+        open_dataset(coco_dataset)
+    assert str(info.value) == f"{coco_dataset}: {where}[0] '{field}' is {json.dumps(value)}, not {kind}"
+
+
+def test_coco_category_ids_of_two_kinds(coco_dataset):
+    doc = coco_document()
+    doc["categories"][0]["id"] = "7"
+    coco_dataset.write_text(json.dumps(doc))
+    with pytest.raises(DatasetError) as info:
+        open_dataset(coco_dataset)
+    assert str(info.value) == f"{coco_dataset}: category ids mix numbers and strings"
+
+
+def test_yolo_path_that_is_not_a_folder_name(yolo_dataset):
+    yolo_dataset.write_text(yolo_dataset.read_text().replace("path: .", "path: 12"))
+    with pytest.raises(DatasetError) as info:
+        open_dataset(yolo_dataset)
+    assert str(info.value) == f"{yolo_dataset}: 'path' is 12, not a folder"

@@ -6,6 +6,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from spp_cli.boxes import from_xywh
 from spp_cli.data.records import Dataset, ImageRecord, sanitise
 from spp_cli.data.registry import read_id_list, split_file
@@ -31,9 +33,11 @@ def read_coco(json_path: Path, split: str | None) -> Dataset:
     for key in ("images", "annotations", "categories"):
         if key not in data:
             raise DatasetError(f"{json_path}: missing key '{key}'")
-    categories = _require_each(json_path, data["categories"], "categories", ("id", "name"))
-    images = _require_each(json_path, data["images"], "images", ("id", "file_name"))
-    annotations = _require_each(json_path, data["annotations"], "annotations", ("image_id", "category_id", "bbox"))
+    categories = _require_each(json_path, data["categories"], "categories", {"id": _ID, "name": _NAME})
+    images = _require_each(json_path, data["images"], "images", {"id": _ID, "file_name": _NAME})
+    annotations = _require_each(json_path, data["annotations"], "annotations", {"image_id": _ID, "category_id": _ID, "bbox": None})
+    if len({type(c["id"]) for c in categories}) > 1:
+        raise DatasetError(f"{json_path}: category ids mix numbers and strings")
 
     categories = sorted(categories, key=lambda c: c["id"])
     classes = [str(c["name"]) for c in categories]
@@ -63,7 +67,7 @@ def read_coco(json_path: Path, split: str | None) -> Dataset:
         record = ImageRecord(image_id=Path(im["file_name"]).stem, path=image_dir / im["file_name"], coco_id=im["id"])
         sanitise(
             record,
-            from_xywh(xywh) if xywh else [],
+            from_xywh(xywh, np.float64) if xywh else [],
             labels,
             [False] * len(anns),
             [bool(ann.get("iscrowd", 0)) for ann in anns],
@@ -74,15 +78,24 @@ def read_coco(json_path: Path, split: str | None) -> Dataset:
     return Dataset(root=json_path, format="coco", classes=classes, records=records, bad=bad, warnings=warnings)
 
 
-def _require_each(path: Path, items: object, key: str, fields: tuple[str, ...]) -> list[dict]:
+# What a field may hold: ids are numbers (the COCO format) or strings (some exporters); names are strings.
+_ID = ((int, str), "a number or a string")
+_NAME = ((str,), "a string")
+
+
+def _require_each(path: Path, items: object, key: str, fields: dict[str, tuple | None]) -> list[dict]:
+    """``items`` as a list of objects, each with ``fields`` of the given kind (``None``: checked later)."""
     if not isinstance(items, list):
         raise DatasetError(f"{path}: '{key}' is not a list")
     for n, item in enumerate(items):
         if not isinstance(item, dict):
             raise DatasetError(f"{path}: {key}[{n}] is not an object")
-        for f in fields:
+        for f, kind in fields.items():
             if f not in item:
                 raise DatasetError(f"{path}: {key}[{n}] missing key '{f}'")
+            value = item[f]
+            if kind is not None and (isinstance(value, bool) or not isinstance(value, kind[0]) or value == ""):
+                raise DatasetError(f"{path}: {key}[{n}] '{f}' is {json.dumps(value)[:40]}, not {kind[1]}")
     return items
 
 

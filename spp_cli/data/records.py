@@ -89,7 +89,10 @@ def sanitise(
     wholly outside the image (nothing left after clipping) are dropped; each
     with a warning that says which of these happened.
     """
-    b = np.asarray(raw_boxes, dtype=np.float32).reshape(-1, 4)
+    exact = np.asarray(raw_boxes, dtype=np.float64).reshape(-1, 4)
+    # NaN, infinity, or beyond any image (and float32): the source file is damaged there.
+    unusable = ~(np.abs(exact) < 1e9).all(axis=1)
+    b = np.where(unusable[:, None], 0.0, exact).astype(np.float32)
     keep_labels = np.asarray(labels, dtype=np.int64).reshape(-1)
     keep_difficult = np.asarray(difficult, dtype=bool).reshape(-1)
     keep_crowd = np.asarray(iscrowd, dtype=bool).reshape(-1)
@@ -98,10 +101,13 @@ def sanitise(
     except ImageError:
         # The image itself is reported by the command that reads its pixels.
         record.width = record.height = None
-    degenerate = box_ops.is_degenerate(b)
+    for i in np.flatnonzero(unusable):
+        warnings.append(f"{annotation_file}: box {i + 1} {_fmt(exact[i])} has a coordinate that is not a usable number; dropped")
+    degenerate = box_ops.is_degenerate(b) & ~unusable
     if degenerate.any():
         for i in np.flatnonzero(degenerate):
             warnings.append(f"{annotation_file}: box {i + 1} {_fmt(b[i])} has no area (x2 <= x1 or y2 <= y1); dropped")
+    degenerate |= unusable
     if record.width is not None and record.height is not None:
         # Sub-pixel overshoot is rounding in the source format (YOLO's
         # normalised floats): clip it silently; warn about real overshoot.

@@ -37,7 +37,10 @@ def read_yolo(yaml_path: Path, split: str | None) -> Dataset:
     if not isinstance(config, dict) or "names" not in config:
         raise DatasetError(f"{yaml_path}: missing key 'names'")
     classes = _names(yaml_path, config["names"])
-    base = Path(config.get("path") or ".")
+    root = config.get("path") or "."
+    if not isinstance(root, str):
+        raise DatasetError(f"{yaml_path}: 'path' is {root!r}, not a folder")
+    base = Path(root)
     base = base if base.is_absolute() else yaml_path.parent / base
 
     split_keys = [k for k in ("train", "val", "test") if config.get(k)]
