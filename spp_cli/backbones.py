@@ -577,7 +577,10 @@ def extractor_for(settings, source: str, device: str = "cpu", remedy: str = "") 
         ModelError: another layer, other weights or another input normalisation; the message
             names ``source`` (the cache folder or model file) and ends with ``remedy``.
     """
-    spec = get_spec(settings.backbone)
+    try:
+        spec = get_spec(settings.backbone)
+    except ModelError as exc:
+        raise ModelError(f"{source}: {exc}") from None
     tail = f"; {remedy}" if remedy else ""
     recorded = (settings.layer, settings.stride, settings.offset, settings.channels)
     if recorded != (spec.layer, spec.stride, spec.offset, spec.channels):

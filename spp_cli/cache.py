@@ -85,6 +85,27 @@ class CacheSettings:
     dtype: str = "fp16"
     preprocess: str = ""
 
+    @classmethod
+    def from_json(cls, raw: object) -> CacheSettings:
+        """The settings as a cache header or a model's metadata stores them.
+
+        Raises:
+            KeyError, TypeError: a field is missing or unknown.
+            ValueError: a field holds what no cache can have (no scales, a stride of 0...).
+        """
+        if not isinstance(raw, dict):
+            raise TypeError("the feature settings are not an object")
+        scales = raw["scales"]
+        if not isinstance(scales, list) or not scales or not all(_positive_int(s) for s in scales):
+            raise ValueError(f"scales {scales!r} are not a list of short sides in pixels")
+        settings = cls(**{**raw, "scales": tuple(scales)})
+        for name in ("stride", "channels", "max_side"):
+            if not _positive_int(getattr(settings, name)):
+                raise ValueError(f"{name} {getattr(settings, name)!r} is not a positive whole number")
+        if settings.dtype not in DTYPES:
+            raise ValueError(f"dtype {settings.dtype!r} is not one of {', '.join(DTYPES)}")
+        return settings
+
     @property
     def alignment(self) -> Alignment:
         return Alignment(self.stride, self.offset)
@@ -93,6 +114,10 @@ class CacheSettings:
         scales = ",".join(str(s) for s in self.scales)
         text = f"backbone {self.backbone} ({self.layer}, weights {self.weights_sha256[:12]}), scales {scales}, max side {self.max_side}, {self.dtype}"
         return text + (f", input {self.preprocess}" if self.preprocess else "")
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass
@@ -212,10 +237,11 @@ class FeatureCache:
             raise CacheError(f"{root}: not a feature cache (no {HEADER}); build one with `spp cache ... --cache {root}`")
         doc = read_versioned_json(header, CACHE_FORMAT, CACHE_VERSION, "cache header", "rebuild the cache", CacheError)
         try:
-            raw = doc["settings"]
-            settings = CacheSettings(**{**raw, "scales": tuple(raw["scales"])})
+            settings = CacheSettings.from_json(doc["settings"])
         except (KeyError, TypeError):
             raise CacheError(f"{header}: damaged cache header (settings incomplete)") from None
+        except ValueError as exc:
+            raise CacheError(f"{header}: damaged cache header ({exc})") from None
         return cls(root, settings)
 
     # ---------------------------------------------------------------- entries

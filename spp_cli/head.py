@@ -144,8 +144,7 @@ class Head:
             network = FCHead(int(meta["in_dim"]), int(meta["hidden"]), len(classes))
             state = {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
             network.load_state_dict(state, strict=True)
-            raw = meta["features"]
-            features = CacheSettings(**{**raw, "scales": tuple(raw["scales"])})
+            features = CacheSettings.from_json(meta["features"])
             return cls(network.eval(), classes, float(meta["input_scale"]), features, tuple(meta["levels"]), dict(meta.get("training", {})))
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             reason = str(exc).strip().splitlines()[0][:200]

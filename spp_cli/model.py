@@ -185,8 +185,7 @@ class Detector:
             bias = tensors["svm_bias"].numpy()
             if weight.shape[0] != len(classes) or bias.shape != (len(classes),):
                 raise ValueError("classifier shapes do not match the class list")
-            raw = meta["features"]
-            features = CacheSettings(**{**raw, "scales": tuple(raw["scales"])})
+            features = CacheSettings.from_json(meta["features"])
             regressors = None
             if "bbox_weight" in tensors:
                 regressors = BoxRegressors(tensors["bbox_weight"].numpy(), tensors["bbox_bias"].numpy())

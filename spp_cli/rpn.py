@@ -220,8 +220,7 @@ class ProposalModel:
         """
         try:
             config = ProposalConfig.from_json(meta["config"])
-            raw = meta["features"]
-            features = CacheSettings(**{**raw, "scales": tuple(raw["scales"])})
+            features = CacheSettings.from_json(meta["features"])
             net = ProposalNet(int(meta["channels"]), config)
             state = {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
             net.head.load_state_dict(state, strict=True)

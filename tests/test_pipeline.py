@@ -561,3 +561,23 @@ def test_the_python_api_proposes_as_spp_detect_does(pipeline, carrying, tmp_path
         assert [(list(d.box), d.class_name, d.score) for d in api_dets] == [(d["box"], d["class"], d["score"]) for d in cli_dets]
     with pytest.raises(ModelError, match="carries no proposal network"):
         spp_cli.Detector.load(pipeline.model)(image, proposals="learned")
+
+
+def test_model_and_cache_settings_no_cache_can_have_are_refused(pipeline, tmp_path):
+    with safe_open(str(pipeline.model), framework="pt") as f:
+        meta = json.loads(f.metadata()["spp"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    model = tmp_path / "m.safetensors"
+    save_file(tensors, str(model), metadata={"spp": json.dumps({**meta, "features": {**meta["features"], "scales": []}})})
+    result = invoke("detect", pipeline.data / "images" / "s04.jpg", "--model", model)
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {model}: damaged spp model (scales [] are not a list of short sides in pixels)"
+
+    cache = tmp_path / "feats"
+    shutil.copytree(pipeline.cache, cache)
+    header = json.loads((cache / "cache.json").read_text())
+    header["settings"]["scales"] = "96"
+    (cache / "cache.json").write_text(json.dumps(header))
+    result = invoke("train-svm", "--cache", cache, "--out", tmp_path / "m2.safetensors")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {cache / 'cache.json'}: damaged cache header (scales '96' are not a list of short sides in pixels)"
