@@ -9,6 +9,7 @@ on how to resume.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -16,6 +17,21 @@ from pathlib import Path
 import click
 
 from spp_cli import __version__
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that must be a finite number: click's FloatRange lets ``nan`` through any bound."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.min is None and self.max is None:
+            self.name = "float"  # shown as FLOAT, as click's plain float is
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number is not None and not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 class SPPGroup(click.Group):
@@ -244,7 +260,7 @@ def cache_info(cache_dir, verify) -> None:
 )
 @click.option(
     "--conf",
-    type=float,
+    type=FiniteFloat(),
     default=None,
     metavar="X",
     help="Only draw detections with score >= X (SVM scores, not probabilities: typically -1.5..3).",
@@ -272,9 +288,9 @@ def draw(detections, images_root, out_dir, conf) -> None:
 @subset_options
 @click.option("--classes", metavar="A,B", help="Fine-tune for these classes only (default: every class in the cache).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most epochs (stops earlier when the held-out loss stops improving).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True, help="AdamW learning rate.")
+@click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=1e-4, show_default=True, help="AdamW learning rate.")
 @click.option("--batch", type=click.IntRange(min=2), default=128, show_default=True, help="Windows per mini-batch (from 2 images).")
-@click.option("--fg-fraction", type=click.FloatRange(0, 1), default=0.25, show_default=True, help="Foreground share of a mini-batch (IoU >= 0.5).")
+@click.option("--fg-fraction", type=FiniteFloat(0, 1), default=0.25, show_default=True, help="Foreground share of a mini-batch (IoU >= 0.5).")
 @click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True, help="Width of fc6 and fc7.")
 @click.option("--flip/--no-flip", default=True, show_default=True, help="Mirror half of the training windows.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for sampling, initialisation and dropout.")
@@ -328,7 +344,7 @@ def train_proposals(cache_dir, out, data, split, epochs, top, gpu) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model file to write (.safetensors).")
 @subset_options
 @click.option("--classes", metavar="A,B", help="Train only these classes (default: every class in the cache).")
-@click.option("--C", "C", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True, help="SVM regularisation (liblinear -c; R-CNN used 0.001, which underfits these features).")
+@click.option("--C", "C", type=FiniteFloat(min=0, min_open=True), default=0.1, show_default=True, help="SVM regularisation (liblinear -c; R-CNN used 0.001, which underfits these features).")
 @click.option(
     "--solver",
     type=click.Choice(["newton", "liblinear"]),
@@ -381,7 +397,7 @@ def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_pa
 @click.option("--split", default="train", show_default=True, metavar="NAME", help="The training split (a name or a .txt of image ids). No other split is read, unless --val-split names one.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model file to write (.safetensors).")
 @click.option("--val-split", metavar="NAME", help="Make the choices on this split (default: a --val-fraction of the training split).")
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.1, show_default=True, help="Share of the training split held out for the choices (stable: by sha256 of each image id); the model is the candidate fitted on the rest (see --refit).")
+@click.option("--val-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.1, show_default=True, help="Share of the training split held out for the choices (stable: by sha256 of each image id); the model is the candidate fitted on the rest (see --refit).")
 @click.option("--work", type=click.Path(file_okay=False, path_type=Path), help="Folder for the steps' files (proposals, head, candidate models, train-state.json). Default: <out stem>.work beside --out.")
 @click.option("--cache", "cache_dir", type=click.Path(file_okay=False, path_type=Path), help="Feature cache to build or reuse (default: <work>/feats).")
 @click.option("--features", type=click.Choice(["pool5", "auto", "fc7"]), default="pool5", show_default=True,
@@ -429,10 +445,10 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
 @click.option("--props", type=click.Path(dir_okay=False, path_type=Path), help="props.json from spp propose (default: computed here).")
 @click.option("--proposals", type=click.Choice(["learned", "selective-search"]), default=None,
               help="How proposals are computed without --props: learned (the model's proposal network, on the conv maps; the default where the model carries one) or selective-search (the default otherwise; with --cache, the cached boxes).")
-@click.option("--conf", type=float, default=None, help="Keep detections scoring at least X (an SVM margin; default: the model's display threshold (-0.3 for the shipped detector; probability 0.5 for a model from spp train), or -1.5 with --data so that spp eval sees the whole ranking).")
-@click.option("--min-prob", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None, metavar="P",
+@click.option("--conf", type=FiniteFloat(), default=None, help="Keep detections scoring at least X (an SVM margin; default: the model's display threshold (-0.3 for the shipped detector; probability 0.5 for a model from spp train), or -1.5 with --data so that spp eval sees the whole ranking).")
+@click.option("--min-prob", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None, metavar="P",
               help="Keep detections whose calibrated probability of being right is at least P (models from spp train; instead of --conf).")
-@click.option("--nms", type=click.FloatRange(0, 1), default=0.3, show_default=True, help="Per-class NMS IoU.")
+@click.option("--nms", type=FiniteFloat(0, 1), default=0.3, show_default=True, help="Per-class NMS IoU.")
 @click.option("--max-det", type=click.IntRange(min=1), default=100, show_default=True, help="Detections per image.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write detections JSON here (and COCO results beside it as *.coco.json).")
 @click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path), help="Write annotated images here (detections scoring >= --conf, or the display threshold).")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from spp_cli.errors import SPPError
@@ -80,8 +81,34 @@ def check_writable(path: str | Path) -> None:
     folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise SPPError(f"{path}: is a folder; give a file name")
-    if folder.exists() and not os.access(folder, os.W_OK):
-        raise SPPError(f"{path}: folder {folder} is not writable")
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)  # missing folders are created
+    if existing is not None and not existing.is_dir():
+        raise SPPError(f"{path}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise SPPError(f"{path}: folder {existing} is not writable")
+
+
+def check_not_input(outputs: str | Path | Iterable[str | Path], inputs: Iterable[str | Path], option: str = "--out") -> None:
+    """Fail before any work if writing one of ``outputs`` would replace one of the command's input files.
+
+    Raises:
+        SPPError: ``"{output}: would overwrite an input of this command; choose another {option}"``.
+    """
+    outputs = [outputs] if isinstance(outputs, (str, Path)) else list(outputs)
+    existing = []
+    for out in outputs:
+        with contextlib.suppress(OSError):  # not there yet: nothing to lose
+            existing.append((Path(out), os.stat(out)))
+    if not existing:
+        return
+    identities = set()
+    for path in inputs:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+            identities.add((st.st_dev, st.st_ino))
+    for out, st in existing:
+        if (st.st_dev, st.st_ino) in identities:
+            raise SPPError(f"{out}: would overwrite an input of this command; choose another {option}")
 
 
 def file_sha256(path: str | Path) -> str:

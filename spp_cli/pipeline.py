@@ -28,7 +28,7 @@ from pathlib import Path
 from spp_cli import __version__, ui
 from spp_cli.calibration import Calibration
 from spp_cli.errors import DatasetError, UsageError
-from spp_cli.fileio import atomic_write_json, check_writable
+from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
 
 STATE_FORMAT = "spp-train-state"
 # Version 2 holds part of --negatives out for validation; a version-1 state's steps were
@@ -367,6 +367,8 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     if plan.features not in FEATURE_CHOICES:
         raise UsageError(f"--features must be one of {', '.join(FEATURE_CHOICES)}")
     check_writable(out)
+    # The dataset's annotation file, split lists and background lists are read again on a resume.
+    check_not_input(out, [plan.data, plan.split, *([plan.val_split] if plan.val_split else []), *plan.negatives])
     work = work if work is not None else out.with_name(out.stem + ".work")
     work.mkdir(parents=True, exist_ok=True)
     cache_dir = cache_dir if cache_dir is not None else work / "feats"

@@ -569,4 +569,6 @@ def read_proposals(path: str | Path) -> ProposalSet:
             )
         except (KeyError, TypeError, ValueError):
             raise ProposalError(f"{path}: images[{n}] is malformed (needs id, path, width, height, boxes [[x1,y1,x2,y2],...])") from None
+        if not np.isfinite(boxes).all():
+            raise ProposalError(f"{path}: images[{n}] has a box with a coordinate that is not a finite number")
     return out

@@ -228,3 +228,27 @@ def test_threads_must_be_positive():
     result = invoke("--threads", "0", "models")
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines()[-1] == "Error: Invalid value for '--threads': 0 is not in the range x>=1."
+
+
+def test_eval_says_which_annotations_it_could_not_read(tmp_path, xml_dataset):
+    for image_id in ("a", "b", "c"):
+        (xml_dataset / "annotations" / f"{image_id}.xml").write_text("<annotation><object>")
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps({"format": "spp-detections", "version": 1, "classes": ["cat"], "images": []}))
+    result = invoke("eval", dets, "--data", xml_dataset, "--split", "train")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "2 input(s) skipped:"
+    assert lines[1].startswith(f"  skipped {xml_dataset / 'annotations' / 'a.xml'}: ")
+    assert lines[-1] == f"Error: {xml_dataset}: no image of split 'train' has usable annotations (the files above)"
+
+
+def test_eval_of_detections_made_on_other_images(tmp_path, xml_dataset):
+    dets = tmp_path / "dets.json"
+    entry = {"id": "zz", "path": str(tmp_path / "zz.jpg"), "width": 64, "height": 48, "detections": []}
+    dets.write_text(json.dumps({"format": "spp-detections", "version": 1, "classes": ["cat", "dog"], "images": [entry]}))
+    result = invoke("eval", dets, "--data", xml_dataset, "--split", "test")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"Error: {dets}: none of the 1 image(s) of {xml_dataset} (split 'test') has an entry; were the detections made on another split?"
+    )

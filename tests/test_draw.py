@@ -297,7 +297,7 @@ def test_draw_refuses_to_overwrite_its_input_images(tmp_path):
     dets = write_detections(tmp_path / "dets.json", [entry(photo, [det([40, 50, 160, 130])])])
     result = invoke("draw", dets, "--out", tmp_path / "photos")
     assert result.exit_code == 1
-    assert result.stderr.strip() == f"Error: {photo}: would overwrite its input image; choose another --out folder"
+    assert result.stderr.strip() == f"Error: {photo}: would overwrite an input of this command; choose another --out"
     assert photo.read_bytes() == before
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from spp_cli import ui
 from spp_cli.config import DetectConfig
 from spp_cli.errors import ModelError, SPPError, UsageError
-from spp_cli.fileio import atomic_write_json, check_writable
+from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
 from spp_cli.sources import resolve_sources
 
 STAGES = ("proposals", "conv", "pooling", "classify", "nms")
@@ -141,6 +141,13 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
         work = parts.share(sources, shard)
     else:
         sources, work = resolved
+    inputs_read = [s.path for s in sources.items] + [model_path] + ([props] if props is not None else [])
+    if out is not None:
+        check_not_input([work.output(out)] + ([] if work.shard.active else [coco_results_path(out)]), inputs_read)
+    if save_dir is not None:
+        from spp_cli.commands.draw import output_paths
+
+        check_not_input(output_paths([s.path for s in sources.items], save_dir)[0], inputs_read, "--save-dir")
     ui.print_warnings(sources.warnings or [])
     if data and sources.dataset is not None:
         missing = [c for c in sources.dataset.classes if c not in detector.classes]
@@ -249,6 +256,11 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     finally:
         torch.set_num_threads(network_threads)  # as it was (set lower while a search ran beside)
 
+    if not results and bad and not work.shard.active:
+        # Every image failed: an earlier, good detections file stays as it was.
+        ui.print_bad(bad)
+        ui.console.print("Nothing written: no image could be read" + (f" ({out} is unchanged)." if out is not None else "."))
+        return 1
     if out is not None and work.shard.active:
         from spp_cli.merge import part_document
 

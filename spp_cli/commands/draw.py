@@ -12,7 +12,7 @@ from spp_cli import ui
 from spp_cli.detections import DetectionsImage, read_detections
 from spp_cli.draw import draw_detections
 from spp_cli.errors import ImageError, SPPError
-from spp_cli.fileio import atomic_write_bytes
+from spp_cli.fileio import atomic_write_bytes, check_not_input
 from spp_cli.images import load_image
 
 
@@ -63,10 +63,8 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
         raise SPPError(f"{images_root}: no such folder (--images)")
     sources = [image_path(entry.path, images_root) for entry in doc.images]
     outs, warnings = output_paths(sources, out_dir)
-    for src, out in zip(sources, outs):
-        # `--out` pointed at the image folder must not replace the photos.
-        if out.exists() and src.exists() and out.samefile(src):
-            raise SPPError(f"{out}: would overwrite its input image; choose another --out folder")
+    # `--out` pointed at the image folder must not replace the photos.
+    check_not_input(outs, sources + [detections_file])
 
     bad: list[tuple[Path | str, str]] = []
     written = 0

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from spp_cli import ui
 from spp_cli.errors import DatasetError
-from spp_cli.fileio import atomic_write_json, check_writable
+from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
 
 
 def run_eval(detections_file: Path, data: str, split: str | None, metric: str, out: Path | None) -> int:
@@ -19,10 +19,14 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
 
     if out is not None:
         check_writable(out)
+        check_not_input(out, [detections_file, data])
     dets = read_detections(detections_file)
     dataset = open_dataset(data, split)
     ui.print_warnings(dataset.warnings)
     shared = [c for c in dataset.classes if c in dets.classes]
+    if not dataset.records and dataset.bad:
+        ui.print_bad(list(dataset.bad))
+        raise DatasetError(f"{data}: no image of split '{split or 'all'}' has usable annotations (the files above)")
     if not shared:
         raise DatasetError(
             f"{data}: none of the dataset's classes ({', '.join(dataset.classes[:6])}) is among the detections' classes "
@@ -36,6 +40,9 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
         if entry is None:
             missing += 1
         pairs.append((GroundTruthImage.from_record(record, dataset.classes), entry.detections if entry else []))
+    if missing and missing == len(dataset.records):
+        raise DatasetError(f"{detections_file}: none of the {missing} image(s) of {data} (split '{split or 'all'}') has an entry; "
+                           "were the detections made on another split?")
     if missing:
         ui.warn(f"{missing} of {len(dataset.records)} image(s) have no entry in {detections_file}; counted as without detections")
     skipped = [c for c in dataset.classes if c not in dets.classes]

@@ -9,7 +9,7 @@ from pathlib import Path
 from spp_cli import backbones, ui
 from spp_cli.cache import FeatureCache
 from spp_cli.errors import UsageError
-from spp_cli.fileio import check_writable
+from spp_cli.fileio import check_not_input, check_writable
 
 
 def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, epochs: int, lr: float, batch: int,
@@ -26,6 +26,7 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
     from spp_cli.train import negative_images, negative_keys, split_keys, training_set
 
     check_writable(out)
+    check_not_input(out, [proposal_model_path] if proposal_model_path is not None else [])
     device = backbones.select_device(gpu)
     cache = FeatureCache.open(cache_dir)
     if proposal_model_path is not None:

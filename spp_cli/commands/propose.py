@@ -11,7 +11,7 @@ import numpy as np
 
 from spp_cli import ui
 from spp_cli.errors import SPPError, UsageError
-from spp_cli.fileio import atomic_write_json, check_writable
+from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
 from spp_cli.proposals import (
     DEFAULT_STRATEGY,
     ImageProposals,
@@ -72,6 +72,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     work = parts.share(sources, shard)
     target = work.output(out)
     items = work.items
+    check_not_input(target, [s.path for s in items] + ([model_path] if model_path is not None else []))
     ui.print_warnings(sources.warnings or [])
     bad: list[tuple[Path | str, str]] = list(sources.bad or [])
 
@@ -107,6 +108,12 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
 
     kept = [(order, s) for order, s in zip(work.orders, items) if str(s.path) in results]
     ordered = [results[str(s.path)] for _, s in kept]
+    if not ordered and bad and not work.shard.active:
+        # Every image failed: an earlier, good file stays as it was.
+        partial_path(target).unlink(missing_ok=True)
+        ui.print_bad(bad)
+        ui.console.print(f"Nothing written: no image could be read ({target} is unchanged).")
+        return 1
     document = proposals_document(params, ordered)
     if work.shard.active:
         document = part_document(document, work.shard, [order for order, _ in kept], work.total, work.run, len(bad))
@@ -226,11 +233,15 @@ def _load_partial(path: Path, params) -> dict[str, ImageProposals]:
     """Images finished by an interrupted run with the same settings."""
     if not path.exists():
         return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
     try:
+        lines = path.read_text(encoding="utf-8").splitlines()
         header = json.loads(lines[0]) if lines else {}
-    except json.JSONDecodeError:
-        header = {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        header = exc
+    if not isinstance(header, dict):
+        reason = f" ({header.strerror or header})" if isinstance(header, OSError) else ""
+        ui.console.print(f"{path}: not a journal of `spp propose`{reason}; starting afresh.")
+        return {}
     if header.get("params") != _settings(params):
         ui.console.print(f"{path}: left by a run with other settings; starting afresh.")
         return {}
@@ -254,6 +265,12 @@ class _open_partial:
         self.path, self.params, self.fresh = path, params, fresh
 
     def __enter__(self):
+        try:
+            return self._open()
+        except OSError as exc:
+            raise SPPError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+
+    def _open(self):
         if self.fresh:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.file = self.path.open("w", encoding="utf-8")

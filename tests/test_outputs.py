@@ -1,0 +1,138 @@
+"""Nothing already written is lost: an output path that is one of the command's inputs is
+refused before any work, a run in which every image failed leaves an earlier output as it
+was, and values no file can hold (NaN) are refused with one line naming the file."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import write_image
+
+from spp_cli.cli import cli
+from spp_cli.fileio import check_not_input
+from spp_cli.errors import SPPError
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def refused(out: Path, option: str = "--out") -> str:
+    return f"Error: {out}: would overwrite an input of this command; choose another {option}"
+
+
+def test_check_not_input_compares_files_not_names(tmp_path):
+    image = write_image(tmp_path / "a.jpg")
+    (tmp_path / "link.jpg").symlink_to(image)
+    check_not_input(tmp_path / "new.json", [image])  # not there yet: nothing to lose
+    check_not_input(write_image(tmp_path / "b.jpg", seed=1), [image])
+    for same in (image, tmp_path / "link.jpg", tmp_path / "sub" / ".." / "a.jpg"):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        with pytest.raises(SPPError) as info:
+            check_not_input(same, [image], "--save-dir")
+        assert str(info.value) == f"{same}: would overwrite an input of this command; choose another --save-dir"
+
+
+def test_detect_and_propose_refuse_to_write_over_their_input_image(tmp_path):
+    image = write_image(tmp_path / "photo.jpg", 80, 60)
+    before = digest(image)
+    for command, extra in (("detect", []), ("propose", ["--workers", "1"])):
+        result = invoke(command, image, "--out", image, *extra)
+        assert result.exit_code == 1
+        assert one_line(result) == refused(image)
+    result = invoke("detect", image, "--save-dir", tmp_path)  # would write tmp_path/photo.jpg
+    assert result.exit_code == 1
+    assert one_line(result) == refused(image, "--save-dir")
+    assert digest(image) == before
+
+
+def test_eval_and_merge_refuse_to_write_over_their_input_file(tmp_path, voc_dataset):
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps({"format": "spp-detections", "version": 1, "classes": ["cat"], "images": []}))
+    before = dets.read_bytes()
+    result = invoke("eval", dets, "--data", voc_dataset, "--out", dets)
+    assert result.exit_code == 1
+    assert one_line(result) == refused(dets)
+    part = tmp_path / "props.shard-0-of-2.json"
+    part.write_text("{}")
+    result = invoke("merge", "props", part, tmp_path / "props.shard-1-of-2.json", "--out", part)
+    assert result.exit_code == 1
+    assert one_line(result) == refused(part)
+    assert dets.read_bytes() == before and part.read_text() == "{}"
+
+
+def test_a_run_where_every_image_failed_keeps_the_earlier_output(tmp_path):
+    good = write_image(tmp_path / "good.jpg", 80, 60)
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    for command, extra in (("propose", ["--workers", "1"]), ("detect", [])):
+        out = tmp_path / f"{command}.json"
+        assert invoke(command, good, "--out", out, *extra).exit_code == 0
+        before = out.read_bytes()
+        result = invoke(command, empty, "--out", out, *extra)
+        assert result.exit_code == 1
+        assert result.stderr.strip().splitlines()[-2:] == [
+            f"  skipped {empty}: empty file (0 bytes)",
+            f"Nothing written: no image could be read ({out} is unchanged).",
+        ]
+        assert out.read_bytes() == before
+
+
+def test_out_under_a_file_is_one_line(tmp_path):
+    image = write_image(tmp_path / "photo.jpg", 80, 60)
+    out = tmp_path / "photo.jpg" / "props.json"
+    result = invoke("propose", image, "--out", out, "--workers", "1")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {out}: {image} is a file, not a folder"
+
+
+@pytest.mark.parametrize("journal", [b"[1]\n", b"\xff\xfe binary", None])
+def test_propose_starts_afresh_over_a_journal_it_cannot_use(tmp_path, journal):
+    image = write_image(tmp_path / "photo.jpg", 80, 60)
+    out = tmp_path / "props.json"
+    partial = tmp_path / "props.json.partial"
+    if journal is None:
+        partial.mkdir()  # a folder where the journal goes: it cannot be written
+    else:
+        partial.write_bytes(journal)
+    result = invoke("propose", image, "--out", out, "--workers", "1")
+    if journal is None:
+        assert result.exit_code == 1
+        assert result.stderr.strip().splitlines()[-1].startswith(f"Error: {partial}: cannot write (")
+        return
+    assert result.exit_code == 0, result.output
+    assert f"{partial}: not a journal of `spp propose`; starting afresh." in result.stderr
+    assert len(json.loads(out.read_text())["images"]) == 1 and not partial.exists()
+
+
+def test_nan_is_not_a_threshold(tmp_path):
+    image = write_image(tmp_path / "photo.jpg", 80, 60)
+    for args in (("detect", image, "--conf", "nan"), ("detect", image, "--nms", "nan"), ("draw", tmp_path / "d.json", "--out", tmp_path, "--conf", "inf")):
+        result = invoke(*args)
+        assert result.exit_code == 2
+        option, value = args[-2], args[-1]
+        assert f"Error: Invalid value for '{option}': '{value}' is not a finite number." in result.stderr
+
+
+def test_props_with_a_nan_coordinate_are_refused(tmp_path):
+    image = write_image(tmp_path / "photo.jpg", 80, 60)
+    props = tmp_path / "props.json"
+    assert invoke("propose", image, "--out", props, "--workers", "1").exit_code == 0
+    doc = json.loads(props.read_text())
+    doc["images"][0]["boxes"][0][2] = float("nan")
+    props.write_text(json.dumps(doc))
+    result = invoke("detect", image, "--props", props, "--out", tmp_path / "d.json")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {props}: images[0] has a box with a coordinate that is not a finite number"
