@@ -116,6 +116,15 @@ class CacheSettings:
         return text + (f", input {self.preprocess}" if self.preprocess else "")
 
 
+STRAY_FILE = "not a cache entry (entries are entries/<first 2 of the sha256>/<image sha256>.safetensors)"
+
+
+def _is_entry_file(path: Path) -> bool:
+    """``entries/ab/ab<62 more hex digits>.safetensors``: where :meth:`FeatureCache.entry_path` puts key ``ab...``."""
+    key = path.stem
+    return len(key) == 64 and all(c in "0123456789abcdef" for c in key) and path.parent.name == key[:2]
+
+
 def _positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
@@ -271,11 +280,16 @@ class FeatureCache:
             yield held
 
     def keys(self) -> list[str]:
-        """Keys of all entries, sorted."""
+        """Keys of all entries, sorted (files elsewhere under ``entries/`` are not entries)."""
+        return sorted(p.stem for p in self._entry_files() if _is_entry_file(p))
+
+    def stray_files(self) -> list[Path]:
+        """Files under ``entries/`` named like entries but not where an entry would be (copied in by hand)."""
+        return [p for p in self._entry_files() if not _is_entry_file(p)]
+
+    def _entry_files(self) -> list[Path]:
         folder = self.root / "entries"
-        if not folder.is_dir():
-            return []
-        return sorted(p.stem for p in folder.glob("*/*.safetensors"))
+        return sorted(folder.glob("*/*.safetensors")) if folder.is_dir() else []
 
     def metadata(self, key: str) -> dict:
         """An entry's metadata, read from the file header only (no tensor data)."""
@@ -379,7 +393,7 @@ class FeatureCache:
 
     def verify(self) -> tuple[int, list[tuple[Path, str]]]:
         """``(entries checked, [(file, problem)])`` after reading every entry."""
-        damaged = []
+        damaged = [(p, f"{p}: {STRAY_FILE}") for p in self.stray_files()]
         keys = self.keys()
         for key in keys:
             try:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,20 @@ def test_cache_of_other_settings_is_refused(small_set, tmp_path):
 
 def _entry_file(feats):
     return next((feats / "entries").glob("*/*.safetensors"))
+
+
+def test_a_stray_file_among_the_entries_is_named_not_read_as_one(small_set, tmp_path):
+    data, props = small_set
+    feats = tmp_path / "feats"
+    assert invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96").exit_code == 0
+    stray = feats / "entries" / "zz" / "junk.safetensors"
+    stray.parent.mkdir()
+    shutil.copy(_entry_file(feats), stray)
+    assert len(FeatureCache.open(feats).keys()) == 3
+    result = invoke("cache-info", feats, "--verify")
+    assert result.exit_code == 1
+    assert f"damaged: {stray}: not a cache entry (entries are entries/<first 2 of the sha256>/<image sha256>.safetensors)" in result.stdout
+    assert "verified: 3 entries, 1 damaged" in result.stdout
 
 
 @pytest.mark.parametrize("damage", ["truncate", "bitflip"])

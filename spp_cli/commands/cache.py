@@ -11,6 +11,7 @@ from spp_cli import backbones, ui
 from spp_cli.cache import (
     CacheEntry,
     CacheSettings,
+    STRAY_FILE,
     FeatureCache,
     gt_digest,
     image_key,
@@ -218,7 +219,7 @@ def run_cache_info(cache_dir: Path, verify: bool) -> int:
     print(f"size:     {size / 1e6:.1f} MB ({size / 1e6 / max(len(keys), 1):.2f} MB per entry)")
     if not verify:
         return 0
-    checked, damaged = 0, []
+    checked, damaged = 0, [f"{path}: {STRAY_FILE}" for path in cache.stray_files()]
     with ui.progress() as bar:
         task = bar.add_task("verify", total=len(keys), rate="")
         for key in keys:
