@@ -252,3 +252,13 @@ def test_eval_of_detections_made_on_other_images(tmp_path, xml_dataset):
     assert result.stderr.strip() == (
         f"Error: {dets}: none of the 1 image(s) of {xml_dataset} (split 'test') has an entry; were the detections made on another split?"
     )
+
+
+def test_eval_against_a_dataset_without_images(tmp_path, coco_dataset):
+    doc = json.loads(coco_dataset.read_text())
+    coco_dataset.write_text(json.dumps({**doc, "images": [], "annotations": []}))
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps({"format": "spp-detections", "version": 1, "classes": ["cat"], "images": []}))
+    result = invoke("eval", dets, "--data", coco_dataset)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {coco_dataset}: no images in split 'all'"

@@ -27,6 +27,8 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
     if not dataset.records and dataset.bad:
         ui.print_bad(list(dataset.bad))
         raise DatasetError(f"{data}: no image of split '{split or 'all'}' has usable annotations (the files above)")
+    if not dataset.records:
+        raise DatasetError(f"{data}: no images in split '{split or 'all'}'")
     if not shared:
         raise DatasetError(
             f"{data}: none of the dataset's classes ({', '.join(dataset.classes[:6])}) is among the detections' classes "
