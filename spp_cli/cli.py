@@ -367,11 +367,14 @@ def train_proposals(cache_dir, out, data, split, epochs, top, gpu) -> None:
               help="A proposal model from `spp train-proposals` for the model to carry: `spp detect` then proposes with it by default.")
 @click.option("--windows", type=click.Choice(["learned", "selective-search"]), default=None,
               help="Training windows: learned (the proposal model's boxes on each cached map; the default with --proposal-model) or selective-search (the cache's proposals; the default otherwise).")
+@click.option("--positive-iou", type=FiniteFloat(0, 1), default=0.0, show_default=True, metavar="IOU",
+              help="Also take training windows overlapping a ground-truth box by at least IOU as positives of its class (0: the ground-truth boxes only, R-CNN's protocol; spp train uses 0.7).")
 @click.option("--gpu", is_flag=True, help="With --mode rcnn: run the network on CUDA.")
-def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_path, bbox_reg, mode, negatives, proposal_model_path, windows, gpu) -> None:
+def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_path, bbox_reg, mode, negatives, proposal_model_path, windows, positive_iou, gpu) -> None:
     """Train per-class linear SVMs on cached SPP features (hard-negative mining).
 
-    The R-CNN/SPPnet protocol: positives are ground-truth boxes, negatives
+    The R-CNN/SPPnet protocol: positives are ground-truth boxes (with
+    --positive-iou also the windows overlapping one that much), negatives
     proposals under IoU 0.3; features scaled to mean norm 20; positive weight
     2, bias multiplier 10; one epoch of hard-negative mining (C defaults to
     0.1, measured; R-CNN's 0.001 underfits EfficientNet features). The loss
@@ -389,7 +392,7 @@ def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_pa
     from spp_cli.commands.train_svm import run_train_svm
 
     sys.exit(run_train_svm(cache_dir, out, data, split, classes, C, bbox_reg, features, head_path, mode, gpu, negatives=negatives, solver=solver,
-                           proposal_model_path=proposal_model_path, windows=windows))
+                           proposal_model_path=proposal_model_path, windows=windows, positive_iou=positive_iou))
 
 
 @cli.command()
@@ -410,14 +413,17 @@ def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_pa
 @click.option("--refit/--no-refit", default=False, show_default=True, help="Train the chosen kind again on the whole split, validation images included (one more SVM step; its probabilities are the candidate's).")
 @click.option("--proposals", type=click.Choice(["auto", "learned", "selective-search"]), default="auto", show_default=True,
               help="learned: a proposal network trained on the cached maps gives the training windows and travels in the model (spp detect uses it); selective-search: the paper's proposals; auto: the network where it finds the validation objects (recall@0.5) at least as often as selective search.")
+@click.option("--positive-iou", type=FiniteFloat(0, 1), default=0.7, show_default=True, metavar="IOU",
+              help="The SVMs' positives: the ground-truth boxes and the training windows overlapping one by at least IOU (0: the boxes only, R-CNN's protocol).")
 @gpu_option
-def train(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, refit, proposals, gpu) -> None:
+def train(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, refit, proposals, positive_iou, gpu) -> None:
     """Train a detector from a dataset in one command: the recommended flow.
 
     cache -> proposal network (learned on the cached maps) -> proposals: the
     network's where it finds the validation objects at least as often as
     selective search, else selective search -> SVMs on pool5 over those
-    windows (box regression, box voting at detection; a model on learned
+    windows (positives: the ground truth and the windows overlapping it by
+    IoU >= 0.7; box regression, box voting at detection; a model on learned
     proposals carries the network), scored by VOC07 mAP on the validation part, their margins
     calibrated into probabilities there; with --features auto also fine-tune
     fc6/fc7 -> SVMs on fc7 -> keep pool5 or fc7, whichever has the higher
@@ -435,7 +441,8 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
     """
     from spp_cli.commands.train import run_train_command
 
-    sys.exit(run_train_command(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, gpu, refit, proposals))
+    sys.exit(run_train_command(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, gpu, refit, proposals,
+                               positive_iou))
 
 
 @cli.command()

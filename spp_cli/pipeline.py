@@ -74,6 +74,9 @@ class TrainPlan:
     # mAP and probabilities describe it, and the SVMs are mined once; True: the chosen kind is
     # mined again on the whole split (the validation images too), which costs that step again.
     refit: bool = False
+    # The SVMs' positives: ground truth and the windows overlapping it by at least this much
+    # (SVMConfig.positive_iou; 0: ground truth only, R-CNN's protocol).
+    positive_iou: float = 0.7
 
     def fingerprint(self) -> dict:
         """The plan as it reads back from train-state.json (JSON types: lists, not tuples)."""
@@ -509,7 +512,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
 
             def action() -> dict:
                 run_train_svm(feats, candidate, None, None, None, 0.1, True, kind, run.head if kind == "fc7" else None, keys=run.fit_keys,
-                              negatives=fit_backgrounds, proposal_model_path=run.proposal_model)
+                              negatives=fit_backgrounds, proposal_model_path=run.proposal_model, positive_iou=plan.positive_iou)
                 mean, per_class, calibration = validation_results(candidate, feats, run.val_records, held_backgrounds)
                 also = f" and {len(held_backgrounds)} background image(s)" if held_backgrounds else ""
                 ui.say(f"validation mAP ({at(kind, scales)}): {mean:.3f} on {len(run.val_records)} image(s){also}")
@@ -563,7 +566,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     if plan.refit:
         code = run_train_svm(chosen.cache_dir, out, None, None, None, 0.1, True, features, chosen.head if features == "fc7" else None,
                              keys=chosen.fit_keys + chosen.val_keys, training_extra=metadata, negatives=plan.negatives, calibration=calibration,
-                             proposal_model_path=chosen.proposal_model)
+                             proposal_model_path=chosen.proposal_model, positive_iou=plan.positive_iou)
     else:
         code = _adopt_candidate(chosen.candidates[features], out, metadata, calibration)
     seconds["final model"] = round(time.perf_counter() - start, 2)

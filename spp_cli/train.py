@@ -192,15 +192,21 @@ def train_detector(
     pool5_dim = output_dim(settings.channels, levels)
     miner = HardNegativeMiner(data.classes, dim, svm_config, on_retrain=lambda c, p, n: log(f"retrained {c}: {p} positives, {n} negatives"))
 
-    # 2. Positives: ground-truth boxes (not difficult, not crowd).
+    # 2. Positives: ground-truth boxes (not difficult, not crowd) and, with positive_iou,
+    #    the windows that overlap one of them that much (as the box's class).
     for n, key in enumerate(data.keys, 1):
         entry = cache.read(key)
         names = np.array(_gt_names(entry))
         usable = ~entry.gt_difficult & ~entry.gt_iscrowd
         if usable.any():
-            feats = (classifier_input(featurizer.features(entry, entry.gt_boxes[usable])) * scale).numpy()
+            boxes, box_names = entry.gt_boxes[usable], names[usable]
+            if svm_config.positive_iou > 0:
+                windows, window_names = positive_windows(entry.proposals[featurizer.distinct(entry, entry.proposals)],
+                                                         boxes, box_names, svm_config.positive_iou)
+                boxes, box_names = np.concatenate([boxes, windows]), np.concatenate([box_names, window_names])
+            feats = (classifier_input(featurizer.features(entry, boxes)) * scale).numpy()
             for name in data.classes:
-                miner.add_positives(name, feats[names[usable] == name])
+                miner.add_positives(name, feats[box_names == name])
         progress("positives", n, len(data.keys))
     for name in miner.untrained():
         log(f"warning: class {name} has no usable positive in the cache; it is left out of the model")
@@ -271,6 +277,19 @@ def train_detector(
             "features": "fc7" if head is not None else "pool5",
         },
     )
+
+
+def positive_windows(windows: np.ndarray, gt_boxes: np.ndarray, gt_names: np.ndarray, min_iou: float) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(P, 4)`` ``xyxy`` windows whose best IoU with a ground-truth box is at least
+    ``min_iou``, and the names of those boxes: positives of the box's class."""
+    windows = np.asarray(windows, np.float32).reshape(-1, 4)
+    gt_names = np.asarray(gt_names)
+    if len(windows) == 0 or len(gt_boxes) == 0:
+        return windows[:0], gt_names[:0]
+    overlaps = box_ops.iou(windows, gt_boxes).numpy()
+    best = overlaps.argmax(1)
+    keep = np.flatnonzero(overlaps[np.arange(len(windows)), best] >= min_iou)
+    return windows[keep], gt_names[best[keep]]
 
 
 def _regression_samples(entry, windows, pool5, scale, names, classes, config, reg_feats, reg_deltas, cap_per_image: int = 64) -> None:

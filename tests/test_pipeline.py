@@ -581,3 +581,44 @@ def test_model_and_cache_settings_no_cache_can_have_are_refused(pipeline, tmp_pa
     result = invoke("train-svm", "--cache", cache, "--out", tmp_path / "m2.safetensors")
     assert result.exit_code == 1
     assert one_line(result) == f"Error: {cache / 'cache.json'}: damaged cache header (scales '96' are not a list of short sides in pixels)"
+
+
+def test_positive_windows_against_a_loop():
+    from spp_cli.train import positive_windows
+
+    rng = np.random.default_rng(0)
+    gt = np.array([[10, 10, 40, 40], [50, 20, 90, 60], [12, 12, 38, 42]], np.float32)
+    corners = rng.uniform(0, 100, (20, 2))
+    jittered = gt[rng.integers(0, 3, 40)] + rng.uniform(-8, 8, (40, 4))
+    windows = np.concatenate([jittered, np.concatenate([corners, corners + rng.uniform(5, 40, (20, 2))], axis=1)]).astype(np.float32)
+    names = np.array(["red", "blue", "red"])
+    got, got_names = positive_windows(windows, gt, names, 0.5)
+    expected = []
+    for w in windows:
+        overlaps = [iou(w.tolist(), g.tolist()) for g in gt]
+        if max(overlaps) >= 0.5:
+            expected.append((w.tolist(), names[int(np.argmax(overlaps))]))
+    assert 3 < len(expected) < len(windows) and {n for _, n in expected} == {"red", "blue"}
+    assert [(w.tolist(), n) for w, n in zip(got, got_names)] == expected
+    empty, empty_names = positive_windows(windows[:0], gt, names, 0.5)
+    assert empty.shape == (0, 4) and len(empty_names) == 0
+
+
+def test_positive_iou_adds_the_overlapping_windows_as_positives(pipeline, tmp_path):
+    from spp_cli.train import positive_windows
+    from spp_cli.windows import distinct_windows
+
+    cache = FeatureCache.open(pipeline.cache)
+    expected = {"red": 0, "blue": 0}
+    for key in cache.keys():
+        entry = cache.read(key)
+        windows = entry.proposals[distinct_windows(entry, entry.proposals, cache.settings.alignment)]
+        names = np.array([entry.classes[int(label)] for label in entry.gt_labels])
+        for name in [*names, *positive_windows(windows, entry.gt_boxes, names, 0.7)[1]]:
+            expected[name] += 1
+    model = tmp_path / "m.safetensors"
+    result = invoke("train-svm", "--cache", pipeline.cache, "--out", model, "--positive-iou", "0.7")
+    assert result.exit_code == 0, result.output
+    fitted = {name: int(p) for name, p in re.findall(r"retrained (\w+): (\d+) positives", result.stderr)}
+    assert fitted == expected and expected["red"] > 4
+    assert Detector.load(model).training["svm"]["positive_iou"] == 0.7

@@ -9,7 +9,7 @@ from spp_cli import ui
 
 def run_train_command(data: str, split: str, out: Path, val_split: str | None, val_fraction: float, work: Path | None,
                       cache_dir: Path | None, features: str, scales: str, backbone: str, epochs: int, negatives: tuple[str, ...], gpu: bool,
-                      refit: bool = False, proposals: str = "auto") -> int:
+                      refit: bool = False, proposals: str = "auto", positive_iou: float = 0.7) -> int:
     from rich.table import Table
 
     from spp_cli.config import DetectConfig
@@ -17,7 +17,7 @@ def run_train_command(data: str, split: str, out: Path, val_split: str | None, v
 
     plan = TrainPlan(data=data, split=split, val_split=val_split, val_fraction=val_fraction, scales=scales,
                      features=features, finetune_epochs=epochs, backbone=backbone, negatives=tuple(negatives), refit=refit,
-                     proposals=proposals)
+                     proposals=proposals, positive_iou=positive_iou)
     code, result = run_train(plan, out, work, cache_dir, gpu)
     table = Table(title=f"Validation AP (VOC07), {result.split.how}")
     table.add_column("class")

@@ -17,7 +17,8 @@ from spp_cli.fileio import check_not_input, check_writable
 def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, C: float, bbox_reg: bool,
                   features: str = "pool5", head_path: Path | None = None, mode: str = "spp", gpu: bool = False,
                   keys: list[str] | None = None, training_extra: dict | None = None, negatives: tuple[str, ...] = (),
-                  calibration=None, solver: str = "newton", proposal_model_path: Path | None = None, windows: str | None = None) -> int:
+                  calibration=None, solver: str = "newton", proposal_model_path: Path | None = None, windows: str | None = None,
+                  positive_iou: float = 0.0) -> int:
     """`spp train-svm`; `spp train` passes the cache ``keys`` to train on and ``training_extra``
     for the model's training metadata. ``proposal_model_path``: a proposal model the detector
     carries (and, with ``windows`` ``learned``, the default then, whose boxes are the training windows)."""
@@ -118,7 +119,7 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
 
         detector = None if not data.classes else train_detector(
             data,
-            svm_config=SVMConfig(C=C, solver=solver),
+            svm_config=SVMConfig(C=C, solver=solver, positive_iou=positive_iou),
             bbox_config=BBoxRegConfig() if bbox_reg else None,
             progress=progress,
             log=lambda line: ui.say(line),
