@@ -1,0 +1,71 @@
+"""The SVMs' positives: ground truth only (R-CNN) against ground truth plus the windows at IoU >= X.
+
+Reuses the work folder of an `spp train` run (its cache, its proposal
+network, its split): for each value of ``--ious`` the SVM step of that run
+is repeated with `spp train-svm --positive-iou X` on the fit part, then
+scored on the validation part (as `spp train` scores its candidates) and,
+with ``--test``, by `spp detect` + `spp eval --metric voc07` on the
+dataset's test split. Every value mines the images in the same order, so the
+columns differ by the positives alone.
+
+    spp train --data ../shared/data/raccoon --split train --out r.safetensors --work W
+    python benchmarks/positives.py --dataset raccoon --work W [--ious 0,0.7] [--test]
+    (for bccd's 1024 candidate: --work W/scale-1024)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import checkout  # this checkout's spp_cli first, here and in the subprocesses
+
+
+def main() -> None:
+    checkout.check()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", choices=sorted(checkout.DATASETS), required=True)
+    parser.add_argument("--work", type=Path, required=True, help="an spp train work folder (or its scale-<S> folder)")
+    parser.add_argument("--ious", default="0,0.7")
+    parser.add_argument("--test", action="store_true", help="also detect and score the test split")
+    args = parser.parse_args()
+
+    from spp_cli.data import open_dataset
+    from spp_cli.pipeline import split_for_validation, validation_results
+
+    data, split, test_split = checkout.DATASETS[args.dataset]
+    state = json.loads(next(p for p in (args.work / "train-state.json", args.work.parent / "train-state.json") if p.exists()).read_text())
+    dataset = open_dataset(data, split)
+    parts = split_for_validation([r.image_id for r in dataset.records], None, state["plan"]["val_fraction"])
+    fit = args.work / "positives-fit.txt"
+    fit.write_text("\n".join(parts.fit_ids) + "\n")
+    val = [(r, dataset.classes) for r in dataset.records if r.image_id in set(parts.val_ids)]
+    # The run's proposal choice at this scale: learned windows where it kept its network.
+    chosen = [s for name, s in state["steps"].items() if name.startswith("proposals") and "choice" in s]
+    learned = (args.work / "proposals.safetensors").exists() and any(s["choice"] == "learned" for s in chosen)
+    windows = ["--proposal-model", str(args.work / "proposals.safetensors")] if learned else []
+    print(f"{args.dataset}: {len(parts.fit_ids)} fit / {len(val)} validation images, windows {'learned' if learned else 'selective search'}")
+    rows = []
+    for iou in args.ious.split(","):
+        model = args.work / f"positives-{iou}.safetensors"
+        start = time.perf_counter()
+        checkout.run_spp("train-svm", "--cache", str(args.work / "feats"), "--data", data, "--split", str(fit), *windows,
+                         "--positive-iou", iou, "--out", str(model))
+        seconds = time.perf_counter() - start
+        mean, per_class, _ = validation_results(model, args.work / "feats", val)
+        row = {"positive_iou": float(iou), "validation_map": round(mean, 4), "train_svm_s": round(seconds, 1)}
+        if args.test:
+            dets = args.work / f"positives-{iou}.dets.json"
+            checkout.run_spp("detect", "--data", data, "--split", test_split, "--model", str(model), "--out", str(dets))
+            metrics = args.work / f"positives-{iou}.metrics.json"
+            checkout.run_spp("eval", str(dets), "--data", data, "--split", test_split, "--metric", "voc07", "--out", str(metrics))
+            row["test_map"] = round(json.loads(metrics.read_text())["mAP"], 4)
+        print(f"  positive IoU {iou}: " + ", ".join(f"{k} {v}" for k, v in row.items() if k != "positive_iou"), flush=True)
+        rows.append(row)
+    print(json.dumps({"dataset": args.dataset, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
