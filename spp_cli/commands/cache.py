@@ -9,9 +9,9 @@ import numpy as np
 
 from spp_cli import backbones, ui
 from spp_cli.cache import (
+    STRAY_FILE,
     CacheEntry,
     CacheSettings,
-    STRAY_FILE,
     FeatureCache,
     gt_digest,
     image_key,

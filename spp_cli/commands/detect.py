@@ -259,7 +259,8 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     if not results and bad and not work.shard.active:
         # Every image failed: an earlier, good detections file stays as it was.
         ui.print_bad(bad)
-        ui.console.print("Nothing written: no image could be read" + (f" ({out} is unchanged)." if out is not None else "."))
+        if out is not None:
+            ui.console.print(f"Nothing written: no image could be read ({out} is unchanged).")
         return 1
     if out is not None and work.shard.active:
         from spp_cli.merge import part_document

@@ -42,7 +42,7 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
         if entry is None:
             missing += 1
         pairs.append((GroundTruthImage.from_record(record, dataset.classes), entry.detections if entry else []))
-    if missing and missing == len(dataset.records):
+    if missing == len(dataset.records):
         raise DatasetError(f"{detections_file}: none of the {missing} image(s) of {data} (split '{split or 'all'}') has an entry; "
                            "were the detections made on another split?")
     if missing:

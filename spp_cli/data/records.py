@@ -86,7 +86,8 @@ def sanitise(
 
     The image size comes from the image file's header. Boxes reaching beyond
     the image are clipped, boxes with ``x2 <= x1`` or ``y2 <= y1`` and boxes
-    wholly outside the image (nothing left after clipping) are dropped; each
+    wholly outside the image (nothing left after clipping) are dropped, and so
+    are boxes with a coordinate that is not a finite number below 1e9; each
     with a warning that says which of these happened.
     """
     exact = np.asarray(raw_boxes, dtype=np.float64).reshape(-1, 4)
