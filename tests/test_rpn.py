@@ -140,6 +140,18 @@ def test_learned_proposals_find_every_object_of_a_synthetic_set(trained):
     assert model.training["best_epoch"] >= 1 and model.training["held_out_recall@0.7"] == 1.0
 
 
+def test_more_boxes_asked_for_decode_more_anchors(trained):
+    """NMS leaves fewer boxes than it is given: a top_n above pre_nms_top_n (600 here)
+    still gets its boxes, and the best ones are those of the default top_n."""
+    trainer, model = trained
+    image = trainer.val[0]
+    assert image.maps[0].shape[1] * image.maps[0].shape[2] * len(model.net.base_anchors) >= 2 * 800
+    default, _ = model.propose(image.maps, image.factors, 320, 320)
+    many, _ = model.propose(image.maps, image.factors, 320, 320, top_n=800)
+    assert len(many) == 800 > SMALL.pre_nms_top_n
+    np.testing.assert_array_equal(many[: len(default)], default)
+
+
 def test_a_saved_model_proposes_the_same_boxes(trained, tmp_path):
     trainer, model = trained
     path = tmp_path / "props-model.safetensors"
