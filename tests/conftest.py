@@ -20,6 +20,22 @@ RACCOON = SHARED_DATA / "raccoon"
 COCO128 = SHARED_DATA / "coco128"
 
 
+def invoke(*args):
+    """``spp ARGS`` through click's runner (arguments as strings); a Python exception propagates, traceback and all."""
+    from click.testing import CliRunner
+
+    from spp_cli.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line(result) -> str:
+    """The one line a command wrote to stderr (fails on more or fewer)."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
 def require_shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         if os.environ.get("CI") == "true":

@@ -11,17 +11,12 @@ import time
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
-from conftest import write_image
+from conftest import invoke, write_image
 from spp_cli import backbones
 from spp_cli.cache import FeatureCache
-from spp_cli.cli import cli
 from spp_cli.errors import CacheError
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture

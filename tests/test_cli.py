@@ -5,17 +5,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from conftest import REPO, write_image
+from conftest import REPO, invoke, write_image
 from spp_cli import __version__
 from spp_cli.cli import cli
 
 COMMANDS = sorted(cli.commands)
 
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_version():

@@ -7,19 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 from PIL import Image, ImageFont
 
-from conftest import REPO, write_image
+from conftest import REPO, invoke, write_image
 from spp_cli import draw as draw_lib
-from spp_cli.cli import cli
 from spp_cli.draw import class_colour, draw_detections, line_width, text_colour
 
 GREY = (128, 128, 128)
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 def grey(width: int = 200, height: int = 150) -> Image.Image:

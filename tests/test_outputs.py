@@ -7,22 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
-from conftest import write_image
+from conftest import invoke, one_line, write_image
 
-from spp_cli.cli import cli
 from spp_cli.fileio import check_not_input
 from spp_cli.errors import SPPError
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def digest(path: Path) -> str:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TEST, TRAIN, write_image, write_shapes
+from conftest import TEST, TRAIN, invoke, one_line, write_image, write_shapes
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -35,14 +35,6 @@ SCALE = "96"
 BACKBONE = "efficientnet_lite0_b4"
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def ground_truth(data: Path, image_id: str) -> list[tuple[str, list[float]]]:

@@ -11,15 +11,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import TEST, TRAIN, write_image, write_shapes
+from conftest import TEST, TRAIN, invoke, write_image, write_shapes
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from spp_cli import backbones
 from spp_cli.bbox_reg import BoxRegressors
 from spp_cli.cache import CacheEntry, CacheSettings, FeatureCache, image_key
-from spp_cli.cli import cli
 from spp_cli.errors import CacheError, ModelError
 from spp_cli.images import load_image
 from spp_cli.model import Detector
@@ -28,9 +26,6 @@ from spp_cli.svm import LinearSVMs
 
 SCALE = "96"
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
