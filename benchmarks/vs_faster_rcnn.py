@@ -17,8 +17,11 @@ Per dataset, both trained on its training split and scored by `spp eval
     in its time).
 
 Prints a table (dataset x {Faster R-CNN mAP, train s, test s/img; spp mAP,
-train s, detect s/img}) and a last line of JSON. Not a test: about an hour
-per dataset on a 2-core CPU.
+train s, detect s/img}) and a last line of JSON, whose rows also hold the
+recall of Faster R-CNN's own proposals on the test split (its region proposal
+network's top 300 / 1000 boxes, IoU 0.5 / 0.7); the trained Faster R-CNN is
+kept as ``<work>/<dataset>/frcnn.pt``. Not a test: about an hour per dataset
+on a 2-core CPU.
 
     python benchmarks/vs_faster_rcnn.py [--datasets raccoon,bccd,coco128] [--epochs 12] [--work DIR]
         [--skip frcnn|spp] [--spp-train-args '--backbone efficientnet_lite2']
@@ -177,6 +180,36 @@ def detect_faster_rcnn(model: nn.Module, records, classes: list[str], out: Path)
     return seconds / max(len(records), 1)
 
 
+@torch.inference_mode()
+def rpn_recall(model: nn.Module, records, classes: list[str], tops: tuple[int, ...] = (300, 1000)) -> dict[str, float]:
+    """Recall at IoU 0.5 / 0.7 of the trained model's own region proposal network on ``records``.
+
+    Its proposals after its NMS (1000 per image at test time), best first, the
+    top N of each mapped back to the image's pixels; the same measure as `spp
+    propose --report` (``spp_cli.evaluate.proposal_recall``).
+    """
+    from torchvision.models.detection.transform import resize_boxes
+
+    from spp_cli.evaluate import proposal_recall
+
+    model.eval()
+    items: dict[int, list] = {top: [] for top in tops}
+    for record in records:
+        image = load_rgb(record.path)
+        batch, _ = model.transform([image])
+        proposals, _ = model.rpn(batch, model.backbone(batch.tensors))
+        boxes = resize_boxes(proposals[0], batch.image_sizes[0], tuple(image.shape[-2:])).numpy()
+        for top in tops:
+            keep = ~record.iscrowd
+            items[top].append((boxes[:top], record.boxes[keep], record.labels[keep]))
+    figures = {}
+    for top in tops:
+        overall, _, _ = proposal_recall(items[top], classes)
+        figures[f"recall@0.5_top{top}"] = round(overall.recall(0.5), 3)
+        figures[f"recall@0.7_top{top}"] = round(overall.recall(0.7), 3)
+    return figures
+
+
 # ------------------------------------------------------------------ the run
 
 
@@ -207,6 +240,9 @@ def run_dataset(name: str, work: Path, epochs: int, skip: set[str], log, spp_tra
         per_image = detect_faster_rcnn(model, test_records, classes, dets)
         row.update(frcnn_map=voc07_map(dets, data, test_split, work), frcnn_train_s=train_seconds, frcnn_test_s_per_img=per_image)
         log(f"  faster r-cnn: mAP {row['frcnn_map']:.3f}")
+        torch.save(model.state_dict(), work / "frcnn.pt")  # for a later look without the hour of training
+        row["frcnn_rpn_recall"] = rpn_recall(model, test_records, list(test_set.classes))
+        log(f"  faster r-cnn's own proposals on the test split: {row['frcnn_rpn_recall']}")
     return row
 
 
