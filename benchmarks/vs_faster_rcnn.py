@@ -199,8 +199,8 @@ def rpn_recall(model: nn.Module, records, classes: list[str], tops: tuple[int, .
         batch, _ = model.transform([image])
         proposals, _ = model.rpn(batch, model.backbone(batch.tensors))
         boxes = resize_boxes(proposals[0], batch.image_sizes[0], tuple(image.shape[-2:])).numpy()
+        keep = ~record.iscrowd  # as `spp propose --report`: crowd boxes are not counted
         for top in tops:
-            keep = ~record.iscrowd
             items[top].append((boxes[:top], record.boxes[keep], record.labels[keep]))
     figures = {}
     for top in tops:
