@@ -391,17 +391,6 @@ class FeatureCache:
         for key in self.keys():
             yield self.read(key, device)
 
-    def verify(self) -> tuple[int, list[tuple[Path, str]]]:
-        """``(entries checked, [(file, problem)])`` after reading every entry."""
-        damaged = [(p, f"{p}: {STRAY_FILE}") for p in self.stray_files()]
-        keys = self.keys()
-        for key in keys:
-            try:
-                self.check(key)
-            except CacheError as exc:
-                damaged.append((self.entry_path(key), str(exc)))
-        return len(keys), damaged
-
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
 
