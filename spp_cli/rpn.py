@@ -132,11 +132,11 @@ class ProposalNet(nn.Module):
         return self.rpn.compute_loss(objectness[:, None], deltas, labels, targets)
 
     @torch.inference_mode()
-    def boxes(self, fmap: torch.Tensor, align: Alignment, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``count`` (default ``pre_nms_top_n``) highest-objectness anchors of a map,
-        decoded: ``(R, 4)`` network-input pixels and their ``(R,)`` logits, best first."""
+    def boxes(self, fmap: torch.Tensor, align: Alignment, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``count`` highest-objectness anchors of a map, decoded: ``(R, 4)``
+        network-input pixels and their ``(R,)`` logits, best first."""
         objectness, deltas, anchors = self.predict(fmap, align)
-        top = torch.topk(objectness, min(count or self.config.pre_nms_top_n, len(objectness))).indices
+        top = torch.topk(objectness, min(count, len(objectness))).indices
         decoded = self.box_coder.decode_single(deltas[top], anchors[top])
         return decoded, objectness[top]
 

@@ -18,7 +18,6 @@ from spp_cli.cache import FeatureCache
 from spp_cli.errors import CacheError
 
 
-
 @pytest.fixture
 def small_set(xml_dataset, tmp_path):
     props = tmp_path / "p.json"

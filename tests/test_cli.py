@@ -13,7 +13,6 @@ from spp_cli.cli import cli
 COMMANDS = sorted(cli.commands)
 
 
-
 def test_version():
     result = invoke("--version")
     assert result.exit_code == 0 and result.output.strip() == f"spp, version {__version__}"

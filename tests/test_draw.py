@@ -16,7 +16,6 @@ from spp_cli.draw import class_colour, draw_detections, line_width, text_colour
 GREY = (128, 128, 128)
 
 
-
 def grey(width: int = 200, height: int = 150) -> Image.Image:
     return Image.new("RGB", (width, height), GREY)
 

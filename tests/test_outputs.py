@@ -13,8 +13,6 @@ from spp_cli.fileio import check_not_input
 from spp_cli.errors import SPPError
 
 
-
-
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

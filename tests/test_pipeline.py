@@ -35,8 +35,6 @@ SCALE = "96"
 BACKBONE = "efficientnet_lite0_b4"
 
 
-
-
 def ground_truth(data: Path, image_id: str) -> list[tuple[str, list[float]]]:
     import xml.etree.ElementTree as ET
 

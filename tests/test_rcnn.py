@@ -27,7 +27,6 @@ from spp_cli.svm import LinearSVMs
 SCALE = "96"
 
 
-
 @pytest.fixture(scope="module")
 def extractor():
     return backbones.FeatureExtractor(backbones.get_spec("efficientnet_lite0"), backbones.RANDOM_WEIGHTS)
