@@ -1,0 +1,98 @@
+"""Detection settings on the validation part of an `spp train` run: NMS IoU, proposal count, objectness.
+
+Reuses the work folder of an `spp train` run (its cache, its candidate
+pool5 model, its split) and scores that candidate on the validation part of
+the training split (never the test split) by VOC07 mAP, as `spp train`
+scores it, with one setting changed at a time:
+
+- the per-class NMS IoU (`spp detect --nms`; default 0.3);
+- the number of learned proposals per image (the model's default 300);
+- an objectness term: each window's SVM scores plus ``alpha`` times the log
+  of the proposal network's sigmoid objectness (0 = the SVM score alone).
+
+    spp train --data ../shared/data/bccd --split trainval --scales 1024 --out b.safetensors --work W
+    python benchmarks/detect_settings.py --dataset bccd --work W
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import checkout  # this checkout's spp_cli first
+
+
+def main() -> None:
+    checkout.check()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", choices=sorted(checkout.DATASETS), required=True)
+    parser.add_argument("--work", type=Path, required=True, help="an spp train work folder (or its scale-<S> folder)")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    import spp_cli.model
+    from spp_cli.cache import FeatureCache, image_key
+    from spp_cli.config import DetectConfig
+    from spp_cli.data import open_dataset
+    from spp_cli.evaluate import GroundTruthImage, evaluate_voc
+    from spp_cli.model import Detector
+    from spp_cli.pipeline import split_for_validation
+
+    data, split, _ = checkout.DATASETS[args.dataset]
+    dataset = open_dataset(data, split)
+    held = set(split_for_validation([r.image_id for r in dataset.records], None, 0.1).val_ids)
+    records = [r for r in dataset.records if r.image_id in held]
+    detector = Detector.load(args.work / "val-pool5.safetensors")
+    cache = FeatureCache.open(args.work / "feats" if (args.work / "feats").exists() else args.work.parent / "feats")
+
+    # One scoring chunk per image, so the per-window term lines up with the scored rows.
+    spp_cli.model.SCORE_CHUNK = 10**7
+    svm_scores, term = detector.svms.scores, {"alpha x log objectness": None}
+
+    def scores_with_term(features, scaled=False):
+        extra = term["alpha x log objectness"]
+        plain = svm_scores(features, scaled=scaled)
+        return plain if extra is None else plain + extra[:, None].to(plain.dtype)
+
+    detector.svms.scores = scores_with_term
+    images = []
+    for record in records:
+        entry = cache.read(image_key(record.path))
+        if detector.proposal_model is not None:
+            boxes, logits = detector.proposal_model.propose(entry.maps, entry.factors, entry.width, entry.height, top_n=1000)
+        else:
+            boxes, logits = entry.proposals, None
+        images.append((GroundTruthImage.from_record(record, dataset.classes), entry, boxes, logits))
+
+    def score(nms: float = 0.3, top: int = 300, alpha: float = 0.0) -> str:
+        pairs = []
+        for truth, entry, boxes, logits in images:
+            if logits is not None:
+                boxes = boxes[:top]
+                term["alpha x log objectness"] = alpha * F.logsigmoid(torch.from_numpy(logits[:top])) if alpha else None
+            config = DetectConfig(score_threshold=detector.detect.score_threshold, nms_iou=nms)
+            found = detector.detect_windows(entry.maps, entry.factors, boxes, entry.width, entry.height, config)
+            pairs.append((truth, [{"box": d.box, "class": detector.classes[d.class_id], "score": d.score} for d in found]))
+        term["alpha x log objectness"] = None
+        result = evaluate_voc(pairs, dataset.classes, "voc07")
+        per_class = ", ".join(f"{k} {v:.3f}" for k, v in result.per_class.items() if not np.isnan(v))
+        return f"{result.mean_ap:.3f} ({per_class})"
+
+    print(f"{args.dataset}: {len(records)} validation image(s); candidate {args.work / 'val-pool5.safetensors'}", flush=True)
+    print(f"default (NMS 0.3, 300 proposals, SVM score alone): {score()}", flush=True)
+    for nms in (0.4, 0.5):
+        print(f"NMS IoU {nms}: {score(nms=nms)}", flush=True)
+    if detector.proposal_model is None:
+        return
+    for top in (100, 200, 500, 1000):
+        print(f"{top} learned proposals: {score(top=top)}", flush=True)
+    for alpha in (0.25, 0.5, 1.0):
+        for top in (300, 1000):
+            print(f"objectness alpha {alpha}, {top} proposals: {score(top=top, alpha=alpha)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
