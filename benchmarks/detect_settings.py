@@ -3,7 +3,8 @@
 Reuses the work folder of an `spp train` run (its cache, its candidate
 pool5 model, its split) and scores that candidate on the validation part of
 the training split (never the test split) by VOC07 mAP, as `spp train`
-scores it, with one setting changed at a time:
+scores it (a run that held out by --val-fraction, not --val-split), with
+one setting changed at a time:
 
 - the per-class NMS IoU (`spp detect --nms`; default 0.3);
 - the number of learned proposals per image (the model's default 300);
@@ -17,6 +18,7 @@ scores it, with one setting changed at a time:
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import checkout  # this checkout's spp_cli first
@@ -42,11 +44,14 @@ def main() -> None:
     from spp_cli.pipeline import split_for_validation
 
     data, split, _ = checkout.DATASETS[args.dataset]
+    # The run's own plan: its validation fraction; a scale-<S> folder's cache is its feats/.
+    state_file = next(p for p in (args.work / "train-state.json", args.work.parent / "train-state.json") if p.exists())
+    plan = json.loads(state_file.read_text())["plan"]
     dataset = open_dataset(data, split)
-    held = set(split_for_validation([r.image_id for r in dataset.records], None, 0.1).val_ids)
+    held = set(split_for_validation([r.image_id for r in dataset.records], None, plan["val_fraction"]).val_ids)
     records = [r for r in dataset.records if r.image_id in held]
     detector = Detector.load(args.work / "val-pool5.safetensors")
-    cache = FeatureCache.open(args.work / "feats" if (args.work / "feats").exists() else args.work.parent / "feats")
+    cache = FeatureCache.open(Path(plan["cache"]) if state_file.parent == args.work else args.work / "feats")
 
     # One scoring chunk per image, so the per-window term lines up with the scored rows.
     spp_cli.model.SCORE_CHUNK = 10**7
