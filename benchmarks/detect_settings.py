@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import checkout  # this checkout's spp_cli first
@@ -63,22 +64,20 @@ def main() -> None:
         return plain if extra is None else plain + extra[:, None].to(plain.dtype)
 
     detector.svms.scores = scores_with_term
-    images = []
-    for record in records:
-        entry = cache.read(image_key(record.path))
-        if detector.proposal_model is not None:
-            boxes, logits = detector.proposal_model.propose(entry.maps, entry.factors, entry.width, entry.height, top_n=1000)
-        else:
-            boxes, logits = entry.proposals, None
-        images.append((GroundTruthImage.from_record(record, dataset.classes), entry, boxes, logits))
+    images = [(GroundTruthImage.from_record(r, dataset.classes), cache.read(image_key(r.path))) for r in records]
+    learned = detector.proposal_model
+    defaults = DetectConfig(score_threshold=detector.detect.score_threshold)
+    default_top = learned.config.top_n if learned is not None else None
 
-    def score(nms: float = 0.3, top: int = 300, alpha: float = 0.0) -> str:
+    def score(nms: float = defaults.nms_iou, top: int | None = default_top, alpha: float = 0.0) -> str:
         pairs = []
-        for truth, entry, boxes, logits in images:
-            if logits is not None:
-                boxes = boxes[:top]
-                term["alpha x log objectness"] = alpha * F.logsigmoid(torch.from_numpy(logits[:top])) if alpha else None
-            config = DetectConfig(score_threshold=detector.detect.score_threshold, nms_iou=nms)
+        for truth, entry in images:
+            if learned is not None:  # the model's own call for that many boxes, as `spp detect` makes it
+                boxes, logits = learned.propose(entry.maps, entry.factors, entry.width, entry.height, top_n=top)
+                term["alpha x log objectness"] = alpha * F.logsigmoid(torch.from_numpy(logits)) if alpha else None
+            else:
+                boxes = entry.proposals
+            config = replace(defaults, nms_iou=nms)
             found = detector.detect_windows(entry.maps, entry.factors, boxes, entry.width, entry.height, config)
             pairs.append((truth, [{"box": d.box, "class": detector.classes[d.class_id], "score": d.score} for d in found]))
         term["alpha x log objectness"] = None
@@ -87,15 +86,15 @@ def main() -> None:
         return f"{result.mean_ap:.3f} ({per_class})"
 
     print(f"{args.dataset}: {len(records)} validation image(s); candidate {args.work / 'val-pool5.safetensors'}", flush=True)
-    print(f"default (NMS 0.3, 300 proposals, SVM score alone): {score()}", flush=True)
+    print(f"defaults (NMS {defaults.nms_iou}, {default_top or 'selective-search'} proposals, SVM score alone): {score()}", flush=True)
     for nms in (0.4, 0.5):
         print(f"NMS IoU {nms}: {score(nms=nms)}", flush=True)
-    if detector.proposal_model is None:
+    if learned is None:
         return
     for top in (100, 200, 500, 1000):
         print(f"{top} learned proposals: {score(top=top)}", flush=True)
     for alpha in (0.25, 0.5, 1.0):
-        for top in (300, 1000):
+        for top in (default_top, 1000):
             print(f"objectness alpha {alpha}, {top} proposals: {score(top=top, alpha=alpha)}", flush=True)
 
 
