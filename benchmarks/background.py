@@ -4,7 +4,7 @@ One cache holds raccoon (train and test), the coco128 images of the fixed
 *train* split (benchmarks/splits; COCO has no raccoon class, so none holds
 one) and coco128's test split, plus scikit-image's chelsea, astronaut and
 coffee (tests/data). Two pool5 detectors are trained on raccoon train with
-the shipped detector's recipe (`spp train-svm`, defaults): without and with
+`examples/train_voc.sh`'s pool5 recipe (`spp train-svm`, defaults): without and with
 `--negatives` = the coco128 train images. Each is scored on
 
 - raccoon test: VOC07 AP (`spp eval`), the detector's defaults;

@@ -12,8 +12,8 @@
 #   about half the run), SPP (the spp command; default: spp on PATH)
 #
 # Every step resumes: run it again after an interruption.
-# With ../shared/data/raccoon, model-pool5.safetensors is the shipped
-# detector (weights/README.md).
+# With ../shared/data/raccoon: held-out mAP in README.md's table of figures
+# (the shipped detector comes from `spp train`: weights/README.md).
 set -euo pipefail
 
 data=${1:?usage: examples/train_voc.sh DATASET [WORK]}
@@ -31,7 +31,7 @@ $spp propose --data "$data" --out "$work/props.json"
 # 2. One conv pass per image per scale into the feature cache.
 $spp cache --data "$data" --props "$work/props.json" --cache "$work/feats" --scales "$scales"
 # 3. Per-class SVMs on the SPP vectors (pool5) of the training split, box
-#    regression: the shipped detector's recipe.
+#    regression.
 $spp train-svm --cache "$work/feats" --data "$data" --split "$train" --out "$work/model-pool5.safetensors"
 # 4. Fine-tune fc6/fc7 on the same SPP vectors (conv frozen), then SVMs on fc7.
 if [[ $kinds == *fc7* ]]; then

@@ -79,7 +79,11 @@ def test_import_spp_cli_stays_light():
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
 
 
-def test_detect_many_gives_the_numbers_of_spp_detect_on_a_folder(detector, tmp_path, monkeypatch):
+@pytest.mark.parametrize(("proposals", "said"), [
+    ("selective-search", "selective search ran ahead on a second thread"),
+    (None, "proposals from the model's proposal network"),  # the shipped detector's own
+])
+def test_detect_many_gives_the_numbers_of_spp_detect_on_a_folder(detector, tmp_path, monkeypatch, proposals, said):
     from spp_cli import prefetch
 
     monkeypatch.setattr(prefetch, "second_core_free", lambda: True)  # the search ahead, whatever this machine's cores
@@ -88,18 +92,19 @@ def test_detect_many_gives_the_numbers_of_spp_detect_on_a_folder(detector, tmp_p
     folder.mkdir()
     for photo in photos:
         (folder / photo.name).write_bytes(photo.read_bytes())
-    many = detector.detect_many([photos[0], Image.open(photos[1])], conf=-1.5)
+    many = detector.detect_many([photos[0], Image.open(photos[1])], conf=-1.5, proposals=proposals)
     out = tmp_path / "dets.json"
-    result = CliRunner().invoke(cli, ["detect", str(folder), "--conf", "-1.5", "--out", str(out)])
+    named = ["--proposals", proposals] if proposals else []
+    result = CliRunner().invoke(cli, ["detect", str(folder), "--conf", "-1.5", "--out", str(out), *named])
     assert result.exit_code == 0, result.output
-    assert "selective search ran ahead on a second thread" in result.output
+    assert said in result.output
     theirs = json.loads(out.read_text())["images"]
     assert len(many) == len(theirs) == 2
     for ours, image in zip(many, theirs):
         assert ours and [(list(d.box), d.class_name, d.score) for d in ours] == [(d["box"], d["class"], d["score"]) for d in image["detections"]]
     # One image at a time (the network on every thread): the same up to float rounding.
     for ours, photo in zip(many, photos):
-        alone = detector(photo, conf=-1.5)
+        alone = detector(photo, conf=-1.5, proposals=proposals)
         assert len(alone) == len(ours) and all(abs(a.score - b.score) < 1e-3 for a, b in zip(alone, ours))
     with pytest.raises(ImageError, match=r"nope\.jpg: no such file"):
         detector.detect_many([photos[0], tmp_path / "nope.jpg"])

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from safetensors import safe_open
 from conftest import REPO
 
 from spp_cli.calibration import Calibration, detection_outcomes, fit_calibration, reliability_table
@@ -68,7 +69,7 @@ def test_reliability_table_bins_predicted_against_observed():
 
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
-    """The shipped detector with a calibration: a model as `spp train` writes them."""
+    """The shipped detector with a known calibration."""
     path = tmp_path_factory.mktemp("calibrated") / "model.safetensors"
     detector = Detector.load(default_model_path())
     detector.calibration = CURVE
@@ -76,26 +77,41 @@ def calibrated(tmp_path_factory):
     return path
 
 
-def test_model_file_keeps_the_calibration_and_uncalibrated_files_have_none(calibrated):
-    assert Detector.load(calibrated).calibration == CURVE
-    assert Detector.load(default_model_path()).calibration is None
-
-
-def test_spp_train_gives_its_model_the_curve_and_a_threshold_at_probability_half(tmp_path):
-    path = tmp_path / "model.safetensors"
+@pytest.fixture(scope="module")
+def uncalibrated(tmp_path_factory):
+    """The shipped detector without its calibration: a model as `spp train-svm` writes them."""
+    path = tmp_path_factory.mktemp("uncalibrated") / "model.safetensors"
     detector = Detector.load(default_model_path())
+    detector.calibration = None
+    detector.save(path)
+    return path
+
+
+def test_model_file_keeps_the_calibration_and_uncalibrated_files_have_none(calibrated, uncalibrated):
+    assert Detector.load(calibrated).calibration == CURVE
+    assert Detector.load(uncalibrated).calibration is None
+    with safe_open(str(uncalibrated), "np") as handle:
+        assert "calibration" not in json.loads(handle.metadata()["spp"])  # absent, not null
+    assert Detector.load(default_model_path()).calibration is not None  # the shipped detector is from spp train
+
+
+def test_spp_train_gives_its_model_the_curve_and_a_threshold_at_probability_half(uncalibrated, tmp_path):
+    path = tmp_path / "model.safetensors"
+    detector = Detector.load(uncalibrated)
     detector.calibrate(Calibration.from_json(CURVE.to_json()))
     detector.save(path)
     detector = Detector.load(path)
     assert detector.calibration == CURVE
     assert detector.detect.display_threshold == pytest.approx(CURVE.margin_at(0.5), abs=1e-4)
-    assert Detector.load(default_model_path()).calibration is None  # nothing fitted: left as it is
+    assert Detector.load(uncalibrated).calibration is None  # nothing fitted: left as it is
 
 
 def test_detect_writes_probabilities_and_thresholds_on_them(calibrated, tmp_path):
     runner = CliRunner()
     out = tmp_path / "dets.json"
-    result = runner.invoke(cli, ["detect", str(PHOTO), "--model", str(calibrated), "--conf", "-1.5", "--out", str(out)])
+    # Selective search's windows: more detections above -1.5 on this photo than the network's 300.
+    ss = ["--proposals", "selective-search"]
+    result = runner.invoke(cli, ["detect", str(PHOTO), "--model", str(calibrated), "--conf", "-1.5", "--out", str(out), *ss])
     assert result.exit_code == 0, result.output
     dets = json.loads(out.read_text())["images"][0]["detections"]
     assert len(dets) > 1
@@ -104,28 +120,29 @@ def test_detect_writes_probabilities_and_thresholds_on_them(calibrated, tmp_path
     assert "at probability >= 0.02 (score >= -1.5)" in result.output
     # A probability threshold keeps exactly the detections above its margin.
     p = 0.6
-    result = runner.invoke(cli, ["detect", str(PHOTO), "--model", str(calibrated), "--min-prob", str(p), "--out", str(out)])
+    result = runner.invoke(cli, ["detect", str(PHOTO), "--model", str(calibrated), "--min-prob", str(p), "--out", str(out), *ss])
     assert result.exit_code == 0, result.output
     kept = json.loads(out.read_text())["images"][0]["detections"]
     assert [d["score"] for d in kept] == [d["score"] for d in dets if d["score"] > CURVE.margin_at(p)]
     assert "at probability >= 0.60" in result.output
 
 
-def test_probability_thresholds_need_a_calibrated_model(calibrated):
+def test_probability_thresholds_need_a_calibrated_model(calibrated, uncalibrated):
     runner = CliRunner()
-    result = runner.invoke(cli, ["detect", str(PHOTO), "--min-prob", "0.5"])
+    result = runner.invoke(cli, ["detect", str(PHOTO), "--model", str(uncalibrated), "--min-prob", "0.5"])
     assert result.exit_code == 1
-    assert result.stderr.strip() == (f"Error: {default_model_path()}: has no calibrated probabilities (models from `spp train` have them); "
+    assert result.stderr.strip() == (f"Error: {uncalibrated}: has no calibrated probabilities (models from `spp train` have them); "
                                      "threshold the SVM margin (--conf) instead")
     result = runner.invoke(cli, ["detect", str(PHOTO), "--model", str(calibrated), "--min-prob", "0.5", "--conf", "0"])
     assert result.exit_code == 1
     assert result.stderr.strip() == "Error: --conf and --min-prob both set a threshold: give one"
 
 
-def test_api_gives_the_probability_beside_the_score(calibrated):
+def test_api_gives_the_probability_beside_the_score(calibrated, uncalibrated):
     import spp_cli
 
-    found = spp_cli.Detector.load(calibrated)(PHOTO, min_prob=0.5)
+    found = spp_cli.Detector.load(calibrated)(PHOTO, min_prob=0.3)
     assert found and all(d.probability == pytest.approx(float(CURVE.probability(d.score)), abs=1e-4) for d in found)
-    assert all(d.probability >= 0.5 for d in found)
-    assert spp_cli.Detector.load()(PHOTO)[0].probability is None
+    assert all(d.probability >= 0.3 for d in found)
+    assert spp_cli.Detector.load(uncalibrated)(PHOTO)[0].probability is None
+    assert spp_cli.Detector.load()(PHOTO)[0].probability is not None  # the shipped detector's own

@@ -122,6 +122,56 @@ def test_shipped_detector_localises_small_raccoons_in_held_out_photos(tmp_path):
     assert sum(hits) > len(small) / 2, f"top detection on a raccoon in {sum(hits)} of {len(small)} photos"
 
 
+def recorded_ap() -> float:
+    text = (REPO / "weights" / "README.md").read_text()
+    match = re.search(r"\| held-out AP \(VOC07, IoU 0\.5\) \| raccoon \*\*(\d\.\d+)\*\*", text)
+    assert match, "weights/README.md records no held-out AP"
+    return float(match.group(1))
+
+
+@pytest.mark.integration
+def test_spp_train_on_raccoon_rebuilds_the_shipped_detector(tmp_path):
+    """weights/README.md's recipe, `spp train` on raccoon's training split with
+    the defaults, gives the shipped detector again: the same settings, choices,
+    tensors and proposal network, and the held-out AP recorded there within 0.01.
+    The weights are equal on this machine run to run; the bound (1% of each
+    tensor's largest value) leaves room for a CPU that rounds a float
+    differently over the proposal network's 2,000 SGD steps, not for another
+    recipe."""
+    from conftest import RACCOON, require_shared_data
+    from safetensors import safe_open
+
+    from spp_cli.model import Detector
+
+    require_shared_data()
+    rebuilt, shipped = tmp_path / "raccoon.safetensors", REPO / "weights" / "default.safetensors"
+    result = CliRunner().invoke(cli, ["train", "--data", str(RACCOON), "--split", "train", "--out", str(rebuilt)])
+    assert result.exit_code == 0, result.output
+    a, b = Detector.load(rebuilt), Detector.load(shipped)
+    assert a.classes == b.classes
+    assert (a.features, a.levels, a.detect, a.proposals, a.mode) == (b.features, b.levels, b.detect, b.proposals, b.mode)
+    assert a.proposal_model is not None and b.proposal_model is not None
+    assert a.proposal_model.config == b.proposal_model.config
+    assert (a.calibration is None) == (b.calibration is None)
+    with safe_open(str(rebuilt), "np") as x, safe_open(str(shipped), "np") as y:
+        assert sorted(x.keys()) == sorted(y.keys())
+        for name in x.keys():  # noqa: SIM118 (safetensors handles have no __iter__)
+            new, old = x.get_tensor(name), y.get_tensor(name)
+            assert new.shape == old.shape, name
+            scale = float(abs(old).max()) or 1.0
+            diff = float(abs(new.astype("float64") - old).max())
+            print(f"{name}: max |rebuilt - shipped| {diff:.2e} (max |shipped| {scale:.2e})")
+            assert diff <= 1e-2 * scale, f"{name}: the rebuilt detector differs from the shipped one ({diff:.2e})"
+    dets, metrics = tmp_path / "dets.json", tmp_path / "metrics.json"
+    result = CliRunner().invoke(cli, ["detect", "--data", str(RACCOON), "--split", "test", "--model", str(rebuilt), "--out", str(dets)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(cli, ["eval", str(dets), "--data", str(RACCOON), "--split", "test", "--out", str(metrics)])
+    assert result.exit_code == 0, result.output
+    ap = json.loads(metrics.read_text())["mAP"]
+    print(f"rebuilt detector: held-out mAP {ap:.4f}")
+    assert abs(ap - recorded_ap()) <= 0.01
+
+
 def test_detect_without_model_uses_the_shipped_detector(tmp_path):
     result = CliRunner().invoke(cli, ["detect", str(REPO / "examples" / "raccoon.jpg"), "--out", str(tmp_path / "d.json")])
     assert result.exit_code == 0, result.output
