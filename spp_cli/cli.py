@@ -3,8 +3,9 @@
 Imports of torch, OpenCV and the library modules happen inside the
 commands, so ``spp --help`` and ``spp CMD --help`` answer instantly.
 Library errors (:class:`spp_cli.errors.SPPError`) become one-line
-``Error: ...`` messages with exit code 1; Ctrl-C exits 130 with a note
-on how to resume.
+``Error: ...`` messages with exit code 1, usage errors (a missing or bad
+option) one line with exit code 2; Ctrl-C exits 130 with a note on how to
+resume.
 """
 
 from __future__ import annotations
@@ -34,8 +35,30 @@ class FiniteFloat(click.FloatRange):
         return number
 
 
+class UsageLine(click.ClickException):
+    """A usage error said on one line (click's own shows the usage and a hint above it)."""
+
+    exit_code = 2
+
+
+def _one_line(exc: click.UsageError) -> click.ClickException:
+    """``exc`` as one line that says where the options are: ``Error: <problem> See `spp CMD --help`.``"""
+    if isinstance(exc, click.exceptions.NoArgsIsHelpError):  # bare `spp CMD`: the help is the answer
+        return exc
+    problem = exc.format_message().rstrip()
+    problem += "" if problem.endswith((".", "?", "!", ")")) else "."
+    where = f" See `{exc.ctx.command_path} --help`." if exc.ctx is not None else ""
+    return UsageLine(problem + where)
+
+
 class SPPGroup(click.Group):
-    """A group that turns library errors into clean one-line CLI errors."""
+    """A group that turns library and usage errors into clean one-line CLI errors."""
+
+    def make_context(self, info_name, args, parent=None, **extra):  # type: ignore[override]
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.UsageError as exc:  # the group's own options (spp --threads 0)
+            raise _one_line(exc) from None
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         import signal
@@ -52,6 +75,8 @@ class SPPGroup(click.Group):
             previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # a command's options, or no such command
+            raise _one_line(exc) from None
         except SPPError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, invoke, write_image
+from conftest import REPO, invoke, one_line, write_image
 from spp_cli import __version__
 from spp_cli.cli import cli
 
@@ -222,7 +222,26 @@ def test_threads_from_the_environment_before_torch_loads():
 def test_threads_must_be_positive():
     result = invoke("--threads", "0", "models")
     assert result.exit_code == 2
-    assert result.stderr.strip().splitlines()[-1] == "Error: Invalid value for '--threads': 0 is not in the range x>=1."
+    assert one_line(result) == "Error: Invalid value for '--threads': 0 is not in the range x>=1. See `cli --help`."
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["propose", "x.jpg", "--top", "abc"], "Error: Invalid value for '--top': 'abc' is not a valid integer range. See `cli propose --help`."),
+    (["train-svm"], "Error: Missing option '--cache'. See `cli train-svm --help`."),
+    (["detect", "x.jpg", "--max-dets", "5"], "Error: No such option '--max-dets'. Did you mean '--max-det'? See `cli detect --help`."),
+    (["nosuch"], "Error: No such command 'nosuch'. See `cli --help`."),
+])
+def test_usage_errors_are_one_line_that_says_where_the_options_are(args, message):
+    # (click's runner names the program `cli`; the installed command is `spp`.)
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert one_line(result) == message
+
+
+def test_a_bare_command_still_shows_its_help():
+    result = invoke()
+    assert result.exit_code == 2
+    assert "Commands:" in result.output
 
 
 def test_eval_says_which_annotations_it_could_not_read(tmp_path, xml_dataset):
