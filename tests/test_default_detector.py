@@ -183,7 +183,13 @@ def test_models_lists_the_shipped_detector():
     assert result.exit_code == 0, result.output
     first = result.stderr.splitlines()[0]
     assert first.startswith(str(REPO / "weights" / "default.safetensors") + " (default): ")
-    assert "  classes: raccoon" in result.stderr.splitlines()
+    assert result.stderr.splitlines()[1:] == [
+        "  classes: raccoon",
+        "  efficientnet_lite0 blocks.6, scales 688, SVMs on pool5, box regression on",
+        "  proposals: its own network on the conv map, 300 per image",
+        "  scores: calibrated probabilities, shown from 0.50",
+        "  trained on 142 image(s) (see README.md beside the file for data and held-out AP)",
+    ]
 
 
 def test_shipped_detector_is_small():

@@ -56,8 +56,17 @@ def run_models(paths: tuple[Path, ...]) -> int:
             f"  {features.backbone} {features.layer}, scales {scales}, SVMs on {detector.feature_kind}, "
             f"box regression {'on' if detector.regressors is not None else 'off'}",
         )
+        if detector.proposal_model is not None:
+            ui.console.print(f"  proposals: its own network on the conv map, {detector.proposal_model.config.top_n} per image")
+        else:
+            ui.console.print("  proposals: selective search")
+        if detector.calibration is not None:
+            ui.console.print(f"  scores: calibrated probabilities, shown from {detector.calibration.display_probability:.2f}")
+        else:
+            ui.console.print(f"  scores: SVM margins, shown from {detector.detect.display_threshold:g}")
         images = detector.training.get("images")
         if images:
-            ui.console.print(f"  trained on {images} image(s); see README.md beside the file for data and held-out AP")
+            readme = " (see README.md beside the file for data and held-out AP)" if marker or not paths else ""
+            ui.console.print(f"  trained on {images} image(s){readme}")
     ui.print_bad(bad)
     return 1 if bad else 0
