@@ -9,10 +9,17 @@ one setting changed at a time:
 - the per-class NMS IoU (`spp detect --nms`; default 0.3);
 - the number of learned proposals per image (the model's default 300);
 - an objectness term: each window's SVM scores plus ``alpha`` times the log
-  of the proposal network's sigmoid objectness (0 = the SVM score alone).
+  of the proposal network's sigmoid objectness (0 = the SVM score alone);
+- iterative localisation (Gidaris and Komodakis, 2015): each candidate
+  (window, class above the voting floor) is pooled again at its regressed
+  box, scored there by its class's SVM and regressed a second time; kept as
+  ``rescore`` (the regressed box, its new score), ``twice`` (the box
+  regressed twice, the new score), ``mean`` (the same box, the mean of both
+  scores) or ``union`` (both iterations' candidates into one NMS and vote).
+  ``once`` is `spp detect`'s own (a check: it must equal the defaults).
 
     spp train --data ../shared/data/bccd --split trainval --scales 1024 --out b.safetensors --work W
-    python benchmarks/detect_settings.py --dataset bccd --work W
+    python benchmarks/detect_settings.py --dataset bccd --work W [--iterate]
 """
 
 from __future__ import annotations
@@ -25,11 +32,56 @@ from pathlib import Path
 import checkout  # this checkout's spp_cli first
 
 
+def detect_iterated(detector, entry, boxes, config, keep_as: str) -> list[dict]:
+    """Detections of one cached image with one more localisation step (the module's docstring)."""
+    import torch
+    from torchvision import ops
+
+    from spp_cli.bbox_reg import decode
+    from spp_cli.boxes import vote_boxes
+    from spp_cli.spp import PyramidPooler
+
+    def pool(windows):
+        return PyramidPooler(entry.maps, entry.factors, windows, detector.alignment, detector.levels).vectors().float()
+
+    def regress(features, windows, cls):
+        deltas = detector.regressors.predict_all(features * detector.pool5_scale)[torch.arange(len(cls)), cls]
+        out = decode(windows, deltas)
+        out[:, 0::2] = out[:, 0::2].clamp(0, entry.width)
+        out[:, 1::2] = out[:, 1::2].clamp(0, entry.height)
+        return out
+
+    windows = torch.as_tensor(boxes, dtype=torch.float32)
+    first = pool(windows)
+    scores = detector.svms.scores(first, scaled=False).cpu()
+    window, cls = torch.nonzero(scores > min(config.score_threshold, config.voting_floor), as_tuple=True)
+    once_scores = scores[window, cls]
+    once = regress(first[window], windows[window], cls)
+    if keep_as == "once":
+        boxes_out, scores_out, cls_out = once, once_scores, cls
+    else:
+        again = pool(once)
+        again_scores = detector.svms.scores(again, scaled=False).cpu()[torch.arange(len(cls)), cls]
+        twice = regress(again, once, cls)
+        boxes_out, scores_out, cls_out = {
+            "rescore": (once, again_scores, cls),
+            "twice": (twice, again_scores, cls),
+            "mean": (twice, (once_scores + again_scores) / 2, cls),
+            "union": (torch.cat([once, twice]), torch.cat([once_scores, again_scores]), torch.cat([cls, cls])),
+        }[keep_as]
+    keep = ops.batched_nms(boxes_out, scores_out, cls_out, config.nms_iou)
+    keep = keep[scores_out[keep] > config.score_threshold][: config.max_detections]
+    final = vote_boxes(keep, boxes_out, scores_out, cls_out, config.voting_iou) if len(keep) else boxes_out[keep]
+    return [{"box": final[j].tolist(), "class": detector.classes[int(cls_out[i])], "score": float(scores_out[i])}
+            for j, i in enumerate(keep.tolist())]
+
+
 def main() -> None:
     checkout.check()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=sorted(checkout.DATASETS), required=True)
     parser.add_argument("--work", type=Path, required=True, help="an spp train work folder (or its scale-<S> folder)")
+    parser.add_argument("--iterate", action="store_true", help="only the iterative-localisation variants")
     args = parser.parse_args()
 
     import numpy as np
@@ -69,7 +121,7 @@ def main() -> None:
     defaults = DetectConfig(score_threshold=detector.detect.score_threshold)
     default_top = learned.config.top_n if learned is not None else None
 
-    def score(nms: float = defaults.nms_iou, top: int | None = default_top, alpha: float = 0.0) -> str:
+    def score(nms: float = defaults.nms_iou, top: int | None = default_top, alpha: float = 0.0, keep_as: str | None = None) -> str:
         pairs = []
         for truth, entry in images:
             if learned is not None:  # the model's own call for that many boxes, as `spp detect` makes it
@@ -78,6 +130,9 @@ def main() -> None:
             else:
                 boxes = entry.proposals
             config = replace(defaults, nms_iou=nms)
+            if keep_as is not None:
+                pairs.append((truth, detect_iterated(detector, entry, boxes, config, keep_as)))
+                continue
             found = detector.detect_windows(entry.maps, entry.factors, boxes, entry.width, entry.height, config)
             pairs.append((truth, [{"box": d.box, "class": detector.classes[d.class_id], "score": d.score} for d in found]))
         term["alpha x log objectness"] = None
@@ -87,6 +142,10 @@ def main() -> None:
 
     print(f"{args.dataset}: {len(records)} validation image(s); candidate {args.work / 'val-pool5.safetensors'}", flush=True)
     print(f"defaults (NMS {defaults.nms_iou}, {default_top or 'selective-search'} proposals, SVM score alone): {score()}", flush=True)
+    if args.iterate:
+        for keep_as in ("once", "rescore", "twice", "mean", "union"):
+            print(f"iterative localisation, {keep_as}: {score(keep_as=keep_as)}", flush=True)
+        return
     for nms in (0.4, 0.5):
         print(f"NMS IoU {nms}: {score(nms=nms)}", flush=True)
     if learned is None:
