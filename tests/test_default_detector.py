@@ -152,7 +152,10 @@ def test_spp_train_on_raccoon_rebuilds_the_shipped_detector(tmp_path):
     assert (a.features, a.levels, a.detect, a.proposals, a.mode) == (b.features, b.levels, b.detect, b.proposals, b.mode)
     assert a.proposal_model is not None and b.proposal_model is not None
     assert a.proposal_model.config == b.proposal_model.config
-    assert (a.calibration is None) == (b.calibration is None)
+    chose = [(t["choice"]["features"], t["choice"]["proposals"]["choice"], t["windows"], t["images"]) for t in (a.training, b.training)]
+    assert chose[0] == chose[1] == ("pool5", "learned", "learned", 142)  # what `spp train` chose on validation
+    assert a.calibration is not None and b.calibration is not None
+    assert (a.calibration.slope, a.calibration.intercept) == pytest.approx((b.calibration.slope, b.calibration.intercept), rel=1e-2, abs=1e-3)
     with safe_open(str(rebuilt), "np") as x, safe_open(str(shipped), "np") as y:
         assert sorted(x.keys()) == sorted(y.keys())
         for name in x.keys():  # noqa: SIM118 (safetensors handles have no __iter__)
