@@ -16,10 +16,14 @@ one setting changed at a time:
   ``rescore`` (the regressed box, its new score), ``twice`` (the box
   regressed twice, the new score), ``mean`` (the same box, the mean of both
   scores) or ``union`` (both iterations' candidates into one NMS and vote).
-  ``once`` is `spp detect`'s own (a check: it must equal the defaults).
+  ``once`` is `spp detect`'s own (a check: it must equal the defaults);
+- soft-NMS (Bodla et al., 2017) in place of per-class NMS (``--soft``): the
+  Gaussian decay of exp(score) by exp(-IoU^2 / sigma), i.e. each lower
+  candidate's margin minus IoU^2 / sigma with the box kept, sigma 0.25 /
+  0.5 / 1; then the same threshold, detection cap and box voting.
 
     spp train --data ../shared/data/bccd --split trainval --scales 1024 --out b.safetensors --work W
-    python benchmarks/detect_settings.py --dataset bccd --work W [--iterate]
+    python benchmarks/detect_settings.py --dataset bccd --work W [--iterate | --soft]
 """
 
 from __future__ import annotations
@@ -76,12 +80,58 @@ def detect_iterated(detector, entry, boxes, config, keep_as: str) -> list[dict]:
             for j, i in enumerate(keep.tolist())]
 
 
+def soft_nms(boxes, scores, classes, sigma: float, floor: float):
+    """Indices of the candidates in soft-NMS order and their decayed scores (``(K,)`` each, best first per class)."""
+    import torch
+    from torchvision import ops
+
+    kept, decayed = [], []
+    for k in classes.unique().tolist():
+        rows = torch.nonzero(classes == k).flatten()
+        left, margins = rows.clone(), scores[rows].clone()
+        while len(left):
+            best = int(margins.argmax())
+            if float(margins[best]) <= floor:
+                break
+            kept.append(int(left[best]))
+            decayed.append(float(margins[best]))
+            overlap = ops.box_iou(boxes[left[best]][None], boxes[left])[0]
+            margins = margins - overlap**2 / sigma
+            mask = torch.ones(len(left), dtype=torch.bool)
+            mask[best] = False
+            left, margins = left[mask], margins[mask]
+    order = torch.tensor(decayed).argsort(descending=True) if decayed else torch.zeros(0, dtype=torch.long)
+    return torch.tensor(kept, dtype=torch.long)[order], torch.tensor(decayed)[order]
+
+
+def detect_soft(detector, entry, boxes, config, sigma: float) -> list[dict]:
+    """`spp detect`'s candidates (scored, regressed), then soft-NMS instead of NMS, then voting."""
+    import torch
+
+    from spp_cli.boxes import vote_boxes
+
+    found = detector.detect_windows(entry.maps, entry.factors, boxes, entry.width, entry.height,
+                                    replace(config, nms_iou=1.0, box_voting=False, max_detections=10**6,
+                                            score_threshold=min(config.score_threshold, config.voting_floor)))
+    if not found:
+        return []
+    cand_boxes = torch.tensor([d.box for d in found], dtype=torch.float32)
+    cand_scores = torch.tensor([d.score for d in found], dtype=torch.float32)
+    cand_cls = torch.tensor([d.class_id for d in found])
+    keep, decayed = soft_nms(cand_boxes, cand_scores, cand_cls, sigma, config.score_threshold)
+    keep, decayed = keep[: config.max_detections], decayed[: config.max_detections]
+    final = vote_boxes(keep, cand_boxes, cand_scores, cand_cls, config.voting_iou) if len(keep) else cand_boxes[keep]
+    return [{"box": final[j].tolist(), "class": detector.classes[int(cand_cls[i])], "score": float(decayed[j])}
+            for j, i in enumerate(keep.tolist())]
+
+
 def main() -> None:
     checkout.check()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", choices=sorted(checkout.DATASETS), required=True)
     parser.add_argument("--work", type=Path, required=True, help="an spp train work folder (or its scale-<S> folder)")
     parser.add_argument("--iterate", action="store_true", help="only the iterative-localisation variants")
+    parser.add_argument("--soft", action="store_true", help="only the soft-NMS variants")
     args = parser.parse_args()
 
     import numpy as np
@@ -121,7 +171,8 @@ def main() -> None:
     defaults = DetectConfig(score_threshold=detector.detect.score_threshold)
     default_top = learned.config.top_n if learned is not None else None
 
-    def score(nms: float = defaults.nms_iou, top: int | None = default_top, alpha: float = 0.0, keep_as: str | None = None) -> str:
+    def score(nms: float = defaults.nms_iou, top: int | None = default_top, alpha: float = 0.0, keep_as: str | None = None,
+              sigma: float | None = None) -> str:
         pairs = []
         for truth, entry in images:
             if learned is not None:  # the model's own call for that many boxes, as `spp detect` makes it
@@ -133,6 +184,9 @@ def main() -> None:
             if keep_as is not None:
                 pairs.append((truth, detect_iterated(detector, entry, boxes, config, keep_as)))
                 continue
+            if sigma is not None:
+                pairs.append((truth, detect_soft(detector, entry, boxes, config, sigma)))
+                continue
             found = detector.detect_windows(entry.maps, entry.factors, boxes, entry.width, entry.height, config)
             pairs.append((truth, [{"box": d.box, "class": detector.classes[d.class_id], "score": d.score} for d in found]))
         term["alpha x log objectness"] = None
@@ -142,6 +196,10 @@ def main() -> None:
 
     print(f"{args.dataset}: {len(records)} validation image(s); candidate {args.work / 'val-pool5.safetensors'}", flush=True)
     print(f"defaults (NMS {defaults.nms_iou}, {default_top or 'selective-search'} proposals, SVM score alone): {score()}", flush=True)
+    if args.soft:
+        for sigma in (0.25, 0.5, 1.0):
+            print(f"soft-NMS, sigma {sigma}: {score(sigma=sigma)}", flush=True)
+        return
     if args.iterate:
         for keep_as in ("once", "rescore", "twice", "mean", "union"):
             print(f"iterative localisation, {keep_as}: {score(keep_as=keep_as)}", flush=True)
