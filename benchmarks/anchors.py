@@ -26,14 +26,24 @@ DATASETS = checkout.DATASETS
 FOLDS = 3
 
 
-def held_out_recall(cache_dir: Path, sizes: tuple[int, ...]) -> list[tuple[float, float]]:
-    """(recall@0.7, recall@0.5) of each fold's held-out third, ``sizes`` as the anchor sides."""
+def training_cache(name: str, work: Path):
+    """`spp cache --no-proposals` of the dataset's training split in ``work/<name>/feats``: the
+    cache, and the keys of its annotated images by the sha256 rank of their ids (the folds' order)."""
     from spp_cli.cache import FeatureCache
     from spp_cli.pipeline import id_rank
-    from spp_cli.rpn import ProposalConfig, ProposalTrainer
 
+    data, train, _ = DATASETS[name]
+    cache_dir = work / name / "feats"
+    checkout.run_spp("cache", "--data", data, "--split", train, "--cache", cache_dir, "--no-proposals", allowed=(0, 1))
     cache = FeatureCache.open(cache_dir)
     keys = sorted((k for k in cache.keys() if cache.metadata(k).get("has_gt")), key=lambda k: id_rank(cache.metadata(k).get("image_id", k)))
+    return cache, keys
+
+
+def held_out_recall(cache, keys: list[str], sizes: tuple[int, ...]) -> list[tuple[float, float]]:
+    """(recall@0.7, recall@0.5) of each fold's held-out third, ``sizes`` as the anchor sides."""
+    from spp_cli.rpn import ProposalConfig, ProposalTrainer
+
     results = []
     for fold in range(FOLDS):
         held = keys[fold::FOLDS]
@@ -57,13 +67,11 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="spp-anchors-"))
     rows = []
     for name in args.datasets.split(","):
-        data, train, _ = DATASETS[name]
-        cache_dir = work / name / "feats"
-        checkout.run_spp("cache", "--data", data, "--split", train, "--cache", cache_dir, "--no-proposals", allowed=(0, 1))
-        print(f"{name} ({train}):", flush=True)
+        cache, keys = training_cache(name, work)
+        print(f"{name} ({DATASETS[name][1]}):", flush=True)
         for anchors in args.anchors:
             sizes = tuple(int(side) for side in anchors.split(","))
-            r7, r5 = np.mean(held_out_recall(cache_dir, sizes), axis=0)
+            r7, r5 = np.mean(held_out_recall(cache, keys, sizes), axis=0)
             print(f"{name} {sizes}: mean held-out recall@0.7 {r7:.3f}, @0.5 {r5:.3f}", flush=True)
             rows.append({"dataset": name, "anchor_sizes": list(sizes), "recall@0.7": round(float(r7), 3), "recall@0.5": round(float(r5), 3)})
     print(json.dumps({"anchors": rows}))

@@ -31,9 +31,7 @@ from pathlib import Path
 
 import checkout  # this checkout's spp_cli first, here and in the subprocesses
 import numpy as np
-
-DATASETS = checkout.DATASETS
-FOLDS = 3
+from anchors import FOLDS, training_cache  # the same caches and folds as the anchor comparison
 AR_IOUS = tuple(0.5 + 0.05 * i for i in range(10))
 RULES = ("recall@0.7", "AR", "last")
 
@@ -49,21 +47,19 @@ def fold_history(cache, keys: list[str], held: list[str]) -> list[dict]:
     """Per epoch: the trainer's own held-out tenth's figures (``inner``) and the fold's third's (``outer``)."""
     from spp_cli.rpn import ProposalConfig, ProposalTrainer
 
-    outer = []
-    for key in held:
-        entry = cache.read(key)
-        boxes = entry.gt_boxes if entry.gt_boxes is not None else np.zeros((0, 4), np.float32)
-        if entry.gt_iscrowd is not None and len(boxes):
-            boxes = boxes[~entry.gt_iscrowd.astype(bool)]
-        outer.append((entry.maps, list(entry.factors), entry.width, entry.height, np.asarray(boxes, np.float32)))
+    # The third, read as the trainer reads its own held-out images (crowd boxes dropped): all of it held out.
+    outer = ProposalTrainer(cache, held, ProposalConfig(val_fraction=1.0))
+    outer.prepare()
     history: list[dict] = []
+
+    def held_out_figures(model, reader: ProposalTrainer) -> dict:
+        found = [model.propose(reader.maps(i), i.factors, i.width, i.height)[0] for i in reader.val]
+        return figures(found, [i.gt_boxes for i in reader.val])
 
     class Recording(ProposalTrainer):
         def evaluate(self, model):
-            inner_found = [model.propose(self.maps(i), i.factors, i.width, i.height)[0] for i in self.val]
-            inner = figures(inner_found, [i.gt_boxes for i in self.val])
-            outer_found = [model.propose(maps, factors, w, h)[0] for maps, factors, w, h, _ in outer]
-            history.append({"inner": inner, "outer": figures(outer_found, [gt for *_, gt in outer])})
+            inner = held_out_figures(model, self)
+            history.append({"inner": inner, "outer": held_out_figures(model, outer)})
             return inner["recall@0.7"], inner["recall@0.5"]
 
     trainer = Recording(cache, [k for k in keys if k not in set(held)], ProposalConfig())
@@ -93,17 +89,10 @@ def main() -> None:
     parser.add_argument("--datasets", default="raccoon,bccd,coco128")
     parser.add_argument("--work", type=Path, help="keep the caches here (default: a temporary folder)")
     args = parser.parse_args()
-    from spp_cli.cache import FeatureCache
-    from spp_cli.pipeline import id_rank
-
     work = args.work or Path(tempfile.mkdtemp(prefix="spp-epochs-"))
     rows = []
     for name in args.datasets.split(","):
-        data, train, _ = DATASETS[name]
-        cache_dir = work / name / "feats"
-        checkout.run_spp("cache", "--data", data, "--split", train, "--cache", cache_dir, "--no-proposals", allowed=(0, 1))
-        cache = FeatureCache.open(cache_dir)
-        keys = sorted((k for k in cache.keys() if cache.metadata(k).get("has_gt")), key=lambda k: id_rank(cache.metadata(k).get("image_id", k)))
+        cache, keys = training_cache(name, work)
         per_rule: dict[str, list[dict]] = {rule: [] for rule in RULES}
         for fold in range(FOLDS):
             history = fold_history(cache, keys, keys[fold::FOLDS])

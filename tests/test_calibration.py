@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,24 +68,24 @@ def test_reliability_table_bins_predicted_against_observed():
     ]
 
 
+def shipped_with(calibration: Calibration | None, folder) -> Path:
+    """The shipped detector saved in ``folder`` with ``calibration`` in place of its own."""
+    detector = Detector.load(default_model_path())
+    detector.calibration = calibration
+    detector.save(folder / "model.safetensors")
+    return folder / "model.safetensors"
+
+
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory):
     """The shipped detector with a known calibration."""
-    path = tmp_path_factory.mktemp("calibrated") / "model.safetensors"
-    detector = Detector.load(default_model_path())
-    detector.calibration = CURVE
-    detector.save(path)
-    return path
+    return shipped_with(CURVE, tmp_path_factory.mktemp("calibrated"))
 
 
 @pytest.fixture(scope="module")
 def uncalibrated(tmp_path_factory):
     """The shipped detector without its calibration: a model as `spp train-svm` writes them."""
-    path = tmp_path_factory.mktemp("uncalibrated") / "model.safetensors"
-    detector = Detector.load(default_model_path())
-    detector.calibration = None
-    detector.save(path)
-    return path
+    return shipped_with(None, tmp_path_factory.mktemp("uncalibrated"))
 
 
 def test_model_file_keeps_the_calibration_and_uncalibrated_files_have_none(calibrated, uncalibrated):
