@@ -60,6 +60,10 @@ class BackboneSpec:
             :class:`ModelError` saying how to get one.
         load_full: builds the full architecture and loads a state dict into
             it strictly (``None``: weights load straight into the trunk).
+        finer: the registry name of a shallower cut of the same network and
+            checkpoint at half the stride, which `spp train --scales auto`
+            also tries where objects are small (``None``: it tries a larger
+            scale instead).
     """
 
     name: str
@@ -74,6 +78,7 @@ class BackboneSpec:
     build: Callable[[], nn.Module] = field(repr=False)
     default_weights_path: Callable[[], Path] | None = field(default=None, repr=False)
     load_full: Callable[[dict], nn.Module] | None = field(default=None, repr=False)
+    finer: str | None = None
 
     @property
     def alignment(self) -> Alignment:
@@ -306,7 +311,8 @@ def _zf5_weights() -> Path:
 # ------------------------------------------------------------ registry
 
 
-def _lite_cut(name: str, num_blocks: int, stride: int, channels: int, fine_blocks: int | None = None) -> BackboneSpec:
+def _lite_cut(name: str, num_blocks: int, stride: int, channels: int, fine_blocks: int | None = None,
+              finer: str | None = None) -> BackboneSpec:
     """EfficientNet-Lite<n> truncated after ``blocks[num_blocks - 1]`` (one checkpoint for every cut of a variant).
 
     With ``fine_blocks``, the map of ``blocks[fine_blocks - 1]`` too, both on its cells (:class:`_LiteTwoLayerTrunk`).
@@ -330,6 +336,7 @@ def _lite_cut(name: str, num_blocks: int, stride: int, channels: int, fine_block
         build=build,
         default_weights_path=lambda: lite_checkpoint(variant),
         load_full=lambda sd: _load_into(_lite_full(variant), sd, f"efficientnet_{variant}"),
+        finer=finer,
     )
 
 
@@ -338,9 +345,13 @@ BACKBONES: dict[str, BackboneSpec] = {
     # deepest cut before the 1280-wide conv_head. On raccoon it gave 0.866
     # VOC07 mAP (pool5 + box regression) against 0.797 at blocks.4, and
     # fine-tuning helps it (benchmarks/accuracy.py, benchmarks/README.md).
-    "efficientnet_lite0": _lite_cut("efficientnet_lite0", num_blocks=7, stride=32, channels=320),
+    "efficientnet_lite0": _lite_cut("efficientnet_lite0", num_blocks=7, stride=32, channels=320, finer="efficientnet_lite0_b4"),
     # A finer, shallower cut (stride 16, 112 channels): 3x shorter SPP
-    # vectors, faster pooling and SVM training, less accurate.
+    # vectors, faster pooling and SVM training; less accurate on raccoon's
+    # large objects (validation 0.733 vs 0.903 through `spp train`), more on
+    # bccd's small cells (0.875 vs 0.702 at 688, 0.845 for blocks.6 at 1024),
+    # not on coco128's (0.057 vs 0.078), so `spp train --scales auto` tries
+    # it beside the default where objects are small.
     "efficientnet_lite0_b4": _lite_cut("efficientnet_lite0_b4", num_blocks=5, stride=16, channels=112),
     # Both cuts at once: blocks.4 (112 channels) beside blocks.6 interpolated
     # onto its stride-16 cells (320), for objects of a few stride-32 cells;

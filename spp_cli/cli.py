@@ -431,7 +431,7 @@ def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_pa
 @click.option("--features", type=click.Choice(["pool5", "auto", "fc7"]), default="pool5", show_default=True,
               help="SVM input: pool5 (SPP vectors); auto also fine-tunes a head, trains SVMs on its fc7 and keeps the one of higher validation mAP (3-4x the training time; on the validation parts of raccoon and bccd fc7 did not win); fc7 only.")
 @click.option("--scales", default="auto", show_default=True,
-              help="Cache scales (short sides): 688, 1024, 480,576,688,864,1200, or alternatives each trained and kept if of higher validation mAP: 688/1024. auto: 688, and 688/1024 where the smallest class's median box spans under 2 cells of the feature map at 688 (twice the training). The first alternative's cache is --cache; the others' are in <work>/scale-<scales>/.")
+              help="Cache scales (short sides): 688, 1024, 480,576,688,864,1200, or alternatives each trained and kept if of higher validation mAP: 688/1024. auto: 688, and where the smallest class's median box spans under 2 cells of the feature map at 688, 688 on the backbone's stride-16 cut as well (efficientnet_lite0_b4; 1024 for a backbone without one), the one of higher validation mAP kept. The first alternative's cache is --cache; the others' are in <work>/scale-<scales>/ (<work>/<cut>-scale-688/).")
 @click.option("--backbone", default="efficientnet_lite0", show_default=True, help="Backbone of the cache (see `spp cache --help`).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True, help="Most fine-tuning epochs (early stopping on held-out windows).")
 @click.option("--negatives", multiple=True, metavar="IMAGES", help="Background images that hold none of the classes (files, folders, globs, .txt lists): cached, then negatives for the SVMs. Repeatable.")
@@ -454,8 +454,8 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
     fc6/fc7 -> SVMs on fc7 -> keep pool5 or fc7, whichever has the higher
     validation mAP. The model is that candidate; --refit trains it again on
     the whole training split. Where the smallest class is small on the
-    feature map at 688, all of this runs at 1024 as well, and the scale of
-    higher validation mAP is kept (--scales).
+    feature map at 688, all of this runs on the backbone's stride-16 cut as
+    well, and the map of higher validation mAP is kept (--scales).
     Only the training split is read. Each step is resumable: after an
     interruption, run the same command again.
 

@@ -37,11 +37,10 @@ STATE_VERSION = 2
 FEATURE_CHOICES = ("auto", "pool5", "fc7")
 PROPOSAL_CHOICES = ("auto", "learned", "selective-search")
 # A class whose median box spans fewer cells of the feature map than SMALL_OBJECT_CELLS at
-# BASE_SCALE is small: `--scales auto` (the default) then trains at LARGER_SCALE as well and keeps
-# the scale of higher validation mAP. Neither scale wins everywhere: on the validation part of the
-# training split bccd went 0.70 -> 0.80 mAP at 1024 (Platelets, median box 57 px at 688: 0.40 ->
-# 0.73) and coco128 0.064 -> 0.040 (its smallest class, car, 19 px); raccoon's smallest median
-# box is 565 px, so it trains at 688 alone (benchmarks/README.md, "Scale").
+# BASE_SCALE is small: `--scales auto` (the default) then trains on a finer map as well (the
+# backbone's stride-16 cut at BASE_SCALE, or LARGER_SCALE for a backbone without one) and keeps
+# the map of higher validation mAP. Neither map wins everywhere (see scale_alternatives); raccoon's
+# smallest median box is 565 px, so it trains at 688 alone (benchmarks/README.md, "Scale").
 BASE_SCALE = 688
 LARGER_SCALE = 1024
 SMALL_OBJECT_CELLS = 2.0
@@ -281,11 +280,27 @@ def _size_phrase(size: tuple[str, float], stride: int, side: int | None = None) 
     return f"the smallest class's median box, {name}, is {median:.0f} px{at}: {median / stride:.1f} cells of the stride-{stride} map"
 
 
-def scale_note(records: list, classes: list[str], scales: tuple[int, ...], stride: int) -> str:
-    """``Scale: <scales>`` and the size of the smallest objects on the feature map (see
-    ``smallest_class``) at the largest of ``scales``, in pixels and in map cells (``stride``
-    pixels each); where that is under ``SMALL_OBJECT_CELLS`` cells and the scales stay below
-    ``LARGER_SCALE``, a pointer to it."""
+def _smaller_objects_hint(backbone: str) -> str:
+    """Where a user's small objects may be found better, and that `--scales auto` tries it."""
+    from spp_cli.backbones import get_spec
+
+    spec = get_spec(backbone)
+    if spec.finer is not None:
+        finer = get_spec(spec.finer)
+        where = f"on the stride-{finer.stride} cut (--backbone {finer.name})"
+    else:
+        where = f"at --scales {LARGER_SCALE}"
+    return f"small objects may be found better {where} (--scales auto tries it where they are this small)"
+
+
+def scale_note(records: list, classes: list[str], scales: tuple[int, ...], backbone: str) -> str:
+    """``Scale: <scales>`` and the size of the smallest objects on ``backbone``'s feature map (see
+    ``smallest_class``) at the largest of ``scales``, in pixels and in map cells; where that is
+    under ``SMALL_OBJECT_CELLS`` cells and the scales stay below ``LARGER_SCALE``, a pointer to
+    what ``--scales auto`` would try (:func:`scale_alternatives`)."""
+    from spp_cli.backbones import get_spec
+
+    stride = get_spec(backbone).stride
     side = max(scales)
     size = smallest_class(records, classes, side)
     text = f"Scale: {','.join(map(str, scales))}"
@@ -293,55 +308,95 @@ def scale_note(records: list, classes: list[str], scales: tuple[int, ...], strid
         return text
     text += f" ({_size_phrase(size, stride)})"
     if size[1] / stride < SMALL_OBJECT_CELLS and side < LARGER_SCALE:
-        text += f"; small objects may be found better at --scales {LARGER_SCALE} (--scales auto tries it where they are this small)"
+        text += "; " + _smaller_objects_hint(backbone)
     return text
 
 
 @dataclass(frozen=True)
+class FeatureMap:
+    """One feature map `spp train` may train a candidate on: cache scales (short sides, as
+    ``--scales`` writes them) on a backbone cut. ``label`` names it in step names and lines: the
+    scales, with the cut where it is not ``--backbone``'s."""
+
+    scales: str
+    backbone: str
+    label: str
+
+
+@dataclass(frozen=True)
 class ScalePlan:
-    """The cache scale sets `spp train` trains at (each a candidate for the final model), the line
+    """The feature maps `spp train` trains at (each a candidate for the final model), the line
     that says so, and the size of the smallest objects at the first ("" without boxes)."""
 
-    alternatives: list[str]
+    alternatives: list[FeatureMap]
     line: str
     size: str = ""
 
     def chosen(self, scores: dict[str, float], chosen: str) -> str:
-        """The Scale line once validation has chosen: each alternative's validation mAP."""
+        """The Scale line once validation has chosen (``scores`` and ``chosen`` by label): each
+        alternative's validation mAP."""
         if len(self.alternatives) == 1:
             return self.line
-        figures = ", ".join(f"{scales}: {scores[scales]:.3f}" for scales in self.alternatives)
+        figures = ", ".join(f"{feature_map.label}: {scores[feature_map.label]:.3f}" for feature_map in self.alternatives)
         return f"Scale: {chosen} (validation mAP {figures}" + (f"; {self.size})" if self.size else ")")
 
 
-def scale_alternatives(text: str, records: list, classes: list[str], stride: int) -> ScalePlan:
-    """What ``--scales`` asks of `spp train`: ``auto`` (``BASE_SCALE``, and ``LARGER_SCALE`` as
-    well where the smallest class's median box spans under ``SMALL_OBJECT_CELLS`` cells at
-    ``BASE_SCALE``), one scale set (``688``, ``480,576,688,864,1200``), or alternatives separated
-    by ``/`` (``688/1024``).
+def scale_alternatives(text: str, records: list, classes: list[str], backbone: str) -> ScalePlan:
+    """What ``--scales`` asks of `spp train` on ``backbone``: one scale set (``688``,
+    ``480,576,688,864,1200``), alternatives separated by ``/`` (``688/1024``), or ``auto``:
+    ``BASE_SCALE`` and, where the smallest class's median box spans under ``SMALL_OBJECT_CELLS``
+    cells of the map at ``BASE_SCALE``, a finer map as well: the backbone's cut at half the stride
+    (``BackboneSpec.finer``) at ``BASE_SCALE``, or ``LARGER_SCALE`` for a backbone without one.
+
+    Why the finer cut before the larger scale: on the validation part of bccd's training split
+    (Platelets' median box 57 px at 688, 1.8 cells at stride 32) Lite0's stride-16 cut at 688
+    gave 0.875 mAP against 0.702 for the default cut at 688 and 0.845 at 1024, in a third of the
+    1024 run's time; on coco128's (its smallest class 16 px) the default cut at 688 kept the lead:
+    0.078 against 0.057 for the stride-16 cut and 0.042 at 1024 (benchmarks/README.md, "Scale").
 
     Raises:
         SPPError: a part is not a scale set (the message names it).
         UsageError: two parts are the same.
     """
+    from spp_cli.backbones import get_spec
     from spp_cli.config import parse_scales
+
+    spec = get_spec(backbone)
+
+    def on_backbone(scales: str) -> FeatureMap:
+        return FeatureMap(scales, backbone, scales)
 
     if text == "auto":
         size = smallest_class(records, classes, BASE_SCALE)
-        if size is None or size[1] / stride >= SMALL_OBJECT_CELLS:
-            return ScalePlan([str(BASE_SCALE)], scale_note(records, classes, (BASE_SCALE,), stride))
-        phrase = _size_phrase(size, stride, BASE_SCALE)
-        return ScalePlan([str(BASE_SCALE), str(LARGER_SCALE)],
-                         f"Scale: {BASE_SCALE} and {LARGER_SCALE}, the one of higher validation mAP ({phrase}, under {SMALL_OBJECT_CELLS:g})", phrase)
+        base = on_backbone(str(BASE_SCALE))
+        if size is None or size[1] / spec.stride >= SMALL_OBJECT_CELLS:
+            return ScalePlan([base], scale_note(records, classes, (BASE_SCALE,), backbone))
+        phrase = _size_phrase(size, spec.stride, BASE_SCALE)
+        under = f"{phrase}, under {SMALL_OBJECT_CELLS:g}"
+        if spec.finer is not None:
+            finer = get_spec(spec.finer)
+            return ScalePlan([base, FeatureMap(str(BASE_SCALE), finer.name, f"{BASE_SCALE} on {finer.name}")],
+                             f"Scale: {BASE_SCALE} on {backbone} and on its stride-{finer.stride} cut {finer.name}, "
+                             f"the one of higher validation mAP ({under})", phrase)
+        return ScalePlan([base, on_backbone(str(LARGER_SCALE))],
+                         f"Scale: {BASE_SCALE} and {LARGER_SCALE}, the one of higher validation mAP ({under})", phrase)
     parts = [",".join(map(str, parse_scales(part))) for part in text.split("/")]
     if len(set(parts)) < len(parts):
         raise UsageError(f"--scales {text}: each alternative must differ from the others")
     if len(parts) == 1:
-        return ScalePlan(parts, scale_note(records, classes, tuple(int(v) for v in parts[0].split(",")), stride))
+        return ScalePlan([on_backbone(parts[0])], scale_note(records, classes, tuple(int(v) for v in parts[0].split(",")), backbone))
     side = max(int(v) for v in parts[0].split(","))
     size = smallest_class(records, classes, side)
-    phrase = _size_phrase(size, stride, side) if size else ""
-    return ScalePlan(parts, f"Scale: {' and '.join(parts)}, the one of higher validation mAP" + (f" ({phrase})" if phrase else ""), phrase)
+    phrase = _size_phrase(size, spec.stride, side) if size else ""
+    return ScalePlan([on_backbone(part) for part in parts],
+                     f"Scale: {' and '.join(parts)}, the one of higher validation mAP" + (f" ({phrase})" if phrase else ""), phrase)
+
+
+def map_folder(feature_map: FeatureMap, backbone: str) -> str:
+    """The work folder's subfolder of a feature map other than the first: ``scale-<scales>``, with
+    the cut's name in front where it is not ``backbone`` (``--backbone``'s)."""
+    scales = "scale-" + feature_map.scales.replace(",", "-")
+    return scales if feature_map.backbone == backbone else f"{feature_map.backbone}-{scales}"
 
 
 def choose_features(val_map: dict[str, float]) -> tuple[str, str]:
@@ -412,21 +467,19 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
 
     if plan.proposals not in PROPOSAL_CHOICES:
         raise UsageError(f"--proposals must be one of {', '.join(PROPOSAL_CHOICES)}")
-    from spp_cli.backbones import get_spec
-
-    scale_plan = scale_alternatives(plan.scales, [records[i][0] for i in split.fit_ids], train_set.classes, get_spec(plan.backbone).stride)
+    scale_plan = scale_alternatives(plan.scales, [records[i][0] for i in split.fit_ids], train_set.classes, plan.backbone)
     ui.say(scale_plan.line)
     alternatives = scale_plan.alternatives
     several = len(alternatives) > 1
 
-    def at(name: str, scales: str) -> str:
-        """A step's (or candidate's) name: with the scales it is trained at, when several are tried."""
-        return f"{name} at {scales}" if several else name
+    def at(name: str, label: str) -> str:
+        """A step's (or candidate's) name: with the feature map it is trained on, when several are tried."""
+        return f"{name} at {label}" if several else name
 
     learned = plan.proposals != "selective-search"  # the cache first, then the proposal network
     per_scale = ["cache", "proposal network"] + (["proposals"] if plan.proposals == "auto" else []) if learned else ["cache"]
     per_scale += (["SVMs on pool5"] if plan.features != "fc7" else []) + (["fine-tuning", "SVMs on fc7"] if plan.features != "pool5" else [])
-    steps = ([] if learned else ["proposals"]) + [at(name, scales) for scales in alternatives for name in per_scale] + ["final model"]
+    steps = ([] if learned else ["proposals"]) + [at(name, feature_map.label) for feature_map in alternatives for name in per_scale] + ["final model"]
     seconds: dict[str, float] = {}
 
     def step(name: str) -> None:
@@ -457,16 +510,17 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     from spp_cli.commands.finetune import run_finetune
     from spp_cli.commands.train_svm import run_train_svm
 
-    def train_at(scales: str, folder: Path, feats: Path) -> ScaleRun:
-        """The flow's steps at one scale set, their files in ``folder``; the cache in ``feats``."""
-        run = ScaleRun(scales, feats, folder / "proposals.safetensors" if learned else None, folder / "head.safetensors",
+    def train_at(feature_map: FeatureMap, folder: Path, feats: Path) -> ScaleRun:
+        """The flow's steps on one feature map, their files in ``folder``; the cache in ``feats``."""
+        label = feature_map.label
+        run = ScaleRun(label, feats, folder / "proposals.safetensors" if learned else None, folder / "head.safetensors",
                        {kind: folder / f"val-{kind}.safetensors" for kind in ("pool5", "fc7")},
                        proposal_choice={"choice": "learned" if learned else "selective-search", "reason": f"--proposals {plan.proposals}"})
-        name = at("cache", scales)
+        name = at("cache", label)
         step(name)
 
         def build_cache(boxes: Path | None, **how) -> int:
-            return run_cache((), None, None, feats, boxes, plan.backbone, None, scales, 2000, "fp16", gpu, shard="0/1", sources=sources(), **how)
+            return run_cache((), None, None, feats, boxes, feature_map.backbone, None, feature_map.scales, 2000, "fp16", gpu, shard="0/1", sources=sources(), **how)
 
         result = state.done(name, feats) or timed(name, lambda: {"code": build_cache(None if learned else props, selective_search=not learned)})
         seconds[name] = result["seconds"]
@@ -483,13 +537,13 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         if learned:
             from spp_cli.commands.train_proposals import run_train_proposals
 
-            name = at("proposal network", scales)
+            name = at("proposal network", label)
             step(name)
             result = state.done(name, run.proposal_model) or timed(name, lambda: {"code": run_train_proposals(
                 feats, run.proposal_model, None, None, 16, 300, gpu, keys=run.fit_keys)})
             seconds[name] = result["seconds"]
         if plan.proposals == "auto":
-            name = at("proposals", scales)
+            name = at("proposals", label)
             step(name)
 
             def choose_and_search() -> dict:
@@ -506,7 +560,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
                 run.proposal_model = None
 
         def svm_step(kind: str) -> None:
-            name = at(f"SVMs on {kind}", scales)
+            name = at(f"SVMs on {kind}", label)
             step(name)
             candidate = run.candidates[kind]
 
@@ -515,7 +569,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
                               negatives=fit_backgrounds, proposal_model_path=run.proposal_model, positive_iou=plan.positive_iou)
                 mean, per_class, calibration = validation_results(candidate, feats, run.val_records, held_backgrounds)
                 also = f" and {len(held_backgrounds)} background image(s)" if held_backgrounds else ""
-                ui.say(f"validation mAP ({at(kind, scales)}): {mean:.3f} on {len(run.val_records)} image(s){also}")
+                ui.say(f"validation mAP ({at(kind, label)}): {mean:.3f} on {len(run.val_records)} image(s){also}")
                 return {"val_map": mean, "val_ap": per_class, "calibration": calibration}
 
             result = state.done(name, candidate) or timed(name, action)
@@ -528,7 +582,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         if plan.features != "fc7":
             svm_step("pool5")
         if plan.features != "pool5":
-            name = at("fine-tuning", scales)
+            name = at("fine-tuning", label)
             step(name)
             result = state.done(name, run.head) or timed(name, lambda: {"code": run_finetune(
                 feats, run.head, None, None, None, plan.finetune_epochs, 1e-4, 128, 0.25, 1024, True, 0, gpu, keys=run.fit_keys,
@@ -542,13 +596,13 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
             run.features, run.reason = plan.features, f"{plan.features} (validation mAP {run.val_map[plan.features]:.3f}{also})"
         return run
 
-    # The first scale set's files where a single-scale run keeps them; each other's in a folder of its own.
-    folders = [work] + [work / f"scale-{scales.replace(',', '-')}" for scales in alternatives[1:]]
-    runs = [train_at(scales, folder, cache_dir if folder == work else folder / "feats") for scales, folder in zip(alternatives, folders)]
+    # The first map's files where a single-map run keeps them; each other's in a folder of its own.
+    folders = [work] + [work / map_folder(feature_map, plan.backbone) for feature_map in alternatives[1:]]
+    runs = [train_at(feature_map, folder, cache_dir if folder == work else folder / "feats") for feature_map, folder in zip(alternatives, folders)]
     chosen = max(runs, key=lambda run: run.val_map[run.features])  # the first alternative on a tie
-    scale_line = scale_plan.chosen({run.scales: run.val_map[run.features] for run in runs}, chosen.scales)
-    val_map = {at(kind, run.scales): value for run in runs for kind, value in run.val_map.items()}
-    val_ap = {at(kind, run.scales): value for run in runs for kind, value in run.val_ap.items()}
+    scale_line = scale_plan.chosen({run.label: run.val_map[run.features] for run in runs}, chosen.label)
+    val_map = {at(kind, run.label): value for run in runs for kind, value in run.val_map.items()}
+    val_ap = {at(kind, run.label): value for run in runs for kind, value in run.val_ap.items()}
     features, reason = chosen.features, chosen.reason
 
     step("final model")
@@ -577,9 +631,9 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
 
 @dataclass
 class ScaleRun:
-    """The flow at one scale set: where its files are, and what validation said of its candidates."""
+    """The flow on one feature map: where its files are, and what validation said of its candidates."""
 
-    scales: str
+    label: str  # the map's (FeatureMap.label)
     cache_dir: Path
     proposal_model: Path | None  # None: the SVMs' windows (and the model's proposals) are selective search's
     head: Path

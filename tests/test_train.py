@@ -20,19 +20,22 @@ from click.testing import CliRunner
 from conftest import RACCOON, SHARED_DATA, TEST, TRAIN, require_shared_data, write_shapes
 from conftest import model_tensors as tensors
 
+from spp_cli import pipeline
 from spp_cli.cache import FeatureCache
 from spp_cli.cli import cli
 from spp_cli.errors import DatasetError, SPPError, UsageError
 from spp_cli.model import Detector
 from spp_cli.data import open_dataset
 from spp_cli.data.records import ImageRecord
-from spp_cli.pipeline import ScalePlan, choose_features, scale_alternatives, scale_note, split_backgrounds, split_for_validation
+from spp_cli.pipeline import FeatureMap, ScalePlan, choose_features, map_folder, scale_alternatives, scale_note, split_backgrounds, split_for_validation
 
 # The pipeline tests' small setting: the stride-16 cut at one 96-pixel scale.
 OPTIONS = ["--backbone", "efficientnet_lite0_b4", "--scales", "96", "--epochs", "3", "--val-fraction", "0.25"]
 # The whole flow: pool5 and a fine-tuned fc7, the better on validation (the default is pool5 alone).
 AUTO = ("--features", "auto")
 STEPS = ["cache", "proposal network", "proposals", "SVMs on pool5", "fine-tuning", "SVMs on fc7", "final model"]
+
+LITE0, LITE0_B4, LITE2 = "efficientnet_lite0", "efficientnet_lite0_b4", "efficientnet_lite2"
 
 
 def train_args(data: Path, out: Path, *extra) -> list[str]:
@@ -152,6 +155,33 @@ def test_each_alternative_scale_is_trained_and_the_better_one_kept(tmp_path):
     assert FeatureCache.open(work / "scale-128" / "feats").settings.scales == (128,)
 
 
+def test_where_objects_are_small_auto_also_trains_on_the_finer_cut(tmp_path, monkeypatch):
+    # At the real base scale (688) this path needs a dataset of small objects and minutes; the
+    # shapes at a base of 128 pixels, with every object counted as small, take it in seconds.
+    monkeypatch.setattr(pipeline, "BASE_SCALE", 128)
+    monkeypatch.setattr(pipeline, "SMALL_OBJECT_CELLS", 100.0)
+    data = write_shapes(tmp_path / "shapes")
+    out = tmp_path / "model.safetensors"
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--split", "train", "--out", str(out),
+                                      "--epochs", "3", "--val-fraction", "0.25"])  # the default backbone and --scales auto
+    assert result.exit_code == 0, result.output
+    finer = "128 on efficientnet_lite0_b4"
+    steps = [f"{name} at {label}" for label in ("128", finer) for name in ("cache", "proposal network", "proposals", "SVMs on pool5")]
+    for n, name in enumerate(steps + ["final model"], 1):
+        assert f"[{n}/9] {name}" in result.output
+    assert "Scale: 128 on efficientnet_lite0 and on its stride-16 cut efficientnet_lite0_b4, the one of higher validation mAP" in result.output
+    work = tmp_path / "model.work"
+    assert FeatureCache.open(work / "feats").settings.backbone == LITE0
+    finer_cache = FeatureCache.open(work / "efficientnet_lite0_b4-scale-128" / "feats").settings
+    assert (finer_cache.backbone, finer_cache.scales) == (LITE0_B4, (128,))
+    detector = Detector.load(out)
+    scores = detector.training["choice"]["validation_mAP"]
+    best = LITE0_B4 if scores[f"pool5 at {finer}"] > scores["pool5 at 128"] else LITE0  # the first on a tie
+    assert detector.features.backbone == best
+    candidate = tensors(work / ("efficientnet_lite0_b4-scale-128" if best == LITE0_B4 else ".") / "val-pool5.safetensors")
+    assert all(np.array_equal(candidate[name], tensors(out)[name]) for name in candidate)
+
+
 def test_killed_at_a_random_step_and_rerun_gives_the_same_model(trained, tmp_path):
     data, uninterrupted, _ = trained
     out = tmp_path / "model.safetensors"
@@ -206,50 +236,65 @@ def scale_records(small_boxes: int, small_side: float, crowd: bool = False) -> l
 
 def test_the_scale_line_says_how_small_the_smallest_class_is():
     # 40 px boxes in a 480-px-short image are 57 px at 688: 1.8 cells at stride 32, 3.6 at stride 16.
-    hint = "; small objects may be found better at --scales 1024 (--scales auto tries it where they are this small)"
+    hint = "; small objects may be found better on the stride-16 cut (--backbone efficientnet_lite0_b4) (--scales auto tries it where they are this small)"
     size = "Scale: 688 (the smallest class's median box, dot, is 57 px: {} cells of the stride-{} map)"
-    assert scale_note(scale_records(3, 40), ["dot", "blob"], (688,), 32) == size.format(1.8, 32) + hint
-    assert scale_note(scale_records(3, 40), ["dot", "blob"], (688,), 16) == size.format(3.6, 16)
-    assert scale_note(scale_records(3, 48), ["dot", "blob"], (688,), 32).endswith("69 px: 2.2 cells of the stride-32 map)")
-    assert scale_note(scale_records(3, 40), ["dot", "blob"], (480, 1024), 32).startswith("Scale: 480,1024 (the smallest class's median box, dot, is 85 px: 2.7 cells")
-    assert "dot" not in scale_note(scale_records(2, 40), ["dot", "blob"], (688,), 32)  # too few boxes for a median
-    assert "dot" not in scale_note(scale_records(3, 40, crowd=True), ["dot", "blob"], (688,), 32)  # crowd boxes do not count
-    assert scale_note([], ["dot"], (688,), 32) == "Scale: 688"
+    assert scale_note(scale_records(3, 40), ["dot", "blob"], (688,), LITE0) == size.format(1.8, 32) + hint
+    assert scale_note(scale_records(3, 40), ["dot", "blob"], (688,), LITE0_B4) == size.format(3.6, 16)
+    # A stride-32 backbone without a finer cut points to the larger scale.
+    assert scale_note(scale_records(3, 40), ["dot", "blob"], (688,), LITE2) == (
+        size.format(1.8, 32) + "; small objects may be found better at --scales 1024 (--scales auto tries it where they are this small)")
+    assert scale_note(scale_records(3, 48), ["dot", "blob"], (688,), LITE0).endswith("69 px: 2.2 cells of the stride-32 map)")
+    assert scale_note(scale_records(3, 40), ["dot", "blob"], (480, 1024), LITE0).startswith("Scale: 480,1024 (the smallest class's median box, dot, is 85 px: 2.7 cells")
+    assert "dot" not in scale_note(scale_records(2, 40), ["dot", "blob"], (688,), LITE0)  # too few boxes for a median
+    assert "dot" not in scale_note(scale_records(3, 40, crowd=True), ["dot", "blob"], (688,), LITE0)  # crowd boxes do not count
+    assert scale_note([], ["dot"], (688,), LITE0) == "Scale: 688"
 
 
 def test_the_scale_line_on_the_shared_datasets():
     require_shared_data()
     raccoon = open_dataset(str(RACCOON), "train")
     bccd = open_dataset(str(SHARED_DATA / "bccd"), "trainval")
-    assert not scale_note(raccoon.records, raccoon.classes, (688,), 32).endswith("this small)")
-    assert scale_note(bccd.records, bccd.classes, (688,), 32).startswith("Scale: 688 (the smallest class's median box, Platelets, is 58 px: 1.8 cells")
-    assert scale_note(bccd.records, bccd.classes, (688,), 32).endswith("this small)")
-    # The default, --scales auto: raccoon at 688 alone, bccd at 688 and 1024.
-    assert scale_alternatives("auto", raccoon.records, raccoon.classes, 32) == ScalePlan(["688"], scale_note(raccoon.records, raccoon.classes, (688,), 32))
-    bccd_plan = scale_alternatives("auto", bccd.records, bccd.classes, 32)
-    assert bccd_plan.alternatives == ["688", "1024"]
-    assert bccd_plan.line == ("Scale: 688 and 1024, the one of higher validation mAP (the smallest class's median box, Platelets, is 58 px at 688: "
-                              "1.8 cells of the stride-32 map, under 2)")
-    assert bccd_plan.chosen({"688": 0.7, "1024": 0.8}, "1024") == ("Scale: 1024 (validation mAP 688: 0.700, 1024: 0.800; the smallest class's "
-                                                                  "median box, Platelets, is 58 px at 688: 1.8 cells of the stride-32 map)")
+    assert not scale_note(raccoon.records, raccoon.classes, (688,), LITE0).endswith("this small)")
+    assert scale_note(bccd.records, bccd.classes, (688,), LITE0).startswith("Scale: 688 (the smallest class's median box, Platelets, is 58 px: 1.8 cells")
+    assert scale_note(bccd.records, bccd.classes, (688,), LITE0).endswith("this small)")
+    # The default, --scales auto: raccoon at 688 alone, bccd at 688 on the default cut and on its stride-16 cut.
+    assert scale_alternatives("auto", raccoon.records, raccoon.classes, LITE0) == ScalePlan(
+        [FeatureMap("688", LITE0, "688")], scale_note(raccoon.records, raccoon.classes, (688,), LITE0))
+    bccd_plan = scale_alternatives("auto", bccd.records, bccd.classes, LITE0)
+    assert bccd_plan.alternatives == [FeatureMap("688", LITE0, "688"), FeatureMap("688", LITE0_B4, "688 on efficientnet_lite0_b4")]
+    assert bccd_plan.line == ("Scale: 688 on efficientnet_lite0 and on its stride-16 cut efficientnet_lite0_b4, the one of higher validation mAP "
+                              "(the smallest class's median box, Platelets, is 58 px at 688: 1.8 cells of the stride-32 map, under 2)")
+    assert bccd_plan.chosen({"688": 0.7, "688 on efficientnet_lite0_b4": 0.8}, "688 on efficientnet_lite0_b4") == (
+        "Scale: 688 on efficientnet_lite0_b4 (validation mAP 688: 0.700, 688 on efficientnet_lite0_b4: 0.800; the smallest class's "
+        "median box, Platelets, is 58 px at 688: 1.8 cells of the stride-32 map)")
 
 
 def test_scale_alternatives():
     records, names = scale_records(3, 40), ["dot", "blob"]  # dot: 57 px at 688
-    assert scale_alternatives("auto", records, names, 32).alternatives == ["688", "1024"]  # 1.8 cells
-    assert scale_alternatives("auto", records, names, 16) == ScalePlan(["688"], scale_note(records, names, (688,), 16))  # 3.6 cells
-    assert scale_alternatives("auto", [], names, 32) == ScalePlan(["688"], "Scale: 688")
-    assert scale_alternatives("688", records, names, 32) == ScalePlan(["688"], scale_note(records, names, (688,), 32))
-    assert scale_alternatives("688", records, names, 32).chosen({"688": 0.5}, "688") == scale_note(records, names, (688,), 32)
-    two = scale_alternatives("1024/ 480,688", records, names, 32)
-    assert two.alternatives == ["1024", "480,688"]
+    def on(scales: str, backbone: str = LITE0) -> FeatureMap:
+        return FeatureMap(scales, backbone, scales)
+
+    assert scale_alternatives("auto", records, names, LITE0).alternatives == [on("688"), FeatureMap("688", LITE0_B4, "688 on efficientnet_lite0_b4")]  # 1.8 cells
+    assert scale_alternatives("auto", records, names, LITE2).alternatives == [on("688", LITE2), on("1024", LITE2)]  # no finer cut: a larger scale
+    assert scale_alternatives("auto", records, names, LITE0_B4) == ScalePlan([on("688", LITE0_B4)], scale_note(records, names, (688,), LITE0_B4))  # 3.6 cells
+    assert scale_alternatives("auto", [], names, LITE0) == ScalePlan([on("688")], "Scale: 688")
+    assert scale_alternatives("688", records, names, LITE0) == ScalePlan([on("688")], scale_note(records, names, (688,), LITE0))
+    assert scale_alternatives("688", records, names, LITE0).chosen({"688": 0.5}, "688") == scale_note(records, names, (688,), LITE0)
+    two = scale_alternatives("1024/ 480,688", records, names, LITE0)
+    assert two.alternatives == [on("1024"), on("480,688")]
     assert two.line == ("Scale: 1024 and 480,688, the one of higher validation mAP (the smallest class's median box, dot, is 85 px at 1024: "
                         "2.7 cells of the stride-32 map)")
-    assert scale_alternatives("96/128", [], names, 32).chosen({"96": 0.25, "128": 0.5}, "128") == "Scale: 128 (validation mAP 96: 0.250, 128: 0.500)"
+    assert scale_alternatives("96/128", [], names, LITE0).chosen({"96": 0.25, "128": 0.5}, "128") == "Scale: 128 (validation mAP 96: 0.250, 128: 0.500)"
     with pytest.raises(UsageError, match="^--scales 688/688: each alternative must differ from the others$"):
-        scale_alternatives("688/688", records, names, 32)
+        scale_alternatives("688/688", records, names, LITE0)
     with pytest.raises(SPPError, match="^--scales: 'big' is not a comma-separated list of pixel sizes"):
-        scale_alternatives("688/big", records, names, 32)
+        scale_alternatives("688/big", records, names, LITE0)
+
+
+def test_map_folder():
+    assert map_folder(FeatureMap("1024", LITE0, "1024"), LITE0) == "scale-1024"
+    assert map_folder(FeatureMap("480,688", LITE0, "480,688"), LITE0) == "scale-480-688"
+    assert map_folder(FeatureMap("688", LITE0_B4, "688 on efficientnet_lite0_b4"), LITE0) == "efficientnet_lite0_b4-scale-688"
 
 
 def test_under_torchrun_it_says_to_run_the_steps(tmp_path):
