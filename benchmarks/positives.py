@@ -10,7 +10,7 @@ columns differ by the positives alone.
 
     spp train --data ../shared/data/raccoon --split train --out r.safetensors --work W
     python benchmarks/positives.py --dataset raccoon --work W [--ious 0,0.7] [--test]
-    (for bccd's 1024 candidate: --work W/scale-1024)
+    (a second candidate of --scales auto: --work W/<its folder>, e.g. W/efficientnet_lite0_b4-scale-688)
 """
 
 from __future__ import annotations
