@@ -349,7 +349,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     # A finer, shallower cut (stride 16, 112 channels): 3x shorter SPP
     # vectors, faster pooling and SVM training; less accurate on raccoon's
     # large objects (validation 0.733 vs 0.903 through `spp train`), more on
-    # bccd's small cells (0.875 vs 0.702 at 688, 0.845 for blocks.6 at 1024),
+    # bccd's small cells (0.875 vs 0.694 at 688, 0.845 for blocks.6 at 1024),
     # not on coco128's (0.057 vs 0.078), so `spp train --scales auto` tries
     # it beside the default where objects are small.
     "efficientnet_lite0_b4": _lite_cut("efficientnet_lite0_b4", num_blocks=5, stride=16, channels=112),

@@ -350,7 +350,7 @@ def scale_alternatives(text: str, records: list, classes: list[str], backbone: s
 
     Why the finer cut before the larger scale: on the validation part of bccd's training split
     (Platelets' median box 57 px at 688, 1.8 cells at stride 32) Lite0's stride-16 cut at 688
-    gave 0.875 mAP against 0.702 for the default cut at 688 and 0.845 at 1024, in a third of the
+    gave 0.875 mAP against 0.694 for the default cut at 688 and 0.845 at 1024, in a third of the
     1024 run's time; on coco128's (its smallest class 16 px) the default cut at 688 kept the lead:
     0.078 against 0.057 for the stride-16 cut and 0.042 at 1024 (benchmarks/README.md, "Scale").
 
