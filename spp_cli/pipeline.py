@@ -280,24 +280,27 @@ def _size_phrase(size: tuple[str, float], stride: int, side: int | None = None) 
     return f"the smallest class's median box, {name}, is {median:.0f} px{at}: {median / stride:.1f} cells of the stride-{stride} map"
 
 
-def _smaller_objects_hint(backbone: str) -> str:
-    """Where a user's small objects may be found better, and that `--scales auto` tries it."""
+def _smaller_objects_hint(backbone: str, side: int) -> str:
+    """Where small objects may be found better than on ``backbone``'s map at short side ``side``,
+    and that `--scales auto` tries it ("" where there is nothing finer to point to)."""
     from spp_cli.backbones import get_spec
 
     spec = get_spec(backbone)
     if spec.finer is not None:
         finer = get_spec(spec.finer)
-        where = f"on the stride-{finer.stride} cut (--backbone {finer.name})"
-    else:
+        where = f"on the stride-{finer.stride} cut, --backbone {finer.name}"
+    elif side < LARGER_SCALE:
         where = f"at --scales {LARGER_SCALE}"
-    return f"small objects may be found better {where} (--scales auto tries it where they are this small)"
+    else:
+        return ""
+    return f"; small objects may be found better {where} (--scales auto tries it where they are this small)"
 
 
 def scale_note(records: list, classes: list[str], scales: tuple[int, ...], backbone: str) -> str:
     """``Scale: <scales>`` and the size of the smallest objects on ``backbone``'s feature map (see
     ``smallest_class``) at the largest of ``scales``, in pixels and in map cells; where that is
-    under ``SMALL_OBJECT_CELLS`` cells and the scales stay below ``LARGER_SCALE``, a pointer to
-    what ``--scales auto`` would try (:func:`scale_alternatives`)."""
+    under ``SMALL_OBJECT_CELLS`` cells, a pointer to the finer map ``--scales auto`` would try
+    (:func:`scale_alternatives`), if there is one."""
     from spp_cli.backbones import get_spec
 
     stride = get_spec(backbone).stride
@@ -307,8 +310,8 @@ def scale_note(records: list, classes: list[str], scales: tuple[int, ...], backb
     if size is None:
         return text
     text += f" ({_size_phrase(size, stride)})"
-    if size[1] / stride < SMALL_OBJECT_CELLS and side < LARGER_SCALE:
-        text += "; " + _smaller_objects_hint(backbone)
+    if size[1] / stride < SMALL_OBJECT_CELLS:
+        text += _smaller_objects_hint(backbone, side)
     return text
 
 

@@ -236,7 +236,7 @@ def scale_records(small_boxes: int, small_side: float, crowd: bool = False) -> l
 
 def test_the_scale_line_says_how_small_the_smallest_class_is():
     # 40 px boxes in a 480-px-short image are 57 px at 688: 1.8 cells at stride 32, 3.6 at stride 16.
-    hint = "; small objects may be found better on the stride-16 cut (--backbone efficientnet_lite0_b4) (--scales auto tries it where they are this small)"
+    hint = "; small objects may be found better on the stride-16 cut, --backbone efficientnet_lite0_b4 (--scales auto tries it where they are this small)"
     size = "Scale: 688 (the smallest class's median box, dot, is 57 px: {} cells of the stride-{} map)"
     assert scale_note(scale_records(3, 40), ["dot", "blob"], (688,), LITE0) == size.format(1.8, 32) + hint
     assert scale_note(scale_records(3, 40), ["dot", "blob"], (688,), LITE0_B4) == size.format(3.6, 16)
@@ -245,6 +245,9 @@ def test_the_scale_line_says_how_small_the_smallest_class_is():
         size.format(1.8, 32) + "; small objects may be found better at --scales 1024 (--scales auto tries it where they are this small)")
     assert scale_note(scale_records(3, 48), ["dot", "blob"], (688,), LITE0).endswith("69 px: 2.2 cells of the stride-32 map)")
     assert scale_note(scale_records(3, 40), ["dot", "blob"], (480, 1024), LITE0).startswith("Scale: 480,1024 (the smallest class's median box, dot, is 85 px: 2.7 cells")
+    # Already at the larger scale, a backbone without a finer cut has nothing to point to.
+    assert scale_note(scale_records(3, 20), ["dot", "blob"], (1024,), LITE2) == "Scale: 1024 (the smallest class's median box, dot, is 43 px: 1.3 cells of the stride-32 map)"
+    assert scale_note(scale_records(3, 20), ["dot", "blob"], (1024,), LITE0).endswith(hint)
     assert "dot" not in scale_note(scale_records(2, 40), ["dot", "blob"], (688,), LITE0)  # too few boxes for a median
     assert "dot" not in scale_note(scale_records(3, 40, crowd=True), ["dot", "blob"], (688,), LITE0)  # crowd boxes do not count
     assert scale_note([], ["dot"], (688,), LITE0) == "Scale: 688"
