@@ -138,7 +138,8 @@ class Detector:
                 raise ValueError("conf and min_prob both set a threshold: give one")
             conf = self.model.margin_at_probability(min_prob, str(self.path))
         threshold = self.model.detect.display_threshold if conf is None else conf
-        config = DetectConfig(score_threshold=threshold, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote)
+        config = DetectConfig(score_threshold=threshold, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote,
+                              objectness_weight=self.model.detect.objectness_weight)
         learned = self.model.proposal_model is not None and proposals != "selective-search"
         found = detect_pixels(self.model, self.extractor, pixels, config, boxes, name=name, warn=warn or (lambda _: None), learned=learned)
         return [Detection(tuple(d.box), self.model.classes[d.class_id], d.class_id, d.score, self.model.probability(d.score)) for d in found]
@@ -192,13 +193,15 @@ def detect_pixels(model, extractor, pixels: np.ndarray, config, boxes: np.ndarra
     # default): round fresh maps the same way, so that detections are the
     # same with or without a cache.
     maps = [m.to(DTYPES[settings.dtype]) for m in maps]
+    objectness = None
     if boxes is None:
-        boxes = learned_proposals(model, maps, factors, width, height, timings)
-    return model.detect_windows(maps, factors, boxes, width, height, config, timings)
+        boxes, objectness = learned_proposals(model, maps, factors, width, height, timings)
+    return model.detect_windows(maps, factors, boxes, width, height, config, timings, objectness)
 
 
-def learned_proposals(model, maps, factors, width: int, height: int, timings: dict | None = None) -> np.ndarray:
-    """The model's proposal network's boxes of one image from its conv maps (seconds to ``timings["proposals"]``)."""
+def learned_proposals(model, maps, factors, width: int, height: int, timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The model's proposal network's boxes ``(R, 4)`` of one image from its conv maps and their
+    objectness logits ``(R,)`` (seconds to ``timings["proposals"]``)."""
     import time
 
     from spp_cli.errors import ModelError
@@ -206,10 +209,10 @@ def learned_proposals(model, maps, factors, width: int, height: int, timings: di
     if model.proposal_model is None:
         raise ModelError("the model carries no proposal network; train one with `spp train-proposals` and embed it with `spp train-svm --proposal-model`")
     t0 = time.perf_counter()
-    boxes, _ = model.proposal_model.propose(maps, factors, width, height)
+    boxes, logits = model.proposal_model.propose(maps, factors, width, height)
     if timings is not None:
         timings["proposals"] = timings.get("proposals", 0.0) + time.perf_counter() - t0
-    return boxes
+    return boxes, logits
 
 
 def _pixels(image, warn: Callable[[str], None] | None) -> tuple[np.ndarray, str]:

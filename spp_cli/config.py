@@ -77,6 +77,12 @@ class DetectConfig:
     # precision 0.87 at >= 0, 0.75 in [-0.25, 0), 0.42 in [-0.5, -0.25), <= 0.13
     # below; at -0.3 a shown detection is right more often than not.
     display_threshold: float = -0.3
+    # Each window's class scores plus this times log sigmoid of its objectness logit, where the
+    # windows are the model's own learned proposals (0: the SVM score alone). `spp train` sets it
+    # per model from validation (pipeline.OBJECTNESS_WEIGHT): the term gained bccd's validation
+    # part 0.875 -> 0.905 on the stride-16 cut and cost raccoon's 0.909 -> 0.807, so no one value
+    # serves both (benchmarks/README.md, "Detection settings").
+    objectness_weight: float = 0.0
 
 
 # Here rather than in spp_cli.features (which imports torch): `spp train` reads --scales first.

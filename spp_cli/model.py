@@ -255,6 +255,7 @@ class Detector:
         height: int,
         config: DetectConfig | None = None,
         timings: dict | None = None,
+        objectness: np.ndarray | None = None,
     ) -> list[Detection]:
         """Pool, score, regress, suppress: the detections of one image.
 
@@ -265,6 +266,9 @@ class Detector:
             width, height: original image size (for clipping).
             config: thresholds; the model's own by default.
             timings: if given, receives ``pool``, ``classify``, ``nms`` seconds.
+            objectness: ``(R,)`` the proposal network's logits of ``proposals``
+                (learned proposals): with ``config.objectness_weight`` w, each
+                window's class scores gain ``w * log sigmoid(logit)``.
         """
         if self.mode != "spp":
             # Pooling conv maps would give features the classifiers never saw.
@@ -273,7 +277,11 @@ class Detector:
         boxes = torch.as_tensor(proposals, dtype=torch.float32)
         pooler = PyramidPooler(maps, factors, boxes, self.alignment, self.levels)
         _add(timings, "pool", time.perf_counter() - t0)
-        return self._detect(pooler.vectors, boxes, width, height, config, timings)
+        config = config or self.detect
+        prior = None
+        if config.objectness_weight and objectness is not None:
+            prior = config.objectness_weight * torch.nn.functional.logsigmoid(torch.as_tensor(objectness, dtype=torch.float32))
+        return self._detect(pooler.vectors, boxes, width, height, config, timings, prior=prior)
 
     @torch.inference_mode()
     def detect_features(
@@ -291,7 +299,7 @@ class Detector:
         return self._detect(lambda rows, out=None: features[rows], boxes, width, height, config, timings, rows_stage="classify")
 
     def _detect(self, pool5_rows, boxes: torch.Tensor, width: int, height: int, config: DetectConfig | None,
-                timings: dict | None, rows_stage: str = "pool") -> list[Detection]:
+                timings: dict | None, rows_stage: str = "pool", prior: torch.Tensor | None = None) -> list[Detection]:
         """Score windows a chunk at a time, then regress, suppress and vote.
 
         ``pool5_rows(rows, out=None)`` returns the unscaled ``(k, D5)`` pool5
@@ -299,7 +307,8 @@ class Detector:
         optionally into ``out``. Scoring in chunks never holds the ``(R, D5)``
         matrix: one reused buffer, and only the candidates' rows are pooled
         again for box regression. The time ``pool5_rows`` takes goes to the
-        ``rows_stage`` entry of ``timings``.
+        ``rows_stage`` entry of ``timings``. ``prior``: ``(R,)`` added to every
+        class score of each window.
         """
         config = config or self.detect
         r = len(boxes)
@@ -317,6 +326,8 @@ class Detector:
             scores[s:e] = self.svms.scores(classifier_input, scaled=False).cpu()
             pool_seconds += t1 - t0
             classify_seconds += time.perf_counter() - t1
+        if prior is not None:
+            scores += prior[:, None]
         t1 = time.perf_counter()
         # With voting, the candidates reach below --conf: boxes then do not
         # depend on it (NMS keeps the same boxes above it either way).

@@ -174,7 +174,7 @@ def test_model_file_is_safetensors_with_json_metadata(pipeline):
     assert meta["levels"] == list(DEFAULT_LEVELS)
     assert meta["feature_scale"] == pytest.approx(20 / meta["training"]["mean_feature_norm"])
     assert meta["detect"] == {"score_threshold": -1.5, "nms_iou": 0.3, "max_detections": 100, "bbox_regression": True, "display_threshold": -0.3,
-                              "box_voting": True, "voting_iou": 0.5, "voting_floor": -1.5}
+                              "box_voting": True, "voting_iou": 0.5, "voting_floor": -1.5, "objectness_weight": 0.0}
     assert meta["training"]["images"] == 4 and meta["training"]["cache"] == str(pipeline.cache)
     detector = Detector.load(pipeline.model)
     assert detector.features == settings and detector.classes == ["blue", "red"]
@@ -612,3 +612,34 @@ def test_positive_iou_adds_the_overlapping_windows_as_positives(pipeline, tmp_pa
     fitted = {name: int(p) for name, p in re.findall(r"retrained (\w+): (\d+) positives", result.stderr)}
     assert fitted == expected and expected["red"] > 4
     assert Detector.load(model).training["svm"]["positive_iou"] == 0.7
+
+
+def test_the_objectness_weight_adds_its_share_of_each_windows_log_objectness_to_its_scores():
+    from dataclasses import replace
+
+    from spp_cli.cache import CacheSettings
+    from spp_cli.svm import LinearSVMs
+
+    spec = backbones.get_spec("efficientnet_lite0")
+    settings = CacheSettings(spec.name, "random:0", spec.layer, spec.stride, spec.offset, 2, (96,), 2000, "fp16", spec.preprocess)
+    svms = LinearSVMs(["dot", "blob"], np.array([[1.0, 0.5], [-0.5, 1.0]], np.float32), np.zeros(2, np.float32), 1.0)
+    detector = Detector(settings, (1,), svms, None)  # one bin: a window's feature is its max per channel
+    maps = [torch.rand(2, 6, 8, generator=torch.Generator().manual_seed(0))]
+    proposals = np.array([[0, 0, 64, 64], [32, 0, 128, 96], [96, 64, 256, 192], [0, 96, 160, 192]], np.float32)
+    logits = np.array([2.0, -1.0, 0.0, -4.0], np.float32)
+    config = DetectConfig(score_threshold=-100.0, nms_iou=1.0, bbox_regression=False, box_voting=False)
+
+    def scores(**kw) -> dict:
+        found = detector.detect_windows(maps, [1.0], proposals, 256, 192, **kw)
+        return {(tuple(d.box), d.class_id): d.score for d in found}
+
+    plain = scores(config=config)
+    assert len(plain) == 8  # every window, both classes: nothing suppressed or dropped
+    weighted = scores(config=replace(config, objectness_weight=0.5), objectness=logits)
+    for (box, class_id), score in plain.items():
+        window = [tuple(float(v) for v in p) for p in proposals].index(box)
+        expected = score + 0.5 * float(torch.nn.functional.logsigmoid(torch.tensor(logits[window])))
+        assert weighted[(box, class_id)] == pytest.approx(expected, abs=2e-4)
+    # No logits (proposals from elsewhere) or no weight: the SVM scores alone.
+    assert scores(config=replace(config, objectness_weight=0.5)) == plain
+    assert scores(config=config, objectness=logits) == plain

@@ -8,6 +8,7 @@ and rerun ends with the same model, and the validation split's rules.
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -75,6 +76,14 @@ def test_one_command_trains_a_detector_and_says_what_it_chose(trained):
     assert "Probabilities: too few validation detections to fit them; scores are SVM margins, shown from -0.3" in output
     state = json.loads((out.with_name("model.work") / "train-state.json").read_text())
     assert set(state["steps"]) == set(STEPS) - {"final model"}
+    # A model that proposes with its own network is validated with and without its objectness in the score.
+    weights = {kind: state["steps"][f"SVMs on {kind}"]["objectness_weight"] for kind in ("pool5", "fc7")}
+    if detector.proposal_model is not None:
+        assert set(weights.values()) <= {0.0, 0.5}
+        assert re.search(r"validation mAP \(pool5\): [0-9.]+ on 1 image\(s\); with 0.5 x log objectness [0-9.]+, (not )?kept\n", output)
+    else:
+        assert weights == {"pool5": 0.0, "fc7": 0.0} and "log objectness" not in output
+    assert detector.detect.objectness_weight == weights[choice["features"]]
     # The trained model finds the shapes of the held-out test split.
     dets = out.with_name("dets.json")
     runner = CliRunner()
@@ -108,6 +117,9 @@ def test_refit_trains_the_chosen_kind_again_on_the_whole_split(tmp_path):
     assert "Training on pool5 features of 4 cached image(s)" in result.output
     assert "(trained again on the whole split)" in result.output
     assert Detector.load(out).training["images"] == len(TRAIN)
+    # The refitted model keeps the objectness weight validation chose for its kind.
+    state = json.loads((tmp_path / "model.work" / "train-state.json").read_text())
+    assert Detector.load(out).detect.objectness_weight == state["steps"]["SVMs on pool5"]["objectness_weight"]
 
 
 def test_train_never_reads_the_test_split(tmp_path):

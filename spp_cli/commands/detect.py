@@ -123,7 +123,11 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
         shown = detector.detect.display_threshold
     else:
         shown = conf
-    config = DetectConfig(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote)
+    config = DetectConfig(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote,
+                          objectness_weight=detector.detect.objectness_weight)
+    if config.objectness_weight and not learned:
+        ui.warn(f"{model_path}: its scores add its proposal network's objectness ({config.objectness_weight:g} x log sigmoid); "
+                "with other proposals they are the SVM margins alone, higher than its thresholds and probabilities expect")
     rcnn = detector.mode == "rcnn"
     cache = None
     if cache_dir is not None:
@@ -175,6 +179,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
             for done, (order, source) in enumerate(zip(work.orders, work.items), 1):
                 try:
                     entry = None
+                    objectness = None  # the learned proposals' logits, when they come from a cached map
                     if cache is not None:
                         try:
                             key = image_key(source.path)
@@ -184,7 +189,10 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
                             entry = cache.read(key)
                     if entry is not None:
                         maps, factors, width, height = entry.maps, entry.factors, entry.width, entry.height
-                        boxes = entry.proposals if not learned else learned_proposals(detector, maps, factors, width, height, timings)
+                        if learned:
+                            boxes, objectness = learned_proposals(detector, maps, factors, width, height, timings)
+                        else:
+                            boxes = entry.proposals
                         from_cache += 1
                     # A cache of `spp train`'s learned flow holds no selective-search boxes: compute them.
                     searching = entry is not None and not learned and proposal_set is None and len(entry.proposals) == 0
@@ -228,7 +236,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
                         timings["conv"] += stage_times["conv"]
                         timings["proposals"] += stage_times.get("proposals", 0.0)
                     else:
-                        dets = detector.detect_windows(maps, factors, boxes, width, height, config, stage_times)
+                        dets = detector.detect_windows(maps, factors, boxes, width, height, config, stage_times, objectness)
                     timings["pooling"] += stage_times.get("pool", 0.0)
                     timings["classify"] += stage_times["classify"]
                     timings["nms"] += stage_times["nms"]

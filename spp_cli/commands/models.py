@@ -60,10 +60,13 @@ def run_models(paths: tuple[Path, ...]) -> int:
             ui.console.print(f"  proposals: its own network on the conv map, {detector.proposal_model.config.top_n} per image")
         else:
             ui.console.print("  proposals: selective search")
+        weight = detector.detect.objectness_weight
+        term = f" + {weight:g} x log objectness" if weight else ""  # DetectConfig.objectness_weight
         if detector.calibration is not None:
-            ui.console.print(f"  scores: calibrated probabilities, shown from {detector.calibration.display_probability:.2f}")
+            of = f" (of the SVM margin{term})" if term else ""
+            ui.console.print(f"  scores: calibrated probabilities{of}, shown from {detector.calibration.display_probability:.2f}")
         else:
-            ui.console.print(f"  scores: SVM margins, shown from {detector.detect.display_threshold:g}")
+            ui.console.print(f"  scores: SVM margins{term}, shown from {detector.detect.display_threshold:g}")
         images = detector.training.get("images")
         if images:
             readme = " (see README.md beside the file for data and held-out AP)" if marker or not paths else ""
