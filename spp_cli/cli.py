@@ -449,8 +449,9 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
     selective search, else selective search -> SVMs on pool5 over those
     windows (positives: the ground truth and the windows overlapping it by
     IoU >= 0.7; box regression, box voting at detection; a model on learned
-    proposals carries the network), scored by VOC07 mAP on the validation part, their margins
-    calibrated into probabilities there; with --features auto also fine-tune
+    proposals carries the network and is scored with and without its
+    objectness added, the higher kept), scored by VOC07 mAP on the
+    validation part, their margins calibrated into probabilities there; with --features auto also fine-tune
     fc6/fc7 -> SVMs on fc7 -> keep pool5 or fc7, whichever has the higher
     validation mAP. The model is that candidate; --refit trains it again on
     the whole training split. Where the smallest class is small on the
