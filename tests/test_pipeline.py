@@ -536,6 +536,28 @@ def test_learned_proposals_need_a_model_that_carries_them(pipeline, carrying, tm
     assert one_line(result) == "Error: --windows learned needs --proposal-model FILE"
 
 
+def test_a_model_with_an_objectness_weight_scores_alike_from_pixels_and_from_the_cache(pipeline, carrying, tmp_path):
+    from spp_cli.pipeline import set_objectness_weight
+
+    weighted = tmp_path / "weighted.safetensors"
+    shutil.copy(carrying.model, weighted)
+    set_objectness_weight(weighted, 0.5)
+    feats = tmp_path / "feats"
+    assert invoke("cache", "--data", pipeline.data, "--split", "test", "--props", pipeline.props, "--cache", feats, "--scales", SCALE, "--backbone", BACKBONE).exit_code == 0
+    found = {}
+    for name, model, extra in (("plain", carrying.model, []), ("weighted", weighted, []), ("cached", weighted, ["--cache", feats])):
+        out = tmp_path / f"{name}.json"
+        result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", model, "--out", out, *extra)
+        assert result.exit_code == 0, result.output
+        found[name] = json.loads(out.read_text())["images"]
+    assert found["weighted"] == found["cached"]  # the cached maps' proposals carry their logits too
+    assert found["weighted"] != found["plain"]  # log sigmoid < 0 moves every score
+    result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", weighted, "--proposals", "selective-search", "--out", tmp_path / "ss.json")
+    assert result.exit_code == 0, result.output
+    assert (f"warning: {weighted}: its scores add its proposal network's objectness (0.5 x log sigmoid); with other proposals they are "
+            "the SVM margins alone, higher than its thresholds and probabilities expect") in " ".join(result.stderr.split())
+
+
 def test_the_python_api_proposes_as_spp_detect_does(pipeline, carrying, tmp_path):
     import spp_cli
     from spp_cli.errors import ModelError
