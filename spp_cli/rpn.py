@@ -91,9 +91,10 @@ def cell_anchors(config: ProposalConfig) -> torch.Tensor:
 def grid_anchors(base: torch.Tensor, height: int, width: int, align: Alignment) -> torch.Tensor:
     """``(H * W * A, 4)`` anchors of a ``H x W`` map, row-major over cells then anchors
     (the order of ``concat_box_prediction_layers``), each cell's centred on its receptive
-    field: ``(x * stride + offset, y * stride + offset)`` in network-input pixels."""
-    xs = torch.arange(width, dtype=torch.float32) * align.stride + align.offset
-    ys = torch.arange(height, dtype=torch.float32) * align.stride + align.offset
+    field: ``(x * stride + offset, y * stride + offset)`` in network-input pixels. On
+    ``base``'s device (a CUDA network's buffer under --gpu)."""
+    xs = torch.arange(width, dtype=torch.float32, device=base.device) * align.stride + align.offset
+    ys = torch.arange(height, dtype=torch.float32, device=base.device) * align.stride + align.offset
     cy, cx = torch.meshgrid(ys, xs, indexing="ij")
     shifts = torch.stack([cx, cy, cx, cy], dim=-1).reshape(-1, 1, 4)
     return (shifts + base.reshape(1, -1, 4)).reshape(-1, 4)

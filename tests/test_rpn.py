@@ -41,6 +41,13 @@ def test_anchor_grid_matches_slow_reference():
     np.testing.assert_allclose(anchors.numpy(), np.array(expected), atol=1e-4)
 
 
+def test_the_anchor_grid_is_built_on_the_networks_device():
+    # Under --gpu the network's anchors are a CUDA buffer: the grid must not mix in CPU tensors
+    # (a CUDA machine failed there). The meta device stands in for CUDA on a CPU-only machine.
+    base = cell_anchors(ProposalConfig()).to("meta")
+    assert grid_anchors(base, 3, 4, Alignment(32, 15.5)).device.type == "meta"
+
+
 def test_box_decoding_matches_slow_reference():
     net = ProposalNet(8, SMALL)
     rng = np.random.default_rng(0)
