@@ -191,13 +191,15 @@ def split_backgrounds(paths: list[Path], val_fraction: float) -> tuple[list[Path
     return [p for p in paths if p not in held], [p for p in paths if p in held]
 
 
-def validation_results(model_path: Path, cache_dir: Path, records: list, backgrounds: list[Path] = ()) -> tuple[float, dict[str, float], dict | None]:
+def validation_results(model_path: Path, cache_dir: Path, records: list, backgrounds: list[Path] = (),
+                       objectness_weight: float | None = None) -> tuple[float, dict[str, float], dict | None]:
     """VOC07 mAP, per-class AP and the margin calibration (JSON, or ``None`` when the outcomes
     cannot support one) of a model on cached validation images, with the detector's own default
     thresholds, box regression and voting: what `spp detect` then `spp eval` give.
 
     ``backgrounds`` are held-out background images: every detection on them is wrong, in the
-    AP (a false positive ranked among the others) and in the calibration alike."""
+    AP (a false positive ranked among the others) and in the calibration alike. ``objectness_weight``
+    scores with that weight instead of the model's own (``DetectConfig.objectness_weight``)."""
     import numpy as np
 
     from spp_cli.cache import FeatureCache, image_key
@@ -208,7 +210,8 @@ def validation_results(model_path: Path, cache_dir: Path, records: list, backgro
 
     detector = Detector.load(model_path)
     cache = FeatureCache.open(cache_dir)
-    config = DetectConfig(score_threshold=detector.detect.score_threshold, objectness_weight=detector.detect.objectness_weight)
+    weight = detector.detect.objectness_weight if objectness_weight is None else objectness_weight
+    config = DetectConfig(score_threshold=detector.detect.score_threshold, objectness_weight=weight)
 
     def detections(path: Path) -> list[dict]:
         entry = cache.read(image_key(path))
@@ -579,12 +582,10 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
                 also = f" and {len(held_backgrounds)} background image(s)" if held_backgrounds else ""
                 plain, weight, weighted = mean, 0.0, ""
                 if run.proposal_model is not None:  # it proposes with its network: its objectness may help the score
-                    set_objectness_weight(candidate, OBJECTNESS_WEIGHT)
-                    with_term = validation_results(candidate, feats, run.val_records, held_backgrounds)
+                    with_term = validation_results(candidate, feats, run.val_records, held_backgrounds, OBJECTNESS_WEIGHT)
                     if with_term[0] > mean:
                         (mean, per_class, calibration), weight = with_term, OBJECTNESS_WEIGHT
-                    else:
-                        set_objectness_weight(candidate, 0.0)
+                        set_objectness_weight(candidate, weight)
                     weighted = (f"; with {OBJECTNESS_WEIGHT:g} x log objectness {with_term[0]:.3f}, "
                                 f"{'kept' if weight else 'not kept'}")
                 ui.say(f"validation mAP ({at(kind, label)}): {plain:.3f} on {len(run.val_records)} image(s){also}{weighted}")
