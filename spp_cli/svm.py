@@ -21,9 +21,11 @@ Shape letters: K classes, D feature length, P positives, N negatives.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -71,6 +73,7 @@ class _ClassState:
     weight: np.ndarray | None = None
     bias: float = 0.0
     retrains: int = 0
+    converged: bool = False  # the last fit went to config.newton_tol (not the looser mining_tol)
 
 
 class NegativeStore:
@@ -149,10 +152,66 @@ def fit_linear_svm(
 def newton_squared_hinge(
     positives: np.ndarray, negatives: np.ndarray, config: SVMConfig, start: tuple[np.ndarray, float] | None = None
 ) -> tuple[np.ndarray, float]:
+    """Minimise liblinear ``-s 2``'s primal by Newton's method: :func:`solve_squared_hinge` on
+    ``(P, D)`` positives and ``(N, D)`` negatives -> ``(D,)`` weight and bias."""
+    blocks = [torch.from_numpy(positives), torch.from_numpy(negatives)]
+    rows = design_matrix(len(positives) + len(negatives), positives.shape[1], blocks, config.bias_multiplier)
+    weight, bias, _ = solve_squared_hinge(rows, len(positives), config, start)
+    return weight, bias
+
+
+class Scratch:
+    """A float32 buffer reused from one retrain to the next.
+
+    Why: a retrain's rows are up to 20,000 x 16,001 float32 (1.3 GB at
+    ``blocks.6``); a fresh array per retrain is a fresh mapping whose every page
+    faults on first touch. On coco128 (468 retrains) that was a third of the
+    SVM step's CPU time, spent in the kernel.
+    """
+
+    def __init__(self) -> None:
+        self.buffer = torch.empty(0)
+
+    def take(self, rows: int, cols: int) -> torch.Tensor:
+        """An uninitialised ``(rows, cols)`` view of the buffer, grown (by a quarter more) when too small."""
+        if self.buffer.numel() < rows * cols:
+            self.buffer = torch.empty(rows * cols * 5 // 4)
+        return self.buffer[: rows * cols].view(rows, cols)
+
+
+def design_matrix(count: int, dim: int, blocks: Iterable[torch.Tensor], bias_multiplier: float,
+                  scratch: Scratch | None = None) -> torch.Tensor:
+    """Stack ``(n_i, D)`` row blocks (any float dtype; ``sum n_i == count``) into ``(count, D + 1)``
+    float32 rows whose last column is the bias feature ``B``; in ``scratch``'s buffer when given.
+    The blocks are taken one at a time (a generator need not hold them all)."""
+    rows = scratch.take(count, dim + 1) if scratch is not None else torch.empty(count, dim + 1)
+    at = 0
+    for block in blocks:
+        rows[at : at + len(block), :dim] = block  # converted in the copy (fp16 -> float32)
+        at += len(block)
+    if at != count:
+        raise ValueError(f"design_matrix: {at} rows in the blocks, {count} announced")
+    rows[:, dim] = bias_multiplier
+    return rows
+
+
+def solve_squared_hinge(
+    x: torch.Tensor, positives: int, config: SVMConfig, start: tuple[np.ndarray, float] | None = None,
+    scratch: Scratch | None = None,
+) -> tuple[np.ndarray, float, torch.Tensor]:
     """Minimise liblinear ``-s 2``'s primal by Newton's method (liblinear does the same with a trust region):
     ``0.5 * |w_ext|^2 + sum_i cost_i * max(0, 1 - y_i * x_ext_i . w_ext)^2``, where ``x_ext = (x, B)``
     carries the bias as a feature of value B (so ``b / B`` is regularised like a weight) and
     ``cost`` is C, times the positive weight for positives.
+
+    Args:
+        x: ``(P + N, D + 1)`` float32 rows from :func:`design_matrix`, the P positives first.
+        positives: P.
+        start: the model to start from (the class's previous one while mining).
+        scratch: a buffer for the active rows' copies (see :class:`Scratch`).
+
+    Returns:
+        ``(D,)`` weight, bias, and the ``(P + N,)`` scores ``x . w + b`` of the rows.
 
     Why not liblinear itself: scikit-learn hands liblinear its rows as (index,
     double) pairs, 16 bytes per feature, and its solvers run one row at a time;
@@ -168,41 +227,39 @@ def newton_squared_hinge(
     the answer does not depend on where it started.
     """
     B = config.bias_multiplier
-    # The bias as a last feature of value B: w_ext = (w, b / B).
-    x = torch.empty(len(positives) + len(negatives), positives.shape[1] + 1)  # one float32 copy of the rows
-    x[: len(positives), :-1] = torch.from_numpy(positives)
-    x[len(positives) :, :-1] = torch.from_numpy(negatives)
-    x[:, -1] = B
-    y = torch.cat([torch.ones(len(positives)), -torch.ones(len(negatives))])
+    y = torch.ones(len(x))
+    y[positives:] = -1
     cost = torch.where(y > 0, config.C * config.positive_weight, config.C)
     if start is None:
         w = torch.zeros(x.shape[1])
     else:
         w = torch.from_numpy(np.append(start[0], start[1] / B).astype(np.float32))
 
-    def gradient(w: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The gradient and the mask of rows with a loss, at ``w`` with margins ``z = x @ w``."""
-        loss = torch.clamp(1 - y * z, min=0)
-        # A masked coefficient vector over all rows: no copy of the active rows.
-        return w - 2 * (x.T @ (cost * y * loss)), loss > 0
-
     def objective(w: torch.Tensor, z: torch.Tensor) -> float:
         loss = torch.clamp(1 - y * z, min=0)
         return float(0.5 * (w @ w) + (cost * loss * loss).sum())
 
-    stop = config.newton_tol * float(torch.linalg.vector_norm(gradient(torch.zeros_like(w), torch.zeros(len(x)))[0]))
+    # At the zero model every row has loss 1: the gradient is -2 X^T (cost * y).
+    stop = config.newton_tol * float(torch.linalg.vector_norm(2 * (x.T @ (cost * y))))
     z = x @ w
     for _ in range(config.newton_steps):
-        g, active = gradient(w, z)
+        loss = torch.clamp(1 - y * z, min=0)
+        active = loss > 0
+        # The gradient and the Hessian's products touch only the rows with a loss (a): copied
+        # once per Newton step when they are few, read in place through masked coefficients otherwise.
+        if int(active.sum()) * 2 < len(x):
+            index = torch.nonzero(active).squeeze(1)
+            out = scratch.take(len(index), x.shape[1]) if scratch is not None else None
+            x_active = torch.index_select(x, 0, index, out=out) if out is not None else x[index]
+            g = w - 2 * (x_active.T @ (cost * y * loss)[index])
+            curvature = 2 * cost[index]
+        else:
+            x_active = x
+            g = w - 2 * (x.T @ (cost * y * loss))
+            curvature = 2 * cost * active
         g_norm = float(torch.linalg.vector_norm(g))
         if g_norm <= stop:
             break
-        # The Hessian's products touch only the active rows: copied once per Newton step
-        # when they are few, read in place through a masked coefficient otherwise.
-        if int(active.sum()) * 2 < len(x):
-            x_active, curvature = x[active], 2 * cost[active]
-        else:
-            x_active, curvature = x, 2 * cost * active
         # Conjugate gradients for H d = -g.
         d = torch.zeros_like(w)
         r = -g
@@ -225,7 +282,7 @@ def newton_squared_hinge(
         w = w + t * d
         z = z + t * dz
     weight = w[:-1].numpy().astype(np.float32)
-    return weight, float(w[-1]) * B
+    return weight, float(w[-1]) * B, x @ w
 
 
 class HardNegativeMiner:
@@ -245,6 +302,7 @@ class HardNegativeMiner:
         self.on_retrain = on_retrain
         self.state = {name: _ClassState() for name in classes}
         self.store = NegativeStore(dim)
+        self._rows, self._active_rows = Scratch(), Scratch()  # a retrain's rows, and its active rows' copies
 
     def add_positives(self, class_name: str, features: np.ndarray) -> None:
         """``(P, D)`` scaled features of ground-truth boxes of one class."""
@@ -283,7 +341,7 @@ class HardNegativeMiner:
         # Each hard window once in the store, whatever number of classes found it hard.
         windows = np.unique(np.concatenate(list(hard_of.values())))
         numbers = np.zeros(len(features), np.int64)
-        numbers[windows] = self.store.add(features[torch.from_numpy(windows)].numpy().astype(np.float16))
+        numbers[windows] = self.store.add(features[torch.from_numpy(windows)].half().numpy())
         for name, hard in hard_of.items():
             st = self.state[name]
             st.negatives = np.concatenate([st.negatives, numbers[hard]])
@@ -293,19 +351,35 @@ class HardNegativeMiner:
             if self.state[name].new_since_retrain >= self.config.retrain_every:
                 self._retrain(name)
 
-    def _retrain(self, name: str) -> None:
+    def _retrain(self, name: str, final: bool = False) -> None:
         # One class at a time: the Newton solver's products use all threads, and scikit-learn's
         # liblinear draws its coordinate order from one generator shared by all threads (side-by-side
         # fits would not be reproducible).
         st = self.state[name]
-        positives = np.concatenate(st.positives).astype(np.float32)
-        negatives = self.store.rows[st.negatives].astype(np.float32)
         start = (st.weight, st.bias) if st.weight is not None else None
-        st.weight, st.bias = fit_linear_svm(positives, negatives, self.config, start)
+        config, st.converged = self.config, True
+        if self.config.solver == "newton" and self.config.mining_tol is not None and not final:
+            # A mining round's model only picks the next hard negatives: it need not be converged.
+            config, st.converged = dataclasses.replace(config, newton_tol=self.config.mining_tol), False
+        if self.config.solver == "newton":
+            # The rows go straight from the fp16 store into the reused float32 buffer (no float32 copy
+            # in numpy: its fp16 conversion alone was a quarter of coco128's SVM step).
+            store, numbers = torch.from_numpy(self.store.rows), torch.from_numpy(st.negatives)
+            positive_count = sum(len(rows) for rows in st.positives)
+            blocks = itertools.chain((torch.from_numpy(rows) for rows in st.positives),
+                                     (store[numbers[at : at + 512]] for at in range(0, len(numbers), 512)))
+            x = design_matrix(positive_count + len(numbers), self.dim, blocks, self.config.bias_multiplier, self._rows)
+            st.weight, st.bias, scores = solve_squared_hinge(x, positive_count, config, start, self._active_rows)
+            neg_scores = scores[positive_count:].numpy()
+        else:
+            positives = np.concatenate(st.positives).astype(np.float32)
+            negatives = self.store.rows[st.negatives].astype(np.float32)
+            st.weight, st.bias = fit_linear_svm(positives, negatives, self.config, start)
+            positive_count = len(positives)
+            neg_scores = negatives @ st.weight + st.bias
         st.retrains += 1
         st.new_since_retrain = 0
         # Evict easy negatives; keep the cache bounded, hardest first.
-        neg_scores = negatives @ st.weight + st.bias
         keep = np.flatnonzero(neg_scores >= self.config.evict_threshold)
         if len(keep) > self.config.max_negatives:
             keep = keep[np.argsort(-neg_scores[keep], kind="stable")[: self.config.max_negatives]]
@@ -317,14 +391,14 @@ class HardNegativeMiner:
             for state, numbers in zip(self.state.values(), self.store.compact(holders)):
                 state.negatives = numbers
         if self.on_retrain:
-            self.on_retrain(name, len(positives), len(keep))
+            self.on_retrain(name, positive_count, len(keep))
 
     def finish(self, feature_scale: float) -> LinearSVMs:
-        """Final retrain of every class with new negatives, and the classifiers."""
+        """Final retrain of every class with new negatives or a model from a mining round, and the classifiers."""
         for name in self.classes:
             st = self.state[name]
-            if st.positives and len(st.negatives) and (st.new_since_retrain or st.weight is None):
-                self._retrain(name)
+            if st.positives and len(st.negatives) and (st.new_since_retrain or st.weight is None or not st.converged):
+                self._retrain(name, final=True)
         w, b = self._weights()
         return LinearSVMs(self.classes, w, b, feature_scale)
 

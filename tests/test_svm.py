@@ -101,3 +101,56 @@ def test_a_window_hard_for_several_classes_is_stored_once():
     # No model yet: every window is hard for all three classes, and stored once.
     assert miner.store.count == 50
     assert all(np.array_equal(miner.state[name].negatives, np.arange(50)) for name in CLASSES)
+
+
+def test_design_matrix_stacks_fp16_blocks_with_the_bias_column_in_a_reused_buffer():
+    from spp_cli.svm import Scratch, design_matrix
+
+    rng = np.random.default_rng(2)
+    blocks = [rng.normal(0, 1, (n, 6)).astype(np.float16) for n in (3, 0, 5)]
+    scratch = Scratch()
+    big = design_matrix(20, 6, [torch.from_numpy(rng.normal(0, 1, (20, 6)).astype(np.float32))], 10.0, scratch)
+    rows = design_matrix(8, 6, (torch.from_numpy(block) for block in blocks), 10.0, scratch)
+    reference = np.concatenate([np.concatenate(blocks).astype(np.float32), np.full((8, 1), 10.0, np.float32)], axis=1)
+    assert np.array_equal(rows.numpy(), reference)
+    assert rows.data_ptr() == big.data_ptr()  # the smaller matrix reuses the first one's memory
+
+
+def test_the_solver_returns_each_rows_score():
+    from spp_cli.svm import design_matrix, solve_squared_hinge
+
+    rng = np.random.default_rng(3)
+    positives, negatives = (rng.normal(0, 1, (30, 12)) + 1).astype(np.float32), rng.normal(0, 1, (200, 12)).astype(np.float32)
+    x = design_matrix(230, 12, [torch.from_numpy(positives), torch.from_numpy(negatives)], 10.0)
+    weight, bias, scores = solve_squared_hinge(x, 30, SVMConfig())
+    assert np.allclose(scores.numpy(), np.concatenate([positives, negatives]) @ weight + bias, atol=1e-4)
+
+
+def test_mining_rounds_at_a_loose_tolerance_still_end_in_converged_models():
+    """With mining_tol, each class's last fit (in finish) still meets newton_tol's stopping rule on its final rows."""
+    rng = np.random.default_rng(4)
+    config = SVMConfig(retrain_every=100, mining_tol=0.3)
+    miner = HardNegativeMiner(CLASSES, 40, config)
+    centres = rng.normal(0, 1, (len(CLASSES), 40)).astype(np.float32)
+    for k, name in enumerate(CLASSES):
+        miner.add_positives(name, centres[k] * 3 + rng.normal(0, 1, (20, 40)).astype(np.float32))
+    for _ in range(6):
+        miner.add_image(torch.from_numpy(rng.normal(0, 1, (300, 40)).astype(np.float32)), {name: np.arange(300) for name in CLASSES})
+    assert not any(state.converged for state in miner.state.values())  # every class's last model is a mining one
+    # The rows of each class's last fit: its positives and every negative it holds now (pending ones included).
+    rows = {name: np.concatenate([np.concatenate(state.positives), miner.store.rows[state.negatives]]).astype(np.float64)
+            for name, state in miner.state.items()}
+    svms = miner.finish(1.0)
+
+    def gradient(name: str, weight: np.ndarray, bias: float) -> np.ndarray:
+        positives = sum(len(block) for block in miner.state[name].positives)
+        x = np.concatenate([rows[name], np.full((len(rows[name]), 1), config.bias_multiplier)], axis=1)
+        y = np.where(np.arange(len(x)) < positives, 1.0, -1.0)
+        cost = np.where(y > 0, config.C * config.positive_weight, config.C)
+        w = np.append(weight, bias / config.bias_multiplier)
+        return w - 2 * x.T @ (cost * y * np.maximum(0, 1 - y * (x @ w)))
+
+    for k, name in enumerate(CLASSES):
+        assert miner.state[name].converged
+        at_zero = np.linalg.norm(gradient(name, np.zeros(40), 0.0))
+        assert np.linalg.norm(gradient(name, svms.weight[k].astype(np.float64), float(svms.bias[k]))) <= 1.01 * config.newton_tol * at_zero
