@@ -43,9 +43,6 @@ class SVMConfig:
     # pool5 SVM step 335 s vs 541 s (liblinear's with 3 classes fitted side by side).
     solver: str = "newton"
     newton_tol: float = 1e-4  # stop when |gradient| <= this x |gradient at the zero model|
-    # The retrains while mining stop at this tolerance instead (None: newton_tol); each class's
-    # last fit, in HardNegativeMiner.finish, goes to newton_tol from the last mining model.
-    mining_tol: float | None = None
     newton_steps: int = 50
     cg_steps: int = 50  # conjugate-gradient steps per Newton step at most
     seed: int = 0

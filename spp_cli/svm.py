@@ -21,7 +21,6 @@ Shape letters: K classes, D feature length, P positives, N negatives.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import warnings
 from dataclasses import dataclass, field
@@ -73,7 +72,6 @@ class _ClassState:
     weight: np.ndarray | None = None
     bias: float = 0.0
     retrains: int = 0
-    converged: bool = False  # the last fit went to config.newton_tol (not the looser mining_tol)
 
 
 class NegativeStore:
@@ -351,16 +349,12 @@ class HardNegativeMiner:
             if self.state[name].new_since_retrain >= self.config.retrain_every:
                 self._retrain(name)
 
-    def _retrain(self, name: str, final: bool = False) -> None:
+    def _retrain(self, name: str) -> None:
         # One class at a time: the Newton solver's products use all threads, and scikit-learn's
         # liblinear draws its coordinate order from one generator shared by all threads (side-by-side
         # fits would not be reproducible).
         st = self.state[name]
         start = (st.weight, st.bias) if st.weight is not None else None
-        config, st.converged = self.config, True
-        if self.config.solver == "newton" and self.config.mining_tol is not None and not final:
-            # A mining round's model only picks the next hard negatives: it need not be converged.
-            config, st.converged = dataclasses.replace(config, newton_tol=self.config.mining_tol), False
         if self.config.solver == "newton":
             # The rows go straight from the fp16 store into the reused float32 buffer (no float32 copy
             # in numpy: its fp16 conversion alone was a quarter of coco128's SVM step).
@@ -369,7 +363,7 @@ class HardNegativeMiner:
             blocks = itertools.chain((torch.from_numpy(rows) for rows in st.positives),
                                      (store[numbers[at : at + 512]] for at in range(0, len(numbers), 512)))
             x = design_matrix(positive_count + len(numbers), self.dim, blocks, self.config.bias_multiplier, self._rows)
-            st.weight, st.bias, scores = solve_squared_hinge(x, positive_count, config, start, self._active_rows)
+            st.weight, st.bias, scores = solve_squared_hinge(x, positive_count, self.config, start, self._active_rows)
             neg_scores = scores[positive_count:].numpy()
         else:
             positives = np.concatenate(st.positives).astype(np.float32)
@@ -394,11 +388,11 @@ class HardNegativeMiner:
             self.on_retrain(name, positive_count, len(keep))
 
     def finish(self, feature_scale: float) -> LinearSVMs:
-        """Final retrain of every class with new negatives or a model from a mining round, and the classifiers."""
+        """Final retrain of every class with new negatives, and the classifiers."""
         for name in self.classes:
             st = self.state[name]
-            if st.positives and len(st.negatives) and (st.new_since_retrain or st.weight is None or not st.converged):
-                self._retrain(name, final=True)
+            if st.positives and len(st.negatives) and (st.new_since_retrain or st.weight is None):
+                self._retrain(name)
         w, b = self._weights()
         return LinearSVMs(self.classes, w, b, feature_scale)
 
