@@ -11,12 +11,16 @@ columns differ by the positives alone.
     spp train --data ../shared/data/raccoon --split train --out r.safetensors --work W
     python benchmarks/positives.py --dataset raccoon --work W [--ious 0,0.7] [--test]
     (a second candidate of --scales auto: --work W/<its folder>, e.g. W/efficientnet_lite0_b4-scale-688)
+
+With one value (``--ious 0.7``, spp train's) it times spp train's SVM step
+alone: its train_svm_s and the spp process's peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from pathlib import Path
 
@@ -54,8 +58,11 @@ def main() -> None:
         checkout.run_spp("train-svm", "--cache", str(args.work / "feats"), "--data", data, "--split", str(fit), *windows,
                          "--positive-iou", iou, "--out", str(model))
         seconds = time.perf_counter() - start
+        # The largest spp process's peak so far: train-svm's own on the first value.
+        peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         mean, per_class, _ = validation_results(model, args.work / "feats", val)
-        row = {"positive_iou": float(iou), "validation_map": round(mean, 4), "train_svm_s": round(seconds, 1)}
+        row = {"positive_iou": float(iou), "validation_map": round(mean, 4), "train_svm_s": round(seconds, 1),
+               "peak_rss_gb_so_far": round(peak_gb, 2)}
         if args.test:
             dets = args.work / f"positives-{iou}.dets.json"
             checkout.run_spp("detect", "--data", data, "--split", test_split, "--model", str(model), "--out", str(dets))

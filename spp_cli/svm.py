@@ -163,7 +163,7 @@ class Scratch:
 
     Why: a retrain's rows are up to 20,000 x 16,001 float32 (1.3 GB at
     ``blocks.6``); a fresh array per retrain is a fresh mapping whose every page
-    faults on first touch. On coco128 (468 retrains) that was a third of the
+    faults on first touch. On coco128 (468 retrains) that was a quarter of the
     SVM step's CPU time, spent in the kernel.
     """
 
