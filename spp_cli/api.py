@@ -131,15 +131,12 @@ class Detector:
 
     def _detect(self, pixels: np.ndarray, name: str, boxes: np.ndarray | None, conf, nms, max_det, bbox_reg, vote, warn, min_prob,
                 proposals) -> list[Detection]:
-        from spp_cli.config import DetectConfig
-
         if min_prob is not None:
             if conf is not None:
                 raise ValueError("conf and min_prob both set a threshold: give one")
             conf = self.model.margin_at_probability(min_prob, str(self.path))
         threshold = self.model.detect.display_threshold if conf is None else conf
-        config = DetectConfig(score_threshold=threshold, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote,
-                              objectness_weight=self.model.detect.objectness_weight)
+        config = self.model.detect_config(score_threshold=threshold, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote)
         learned = self.model.proposal_model is not None and proposals != "selective-search"
         found = detect_pixels(self.model, self.extractor, pixels, config, boxes, name=name, warn=warn or (lambda _: None), learned=learned)
         return [Detection(tuple(d.box), self.model.classes[d.class_id], d.class_id, d.score, self.model.probability(d.score)) for d in found]

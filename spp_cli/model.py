@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -218,15 +218,18 @@ class Detector:
 
     def calibrate(self, calibration: Calibration) -> None:
         """Adopt ``calibration`` and show detections from its display probability on."""
-        import dataclasses
-
         self.calibration = calibration
         margin = round(calibration.margin_at(calibration.display_probability), 4)
-        self.detect = dataclasses.replace(self.detect, display_threshold=margin)
+        self.detect = replace(self.detect, display_threshold=margin)
 
     def probability(self, score: float) -> float | None:
         """A detection's calibrated probability of being right, or ``None`` for an uncalibrated model."""
         return None if self.calibration is None else round(float(self.calibration.probability(score)), 4)
+
+    def detect_config(self, **settings) -> DetectConfig:
+        """The model's own detection settings with ``settings`` (a caller's thresholds) replaced:
+        what belongs to the model and no flag sets (its objectness weight) is carried."""
+        return replace(self.detect, **settings)
 
     def margin_at_probability(self, probability: float, source: str) -> float:
         """The SVM margin a detection needs to reach ``probability``: a probability threshold

@@ -204,14 +204,12 @@ def validation_results(model_path: Path, cache_dir: Path, records: list, backgro
 
     from spp_cli.cache import FeatureCache, image_key
     from spp_cli.calibration import detection_outcomes, fit_calibration
-    from spp_cli.config import DetectConfig
     from spp_cli.evaluate import GroundTruthImage, evaluate_voc
     from spp_cli.model import Detector
 
     detector = Detector.load(model_path)
     cache = FeatureCache.open(cache_dir)
-    weight = detector.detect.objectness_weight if objectness_weight is None else objectness_weight
-    config = DetectConfig(score_threshold=detector.detect.score_threshold, objectness_weight=weight)
+    config = detector.detect_config() if objectness_weight is None else detector.detect_config(objectness_weight=objectness_weight)
 
     def detections(path: Path) -> list[dict]:
         entry = cache.read(image_key(path))
@@ -677,7 +675,7 @@ def set_objectness_weight(model_path: Path, weight: float) -> None:
     from spp_cli.model import Detector
 
     detector = Detector.load(model_path)
-    detector.detect = dataclasses.replace(detector.detect, objectness_weight=weight)
+    detector.detect = detector.detect_config(objectness_weight=weight)
     detector.save(model_path)
 
 

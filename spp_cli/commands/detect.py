@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from spp_cli import ui
-from spp_cli.config import DetectConfig
 from spp_cli.errors import ModelError, SPPError, UsageError
 from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
 from spp_cli.sources import resolve_sources
@@ -123,8 +122,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
         shown = detector.detect.display_threshold
     else:
         shown = conf
-    config = DetectConfig(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote,
-                          objectness_weight=detector.detect.objectness_weight)
+    config = detector.detect_config(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote)
     if config.objectness_weight and not learned:
         ui.warn(f"{model_path}: its scores add its proposal network's objectness ({config.objectness_weight:g} x log sigmoid); "
                 "with other proposals they are the SVM margins alone, higher than its thresholds and probabilities expect")
