@@ -6,14 +6,16 @@ the heap and fragment it, so RSS keeps growing over a run: `spp cache` over
 coco128 at 5 scales peaked at 2.9 GB. Serving every allocation of 64 KB or
 more with its own mmap (returned to the system when freed) and trimming the
 heap eagerly kept the same run at ~1.5 GB, and was faster
-(benchmarks/features.py). The setting is process-wide and harmless where it
-does not apply.
+(benchmarks/features.py).
 
 It has a price: every temporary of 64 KB or more is then a fresh mmap whose
 pages fault in on first touch. Measured here (1 scale, 500 x 375 photos),
 `spp detect` ran its conv pass ~1.5x and its pooling ~1.3x slower with it,
-at the same peak RSS (1.16 vs 1.19 GB). So `spp cache`, whose multi-scale
-batch runs are what grew, applies it (:func:`limit_heap_growth`), and
+at the same peak RSS (1.16 vs 1.19 GB). The setting is process-wide, so
+everything after it in the process pays too: in `spp train`, whose cache
+step runs in-process, the proposal network trained at 7-8 s per bccd epoch
+after it instead of 4. So `spp cache`, whose multi-scale batch runs are what
+grew, holds it only while it builds the cache (:func:`bounded_heap`), and
 `spp detect` only hands the free heap back between images
 (:func:`release_free_memory`).
 """
@@ -23,26 +25,46 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 64 * 1024
+# Where glibc's dynamic thresholds end up in a process that frees large blocks (64-bit
+# DEFAULT_MMAP_THRESHOLD_MAX, and trimming at twice the mmap threshold). Setting either threshold
+# turns the dynamic rule off for good, so these stand in for it once the limit is lifted.
+GROWN_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
+GROWN_TRIM_THRESHOLD_BYTES = 2 * GROWN_MMAP_THRESHOLD_BYTES
 
-_done = False
+_depth = 0  # bounded_heap blocks open
 
 
-def limit_heap_growth() -> bool:
-    """Apply the allocator settings once; ``True`` if they took effect."""
-    global _done
-    if _done or not sys.platform.startswith("linux"):
-        return _done
+def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
+    """Set glibc's mmap and trim thresholds; ``True`` if both took effect."""
+    if not sys.platform.startswith("linux"):
+        return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
     except (OSError, AttributeError, TypeError):
         return False
-    _done = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, 0))
-    return _done
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
+@contextmanager
+def bounded_heap() -> Iterator[bool]:
+    """Within the block, every allocation of ``MMAP_THRESHOLD_BYTES`` or more is its own mmap and
+    the heap is trimmed eagerly; after it, the grown thresholds (the free heap handed back).
+    Yields whether the settings took effect; nested blocks keep them until the outermost ends.
+    Usable as a decorator."""
+    global _depth
+    _depth += 1
+    try:
+        yield _mallopt(MMAP_THRESHOLD_BYTES, 0)
+    finally:
+        _depth -= 1
+        if _depth == 0 and _mallopt(GROWN_MMAP_THRESHOLD_BYTES, GROWN_TRIM_THRESHOLD_BYTES):
+            release_free_memory()
 
 
 def release_free_memory() -> bool:

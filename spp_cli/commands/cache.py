@@ -20,7 +20,7 @@ from spp_cli.cache import (
 from spp_cli.config import parse_scales
 from spp_cli.errors import SPPError, UsageError
 from spp_cli.features import feature_pyramid
-from spp_cli.memory import limit_heap_growth
+from spp_cli.memory import bounded_heap
 from spp_cli.sources import Sources, resolve_sources
 
 
@@ -40,6 +40,9 @@ def settings_for(backbone: str, weights: str | None, scales: str, max_side: int,
     )
 
 
+# Multi-scale batch runs fragment the heap: RSS is kept at the working set while the cache is
+# built, and only then (spp_cli.memory says what it costs and why detect does otherwise).
+@bounded_heap()
 def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone: str, weights: str | None,
               scales: str, max_side: int, dtype: str, gpu: bool, shard: str | None = None, sources: Sources | None = None,
               selective_search: bool = True) -> int:
@@ -53,9 +56,6 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
     if props is not None and not selective_search:
         raise UsageError("--props gives the proposals; --no-proposals stores none: give one")
     device = backbones.select_device(gpu)
-    # Multi-scale batch runs fragment the heap: keep RSS at the working set
-    # (spp_cli.memory says what it costs and why detect does otherwise).
-    limit_heap_growth()
     settings = settings_for(backbone, weights, scales, max_side, dtype)
     proposal_set = read_proposals(props) if props is not None else None
     sources = sources if sources is not None else resolve_sources(inputs, data, split)
