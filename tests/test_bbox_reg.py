@@ -34,6 +34,20 @@ def test_ridge_primal_and_dual_forms_match_reference():
         np.testing.assert_allclose(b, b_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_ridge_takes_fp16_rows_and_degenerate_sets():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((300, 40)).astype(np.float16)
+    y = x.astype(np.float64) @ rng.standard_normal((40, 4)) + 0.5
+    w, b = fit_ridge(x, y, 1000.0)
+    w_ref, b_ref = _slow_ridge(x.astype(np.float64), y, 1000.0)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(b, b_ref, rtol=1e-4, atol=1e-6)
+    # One window, or identical ones: nothing to regress on, the bias is the mean delta.
+    for rows in (1, 5):
+        w, b = fit_ridge(np.ones((rows, 8), np.float32), np.full((rows, 4), 0.25), 1000.0)
+        assert not w.any() and np.allclose(b, 0.25)
+
+
 def test_predict_matches_per_class_product():
     from spp_cli.bbox_reg import BoxRegressors
 
