@@ -236,19 +236,24 @@ def choose_proposals(cache, proposal_model: Path, val_records: list, searched_bo
     ``searched_boxes`` (image path -> boxes) keeps selective search's boxes for the next call:
     they are the image's, whatever the cache's scale."""
     from spp_cli.cache import image_key
-    from spp_cli.images import load_image
-    from spp_cli.proposals import ProposalParams, propose
+    from spp_cli.proposals import ProposalParams, ProposalTask, TaskFailure, run_proposals
     from spp_cli.rpn import ProposalModel, recall
 
     searched_boxes = {} if searched_boxes is None else searched_boxes
+    # Selective search on a process per core (the boxes do not depend on the process: each
+    # image's search is seeded on its own, spp_cli.proposals).
+    pending = [record for record, _ in val_records if record.path not in searched_boxes]
+    tasks = [ProposalTask(record.image_id, str(record.path)) for record in pending]
+    for found, record in zip(run_proposals(tasks, ProposalParams(), os.cpu_count() or 1), pending):  # in task order
+        if isinstance(found, TaskFailure):
+            raise DatasetError(found.message)
+        searched_boxes[record.path] = found.boxes
     model = ProposalModel.load(proposal_model)
     learned, searched, truth = [], [], []
     for record, _ in val_records:
         entry = cache.read(image_key(record.path))
         truth.append(record.boxes[~record.iscrowd])
         learned.append(model.propose(entry.maps, entry.factors, entry.width, entry.height)[0])
-        if record.path not in searched_boxes:
-            searched_boxes[record.path] = propose(load_image(record.path), ProposalParams())
         searched.append(searched_boxes[record.path])
     ours, theirs = recall(learned, truth, 0.5), recall(searched, truth, 0.5)
     count = round(sum(len(b) for b in searched) / max(len(searched), 1))

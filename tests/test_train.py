@@ -366,6 +366,21 @@ def test_the_proposal_choice_is_made_on_validation_and_recorded(trained):
     assert (Detector.load(out).proposal_model is not None) == (choice["choice"] == "learned")
 
 
+def test_the_choice_searches_the_validation_images_as_a_serial_run_does(trained):
+    from spp_cli.images import load_image
+    from spp_cli.proposals import ProposalParams, propose
+
+    data, out, _ = trained
+    work = out.with_name("model.work")
+    dataset = open_dataset(str(data), "train")
+    val_records = [(r, dataset.classes) for r in dataset.records]  # all 4 cached images: more than one task, so worker processes
+    searched: dict = {}
+    pipeline.choose_proposals(FeatureCache.open(work / "feats"), work / "proposals.safetensors", val_records, searched)
+    assert set(searched) == {r.path for r, _ in val_records}
+    for record, _ in val_records:  # worker processes, one per core, give the boxes one process gives
+        np.testing.assert_array_equal(searched[record.path], propose(load_image(record.path), ProposalParams()))
+
+
 def test_the_learned_flow_runs_no_selective_search_and_detect_can_still(tmp_path):
     data = write_shapes(tmp_path / "shapes")
     out = tmp_path / "model.safetensors"
