@@ -45,7 +45,7 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="spp-background-"))
     work.mkdir(parents=True, exist_ok=True)
     raccoon = SHARED / "raccoon"
-    negatives, coco_test = work / "coco-train.txt", work / "coco-test.txt"
+    negatives = work / "coco-train.txt"
     negatives.write_text("\n".join(map(str, coco_paths("train"))) + "\n")
     photos = [REPO / "tests" / "data" / f"{name}.jpg" for name in ("chelsea", "astronaut", "coffee")]
     no_raccoon = work / "no-raccoon.txt"
