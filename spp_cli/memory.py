@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,15 +41,23 @@ GROWN_TRIM_THRESHOLD_BYTES = 2 * GROWN_MMAP_THRESHOLD_BYTES
 _depth = 0  # bounded_heap blocks open
 
 
+@functools.lru_cache(maxsize=1)
+def _glibc() -> ctypes.CDLL | None:
+    """The C library, looked up once (``find_library`` runs ``ldconfig``: about 1 ms, and
+    `spp detect` trims between images); ``None`` off Linux or without glibc's allocator calls."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
 def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
     """Set glibc's mmap and trim thresholds; ``True`` if both took effect."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-    except (OSError, AttributeError, TypeError):
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
 @contextmanager
@@ -73,10 +82,8 @@ def release_free_memory() -> bool:
     Cheap between images: what one image freed is not kept as resident
     fragments while the next one runs. ``True`` if it ran.
     """
-    if not sys.platform.startswith("linux"):
+    libc = _glibc()
+    if libc is None:
         return False
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        return False
+    libc.malloc_trim(0)
     return True
