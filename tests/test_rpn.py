@@ -11,7 +11,7 @@ from spp_cli.cache import CacheEntry, CacheSettings, FeatureCache
 from spp_cli.cli import cli
 from spp_cli.errors import ModelError
 from spp_cli.finetune import checkpoint_path
-from spp_cli.rpn import ProposalConfig, ProposalModel, ProposalNet, ProposalTrainer, cell_anchors, grid_anchors, recall
+from spp_cli.rpn import LearnedWindows, ProposalConfig, ProposalModel, ProposalNet, ProposalTrainer, cell_anchors, grid_anchors, recall
 from spp_cli.spp import Alignment
 
 STRIDE = 16
@@ -157,6 +157,24 @@ def test_more_boxes_asked_for_decode_more_anchors(trained):
     many, _ = model.propose(image.maps, image.factors, 320, 320, top_n=800)
     assert len(many) == 800 > SMALL.pre_nms_top_n
     np.testing.assert_array_equal(many[: len(default)], default)
+
+
+def test_learned_windows_run_the_network_once_per_entry(synthetic_cache, trained, monkeypatch):
+    """An entry's boxes are the network's on its cached maps, computed on the first read only."""
+    _, model = trained
+    windows = LearnedWindows(synthetic_cache, model)
+    key = synthetic_cache.keys()[0]
+    stored = synthetic_cache.read(key)
+    expected = model.propose(stored.maps, stored.factors, stored.width, stored.height)[0]
+    first = windows.read(key)
+    np.testing.assert_array_equal(first.proposals, expected)
+    first.proposals[:] = 0  # a reader's change to its entry is not the next reader's
+    calls = []
+    monkeypatch.setattr(model, "propose", lambda *args, **kw: calls.append(args) or (np.zeros((0, 4), np.float32), None))
+    np.testing.assert_array_equal(windows.read(key).proposals, expected)
+    assert calls == []
+    assert len(windows.read(synthetic_cache.keys()[1]).proposals) == 0 and len(calls) == 1
+    assert windows.keys() == synthetic_cache.keys()  # everything else is the cache's
 
 
 def test_a_saved_model_proposes_the_same_boxes(trained, tmp_path):
