@@ -1,4 +1,4 @@
-"""spp_cli.memory: the allocator limit holds inside `bounded_heap` (and `spp cache`) only (glibc)."""
+"""spp_cli.memory: the allocator limit holds inside `bounded_heap` (and a multi-scale `spp cache`) only (glibc)."""
 
 import ctypes
 import ctypes.util
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import invoke
-from spp_cli.memory import bounded_heap
+from spp_cli.memory import bounded_heap, heap_for_scales
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
                                 reason="glibc's mallopt thresholds")
@@ -51,7 +51,23 @@ def test_the_limit_holds_inside_the_block_only():
     assert run.returncode == 0, run.stderr
 
 
+def only_a_multi_scale_cache_holds_the_limit() -> None:
+    small = 100_000  # under glibc's starting mmap threshold (128 KB), over the limit's 64 KB
+    with heap_for_scales(1) as applied:
+        assert not applied
+        assert own_mmaps(size=small) == 0
+    with heap_for_scales(5) as applied:
+        assert applied
+        assert own_mmaps(size=small) > 0
+
+
+def test_only_a_multi_scale_cache_holds_the_limit():
+    run = subprocess.run([sys.executable, "-c", "import test_memory; test_memory.only_a_multi_scale_cache_holds_the_limit()"],
+                         cwd=Path(__file__).parent, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
 def test_spp_cache_lifts_the_limit_when_done(xml_dataset, tmp_path):
-    result = invoke("cache", "--data", xml_dataset, "--cache", tmp_path / "feats", "--scales", "96", "--no-proposals")
+    result = invoke("cache", "--data", xml_dataset, "--cache", tmp_path / "feats", "--scales", "96,128", "--no-proposals")
     assert result.exit_code == 0, result.output
     assert own_mmaps() == 0  # what runs next in the process (spp train's steps) is not slowed by it

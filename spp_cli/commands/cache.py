@@ -20,7 +20,7 @@ from spp_cli.cache import (
 from spp_cli.config import parse_scales
 from spp_cli.errors import SPPError, UsageError
 from spp_cli.features import feature_pyramid
-from spp_cli.memory import bounded_heap
+from spp_cli.memory import heap_for_scales, release_free_memory
 from spp_cli.sources import Sources, resolve_sources
 
 
@@ -40,15 +40,22 @@ def settings_for(backbone: str, weights: str | None, scales: str, max_side: int,
     )
 
 
-# Multi-scale batch runs fragment the heap: RSS is kept at the working set while the cache is
-# built, and only then (spp_cli.memory says what it costs and why detect does otherwise).
-@bounded_heap()
 def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone: str, weights: str | None,
               scales: str, max_side: int, dtype: str, gpu: bool, shard: str | None = None, sources: Sources | None = None,
               selective_search: bool = True) -> int:
     """`spp cache`; ``sources`` (instead of inputs/data/split) is how `spp train` hands over its images.
     ``selective_search=False`` (without ``props``): entries hold no proposals (learned proposals come
     from the maps later; `spp detect --proposals selective-search` then computes them)."""
+    # Multi-scale runs fragment the heap: their RSS is held at the working set while the cache is
+    # built, and only then; one scale runs on glibc's own settings (spp_cli.memory: what each costs).
+    with heap_for_scales(len(parse_scales(scales))):
+        return _build_cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu, shard,
+                            sources, selective_search)
+
+
+def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone: str, weights: str | None,
+                 scales: str, max_side: int, dtype: str, gpu: bool, shard: str | None, sources: Sources | None,
+                 selective_search: bool) -> int:
     from spp_cli.commands import parts
     from spp_cli.images import load_image
     from spp_cli.proposals import ProposalParams, propose, read_proposals
@@ -108,6 +115,7 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
         entry = CacheEntry(key, source.image_id, str(source.path), width, height, maps, factors, entry_props, classes=classes)
         _set_gt(entry, gt)
         cache.write(entry)
+        release_free_memory()  # what this image's pass freed, before the next one (spp_cli.memory)
         return "computed"
 
     start = time.perf_counter()
