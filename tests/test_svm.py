@@ -84,12 +84,34 @@ def test_the_store_keeps_each_window_once_and_compaction_keeps_rows_and_order():
     first = store.add(np.arange(12, dtype=np.float16).reshape(3, 4))
     second = store.add(np.arange(12, 24, dtype=np.float16).reshape(3, 4))
     holders = [np.array([first[0], second[2]]), np.array([first[2], second[2]])]
-    before = [store.rows[numbers].copy() for numbers in holders]
+    before = [store.take(numbers) for numbers in holders]
     renumbered = store.compact(holders)
     assert store.count == 3  # rows held by no class are gone; the shared one is kept once
     for numbers, rows in zip(renumbered, before):
-        assert np.array_equal(store.rows[numbers], rows)
+        assert np.array_equal(store.take(numbers), rows)
         assert (np.diff(numbers) > 0).all()  # still in mined order
+
+
+def test_the_store_reads_rows_across_chunks_as_one_array_would():
+    """Rows in chunks of 5 against a plain array of every row added (the slow reference)."""
+    rng = np.random.default_rng(3)
+    store, reference = NegativeStore(3, chunk_rows=5), np.zeros((0, 3), np.float16)
+    for count in (2, 7, 0, 5, 1, 9):
+        rows = rng.normal(0, 1, (count, 3)).astype(np.float16)
+        assert np.array_equal(store.add(rows), np.arange(len(reference), len(reference) + count))
+        reference = np.concatenate([reference, rows])
+    assert store.count == len(reference) == 24 and len(store.chunks) == 5
+    numbers = np.sort(rng.choice(24, 13, replace=False))
+    for size in (1, 4, 512):
+        blocks = list(store.blocks(numbers, size))
+        assert all(len(block) <= size for block in blocks)
+        assert np.array_equal(np.concatenate(blocks), reference[numbers])
+    holders = [numbers[::2], numbers[1::3], np.array([23])]
+    renumbered = store.compact(holders)
+    assert store.count == len(np.unique(np.concatenate(holders)))
+    for old, new in zip(holders, renumbered):
+        assert np.array_equal(store.take(new), reference[old])
+    assert np.array_equal(store.add(reference[:2]), [store.count - 2, store.count - 1])  # adds go on after compaction
 
 
 def test_a_window_hard_for_several_classes_is_stored_once():
