@@ -275,8 +275,11 @@ def solve_squared_hinge(
         loss = torch.clamp(1 - y * z, min=0)
         active = loss > 0
         # The gradient and the Hessian's products touch only the rows with a loss (a): copied
-        # once per Newton step when they are few, read in place through masked coefficients otherwise.
-        if int(active.sum()) * 2 < len(x):
+        # once per Newton step unless nearly all rows have one, read in place through masked
+        # coefficients then. The copy costs about two products and the step's conjugate gradients
+        # make tens: on bccd's largest solve (15,828 rows, 53-60% of them with a loss) copying
+        # took it from 49.9 s (rows read in place) to 28.1 s.
+        if int(active.sum()) * 10 < len(x) * 9:
             index = torch.nonzero(active).squeeze(1)
             out = scratch.take(len(index), x.shape[1]) if scratch is not None else None
             x_active = torch.index_select(x, 0, index, out=out) if out is not None else x[index]
