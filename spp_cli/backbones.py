@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -527,6 +529,27 @@ class FeatureExtractor:
         global FORWARD_CALLS
         FORWARD_CALLS += 1
         return self.network(self.normalise(batch_uint8)).contiguous()
+
+    @contextmanager
+    def tapping(self, layer: str) -> Iterator[list[torch.Tensor]]:
+        """Within the block, each forward pass also appends the ``(N, C', H', W')`` output of the
+        network's module ``layer`` (e.g. ``blocks.4``) to the yielded list: the map of a shallower
+        cut of the same network from the same pass (its :meth:`forward` would compute the same
+        layers again).
+
+        Raises:
+            ModelError: the network has no module of that name.
+        """
+        try:
+            module = self.network.get_submodule(layer)
+        except AttributeError:
+            raise ModelError(f"{self.spec.name}: no layer {layer} to take a map from") from None
+        taken: list[torch.Tensor] = []
+        handle = module.register_forward_hook(lambda _module, _inputs, output: taken.append(output.contiguous()))
+        try:
+            yield taken
+        finally:
+            handle.remove()
 
     def image_pyramid(self, image: np.ndarray, short_sides: list[int], max_side: int | None = None) -> tuple[list[torch.Tensor], list[float], list[float]]:
         """Conv maps of one image at each scale.

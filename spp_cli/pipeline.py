@@ -524,8 +524,9 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     from spp_cli.commands.finetune import run_finetune
     from spp_cli.commands.train_svm import run_train_svm
 
-    def train_at(feature_map: FeatureMap, folder: Path, feats: Path) -> ScaleRun:
-        """The flow's steps on one feature map, their files in ``folder``; the cache in ``feats``."""
+    def train_at(feature_map: FeatureMap, folder: Path, feats: Path, finer_feats: Path | None = None) -> ScaleRun:
+        """The flow's steps on one feature map, their files in ``folder``; the cache in ``feats``
+        (and, from the same forward passes, the cache of its backbone's finer cut in ``finer_feats``)."""
         label = feature_map.label
         run = ScaleRun(label, feats, folder / "proposals.safetensors" if learned else None, folder / "head.safetensors",
                        {kind: folder / f"val-{kind}.safetensors" for kind in ("pool5", "fc7")},
@@ -536,7 +537,8 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         def build_cache(boxes: Path | None, **how) -> int:
             return run_cache((), None, None, feats, boxes, feature_map.backbone, None, feature_map.scales, 2000, "fp16", gpu, shard="0/1", sources=sources(), **how)
 
-        result = state.done(name, feats) or timed(name, lambda: {"code": build_cache(None if learned else props, selective_search=not learned)})
+        result = state.done(name, feats) or timed(name, lambda: {"code": build_cache(None if learned else props, selective_search=not learned,
+                                                                                      finer_cache=finer_feats)})
         seconds[name] = result["seconds"]
 
         cache = FeatureCache.open(feats)
@@ -621,7 +623,14 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
 
     # The first map's files where a single-map run keeps them; each other's in a folder of its own.
     folders = [work] + [work / map_folder(feature_map, plan.backbone) for feature_map in alternatives[1:]]
-    runs = [train_at(feature_map, folder, cache_dir if folder == work else folder / "feats") for feature_map, folder in zip(alternatives, folders)]
+    feats_dirs = [cache_dir if folder == work else folder / "feats" for folder in folders]
+    from spp_cli.backbones import get_spec
+    # The finer cut of the first map's network at the same scales is a prefix of it: its maps
+    # come from the first cache's forward passes (bccd: that cache's own step 21 -> ~1 s).
+    finer = [i for i, feature_map in enumerate(alternatives) if i and feature_map.scales == alternatives[0].scales
+             and feature_map.backbone == get_spec(alternatives[0].backbone).finer]
+    runs = [train_at(feature_map, folder, feats, feats_dirs[finer[0]] if i == 0 and finer else None)
+            for i, (feature_map, folder, feats) in enumerate(zip(alternatives, folders, feats_dirs))]
     chosen = max(runs, key=lambda run: run.val_map[run.features])  # the first alternative on a tie
     scale_line = scale_plan.chosen({run.label: run.val_map[run.features] for run in runs}, chosen.label)
     val_map = {at(kind, run.label): value for run in runs for kind, value in run.val_map.items()}

@@ -214,3 +214,44 @@ def test_killed_run_resumes_and_verifies(tmp_path):
     verify = invoke("cache-info", feats, "--verify")
     assert verify.exit_code == 0 and "verified: 16 entries, 0 damaged" in verify.stdout
     assert not list(feats.rglob(".*.tmp"))
+
+
+def test_the_finer_cut_cached_from_the_same_pass_is_the_one_its_own_pass_makes(small_set, tmp_path):
+    """`spp train --scales auto` caches blocks.4 (efficientnet_lite0_b4) from blocks.6's passes:
+    the same entries, bit for bit, as a pass of the shorter network; its own run then computes nothing."""
+    from spp_cli.commands.cache import run_cache
+    from spp_cli.sources import resolve_sources
+
+    data, props = small_set
+
+    def build(feats, backbone, **how):
+        return run_cache((), None, None, feats, props, backbone, None, "96,128", 2000, "fp16", False,
+                         sources=resolve_sources((), str(data), None), **how)
+
+    before = backbones.FORWARD_CALLS
+    assert build(tmp_path / "coarse", "efficientnet_lite0", finer_cache=tmp_path / "shared") == 0
+    assert backbones.FORWARD_CALLS - before == 3 * 2  # the finer cut's maps cost no pass of their own
+    assert build(tmp_path / "own", "efficientnet_lite0_b4") == 0
+    shared, own = FeatureCache.open(tmp_path / "shared"), FeatureCache.open(tmp_path / "own")
+    assert shared.settings == own.settings and sorted(shared.keys()) == sorted(own.keys()) and len(own.keys()) == 3
+    for key in own.keys():
+        a, b = shared.read(key), own.read(key)
+        assert [m.shape for m in a.maps] == [m.shape for m in b.maps] and a.maps[0].shape[0] == 112
+        assert all(torch.equal(x, y) for x, y in zip(a.maps, b.maps))
+        assert (a.factors, a.width, a.height, a.image_id) == (b.factors, b.width, b.height, b.image_id)
+        np.testing.assert_array_equal(a.proposals, b.proposals)
+        np.testing.assert_array_equal(a.gt_boxes, b.gt_boxes)
+    before = backbones.FORWARD_CALLS
+    assert build(tmp_path / "shared", "efficientnet_lite0_b4") == 0
+    assert backbones.FORWARD_CALLS == before
+
+
+def test_a_backbone_without_a_finer_cut_cannot_cache_one(small_set, tmp_path):
+    data, props = small_set
+    from spp_cli.commands.cache import run_cache
+    from spp_cli.errors import UsageError
+    from spp_cli.sources import resolve_sources
+
+    with pytest.raises(UsageError, match="efficientnet_lite0_b4 has no finer cut to cache from the same pass"):
+        run_cache((), None, None, tmp_path / "f", props, "efficientnet_lite0_b4", None, "96", 2000, "fp16", False,
+                  sources=resolve_sources((), str(data), None), finer_cache=tmp_path / "g")

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import RACCOON, SHARED_DATA, TEST, TRAIN, require_shared_data, write_shapes
 from conftest import model_tensors as tensors
 
-from spp_cli import pipeline
+from spp_cli import backbones, pipeline
 from spp_cli.cache import FeatureCache
 from spp_cli.cli import cli
 from spp_cli.errors import DatasetError, SPPError, UsageError
@@ -174,9 +174,12 @@ def test_where_objects_are_small_auto_also_trains_on_the_finer_cut(tmp_path, mon
     monkeypatch.setattr(pipeline, "SMALL_OBJECT_CELLS", 100.0)
     data = write_shapes(tmp_path / "shapes")
     out = tmp_path / "model.safetensors"
+    before = backbones.FORWARD_CALLS
     result = CliRunner().invoke(cli, ["train", "--data", str(data), "--split", "train", "--out", str(out),
                                       "--epochs", "3", "--val-fraction", "0.25"])  # the default backbone and --scales auto
     assert result.exit_code == 0, result.output
+    # One pass per image for both caches: the finer cut's maps are taken from the first cache's passes.
+    assert backbones.FORWARD_CALLS - before == len(FeatureCache.open(tmp_path / "model.work" / "feats").keys())
     finer = "128 on efficientnet_lite0_b4"
     steps = [f"{name} at {label}" for label in ("128", finer) for name in ("cache", "proposal network", "proposals", "SVMs on pool5")]
     for n, name in enumerate(steps + ["final model"], 1):

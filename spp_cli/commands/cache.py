@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -42,20 +44,23 @@ def settings_for(backbone: str, weights: str | None, scales: str, max_side: int,
 
 def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone: str, weights: str | None,
               scales: str, max_side: int, dtype: str, gpu: bool, shard: str | None = None, sources: Sources | None = None,
-              selective_search: bool = True) -> int:
+              selective_search: bool = True, finer_cache: Path | None = None) -> int:
     """`spp cache`; ``sources`` (instead of inputs/data/split) is how `spp train` hands over its images.
     ``selective_search=False`` (without ``props``): entries hold no proposals (learned proposals come
-    from the maps later; `spp detect --proposals selective-search` then computes them)."""
+    from the maps later; `spp detect --proposals selective-search` then computes them).
+    ``finer_cache``: also the entries of the backbone's finer cut (``BackboneSpec.finer``, a
+    shallower cut of the same network) there, its maps taken from the same forward passes;
+    `spp train --scales auto` builds both caches so, the finer one's own step then finds its entries."""
     # Multi-scale runs fragment the heap: their RSS is held at the working set while the cache is
     # built, and only then; one scale runs on glibc's own settings (spp_cli.memory: what each costs).
     with heap_for_scales(len(parse_scales(scales))):
         return _build_cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu, shard,
-                            sources, selective_search)
+                            sources, selective_search, finer_cache)
 
 
 def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone: str, weights: str | None,
                  scales: str, max_side: int, dtype: str, gpu: bool, shard: str | None, sources: Sources | None,
-                 selective_search: bool) -> int:
+                 selective_search: bool, finer_cache: Path | None) -> int:
     from spp_cli.commands import parts
     from spp_cli.images import load_image
     from spp_cli.proposals import ProposalParams, propose, read_proposals
@@ -69,6 +74,14 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
     work = parts.share(sources, shard)
     cache = FeatureCache.create_or_open(cache_dir, settings)
     cache.remove_stale_temporaries()
+    finer, finer_layer, finer_written = None, "", 0
+    if finer_cache is not None:
+        finer_name = backbones.get_spec(backbone).finer
+        if finer_name is None:
+            raise UsageError(f"{backbone} has no finer cut to cache from the same pass")
+        finer = FeatureCache.create_or_open(finer_cache, settings_for(finer_name, weights, scales, max_side, dtype))
+        finer.remove_stale_temporaries()
+        finer_layer = backbones.get_spec(finer_name).layer
     ui.print_warnings(sources.warnings or [])
     bad: list[tuple[Path | str, str]] = list(sources.bad or [])
     classes = list(sources.dataset.classes) if sources.dataset is not None else []
@@ -83,7 +96,7 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
 
     def cache_one(source, key: str, entry_props) -> str:
         """Make or refresh ``source``'s entry (its claim held); what was done, or ``bad``."""
-        nonlocal extractor
+        nonlocal extractor, finer_written
         gt = _gt(source.record)
         meta = _readable_metadata(cache, key)
         if meta is not None:
@@ -109,12 +122,18 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
             entry_props = propose(image, proposal_params) if selective_search else np.zeros((0, 4), np.float32)
         if extractor is None:
             extractor = backbones.FeatureExtractor(backbones.get_spec(backbone), weights, device)
-        maps, factors, seconds = feature_pyramid(extractor, image, settings.scales, settings.max_side, warn=ui.warn, name=str(source.path))
+        also = finer is not None and not finer.has(key)
+        with extractor.tapping(finer_layer) if also else nullcontext([]) as taken:
+            maps, factors, seconds = feature_pyramid(extractor, image, settings.scales, settings.max_side, warn=ui.warn, name=str(source.path))
         conv_seconds.append(sum(seconds))
         height, width = image.shape[:2]
         entry = CacheEntry(key, source.image_id, str(source.path), width, height, maps, factors, entry_props, classes=classes)
         _set_gt(entry, gt)
         cache.write(entry)
+        if also:
+            # One tap per pass; a pass redone on the CPU after a GPU out-of-memory tapped again: the last ones.
+            finer.write(dataclasses.replace(entry, maps=[fmap[0] for fmap in taken[-len(maps):]]))
+            finer_written += 1
         release_free_memory()  # what this image's pass freed, before the next one (spp_cli.memory)
         return "computed"
 
@@ -168,6 +187,8 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
     forwards = backbones.FORWARD_CALLS - forward_before
     per_image = f", conv {np.mean(conv_seconds):.2f} s/image" if conv_seconds else ""
     others = f", {counts['by_others']} written by another process" if counts["by_others"] else ""
+    if finer is not None:
+        others += f", {finer_written} entr{'y' if finer_written == 1 else 'ies'} of {finer_cache} from the same pass(es)"
     ui.console.print(
         f"{cache_dir}: {counts['computed']} image(s) computed, {counts['updated']} updated, {counts['reused']} already cached{others}, "
         f"{len(duplicates)} duplicate(s); "
