@@ -414,7 +414,8 @@ class HardNegativeMiner:
         st.negatives = st.negatives[keep]
         # Evicted rows that no class holds any more: dropped once they are half the store.
         holders = [state.negatives for state in self.state.values()]
-        if 2 * len(np.unique(np.concatenate(holders))) < self.store.count:
+        live = np.count_nonzero(np.bincount(np.concatenate(holders), minlength=self.store.count))  # unique's sort: 4 s on coco128
+        if 2 * live < self.store.count:
             for state, numbers in zip(self.state.values(), self.store.compact(holders)):
                 state.negatives = numbers
         if self.on_retrain:
