@@ -519,6 +519,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         step("proposals")
         result = state.done("proposals", props) or timed("proposals", lambda: {"code": search_all()})
         seconds["proposals"] = result["seconds"]
+    from spp_cli.backbones import get_spec
     from spp_cli.cache import FeatureCache, image_key
     from spp_cli.commands.cache import run_cache
     from spp_cli.commands.finetune import run_finetune
@@ -624,13 +625,13 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     # The first map's files where a single-map run keeps them; each other's in a folder of its own.
     folders = [work] + [work / map_folder(feature_map, plan.backbone) for feature_map in alternatives[1:]]
     feats_dirs = [cache_dir if folder == work else folder / "feats" for folder in folders]
-    from spp_cli.backbones import get_spec
     # The finer cut of the first map's network at the same scales is a prefix of it: its maps
-    # come from the first cache's forward passes (bccd: that cache's own step 21 -> ~1 s).
-    finer = [i for i, feature_map in enumerate(alternatives) if i and feature_map.scales == alternatives[0].scales
-             and feature_map.backbone == get_spec(alternatives[0].backbone).finer]
-    runs = [train_at(feature_map, folder, feats, feats_dirs[finer[0]] if i == 0 and finer else None)
-            for i, (feature_map, folder, feats) in enumerate(zip(alternatives, folders, feats_dirs))]
+    # come from the first cache's forward passes.
+    first = alternatives[0]
+    finer_feats = next((feats for feature_map, feats in zip(alternatives[1:], feats_dirs[1:])
+                        if feature_map.scales == first.scales and feature_map.backbone == get_spec(first.backbone).finer), None)
+    runs = [train_at(feature_map, folder, feats, finer_feats if feature_map is first else None)
+            for feature_map, folder, feats in zip(alternatives, folders, feats_dirs)]
     chosen = max(runs, key=lambda run: run.val_map[run.features])  # the first alternative on a tie
     scale_line = scale_plan.chosen({run.label: run.val_map[run.features] for run in runs}, chosen.label)
     val_map = {at(kind, run.label): value for run in runs for kind, value in run.val_map.items()}
