@@ -71,3 +71,21 @@ def test_spp_cache_lifts_the_limit_when_done(xml_dataset, tmp_path):
     result = invoke("cache", "--data", xml_dataset, "--cache", tmp_path / "feats", "--scales", "96,128", "--no-proposals")
     assert result.exit_code == 0, result.output
     assert own_mmaps() == 0  # what runs next in the process (spp train's steps) is not slowed by it
+
+
+def test_spp_detect_trims_every_few_images_with_a_one_scale_model(tmp_path, monkeypatch):
+    """The shipped detector has one scale: the free heap goes back every ONE_SCALE_TRIM_EVERY images
+    (each trim's pages fault in again on the next pass); a model of several scales trims before each."""
+    from conftest import write_image
+
+    from spp_cli import memory
+
+    for i in range(5):
+        write_image(tmp_path / "photos" / f"{i}.jpg", 96, 72, seed=i)
+    trims = []
+    monkeypatch.setattr(memory, "ONE_SCALE_TRIM_EVERY", 2)
+    monkeypatch.setattr(memory, "release_free_memory", lambda: trims.append(1) or True)
+    result = invoke("detect", tmp_path / "photos", "--out", tmp_path / "dets.json")
+    assert result.exit_code == 0, result.output
+    assert len(trims) == 2  # before the 2nd and the 4th image
+    assert memory.images_per_trim(5) == 1 and memory.images_per_trim(1) == 2
