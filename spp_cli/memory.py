@@ -20,12 +20,14 @@ grew, holds it only while it builds the cache (:func:`bounded_heap`), and
 (:func:`release_free_memory`, :func:`images_per_trim`).
 
 A cache of one scale does without the limit (:func:`heap_for_scales`): its
-maps vary less in size, and trimming after each image keeps its peak near the
-limit's. `spp cache --no-proposals` at 688 with trimming alone against the limit
-(this machine, 2 threads): bccd trainval 48 vs 70 s (conv 0.14 vs 0.22 s per
-image), peak RSS 0.93 vs 0.90 GB; coco128's train split 23 vs 26 s, 1.15 vs
-1.10 GB. At 5 scales (coco128's train split) trimming alone was 112 vs 157 s
-but 1.97 vs 1.31 GB, at the 2 GB that the 5-scale cache is held to.
+maps vary less in size, and trimming keeps its peak near the limit's.
+`spp cache --no-proposals` at 688 with a trim after each image against the
+limit (this machine, 2 threads): bccd trainval 48 vs 70 s (conv 0.14 vs 0.22 s
+per image), peak RSS 0.93 vs 0.90 GB; coco128's train split 23 vs 26 s, 1.15 vs
+1.10 GB; with a trim every 16 images (:func:`images_per_trim`) bccd took 41-44
+s against 46-47 s for one per image, 0.96-0.98 GB. At 5 scales (coco128's train
+split) a trim after each image alone was 112 vs 157 s but 1.97 vs 1.31 GB, at
+the 2 GB that the 5-scale cache is held to.
 """
 
 from __future__ import annotations
@@ -86,18 +88,19 @@ def bounded_heap() -> Iterator[bool]:
 
 def heap_for_scales(scales: int) -> AbstractContextManager[bool]:
     """The heap settings to build a cache of ``scales`` scales in: :func:`bounded_heap` for
-    several, glibc's own for one (with :func:`release_free_memory` after each image). Yields
-    whether the limit took effect."""
+    several, glibc's own for one (with :func:`release_free_memory` every
+    :func:`images_per_trim` images). Yields whether the limit took effect."""
     return bounded_heap() if scales > 1 else nullcontext(False)
 
 
-# `spp detect` with a one-scale model trims every this many images (each image, with several scales).
+# `spp detect` with a one-scale model, and a one-scale `spp cache`, trim every this many images.
 ONE_SCALE_TRIM_EVERY = 16
 
 
 def images_per_trim(scales: int) -> int:
-    """How often `spp detect` hands the free heap back (:func:`release_free_memory`): before
-    every image for a model of several scales, every :data:`ONE_SCALE_TRIM_EVERY` images for one.
+    """How often `spp detect` and a one-scale `spp cache` hand the free heap back
+    (:func:`release_free_memory`): for every image at several scales, every
+    :data:`ONE_SCALE_TRIM_EVERY` images at one (the cache: the module's docstring).
 
     Each trim returns the pages the last image's pass used, and the next pass faults them in
     again. `spp detect` with the shipped one-scale detector (this machine, 2 threads): on the
