@@ -113,11 +113,24 @@ def images_per_trim(scales: int) -> int:
     return 1 if scales > 1 else ONE_SCALE_TRIM_EVERY
 
 
+class PeriodicTrim:
+    """Call once per image: every :func:`images_per_trim` calls it hands the free heap back
+    (`spp cache` after an image's pass, `spp detect` before one)."""
+
+    def __init__(self, scales: int):
+        self.every, self.calls = images_per_trim(scales), 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.calls % self.every == 0:
+            release_free_memory()
+
+
 def release_free_memory() -> bool:
     """Return the heap's free pages to the system now (glibc ``malloc_trim(0)``).
 
-    Cheap between images: what one image freed is not kept as resident
-    fragments while the next one runs. ``True`` if it ran.
+    What the last images freed is not kept as resident fragments; the next pass faults
+    those pages in again (:func:`images_per_trim` says what that costs). ``True`` if it ran.
     """
     libc = _glibc()
     if libc is None:

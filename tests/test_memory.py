@@ -93,11 +93,10 @@ def test_spp_detect_trims_every_few_images_with_a_one_scale_model(tmp_path, monk
 
 def test_a_one_scale_cache_trims_every_few_images(xml_dataset, tmp_path, monkeypatch):
     from spp_cli import memory
-    from spp_cli.commands import cache as cache_command  # it holds its own name for the function
 
     trims = []
     monkeypatch.setattr(memory, "ONE_SCALE_TRIM_EVERY", 2)
-    monkeypatch.setattr(cache_command, "release_free_memory", lambda: trims.append(1) or True)
+    monkeypatch.setattr(memory, "release_free_memory", lambda: trims.append(1) or True)
     result = invoke("cache", "--data", xml_dataset, "--cache", tmp_path / "feats", "--scales", "96", "--no-proposals")
     assert result.exit_code == 0, result.output
     assert "3 image(s) computed" in result.stderr and len(trims) == 1  # after the 2nd image

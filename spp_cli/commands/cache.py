@@ -22,7 +22,7 @@ from spp_cli.cache import (
 from spp_cli.config import parse_scales
 from spp_cli.errors import SPPError, UsageError
 from spp_cli.features import feature_pyramid
-from spp_cli.memory import heap_for_scales, images_per_trim, release_free_memory
+from spp_cli.memory import PeriodicTrim, heap_for_scales
 from spp_cli.sources import Sources, resolve_sources
 
 
@@ -75,7 +75,7 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
     cache = FeatureCache.create_or_open(cache_dir, settings)
     cache.remove_stale_temporaries()
     finer, finer_layer, finer_written = None, "", 0
-    computed_here, trim_every = 0, images_per_trim(len(settings.scales))
+    trim = PeriodicTrim(len(settings.scales))  # after each image computed (spp_cli.memory)
     if finer_cache is not None:
         finer_name = backbones.get_spec(backbone).finer
         if finer_name is None:
@@ -97,7 +97,7 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
 
     def cache_one(source, key: str, entry_props) -> str:
         """Make or refresh ``source``'s entry (its claim held); what was done, or ``bad``."""
-        nonlocal extractor, finer_written, computed_here
+        nonlocal extractor, finer_written
         gt = _gt(source.record)
         meta = _readable_metadata(cache, key)
         if meta is not None:
@@ -135,9 +135,7 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
             # One tap per pass; a pass redone on the CPU after a GPU out-of-memory tapped again: the last ones.
             finer.write(dataclasses.replace(entry, maps=[fmap[0] for fmap in taken[-len(maps):]]))
             finer_written += 1
-        computed_here += 1
-        if computed_here % trim_every == 0:
-            release_free_memory()  # what the last passes freed (spp_cli.memory)
+        trim()
         return "computed"
 
     start = time.perf_counter()

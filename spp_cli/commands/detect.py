@@ -100,7 +100,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     from spp_cli.detections import coco_results, coco_results_path, detections_document
     from spp_cli.api import detect_pixels, learned_proposals
     from spp_cli.images import load_image
-    from spp_cli.memory import images_per_trim, release_free_memory
+    from spp_cli.memory import PeriodicTrim
     from spp_cli.model import Detector
     from spp_cli.proposals import ProposalParams, propose, read_proposals
 
@@ -157,7 +157,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
             raise ModelError(f"{data}: none of the dataset's classes ({', '.join(missing[:5])}) is a class of {model_path} ({', '.join(detector.classes[:5])})")
     proposal_params = ProposalParams(**detector.proposals) if detector.proposals else ProposalParams()
     settings = detector.features
-    trim_every = images_per_trim(len(settings.scales))
+    trim = PeriodicTrim(len(settings.scales))  # before each image's pass (spp_cli.memory)
 
     extractor = None
     if rcnn:
@@ -229,8 +229,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
                     elif entry is None:
                         if extractor is None:
                             extractor = backbones.extractor_for(settings, str(model_path), device, "use --cache with features from the model's settings")
-                        if done % trim_every == 0:
-                            release_free_memory()  # what the last images freed (spp_cli.memory)
+                        trim()
                         # The Python API's function: the same numbers from `spp detect` and `Detector()`.
                         dets = detect_pixels(detector, extractor, image, config, boxes, stage_times, name=str(source.path), warn=ui.warn, learned=learned)
                         timings["conv"] += stage_times["conv"]
