@@ -230,33 +230,34 @@ def validation_results(model_path: Path, cache_dir: Path, records: list, backgro
     return mean, per_class, (calibration.to_json() if calibration is not None else None)
 
 
-def choose_proposals(cache, proposal_model: Path, val_records: list, searched_boxes: dict | None = None) -> dict:
+def choose_proposals(cache, proposal_model: Path, val_records: list, searched: dict | None = None) -> dict:
     """Learned proposals where they find the validation objects at IoU 0.5 at least as often as
-    selective search (run here on those images only); the figures and a sentence on why.
-    ``searched_boxes`` (image path -> boxes) keeps selective search's boxes for the next call:
-    they are the image's, whatever the cache's scale."""
+    selective search (run here on those images only, with `spp propose`'s default settings); the
+    figures and a sentence on why. ``searched`` (image path as a string -> its
+    :class:`~spp_cli.proposals.ImageProposals`) keeps selective search's results for the next
+    call and for the search of every image: they are the image's, whatever the cache's scale."""
     from spp_cli.cache import image_key
     from spp_cli.proposals import ProposalParams, ProposalTask, TaskFailure, run_proposals
     from spp_cli.rpn import ProposalModel, recall
 
-    searched_boxes = {} if searched_boxes is None else searched_boxes
+    searched = {} if searched is None else searched
     # Selective search on a process per core (the boxes do not depend on the process: each
     # image's search is seeded on its own, spp_cli.proposals).
-    pending = [record for record, _ in val_records if record.path not in searched_boxes]
+    pending = [record for record, _ in val_records if str(record.path) not in searched]
     tasks = [ProposalTask(record.image_id, str(record.path)) for record in pending]
     for found, record in zip(run_proposals(tasks, ProposalParams(), os.cpu_count() or 1), pending):  # in task order
         if isinstance(found, TaskFailure):
             raise DatasetError(found.message)
-        searched_boxes[record.path] = found.boxes
+        searched[str(record.path)] = found
     model = ProposalModel.load(proposal_model)
-    learned, searched, truth = [], [], []
+    learned, from_search, truth = [], [], []
     for record, _ in val_records:
         entry = cache.read(image_key(record.path))
         truth.append(record.boxes[~record.iscrowd])
         learned.append(model.propose(entry.maps, entry.factors, entry.width, entry.height)[0])
-        searched.append(searched_boxes[record.path])
-    ours, theirs = recall(learned, truth, 0.5), recall(searched, truth, 0.5)
-    count = round(sum(len(b) for b in searched) / max(len(searched), 1))
+        from_search.append(searched[str(record.path)].boxes)
+    ours, theirs = recall(learned, truth, 0.5), recall(from_search, truth, 0.5)
+    count = round(sum(len(b) for b in from_search) / max(len(from_search), 1))
     choice = "learned" if not ours < theirs else "selective-search"  # a NaN (no validation box) keeps the learned ones
     reason = (f"Proposals: {choice} (validation recall@0.5: learned {ours:.3f} at {model.config.top_n} boxes, "
               f"selective search {theirs:.3f} at {count})")
@@ -510,10 +511,13 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     # (`spp propose` run again over it reuses the boxes of unchanged images).
     props = work / "props.json"
 
-    def search_all() -> int:
-        return run_propose((), None, None, props, "fast", None, None, None, None, os.cpu_count() or 1, False, shard="0/1", sources=sources())
+    # Selective search on the validation images (path -> ImageProposals): run by the first
+    # choice of proposals, for every scale's choice and for the search of every image.
+    searched_val: dict = {}
 
-    searched_val_boxes: dict = {}  # selective search on the validation images, for every scale's choice of proposals
+    def search_all() -> int:
+        return run_propose((), None, None, props, "fast", None, None, None, None, os.cpu_count() or 1, False, shard="0/1", sources=sources(),
+                           searched=searched_val)
 
     if not learned:
         step("proposals")
@@ -564,7 +568,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
             step(name)
 
             def choose_and_search() -> dict:
-                choice = choose_proposals(cache, run.proposal_model, run.val_records, searched_val_boxes)
+                choice = choose_proposals(cache, run.proposal_model, run.val_records, searched_val)
                 ui.say(choice["reason"])
                 if choice["choice"] == "selective-search":
                     # Every image's boxes, then the cache's entries take them (no forward pass).

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import REPO, invoke, one_line, write_image
@@ -120,6 +121,24 @@ def test_propose_again_reuses_the_boxes_of_unchanged_images(tmp_path):
     result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1", "--top", "50")
     assert result.exit_code == 0 and "Reusing" not in result.stderr
     assert all(len(im["boxes"]) <= 50 for im in json.loads(out.read_text())["images"])
+
+
+def test_propose_takes_the_images_a_caller_searched_already(tmp_path, capsys):
+    # `spp train`'s choice of proposals searches the validation images first; the search of
+    # every image then takes their boxes as they are (a marker box shows they were not searched again).
+    from spp_cli.commands.propose import run_propose
+    from spp_cli.proposals import ImageProposals
+
+    out, full = propose_three_images(tmp_path)
+    path = full["images"][1]["path"]
+    marker = np.array([[1, 2, 30, 40]], np.float32)
+    fresh = tmp_path / "fresh.json"
+    searched = {path: ImageProposals("1", path, 90, 70, marker), str(tmp_path / "elsewhere.jpg"): ImageProposals("x", "x", 9, 9, marker)}
+    assert run_propose((str(tmp_path / "imgs"),), None, None, fresh, "fast", None, None, None, None, 1, False, searched=searched) == 0
+    assert "Searched already: 1 of 3 images." in capsys.readouterr().err
+    images = json.loads(fresh.read_text())["images"]
+    assert [im["id"] for im in images] == ["0", "1", "2"] and images[1]["boxes"] == marker.tolist()
+    assert [images[0], images[2]] == [full["images"][0], full["images"][2]]
 
 
 def test_existing_output_survives_a_failed_run(tmp_path):

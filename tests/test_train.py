@@ -379,9 +379,9 @@ def test_the_choice_searches_the_validation_images_as_a_serial_run_does(trained)
     val_records = [(r, dataset.classes) for r in dataset.records]  # all 4 cached images: more than one task, so worker processes
     searched: dict = {}
     pipeline.choose_proposals(FeatureCache.open(work / "feats"), work / "proposals.safetensors", val_records, searched)
-    assert set(searched) == {r.path for r, _ in val_records}
+    assert set(searched) == {str(r.path) for r, _ in val_records}
     for record, _ in val_records:  # worker processes, one per core, give the boxes one process gives
-        np.testing.assert_array_equal(searched[record.path], propose(load_image(record.path), ProposalParams()))
+        np.testing.assert_array_equal(searched[str(record.path)].boxes, propose(load_image(record.path), ProposalParams()))
 
 
 def test_the_learned_flow_runs_no_selective_search_and_detect_can_still(tmp_path):

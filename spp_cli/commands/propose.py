@@ -44,8 +44,13 @@ def partial_path(out: Path) -> Path:
 
 def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, min_size, workers: int, report: bool,
                 shard: str | None = None, sources: Sources | None = None, method: str = "selective-search",
-                model_path: Path | None = None, cache_dir: Path | None = None, gpu: bool = False) -> int:
+                model_path: Path | None = None, cache_dir: Path | None = None, gpu: bool = False,
+                searched: dict[str, ImageProposals] | None = None) -> int:
     """`spp propose`; ``sources`` (instead of inputs/data/split) is how `spp train` hands over its images.
+
+    ``searched`` (image path -> its entry) holds images a caller has searched already with these
+    settings (`spp train`'s choice of proposals searches the validation images first): they are
+    not searched again.
 
     ``method`` ``learned`` runs a proposal model (``model_path``, from `spp train-proposals`) on
     each image's conv maps: from ``cache_dir`` where the image is cached, else one conv pass here.
@@ -79,11 +84,14 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     wanted = {str(s.path) for s in items}
     journaled = {path: e for path, e in _load_partial(partial_path(target), params).items() if path in wanted}
     reused = {path: e for path, e in _unchanged_entries(target, params).items() if path in wanted and path not in journaled}
-    done = {**reused, **journaled}
+    handed = {path: e for path, e in (searched or {}).items() if path in wanted and path not in journaled and path not in reused}
+    done = {**handed, **reused, **journaled}
     tasks = [ProposalTask(s.image_id, str(s.path)) for s in items if str(s.path) not in done]
     if reused:
         ui.console.print(f"Reusing {len(reused)} of {len(items)} images' boxes from {target} "
                          "(same settings, image files not modified since it was written; delete it to search again).")
+    if handed:
+        ui.console.print(f"Searched already: {len(handed)} of {len(items)} images.")
     if journaled:
         ui.console.print(f"Resuming: {len(journaled)} of {len(items)} images already done.")
 
