@@ -370,9 +370,12 @@ def test_the_proposal_choice_is_made_on_validation_and_recorded(trained):
 
 
 def test_the_choice_searches_the_validation_images_as_a_serial_run_does(trained):
+    from spp_cli.commands.propose import make_params
     from spp_cli.images import load_image
     from spp_cli.proposals import ProposalParams, propose
 
+    # The search of every image takes these boxes as its own: it runs with the same settings.
+    assert make_params("fast", None, None, None, None) == ProposalParams()
     data, out, _ = trained
     work = out.with_name("model.work")
     dataset = open_dataset(str(data), "train")
