@@ -343,7 +343,7 @@ def finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fractio
 @click.option("--cache", "cache_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Feature cache built with --data (ground truth needed).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Proposal model to write (.safetensors); a checkpoint <out>.ckpt is kept until the run ends.")
 @subset_options
-@click.option("--epochs", type=click.IntRange(min=1), default=16, show_default=True, help="Epochs (learning rate x0.1 for the last quarter; the epoch of best held-out recall is kept).")
+@click.option("--epochs", type=click.IntRange(min=1), default=16, show_default=True, help="Epochs (learning rate x0.1 for the last quarter; the last one is kept).")
 @click.option("--top", type=click.IntRange(min=1), default=300, show_default=True, help="Boxes per image the model gives by default (and the held-out recall is measured at).")
 @gpu_option
 def train_proposals(cache_dir, out, data, split, epochs, top, gpu) -> None:
@@ -352,7 +352,8 @@ def train_proposals(cache_dir, out, data, split, epochs, top, gpu) -> None:
     A region proposal network (Faster R-CNN's: a 3x3 conv, then per map cell
     and anchor an objectness score and box deltas) reads the cache's maps;
     anchors are 16-512 px at ratios 0.5/1/2. A tenth of the images is held
-    out to pick the epoch. Interrupted runs resume from <out>.ckpt.
+    out: its recall is shown after each epoch. Interrupted runs resume from
+    <out>.ckpt.
 
     \b
     Example:

@@ -70,7 +70,7 @@ class ProposalConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    val_fraction: float = 0.1  # held-out training images that pick the epoch (recall@0.7 at top_n)
+    val_fraction: float = 0.1  # held-out training images whose recall each epoch reports (the last epoch is kept)
     seed: int = 0
 
     def to_json(self) -> dict:
@@ -282,9 +282,7 @@ class TrainingState:
     """What a proposal-training checkpoint holds besides the weights and optimizer moments."""
 
     epoch: int = 0  # epochs completed
-    best_epoch: int = 0
-    best_recall: list[float] = field(default_factory=lambda: [-1.0, -1.0])  # held-out (recall@0.7, recall@0.5) at top_n
-    history: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)  # per epoch: loss, held-out recall@0.7 / @0.5 at top_n
 
 
 # Cached maps a proposal trainer keeps in memory; past this, it reads the others from the
@@ -304,13 +302,17 @@ class _Image:
 
 
 class ProposalTrainer:
-    """Train a :class:`ProposalNet` on cached maps; the epoch kept is the one of best held-out recall.
+    """Train a :class:`ProposalNet` on cached maps; the last epoch's weights are kept.
 
     A ``val_fraction`` of the images (the lowest sha256 ranks of their ids: the
-    same ones on every run) never trains and picks the epoch by recall@0.7 at
-    ``top_n`` boxes (recall@0.5 breaks ties). Each epoch draws from generators
-    seeded by (seed, epoch) and ends with a checkpoint, so a resumed run ends
-    where an uninterrupted one would.
+    same ones on every run) never trains; their recall@0.7 / @0.5 at ``top_n``
+    boxes is reported after each epoch. It does not pick the epoch: on raccoon
+    that tenth is 14 images, whose recall moves by 0.07 per box, and the epoch it
+    picked was a draw that carried the detector's validation mAP with it
+    (docs/proposals.md, "Which epoch to keep"); after the learning rate's drop the
+    last epoch is Faster R-CNN's choice. Each epoch draws from generators seeded
+    by (seed, epoch) and ends with a checkpoint, so a resumed run ends where an
+    uninterrupted one would.
     """
 
     def __init__(self, cache, keys: list[str], config: ProposalConfig, device: str = "cpu", hold_bytes: int = HOLD_BYTES):
@@ -327,7 +329,8 @@ class ProposalTrainer:
         """What a checkpoint must match to be resumed: images, settings, features."""
         import hashlib
 
-        doc = {"keys": sorted(self.keys), "config": self.config.to_json(), "features": self.cache.settings.describe()}
+        # "keep": checkpoints of the spp that kept the epoch of best held-out recall are not resumed.
+        doc = {"keys": sorted(self.keys), "config": self.config.to_json(), "features": self.cache.settings.describe(), "keep": "last"}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
     def prepare(self, progress=None) -> None:
@@ -363,7 +366,7 @@ class ProposalTrainer:
         return config.lr * warm * (0.1 if epoch >= math.ceil(0.75 * config.epochs) else 1.0)
 
     def run(self, checkpoint: Path | None = None, progress=None, on_epoch=None) -> ProposalModel:
-        """Train, resuming from ``checkpoint`` when it holds this run; the best epoch's model.
+        """Train, resuming from ``checkpoint`` when it holds this run; the last epoch's model.
 
         ``progress(epoch, step, steps, loss)`` after each image; ``on_epoch(state)`` after each epoch.
         """
@@ -374,10 +377,10 @@ class ProposalTrainer:
         net = ProposalNet(self.cache.settings.channels, config).to(self.device)
         model = ProposalModel(net, self.cache.settings)
         optimizer = torch.optim.SGD(net.head.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-        state, best = TrainingState(), {k: v.detach().clone() for k, v in net.head.state_dict().items()}
+        state = TrainingState()
         what = "proposal-training checkpoint"
         if checkpoint is not None and checkpoint.is_file():
-            state, best = read_checkpoint(checkpoint, self.identity(), net.head, optimizer, CHECKPOINT_KIND, what, TrainingState)
+            state, _ = read_checkpoint(checkpoint, self.identity(), net.head, optimizer, CHECKPOINT_KIND, what, TrainingState)
         align = self.cache.settings.alignment
         while state.epoch < config.epochs:
             epoch = state.epoch
@@ -400,23 +403,18 @@ class ProposalTrainer:
                 total += float(loss.detach())
                 if progress is not None:
                     progress(epoch + 1, step + 1, len(order), total / (step + 1))
-            held_out = list(self.evaluate(model)) if self.val else [math.nan, math.nan]
-            # Held-out images without a box cannot rank epochs: the last one is kept.
-            better = not self.val or any(math.isnan(r) for r in held_out) or held_out >= state.best_recall
-            if better:
-                state.best_recall, state.best_epoch = held_out, epoch + 1
-                best = {k: v.detach().clone() for k, v in net.head.state_dict().items()}
+            held_out = self.evaluate(model) if self.val else (math.nan, math.nan)
             state.epoch = epoch + 1
             state.history.append({"epoch": epoch + 1, "loss": round(total / max(1, len(order)), 4),
                                   "recall@0.7": round(held_out[0], 4), "recall@0.5": round(held_out[1], 4)})
             if checkpoint is not None:
-                write_checkpoint(checkpoint, self.identity(), state, net.head, optimizer, best, CHECKPOINT_KIND)
+                write_checkpoint(checkpoint, self.identity(), state, net.head, optimizer, {}, CHECKPOINT_KIND)
             if on_epoch is not None:
-                on_epoch(state, better)
-        net.head.load_state_dict(best)
+                on_epoch(state)
+        last = state.history[-1] if state.history else {"recall@0.7": math.nan, "recall@0.5": math.nan}
         model.training = {
-            "images": len(self.train), "held_out": len(self.val), "epochs_run": state.epoch, "best_epoch": state.best_epoch,
-            "held_out_recall@0.7": round(state.best_recall[0], 4), "held_out_recall@0.5": round(state.best_recall[1], 4),
+            "images": len(self.train), "held_out": len(self.val), "epochs_run": state.epoch,
+            "held_out_recall@0.7": last["recall@0.7"], "held_out_recall@0.5": last["recall@0.5"],
             "top_n": config.top_n, "history": state.history,
         }
         net.cpu()

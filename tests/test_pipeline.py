@@ -418,7 +418,7 @@ def test_learned_proposals_are_read_by_every_command(pipeline, tmp_path):
     props_model = tmp_path / "props-model.safetensors"
     result = invoke("train-proposals", "--cache", pipeline.cache, "--out", props_model, "--epochs", "2")
     assert result.exit_code == 0, result.output
-    assert "on 3 cached image(s) (+1 held out to pick the epoch)" in result.output
+    assert "on 3 cached image(s) (+1 held out to report recall)" in result.output
 
     learned = tmp_path / "learned.json"
     result = invoke("propose", "--data", pipeline.data, "--split", "test", "--method", "learned", "--model", props_model, "--out", learned)

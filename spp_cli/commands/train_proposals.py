@@ -36,7 +36,7 @@ def run_train_proposals(cache_dir: Path, out: Path, data: str | None, split: str
         check_checkpoint(checkpoint, trainer.identity(), CHECKPOINT_KIND, "proposal-training checkpoint")
     ui.console.print(
         f"Training proposals ({len(trainer.config.anchor_sizes) * len(trainer.config.aspect_ratios)} anchors per cell) on "
-        f"{len(trainer.train_keys)} cached image(s) (+{len(trainer.val_keys)} held out to pick the epoch), on {device}",
+        f"{len(trainer.train_keys)} cached image(s) (+{len(trainer.val_keys)} held out to report recall), on {device}",
     )
     start = time.perf_counter()
     with ui.progress(10) as bar:
@@ -51,11 +51,11 @@ def run_train_proposals(cache_dir: Path, out: Path, data: str | None, split: str
                 tasks[epoch] = bar.add_task(f"epoch {epoch}", total=steps, rate="")
             bar.update(tasks[epoch], completed=step, rate=f"loss {loss:.3f}")
 
-        def on_epoch(state, best: bool) -> None:
+        def on_epoch(state) -> None:
             last = state.history[-1]
             bar.console.print(
                 f"epoch {last['epoch']}: loss {last['loss']:.3f}, held-out recall at {top} boxes: "
-                f"{last['recall@0.5']:.3f} (IoU 0.5), {last['recall@0.7']:.3f} (IoU 0.7)" + (" (best)" if best else ""),
+                f"{last['recall@0.5']:.3f} (IoU 0.5), {last['recall@0.7']:.3f} (IoU 0.7)",
             )
 
         model = trainer.run(checkpoint, progress, on_epoch)
@@ -65,7 +65,7 @@ def run_train_proposals(cache_dir: Path, out: Path, data: str | None, split: str
         checkpoint.unlink()  # the run is complete; the model file holds the result
     record = model.training
     ui.console.print(
-        f"Wrote {out}: epoch {record['best_epoch']} of {record['epochs_run']}, held-out recall at {top} boxes "
+        f"Wrote {out}: {record['epochs_run']} epochs, held-out recall at {top} boxes "
         f"{record['held_out_recall@0.5']:.3f} (IoU 0.5) / {record['held_out_recall@0.7']:.3f} (IoU 0.7), {time.perf_counter() - start:.1f} s",
     )
     return 0
