@@ -4,8 +4,9 @@ Per dataset: `spp cache --no-proposals` of the training split, then for each
 anchor set the proposal network (`spp train-proposals`' trainer, the
 defaults otherwise) trained three times, each time on two thirds of the
 cached images (folds by the sha256 rank of the image id) with the third
-held out: that third picks the epoch and gives recall@0.7 / @0.5 at 300
-boxes per image. Prints each fold, the mean per anchor set, and a last line
+held out: that third gives the kept network's recall@0.7 / @0.5 at 300
+boxes per image (docs/proposals.md's anchor figures were measured when the
+trainer let that third pick the epoch as well). Prints each fold, the mean per anchor set, and a last line
 of JSON. No test split is read. Not a test: ~35 min for the three datasets
 and two anchor sets on 2 cores.
 

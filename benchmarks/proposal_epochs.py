@@ -1,15 +1,15 @@
 """Which epoch of the proposal network to keep, compared on the training splits only (3-fold).
 
-`spp train-proposals` holds out a tenth of its images and keeps the epoch of
-best held-out recall@0.7 at 300 boxes. On raccoon that tenth is 14 images and
-15 boxes: one box moves the figure by 0.067, and the epoch it picks is close
-to a draw. This script measures three rules for keeping an epoch, each on
-data none of them saw:
+`spp train-proposals` holds out a tenth of its images and reports their
+recall after each epoch. On raccoon that tenth is 14 images and 15 boxes: one
+box moves recall@0.7 by 0.067, so an epoch picked by it is close to a draw.
+This script measures three rules for keeping an epoch, each on data none of
+them saw (`proposal_keep.py` follows them through to the SVMs):
 
-- ``recall@0.7``: today's rule (recall@0.5 breaks ties, the later epoch wins a full tie);
+- ``recall@0.7``: the best held-out recall@0.7 (recall@0.5 breaks ties, the later epoch wins a full tie);
 - ``AR``: the highest average recall over IoU 0.5, 0.55, ..., 0.95 (Hosang et
   al., 2015: what tracks detection accuracy best) on the same held-out tenth;
-- ``last``: no choice, the last epoch of the schedule (Faster R-CNN's way).
+- ``last``: no choice, the last epoch of the schedule (Faster R-CNN's way, and the trainer's).
 
 Per dataset: `spp cache --no-proposals` of the training split, then three
 folds by the sha256 rank of the image id; each trains the proposal network
