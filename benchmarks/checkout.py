@@ -36,6 +36,22 @@ def check() -> None:
         sys.exit(f"benchmarks: imported spp_cli from {where}, not from this checkout ({REPO / 'spp_cli'})")
 
 
+def train_run_split(dataset: str, work: Path) -> tuple[str, object, object, dict]:
+    """The split an `spp train` run made: ``(dataset spec, the dataset read, its
+    fit/validation parts, the run's train-state.json)``. ``work`` is the run's work
+    folder or a candidate's folder in it (whose train-state.json is one level up)."""
+    import json
+
+    from spp_cli.data import open_dataset
+    from spp_cli.pipeline import split_for_validation
+
+    data, split, _ = DATASETS[dataset]
+    state = json.loads(next(p for p in (work / "train-state.json", work.parent / "train-state.json") if p.exists()).read_text())
+    records = open_dataset(data, split)
+    parts = split_for_validation([r.image_id for r in records.records], None, state["plan"]["val_fraction"])
+    return data, records, parts, state
+
+
 def run_spp(*args, allowed: tuple[int, ...] = (0, 1)) -> tuple[float, str]:
     """Seconds and output (stdout, then stderr: where the summaries go) of ``spp ARGS`` in a
     fresh process of this checkout. Stops the benchmark on an exit code outside ``allowed``

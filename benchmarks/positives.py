@@ -36,13 +36,10 @@ def main() -> None:
     parser.add_argument("--test", action="store_true", help="also detect and score the test split")
     args = parser.parse_args()
 
-    from spp_cli.data import open_dataset
-    from spp_cli.pipeline import split_for_validation, validation_results
+    from spp_cli.pipeline import validation_results
 
-    data, split, test_split = checkout.DATASETS[args.dataset]
-    state = json.loads(next(p for p in (args.work / "train-state.json", args.work.parent / "train-state.json") if p.exists()).read_text())
-    dataset = open_dataset(data, split)
-    parts = split_for_validation([r.image_id for r in dataset.records], None, state["plan"]["val_fraction"])
+    data, dataset, parts, state = checkout.train_run_split(args.dataset, args.work)
+    test_split = checkout.DATASETS[args.dataset][2]
     fit = args.work / "positives-fit.txt"
     fit.write_text("\n".join(parts.fit_ids) + "\n")
     val = [(r, dataset.classes) for r in dataset.records if r.image_id in set(parts.val_ids)]

@@ -63,20 +63,18 @@ def main() -> None:
     args = parser.parse_args()
 
     from spp_cli.cache import FeatureCache, image_key
-    from spp_cli.data import open_dataset
-    from spp_cli.pipeline import split_for_validation, validation_results
+    from spp_cli.pipeline import validation_results
     from spp_cli.rpn import ProposalConfig, ProposalTrainer, recall
 
-    data, split, _ = checkout.DATASETS[args.dataset]
-    state = json.loads(next(p for p in (args.work / "train-state.json", args.work.parent / "train-state.json") if p.exists()).read_text())
-    dataset = open_dataset(data, split)
-    parts = split_for_validation([r.image_id for r in dataset.records], None, state["plan"]["val_fraction"])
+    data, dataset, parts, _ = checkout.train_run_split(args.dataset, args.work)
     fit_file = args.work / "proposal-keep-fit.txt"
     fit_file.write_text("\n".join(parts.fit_ids) + "\n")
-    val = [(r, dataset.classes) for r in dataset.records if r.image_id in set(parts.val_ids)]
     cache = FeatureCache.open(args.work / "feats")
-    fit_keys = [k for k in (image_key(r.path) for r in dataset.records if r.image_id in set(parts.fit_ids))
-                if cache.has(k) and cache.metadata(k).get("has_gt")]
+    # As spp train does: one cache entry per distinct image, under the id the cache recorded
+    # (raccoon's 4 byte-identical duplicates train and score once).
+    key_of = {cache.metadata(k).get("image_id"): k for k in cache.keys()}
+    fit_keys = [key_of[i] for i in parts.fit_ids if i in key_of and cache.metadata(key_of[i]).get("has_gt")]
+    val = [(r, dataset.classes) for r in dataset.records if r.image_id in set(parts.val_ids) and r.image_id in key_of]
     val_entries = [cache.read(image_key(r.path)) for r, _ in val]
     truth = [np.asarray(e.gt_boxes if e.gt_boxes is not None else np.zeros((0, 4)), np.float32) for e in val_entries]
     print(f"{args.dataset}: proposal network and SVMs on {len(fit_keys)} fit images, scored on {len(val)} validation images")
