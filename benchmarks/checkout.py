@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,20 +37,39 @@ def check() -> None:
         sys.exit(f"benchmarks: imported spp_cli from {where}, not from this checkout ({REPO / 'spp_cli'})")
 
 
-def train_run_split(dataset: str, work: Path) -> tuple[str, object, object, dict]:
-    """The split an `spp train` run made: ``(dataset spec, the dataset read, its
-    fit/validation parts, the run's train-state.json)``. ``work`` is the run's work
-    folder or a candidate's folder in it (whose train-state.json is one level up)."""
+@dataclass
+class TrainRun:
+    """An `spp train` run's split, as that run made it (see :func:`train_run`)."""
+
+    data: str  # the dataset spec
+    state: dict  # its train-state.json
+    cache: object  # the work folder's FeatureCache
+    fit_ids: list[str]
+    fit_keys: list[str]  # one cache entry per distinct fit image
+    val: list[tuple]  # (record, classes) of the validation images, as validation_results takes them
+
+
+def train_run(dataset: str, work: Path) -> TrainRun:
+    """The fit and validation parts an `spp train` run made, from its work folder (or a
+    candidate's folder in it, whose train-state.json is one level up). As spp train does,
+    an image is one cache entry under the id the cache recorded: raccoon's 4 byte-identical
+    duplicates train and score once."""
     import json
 
+    from spp_cli.cache import FeatureCache
     from spp_cli.data import open_dataset
     from spp_cli.pipeline import split_for_validation
 
     data, split, _ = DATASETS[dataset]
     state = json.loads(next(p for p in (work / "train-state.json", work.parent / "train-state.json") if p.exists()).read_text())
-    records = open_dataset(data, split)
-    parts = split_for_validation([r.image_id for r in records.records], None, state["plan"]["val_fraction"])
-    return data, records, parts, state
+    opened = open_dataset(data, split)
+    parts = split_for_validation([r.image_id for r in opened.records], None, state["plan"]["val_fraction"])
+    cache = FeatureCache.open(work / "feats")
+    key_of = {cache.metadata(k).get("image_id"): k for k in cache.keys()}
+    fit_keys = [key_of[i] for i in parts.fit_ids if i in key_of]
+    val_ids = {i for i in parts.val_ids if i in key_of}
+    val = [(r, opened.classes) for r in opened.records if r.image_id in val_ids]
+    return TrainRun(data, state, cache, parts.fit_ids, fit_keys, val)
 
 
 def run_spp(*args, allowed: tuple[int, ...] = (0, 1)) -> tuple[float, str]:

@@ -38,16 +38,15 @@ def main() -> None:
 
     from spp_cli.pipeline import validation_results
 
-    data, dataset, parts, state = checkout.train_run_split(args.dataset, args.work)
-    test_split = checkout.DATASETS[args.dataset][2]
+    run = checkout.train_run(args.dataset, args.work)
+    data, val, test_split = run.data, run.val, checkout.DATASETS[args.dataset][2]
     fit = args.work / "positives-fit.txt"
-    fit.write_text("\n".join(parts.fit_ids) + "\n")
-    val = [(r, dataset.classes) for r in dataset.records if r.image_id in set(parts.val_ids)]
+    fit.write_text("\n".join(run.fit_ids) + "\n")
     # The run's proposal choice at this scale: learned windows where it kept its network.
-    chosen = [s for name, s in state["steps"].items() if name.startswith("proposals") and "choice" in s]
+    chosen = [s for name, s in run.state["steps"].items() if name.startswith("proposals") and "choice" in s]
     learned = (args.work / "proposals.safetensors").exists() and any(s["choice"] == "learned" for s in chosen)
     windows = ["--proposal-model", str(args.work / "proposals.safetensors")] if learned else []
-    print(f"{args.dataset}: {len(parts.fit_ids)} fit / {len(val)} validation images, windows {'learned' if learned else 'selective search'}")
+    print(f"{args.dataset}: {len(run.fit_keys)} fit / {len(val)} validation images, windows {'learned' if learned else 'selective search'}")
     rows = []
     for iou in args.ious.split(","):
         model = args.work / f"positives-{iou}.safetensors"

@@ -62,19 +62,15 @@ def main() -> None:
     parser.add_argument("--rules", default=",".join(RULES))
     args = parser.parse_args()
 
-    from spp_cli.cache import FeatureCache, image_key
+    from spp_cli.cache import image_key
     from spp_cli.pipeline import validation_results
     from spp_cli.rpn import ProposalConfig, ProposalTrainer, recall
 
-    data, dataset, parts, _ = checkout.train_run_split(args.dataset, args.work)
+    run = checkout.train_run(args.dataset, args.work)
+    data, cache, val = run.data, run.cache, run.val
     fit_file = args.work / "proposal-keep-fit.txt"
-    fit_file.write_text("\n".join(parts.fit_ids) + "\n")
-    cache = FeatureCache.open(args.work / "feats")
-    # As spp train does: one cache entry per distinct image, under the id the cache recorded
-    # (raccoon's 4 byte-identical duplicates train and score once).
-    key_of = {cache.metadata(k).get("image_id"): k for k in cache.keys()}
-    fit_keys = [key_of[i] for i in parts.fit_ids if i in key_of and cache.metadata(key_of[i]).get("has_gt")]
-    val = [(r, dataset.classes) for r in dataset.records if r.image_id in set(parts.val_ids) and r.image_id in key_of]
+    fit_file.write_text("\n".join(run.fit_ids) + "\n")
+    fit_keys = [k for k in run.fit_keys if cache.metadata(k).get("has_gt")]  # what run_train_proposals trains on
     val_entries = [cache.read(image_key(r.path)) for r, _ in val]
     truth = [np.asarray(e.gt_boxes if e.gt_boxes is not None else np.zeros((0, 4)), np.float32) for e in val_entries]
     print(f"{args.dataset}: proposal network and SVMs on {len(fit_keys)} fit images, scored on {len(val)} validation images")
