@@ -10,7 +10,9 @@ network on the fit part with `spp train`'s trainer and defaults once per seed
   later of equals wins) on the trainer's held-out tenth;
 - ``last``: the last epoch (the trainer's rule);
 - ``avg4`` / ``avg8``: the mean of the last 4 / 8 epochs' weights (4: the
-  epochs after the learning rate's drop)
+  epochs after the learning rate's drop);
+- ``all``: the last epoch of a second network, trained on every fit image
+  (no held-out tenth; the same seed)
 
 repeats the run's SVM step (`spp train-svm --proposal-model`, positives at
 IoU 0.7) and scores it on the validation part as `spp train` scores its
@@ -21,7 +23,7 @@ split is read. The seeds stand in for what another CPU's rounding does to the
 network's 2,000-odd SGD steps.
 
     spp train --data ../shared/data/raccoon --split train --out r.safetensors --work W
-    python benchmarks/proposal_keep.py --dataset raccoon --work W [--seeds 0,1,2,3] [--rules best,last,avg4,avg8]
+    python benchmarks/proposal_keep.py --dataset raccoon --work W [--seeds 0,1,2,3] [--rules best,last,avg4,avg8,all]
     (a second candidate of spp train: --work W/<its folder>, e.g. W/efficientnet_lite0_b4-scale-688)
 """
 
@@ -36,7 +38,7 @@ import checkout  # this checkout's spp_cli first, here and in the subprocesses
 import numpy as np
 import torch
 
-RULES = ("best", "last", "avg4", "avg8")
+RULES = ("best", "last", "avg4", "avg8", "all")
 
 
 def kept_weights(snapshots: list[dict], history: list[dict], rule: str) -> dict:
@@ -59,7 +61,7 @@ def main() -> None:
     parser.add_argument("--dataset", choices=sorted(checkout.DATASETS), required=True)
     parser.add_argument("--work", type=Path, required=True, help="an spp train work folder (or a candidate's folder in it)")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--rules", default=",".join(RULES))
+    parser.add_argument("--rules", default="best,last,avg4,avg8")
     args = parser.parse_args()
 
     from spp_cli.cache import image_key
@@ -90,8 +92,16 @@ def main() -> None:
         trainer.prepare()
         model = trainer.run()
         network_s = time.perf_counter() - start
+        kept = {rule: kept_weights(snapshots, model.training["history"], rule) for rule in args.rules.split(",") if rule != "all"}
+        if "all" in args.rules.split(","):
+            start = time.perf_counter()
+            every = ProposalTrainer(cache, fit_keys, ProposalConfig(seed=seed))
+            every.train_keys, every.val_keys = every.keys, []
+            every.prepare()
+            kept["all"] = {k: v.detach().clone() for k, v in every.run().net.head.state_dict().items()}
+            network_s += time.perf_counter() - start
         for rule in args.rules.split(","):
-            model.net.head.load_state_dict(kept_weights(snapshots, model.training["history"], rule))
+            model.net.head.load_state_dict(kept[rule])
             found = [model.propose(e.maps, e.factors, e.width, e.height)[0] for e in val_entries]
             network = args.work / f"proposal-keep-{seed}-{rule}.safetensors"
             model.save(network)
