@@ -63,6 +63,9 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rules", default="best,last,avg4,avg8")
     args = parser.parse_args()
+    unknown = sorted(set(args.rules.split(",")) - set(RULES))
+    if unknown:
+        parser.error(f"unknown rule(s) {', '.join(unknown)}: choose from {', '.join(RULES)}")
 
     from spp_cli.cache import image_key
     from spp_cli.pipeline import validation_results
