@@ -403,13 +403,14 @@ def checkpoint_path(out: str | Path) -> Path:
 
 
 def write_checkpoint(path: Path, identity: str, state, network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     best_weights: dict[str, torch.Tensor], kind: str = CHECKPOINT_FORMAT) -> None:
-    """Atomically write weights, best weights and optimizer moments (safetensors, no pickle);
-    ``state`` is a dataclass of the run's counters, ``kind`` the format name (also `spp train-proposals`)."""
+                     best_weights: dict[str, torch.Tensor] | None = None, kind: str = CHECKPOINT_FORMAT) -> None:
+    """Atomically write weights, best weights (fine-tuning's early stopping; none for `spp
+    train-proposals`, which keeps its last epoch) and optimizer moments (safetensors, no pickle);
+    ``state`` is a dataclass of the run's counters, ``kind`` the format name."""
     from safetensors.torch import save
 
     tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in network.state_dict().items()}
-    tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_weights.items()})
+    tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in (best_weights or {}).items()})
     opt = optimizer.state_dict()
     for index, slots in opt["state"].items():
         for name, value in slots.items():

@@ -409,7 +409,7 @@ class ProposalTrainer:
             state.history.append({"epoch": epoch + 1, "loss": round(total / max(1, len(order)), 4),
                                   "recall@0.7": round(held_out[0], 4), "recall@0.5": round(held_out[1], 4)})
             if checkpoint is not None:
-                write_checkpoint(checkpoint, self.identity(), state, net.head, optimizer, {}, CHECKPOINT_KIND)
+                write_checkpoint(checkpoint, self.identity(), state, net.head, optimizer, kind=CHECKPOINT_KIND)
             if on_epoch is not None:
                 on_epoch(state)
         last = state.history[-1] if state.history else {"recall@0.7": math.nan, "recall@0.5": math.nan}
