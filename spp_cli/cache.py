@@ -85,26 +85,37 @@ class CacheSettings:
     dtype: str = "fp16"
     preprocess: str = ""
 
+    def __post_init__(self) -> None:
+        """Refuse what no cache can have (no scales, a stride of 0...), whoever builds the settings.
+
+        Raises:
+            ValueError: naming the field and its value.
+        """
+        if isinstance(self.scales, list):
+            object.__setattr__(self, "scales", tuple(self.scales))  # the settings are hashable: a tuple
+        if not isinstance(self.scales, tuple) or not self.scales or not all(_positive_int(s) for s in self.scales):
+            shown = list(self.scales) if isinstance(self.scales, tuple) else self.scales
+            raise ValueError(f"scales {shown!r} are not a list of short sides in pixels")
+        for name in ("stride", "channels", "max_side"):
+            if not _positive_int(getattr(self, name)):
+                raise ValueError(f"{name} {getattr(self, name)!r} is not a positive whole number")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+
     @classmethod
     def from_json(cls, raw: object) -> CacheSettings:
         """The settings as a cache header or a model's metadata stores them.
 
         Raises:
             KeyError, TypeError: a field is missing or unknown.
-            ValueError: a field holds what no cache can have (no scales, a stride of 0...).
+            ValueError: a field holds what no cache can have (see ``__post_init__``).
         """
         if not isinstance(raw, dict):
             raise TypeError("the feature settings are not an object")
         scales = raw["scales"]
-        if not isinstance(scales, list) or not scales or not all(_positive_int(s) for s in scales):
+        if not isinstance(scales, list):
             raise ValueError(f"scales {scales!r} are not a list of short sides in pixels")
-        settings = cls(**{**raw, "scales": tuple(scales)})
-        for name in ("stride", "channels", "max_side"):
-            if not _positive_int(getattr(settings, name)):
-                raise ValueError(f"{name} {getattr(settings, name)!r} is not a positive whole number")
-        if settings.dtype not in DTYPES:
-            raise ValueError(f"dtype {settings.dtype!r} is not one of {', '.join(DTYPES)}")
-        return settings
+        return cls(**raw)
 
     @property
     def alignment(self) -> Alignment:

@@ -255,3 +255,34 @@ def test_a_backbone_without_a_finer_cut_cannot_cache_one(small_set, tmp_path):
     with pytest.raises(UsageError, match="efficientnet_lite0_b4 has no finer cut to cache from the same pass"):
         run_cache((), None, None, tmp_path / "f", props, "efficientnet_lite0_b4", None, "96", 2000, "fp16", False,
                   sources=resolve_sources((), str(data), None), finer_cache=tmp_path / "g")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("scales", (), "scales [] are not a list of short sides in pixels"),
+    ("scales", (688, 0), "scales [688, 0] are not a list of short sides in pixels"),
+    ("scales", "688", "scales '688' are not a list of short sides in pixels"),
+    ("stride", 0, "stride 0 is not a positive whole number"),
+    ("channels", 2.5, "channels 2.5 is not a positive whole number"),
+    ("max_side", True, "max_side True is not a positive whole number"),
+    ("dtype", "bf16", "dtype 'bf16' is not one of fp16, fp32"),
+])
+def test_settings_refuse_what_no_cache_can_have_however_built(field, value, message):
+    from dataclasses import replace
+
+    from spp_cli.cache import CacheSettings
+
+    good = CacheSettings("synthetic", "random:0", "map", 16, 7.5, 4, (688,), 2000)
+    with pytest.raises(ValueError) as error:
+        replace(good, **{field: value})
+    assert str(error.value) == message
+    with pytest.raises(ValueError) as error:  # read from a header: the same check, the same words
+        CacheSettings.from_json({**good.__dict__, "scales": list(good.scales), field: list(value) if isinstance(value, tuple) else value})
+    assert str(error.value) == message
+
+
+def test_settings_take_scales_as_a_list_and_keep_a_tuple():
+    from spp_cli.cache import CacheSettings
+
+    settings = CacheSettings("synthetic", "random:0", "map", 16, 7.5, 4, [480, 688], 2000)
+    assert settings.scales == (480, 688)
+    assert hash(settings) == hash(CacheSettings("synthetic", "random:0", "map", 16, 7.5, 4, (480, 688), 2000))
