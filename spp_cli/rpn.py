@@ -306,7 +306,9 @@ class ProposalTrainer:
 
     A ``val_fraction`` of the images (the lowest sha256 ranks of their ids: the
     same ones on every run) never trains; their recall@0.7 / @0.5 at ``top_n``
-    boxes is reported after each epoch. It does not pick the epoch: on raccoon
+    boxes is reported after each epoch (training on them too gave raccoon's
+    detector a lower validation mAP at each of 4 seeds: docs/proposals.md).
+    It does not pick the epoch: on raccoon
     that tenth is 14 images, whose recall moves by 0.07 per box, so the epoch it
     picked was close to a draw; keeping the last one (Faster R-CNN's choice, after
     the learning rate's drop) was level with it in the detector's validation mAP
