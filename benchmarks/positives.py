@@ -2,7 +2,8 @@
 
 Reuses the work folder of an `spp train` run (its cache, its proposal
 network, its split): for each value of ``--ious`` the SVM step of that run
-is repeated with `spp train-svm --positive-iou X` on the fit part, then
+is repeated with positives at IoU >= X on the fit part (`checkout.svm_step`: the
+run's fit keys in the run's order, as `spp train` mines them), then
 scored on the validation part (as `spp train` scores its candidates) and,
 with ``--test``, by `spp detect` + `spp eval --metric voc07` on the
 dataset's test split. Every value mines the images in the same order, so the
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import time
 from pathlib import Path
 
 import checkout  # this checkout's spp_cli first, here and in the subprocesses
@@ -40,20 +40,15 @@ def main() -> None:
 
     run = checkout.train_run(args.dataset, args.work)
     data, val, test_split = run.data, run.val, checkout.DATASETS[args.dataset][2]
-    fit = args.work / "positives-fit.txt"
-    fit.write_text("\n".join(run.fit_ids) + "\n")
     # The run's proposal choice at this scale: learned windows where it kept its network.
     chosen = [s for name, s in run.state["steps"].items() if name.startswith("proposals") and "choice" in s]
     learned = (args.work / "proposals.safetensors").exists() and any(s["choice"] == "learned" for s in chosen)
-    windows = ["--proposal-model", str(args.work / "proposals.safetensors")] if learned else []
+    proposal_model = args.work / "proposals.safetensors" if learned else None
     print(f"{args.dataset}: {len(run.fit_keys)} fit / {len(val)} validation images, windows {'learned' if learned else 'selective search'}")
     rows = []
     for iou in args.ious.split(","):
         model = args.work / f"positives-{iou}.safetensors"
-        start = time.perf_counter()
-        checkout.run_spp("train-svm", "--cache", str(args.work / "feats"), "--data", data, "--split", str(fit), *windows,
-                         "--positive-iou", iou, "--out", str(model))
-        seconds = time.perf_counter() - start
+        seconds = checkout.svm_step(run, args.work, model, float(iou), proposal_model)
         # The largest spp process's peak so far: train-svm's own on the first value.
         peak_gb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
         mean, per_class, _ = validation_results(model, args.work / "feats", val)

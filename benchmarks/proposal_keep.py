@@ -14,8 +14,8 @@ network on the fit part with `spp train`'s trainer and defaults once per seed
 - ``all``: the last epoch of a second network, trained on every fit image
   (no held-out tenth; the same seed)
 
-repeats the run's SVM step (`spp train-svm --proposal-model`, positives at
-IoU 0.7) and scores it on the validation part as `spp train` scores its
+repeats the run's SVM step (`checkout.svm_step`: the run's fit keys in the
+run's order, the rule's network carried, positives at IoU 0.7) and scores it on the validation part as `spp train` scores its
 candidates. Per rule it prints the mean over seeds of the validation mAP and
 of the network's recall@0.5 / @0.7 at 300 boxes on the validation part (which
 neither the network nor the SVMs saw), then a last line of JSON. No test
@@ -72,9 +72,7 @@ def main() -> None:
     from spp_cli.rpn import ProposalConfig, ProposalTrainer, recall
 
     run = checkout.train_run(args.dataset, args.work)
-    data, cache, val = run.data, run.cache, run.val
-    fit_file = args.work / "proposal-keep-fit.txt"
-    fit_file.write_text("\n".join(run.fit_ids) + "\n")
+    cache, val = run.cache, run.val
     fit_keys = [k for k in run.fit_keys if cache.metadata(k).get("has_gt")]  # what run_train_proposals trains on
     val_entries = [cache.read(image_key(r.path)) for r, _ in val]
     truth = [np.asarray(e.gt_boxes if e.gt_boxes is not None else np.zeros((0, 4)), np.float32) for e in val_entries]
@@ -109,8 +107,7 @@ def main() -> None:
             network = args.work / f"proposal-keep-{seed}-{rule}.safetensors"
             model.save(network)
             detector = args.work / f"proposal-keep-{seed}-{rule}.detector.safetensors"
-            svm_s, _ = checkout.run_spp("train-svm", "--cache", str(args.work / "feats"), "--data", data, "--split", str(fit_file),
-                                        "--proposal-model", str(network), "--positive-iou", "0.7", "--out", str(detector))
+            svm_s = checkout.svm_step(run, args.work, detector, 0.7, network)
             mean_ap, _, _ = validation_results(detector, args.work / "feats", val)
             row = {"seed": seed, "rule": rule, "validation_map": round(mean_ap, 4), "recall@0.5": round(recall(found, truth, 0.5), 4),
                    "recall@0.7": round(recall(found, truth, 0.7), 4), "network_s": round(network_s, 1), "svm_s": round(svm_s, 1)}
