@@ -75,7 +75,7 @@ def train_run(dataset: str, work: Path) -> TrainRun:
 def svm_step(run: TrainRun, work: Path, out: Path, positive_iou: float, proposal_model: Path | None = None) -> float:
     """An `spp train` run's SVM step again (pool5, C 0.1, box regression), in a fresh process of
     this checkout: `run_train_svm` on the work folder's cache with the run's fit keys in the run's
-    order. Seconds. Why not `spp train-svm --split FILE`: that takes the cache's keys in the
+    order (a run's ``--negatives`` are not passed: the benchmarks' runs have none). Seconds. Why not `spp train-svm --split FILE`: that takes the cache's keys in the
     cache's order, and the mining order, hence the model, follows the order of the keys."""
     import json
     import subprocess
