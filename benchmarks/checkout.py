@@ -75,19 +75,21 @@ def train_run(dataset: str, work: Path) -> TrainRun:
 def svm_step(run: TrainRun, work: Path, out: Path, positive_iou: float, proposal_model: Path | None = None) -> float:
     """An `spp train` run's SVM step again (pool5, C 0.1, box regression), in a fresh process of
     this checkout: `run_train_svm` on the work folder's cache with the run's fit keys in the run's
-    order (a run's ``--negatives`` are not passed: the benchmarks' runs have none). Seconds. Why not `spp train-svm --split FILE`: that takes the cache's keys in the
-    cache's order, and the mining order, hence the model, follows the order of the keys."""
+    order (a run's ``--negatives`` are not passed: the benchmarks' runs have none). Seconds.
+    Why not `spp train-svm --split FILE`: that takes the cache's keys in the cache's order, and
+    the mining order, hence the model, follows the order of the keys."""
     import json
     import subprocess
     import time
 
     call = ("import json, sys; from pathlib import Path; from spp_cli.commands.train_svm import run_train_svm; "
-            "a = json.loads(sys.argv[1]); sys.exit(run_train_svm(Path(a['cache']), Path(a['out']), None, None, None, 0.1, True, "
+            "a = json.load(sys.stdin); sys.exit(run_train_svm(Path(a['cache']), Path(a['out']), None, None, None, 0.1, True, "
             "keys=a['keys'], proposal_model_path=a['proposals'] and Path(a['proposals']), positive_iou=a['iou']))")
     job = {"cache": str(work / "feats"), "out": str(out), "keys": run.fit_keys, "iou": positive_iou,
            "proposals": str(proposal_model) if proposal_model else None}
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", call, json.dumps(job)], env=ENV, capture_output=True, text=True, check=False)
+    # The job on stdin: one argument is capped at 128 KB (Linux's MAX_ARG_STRLEN), ~1,900 keys.
+    done = subprocess.run([sys.executable, "-c", call], input=json.dumps(job), env=ENV, capture_output=True, text=True, check=False)
     if done.returncode:
         sys.exit(f"the SVM step on {work} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
     return time.perf_counter() - start
