@@ -96,8 +96,7 @@ def main() -> None:
         kept = {rule: kept_weights(snapshots, model.training["history"], rule) for rule in args.rules.split(",") if rule != "all"}
         if "all" in args.rules.split(","):
             start = time.perf_counter()
-            every = ProposalTrainer(cache, fit_keys, ProposalConfig(seed=seed))
-            every.train_keys, every.val_keys = every.keys, []
+            every = ProposalTrainer(cache, fit_keys, ProposalConfig(seed=seed, val_fraction=0.0))
             every.prepare()
             kept["all"] = {k: v.detach().clone() for k, v in every.run().net.head.state_dict().items()}
             network_s += time.perf_counter() - start

@@ -107,14 +107,11 @@ class CacheSettings:
         """The settings as a cache header or a model's metadata stores them.
 
         Raises:
-            KeyError, TypeError: a field is missing or unknown.
+            TypeError: a field is missing or unknown.
             ValueError: a field holds what no cache can have (see ``__post_init__``).
         """
         if not isinstance(raw, dict):
             raise TypeError("the feature settings are not an object")
-        scales = raw["scales"]
-        if not isinstance(scales, list):
-            raise ValueError(f"scales {scales!r} are not a list of short sides in pixels")
         return cls(**raw)
 
     @property

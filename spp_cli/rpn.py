@@ -70,7 +70,7 @@ class ProposalConfig:
     lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    val_fraction: float = 0.1  # held-out training images whose recall each epoch reports (the last epoch is kept)
+    val_fraction: float = 0.1  # held-out training images whose recall each epoch reports (the last epoch is kept); 0: none
     seed: int = 0
 
     def to_json(self) -> dict:
@@ -307,10 +307,10 @@ class ProposalTrainer:
     A ``val_fraction`` of the images (the lowest sha256 ranks of their ids: the
     same ones on every run) never trains; their recall@0.7 / @0.5 at ``top_n``
     boxes is reported after each epoch (training on them too gave raccoon's
-    detector a lower validation mAP at each of 4 seeds: docs/proposals.md).
-    It does not pick the epoch: on raccoon
-    that tenth is 14 images, whose recall moves by 0.07 per box, so the epoch it
-    picked was close to a draw; keeping the last one (Faster R-CNN's choice, after
+    detector a lower validation mAP at each of 4 seeds: docs/proposals.md). It
+    does not pick the epoch: on raccoon that tenth is 14 images, whose recall
+    moves by 0.07 per box, so the epoch it picked was close to a draw; keeping
+    the last one (Faster R-CNN's choice, after
     the learning rate's drop) was level with it in the detector's validation mAP
     and ahead in validation recall@0.7 on all three benchmark datasets
     (docs/proposals.md, "Which epoch to keep"). Each epoch draws from generators
@@ -323,7 +323,7 @@ class ProposalTrainer:
 
         self.cache, self.config, self.device, self.hold_bytes = cache, config, torch.device(device), hold_bytes
         self.keys = sorted(keys, key=lambda k: id_rank(cache.metadata(k).get("image_id", k)))
-        count = max(1, round(config.val_fraction * len(self.keys))) if len(self.keys) >= 2 else 0
+        count = max(1, round(config.val_fraction * len(self.keys))) if len(self.keys) >= 2 and config.val_fraction > 0 else 0
         self.val_keys, self.train_keys = self.keys[:count], self.keys[count:]
         self.train: list[_Image] = []
         self.val: list[_Image] = []

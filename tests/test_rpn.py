@@ -230,6 +230,14 @@ def test_an_interrupted_run_resumes_to_the_same_model(synthetic_cache, tmp_path)
     assert resumed.training["history"] == whole.training["history"]
 
 
+def test_a_tenth_is_held_out_unless_the_fraction_is_zero(synthetic_cache):
+    keys = synthetic_cache.keys()[:12]
+    held = ProposalTrainer(synthetic_cache, keys, ProposalConfig())
+    assert (len(held.val_keys), len(held.train_keys)) == (1, 11)
+    none = ProposalTrainer(synthetic_cache, keys, ProposalConfig(val_fraction=0.0))
+    assert none.val_keys == [] and sorted(none.train_keys) == sorted(keys)
+
+
 def test_the_last_epoch_is_kept_whatever_its_held_out_recall(synthetic_cache, tmp_path):
     """Held-out recall is reported, not used to pick an epoch: the model is the weights
     that the last epoch's checkpoint holds, even where the first epoch recalled most."""
