@@ -18,6 +18,7 @@ from pathlib import Path
 import click
 
 from spp_cli import __version__
+from spp_cli.config import SVMConfig
 
 
 class FiniteFloat(click.FloatRange):
@@ -370,7 +371,7 @@ def train_proposals(cache_dir, out, data, split, epochs, top, gpu) -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model file to write (.safetensors).")
 @subset_options
 @click.option("--classes", metavar="A,B", help="Train only these classes (default: every class in the cache).")
-@click.option("--C", "C", type=FiniteFloat(min=0, min_open=True), default=0.1, show_default=True, help="SVM regularisation (liblinear -c; R-CNN used 0.001, which underfits these features).")
+@click.option("--C", "C", type=FiniteFloat(min=0, min_open=True), default=SVMConfig.C, show_default=True, help="SVM regularisation (liblinear -c; R-CNN used 0.001, which underfits these features).")
 @click.option(
     "--solver",
     type=click.Choice(["newton", "liblinear"]),

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from spp_cli import __version__, ui
 from spp_cli.calibration import Calibration
+from spp_cli.config import SVMConfig
 from spp_cli.errors import DatasetError, UsageError
 from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
 
@@ -586,7 +587,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
             candidate = run.candidates[kind]
 
             def action() -> dict:
-                run_train_svm(feats, candidate, None, None, None, 0.1, True, kind, run.head if kind == "fc7" else None, keys=run.fit_keys,
+                run_train_svm(feats, candidate, None, None, None, SVMConfig.C, True, kind, run.head if kind == "fc7" else None, keys=run.fit_keys,
                               negatives=fit_backgrounds, proposal_model_path=run.proposal_model, positive_iou=plan.positive_iou)
                 mean, per_class, calibration = validation_results(candidate, feats, run.val_records, held_backgrounds)
                 also = f" and {len(held_backgrounds)} background image(s)" if held_backgrounds else ""
@@ -655,7 +656,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     fitted = chosen.calibrations.get(features)
     calibration = Calibration.from_json(fitted) if fitted is not None else None
     if plan.refit:
-        code = run_train_svm(chosen.cache_dir, out, None, None, None, 0.1, True, features, chosen.head if features == "fc7" else None,
+        code = run_train_svm(chosen.cache_dir, out, None, None, None, SVMConfig.C, True, features, chosen.head if features == "fc7" else None,
                              keys=chosen.fit_keys + chosen.val_keys, training_extra=metadata, negatives=plan.negatives, calibration=calibration,
                              proposal_model_path=chosen.proposal_model, positive_iou=plan.positive_iou)
         if not code and chosen.objectness_weights.get(features):
