@@ -74,7 +74,7 @@ def train_run(dataset: str, work: Path) -> TrainRun:
 
 def svm_step(run: TrainRun, work: Path, out: Path, positive_iou: float, proposal_model: Path | None = None,
              C: float | None = None) -> float:
-    """An `spp train` run's SVM step again (pool5, box regression; C: SVMConfig's unless given), in a fresh process of
+    """An `spp train` run's SVM step again (pool5, box regression; C: `spp train`'s unless given), in a fresh process of
     this checkout: `run_train_svm` on the work folder's cache with the run's fit keys in the run's
     order (a run's ``--negatives`` are not passed: the benchmarks' runs have none). Seconds.
     Why not `spp train-svm --split FILE`: that takes the cache's keys in the cache's order, and
@@ -83,12 +83,12 @@ def svm_step(run: TrainRun, work: Path, out: Path, positive_iou: float, proposal
     import subprocess
     import time
 
-    from spp_cli.config import SVMConfig
+    from spp_cli.pipeline import TrainPlan
 
     call = ("import json, sys; from pathlib import Path; from spp_cli.commands.train_svm import run_train_svm; "
             "a = json.load(sys.stdin); sys.exit(run_train_svm(Path(a['cache']), Path(a['out']), None, None, None, a['C'], True, "
             "keys=a['keys'], proposal_model_path=a['proposals'] and Path(a['proposals']), positive_iou=a['iou']))")
-    job = {"cache": str(work / "feats"), "out": str(out), "keys": run.fit_keys, "iou": positive_iou, "C": SVMConfig.C if C is None else C,
+    job = {"cache": str(work / "feats"), "out": str(out), "keys": run.fit_keys, "iou": positive_iou, "C": TrainPlan.svm_c if C is None else C,
            "proposals": str(proposal_model) if proposal_model else None}
     start = time.perf_counter()
     # The job on stdin: one argument is capped at 128 KB (Linux's MAX_ARG_STRLEN), ~1,900 keys.

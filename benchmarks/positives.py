@@ -8,7 +8,7 @@ scored on the validation part (as `spp train` scores its candidates) and,
 with ``--test``, by `spp detect` + `spp eval --metric voc07` on the
 dataset's test split. Every value mines the images in the same order, so the
 columns differ by the positives alone. ``--cs`` repeats each with other SVM
-regularisations C (default: SVMConfig's).
+regularisations C (default: `spp train`'s).
 
     spp train --data ../shared/data/raccoon --split train --out r.safetensors --work W
     python benchmarks/positives.py --dataset raccoon --work W [--ious 0,0.7] [--cs 0.03,0.1] [--test]
@@ -34,12 +34,11 @@ def main() -> None:
     parser.add_argument("--dataset", choices=sorted(checkout.DATASETS), required=True)
     parser.add_argument("--work", type=Path, required=True, help="an spp train work folder (or its scale-<S> folder)")
     parser.add_argument("--ious", default="0,0.7")
-    parser.add_argument("--cs", help="SVM regularisations C, comma-separated (default: SVMConfig's)")
+    parser.add_argument("--cs", help="SVM regularisations C, comma-separated (default: spp train's)")
     parser.add_argument("--test", action="store_true", help="also detect and score the test split")
     args = parser.parse_args()
 
-    from spp_cli.config import SVMConfig
-    from spp_cli.pipeline import validation_results
+    from spp_cli.pipeline import TrainPlan, validation_results
 
     run = checkout.train_run(args.dataset, args.work)
     data, val, test_split = run.data, run.val, checkout.DATASETS[args.dataset][2]
@@ -49,7 +48,7 @@ def main() -> None:
     proposal_model = args.work / "proposals.safetensors" if learned else None
     print(f"{args.dataset}: {len(run.fit_keys)} fit / {len(val)} validation images, windows {'learned' if learned else 'selective search'}")
     rows = []
-    cs = [float(c) for c in args.cs.split(",")] if args.cs else [SVMConfig.C]
+    cs = [float(c) for c in args.cs.split(",")] if args.cs else [TrainPlan.svm_c]
     for iou, C in ((iou, C) for iou in args.ious.split(",") for C in cs):
         model = args.work / f"positives-{iou}-C{C:g}.safetensors"
         seconds = checkout.svm_step(run, args.work, model, float(iou), proposal_model, C)

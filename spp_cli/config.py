@@ -13,13 +13,11 @@ class SVMConfig:
     """Per-class linear SVMs with hard-negative mining (R-CNN protocol, kept by SPPnet)."""
 
     # liblinear -c. R-CNN/SPPnet used 0.001 for their AlexNet/ZF features; on
-    # EfficientNet-Lite0 SPP features it underfits (raccoon test VOC07 mAP 0.791 vs
-    # 0.867 at 0.1 and 1.0, ground-truth positives). With `spp train`'s positives
-    # (windows at IoU >= 0.7 too), its SVM step on the validation parts, C 0.01 /
-    # 0.03 / 0.1 / 0.3 / 1: raccoon 0.837 / 0.850 / 0.850 / 0.850 / 0.852, bccd's
-    # stride-16 cut 0.898 / 0.893 / 0.885 / 0.862 / 0.860, coco128 see
-    # benchmarks/README.md ("SVM regularisation"): 0.03 is the default.
-    C: float = 0.03
+    # EfficientNet-Lite0 SPP features it underfits (raccoon VOC07 mAP 0.791 vs
+    # 0.867 at 0.1 and 1.0, with box regression, ground-truth positives): 0.1 is
+    # the default here. `spp train`, whose positives add windows, uses 0.03
+    # (TrainPlan.svm_c).
+    C: float = 0.1
     positive_weight: float = 2.0  # liblinear -w1, R-CNN/SPPnet
     bias_multiplier: float = 10.0  # liblinear -B, R-CNN/SPPnet
     negative_iou: float = 0.3  # negatives: IoU < 0.3 with every ground truth of the class

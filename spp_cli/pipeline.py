@@ -27,7 +27,6 @@ from pathlib import Path
 
 from spp_cli import __version__, ui
 from spp_cli.calibration import Calibration
-from spp_cli.config import SVMConfig
 from spp_cli.errors import DatasetError, UsageError
 from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
 
@@ -82,6 +81,12 @@ class TrainPlan:
     # The SVMs' positives: ground truth and the windows overlapping it by at least this much
     # (SVMConfig.positive_iou; 0: ground truth only, R-CNN's protocol).
     positive_iou: float = 0.7
+    # The SVMs' C with those positives (SVMConfig.C, 0.1, was measured with the ground truth
+    # alone). Their SVM step on the validation parts, C 0.01 / 0.03 / 0.1 / 0.3 / 1: raccoon
+    # 0.837 / 0.850 / 0.850 / 0.850 / 0.852, bccd's stride-16 cut 0.898 / 0.893 / 0.885 / 0.862
+    # / 0.860, coco128 0.070 / 0.121 / 0.070 / 0.076 / 0.048 (benchmarks/README.md, "SVM
+    # regularisation"): 0.03 is at least 0.1's on all three.
+    svm_c: float = 0.03
 
     def fingerprint(self) -> dict:
         """The plan as it reads back from train-state.json (JSON types: lists, not tuples)."""
@@ -587,7 +592,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
             candidate = run.candidates[kind]
 
             def action() -> dict:
-                run_train_svm(feats, candidate, None, None, None, SVMConfig.C, True, kind, run.head if kind == "fc7" else None, keys=run.fit_keys,
+                run_train_svm(feats, candidate, None, None, None, plan.svm_c, True, kind, run.head if kind == "fc7" else None, keys=run.fit_keys,
                               negatives=fit_backgrounds, proposal_model_path=run.proposal_model, positive_iou=plan.positive_iou)
                 mean, per_class, calibration = validation_results(candidate, feats, run.val_records, held_backgrounds)
                 also = f" and {len(held_backgrounds)} background image(s)" if held_backgrounds else ""
@@ -656,7 +661,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     fitted = chosen.calibrations.get(features)
     calibration = Calibration.from_json(fitted) if fitted is not None else None
     if plan.refit:
-        code = run_train_svm(chosen.cache_dir, out, None, None, None, SVMConfig.C, True, features, chosen.head if features == "fc7" else None,
+        code = run_train_svm(chosen.cache_dir, out, None, None, None, plan.svm_c, True, features, chosen.head if features == "fc7" else None,
                              keys=chosen.fit_keys + chosen.val_keys, training_extra=metadata, negatives=plan.negatives, calibration=calibration,
                              proposal_model_path=chosen.proposal_model, positive_iou=plan.positive_iou)
         if not code and chosen.objectness_weights.get(features):

@@ -4,7 +4,7 @@ The R-CNN protocol that SPPnet kept (``py-faster-rcnn/tools/train_svms.py``
 has it in the same shape): positives are the ground-truth boxes of the class;
 negatives are proposals under IoU 0.3 with every ground truth of the class;
 features are scaled so that their mean L2 norm is 20; an L2-regularised linear
-SVM with positive weight 2 and bias multiplier 10 (C 0.03: measured, see
+SVM with positive weight 2 and bias multiplier 10 (C 0.1: measured, see
 :class:`~spp_cli.config.SVMConfig`); one epoch of hard-negative mining: a
 negative is hard if it scores above -1.0001, cached easy negatives below -1.2
 are evicted, and a class is retrained after every 2,000 new hard negatives.

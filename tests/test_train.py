@@ -28,7 +28,8 @@ from spp_cli.errors import DatasetError, SPPError, UsageError
 from spp_cli.model import Detector
 from spp_cli.data import open_dataset
 from spp_cli.data.records import ImageRecord
-from spp_cli.pipeline import FeatureMap, ScalePlan, choose_features, map_folder, scale_alternatives, scale_note, split_backgrounds, split_for_validation
+from spp_cli.pipeline import (FeatureMap, ScalePlan, TrainPlan, choose_features, map_folder, scale_alternatives, scale_note, split_backgrounds,
+                              split_for_validation)
 
 # The pipeline tests' small setting: the stride-16 cut at one 96-pixel scale.
 OPTIONS = ["--backbone", "efficientnet_lite0_b4", "--scales", "96", "--epochs", "3", "--val-fraction", "0.25"]
@@ -64,6 +65,8 @@ def test_one_command_trains_a_detector_and_says_what_it_chose(trained):
     assert choice["features"] == best == detector.feature_kind
     # The final model is the validated candidate: fitted on the 3 other images, its tensors as validated.
     assert detector.training["images"] == len(TRAIN) - 1
+    # Its SVMs at spp train's C and positives, not the step command's (SVMConfig's) defaults.
+    assert (detector.training["svm"]["C"], detector.training["svm"]["positive_iou"]) == (TrainPlan.svm_c, 0.7) == (0.03, 0.7)
     candidate = tensors(out.with_name("model.work") / f"val-{choice['features']}.safetensors")
     assert candidate.keys() == tensors(out).keys()
     assert all(np.array_equal(candidate[name], tensors(out)[name]) for name in candidate)
