@@ -21,6 +21,7 @@ alone: its train_svm_s and the spp process's peak RSS.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import resource
 from pathlib import Path
@@ -49,7 +50,7 @@ def main() -> None:
     print(f"{args.dataset}: {len(run.fit_keys)} fit / {len(val)} validation images, windows {'learned' if learned else 'selective search'}")
     rows = []
     cs = [float(c) for c in args.cs.split(",")] if args.cs else [TrainPlan.svm_c]
-    for iou, C in ((iou, C) for iou in args.ious.split(",") for C in cs):
+    for iou, C in itertools.product(args.ious.split(","), cs):
         model = args.work / f"positives-{iou}-C{C:g}.safetensors"
         seconds = checkout.svm_step(run, args.work, model, float(iou), proposal_model, C)
         # The largest spp process's peak so far: train-svm's own on the first value.
