@@ -23,7 +23,7 @@ split is read. The seeds stand in for what another CPU's rounding does to the
 network's 2,000-odd SGD steps.
 
     spp train --data ../shared/data/raccoon --split train --out r.safetensors --work W
-    python benchmarks/proposal_keep.py --dataset raccoon --work W [--seeds 0,1,2,3] [--rules best,last,avg4,avg8,all]
+    python benchmarks/proposal_keep.py --dataset raccoon --work W [--seeds 0,1,2,3] [--rules best,last,avg4,avg8,all] [--C 0.1]
     (a second candidate of spp train: --work W/<its folder>, e.g. W/efficientnet_lite0_b4-scale-688)
 """
 
@@ -62,6 +62,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="an spp train work folder (or a candidate's folder in it)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rules", default="best,last,avg4,avg8")
+    parser.add_argument("--C", type=float, help="the SVMs' regularisation (default: spp train's)")
     args = parser.parse_args()
     unknown = sorted(set(args.rules.split(",")) - set(RULES))
     if unknown:
@@ -106,7 +107,7 @@ def main() -> None:
             network = args.work / f"proposal-keep-{seed}-{rule}.safetensors"
             model.save(network)
             detector = args.work / f"proposal-keep-{seed}-{rule}.detector.safetensors"
-            svm_s = checkout.svm_step(run, args.work, detector, 0.7, network)
+            svm_s = checkout.svm_step(run, args.work, detector, 0.7, network, args.C)
             mean_ap, _, _ = validation_results(detector, args.work / "feats", val)
             row = {"seed": seed, "rule": rule, "validation_map": round(mean_ap, 4), "recall@0.5": round(recall(found, truth, 0.5), 4),
                    "recall@0.7": round(recall(found, truth, 0.7), 4), "network_s": round(network_s, 1), "svm_s": round(svm_s, 1)}
