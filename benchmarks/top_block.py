@@ -1,0 +1,184 @@
+"""Fine-tuning the backbone's top block on cached maps of the layer below it, judged by the SVMs on its maps.
+
+One of issue 14's candidates: SPPnet fine-tunes only its fully-connected layers
+(the paper's section 3.1.2); Fast R-CNN gains by fine-tuning conv layers too.
+This script reuses the work folder of an `spp train` run (its cache, its
+proposal network, its split), and
+
+1. computes each image's map of the layer below the cut's top block (``--tap``,
+   e.g. ``blocks.5`` under the default cut's ``blocks.6``) with the same
+   network and scale as the cache (one forward pass per image, held in memory);
+2. trains a copy of the top block (``--top``: the blocks from that index to
+   the cut) on the fit part with Fast R-CNN's loss on SPP-pooled windows
+   (``torchvision.ops.roi_pool`` per pyramid level, the bins spp pools): a
+   ``(K + 1)``-way softmax and class-wise smooth-L1 box regression on the
+   pool5 vector; per image ``--per-image`` windows of the run's learned
+   windows and the ground truth, a quarter at IoU >= 0.5 (foreground), the
+   rest background; AdamW (block ``--lr``, heads ``--head-lr``), x0.1 for the
+   last quarter of ``--epochs``; the batch norms stay folded (frozen);
+3. writes a cache of the fine-tuned block's maps for every fit and validation
+   image (the run's learned windows stored as each entry's proposals, the
+   rest as the run's cache), and repeats the run's SVM step on it
+   (`checkout.svm_step`, as `spp train` mines) and scores it on the
+   validation part as `spp train` scores its candidates. ``--epochs 0`` keeps
+   the block as it was: the same steps on the run's own maps, the baseline.
+
+No test split is read. The validation images' maps go through the fine-tuned
+block too (they were not trained on), so the validation mAP is what a model
+carrying that block would score; objectness is not in the score (the windows
+come from the cache, not from a network carried by the model).
+
+    spp train --data ../shared/data/raccoon --split train --out r.safetensors --work W
+    python benchmarks/top_block.py --dataset raccoon --work W --out F [--epochs 8] [--lr 1e-4]
+    (bccd's stride-16 candidate: --work W/efficientnet_lite0_b4-scale-688 --tap blocks.3 --top 4)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+
+import checkout  # this checkout's spp_cli first, here and in the subprocesses
+import numpy as np
+import torch
+
+# Fast R-CNN's box-delta normalisation (BBOX_NORMALIZE_STDS).
+DELTA_STD = torch.tensor([0.1, 0.1, 0.2, 0.2])
+
+
+def sample_windows(entry, per_image: int, rng: np.random.Generator):
+    """``per_image`` windows of ``entry`` (its ground truth and proposals), a quarter foreground at
+    IoU >= 0.5 at most: ``(R, 4)`` ``xyxy`` windows, ``(R,)`` labels (0 background, k + 1 class k),
+    ``(F, 4)`` box deltas of the F foreground windows (first); ``None`` without usable boxes."""
+    from spp_cli import boxes as box_ops
+    from spp_cli.bbox_reg import encode
+
+    usable = ~entry.gt_iscrowd & ~entry.gt_difficult
+    gt, labels = entry.gt_boxes[usable], entry.gt_labels[usable]
+    if len(gt) == 0:
+        return None
+    windows = np.concatenate([gt, entry.proposals]).astype(np.float32)
+    overlaps = box_ops.iou(windows, gt).numpy()
+    best, best_iou = overlaps.argmax(1), overlaps.max(1)
+    fg = np.flatnonzero(best_iou >= 0.5)
+    bg = np.flatnonzero(best_iou < 0.5)
+    fg = rng.choice(fg, min(len(fg), per_image // 4), replace=False)
+    bg = rng.choice(bg, min(len(bg), per_image - len(fg)), replace=False)
+    chosen = np.concatenate([fg, bg])
+    label = np.zeros(len(chosen), np.int64)
+    label[: len(fg)] = labels[best[fg]] + 1
+    return windows[chosen], label, encode(windows[fg], gt[best[fg]])
+
+
+def main() -> None:
+    checkout.check()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", choices=sorted(checkout.DATASETS), required=True)
+    parser.add_argument("--work", type=Path, required=True, help="an spp train work folder (or a candidate's folder in it)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the fine-tuned block's cache and SVMs")
+    parser.add_argument("--tap", default="blocks.5", help="the layer whose maps the trained blocks read")
+    parser.add_argument("--top", type=int, default=6, help="index of the first trained block (blocks[top:] of the cut)")
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--head-lr", type=float, default=1e-3)
+    parser.add_argument("--per-image", type=int, default=64)
+    args = parser.parse_args()
+
+    from spp_cli.backbones import extractor_for
+    from spp_cli.cache import CacheEntry, FeatureCache
+    from spp_cli.features import feature_pyramid
+    from spp_cli.images import load_image
+    from spp_cli.pipeline import validation_results
+    from spp_cli.rpn import LearnedWindows, ProposalModel
+    from spp_cli.spp import DEFAULT_LEVELS, output_dim, project_windows, spatial_pyramid_pool_roi
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    run = checkout.train_run(args.dataset, args.work)
+    cache, settings = run.cache, run.cache.settings
+    if len(settings.scales) != 1:
+        raise SystemExit(f"{args.work}: a one-scale cache is needed (this one: {settings.scales})")
+    network = args.work / "proposals.safetensors"
+    windows_of = LearnedWindows(cache, ProposalModel.load(network)) if network.exists() else cache
+    val_keys = [k for k in cache.keys() if k not in set(run.fit_keys)]
+
+    # 1. The tapped layer's maps, from the cache's network at the cache's scale.
+    start = time.perf_counter()
+    extractor = extractor_for(settings, str(cache.root))
+    block = copy.deepcopy(extractor.network.blocks[args.top:]).requires_grad_(True).eval()
+    lower, entries = {}, {}
+    for key in run.fit_keys + val_keys:
+        entry = windows_of.read(key)
+        with extractor.tapping(args.tap) as taken:
+            feature_pyramid(extractor, load_image(entry.path), settings.scales, settings.max_side)
+        lower[key] = taken[0][0].float().clone()  # out of inference mode, for autograd
+        entries[key] = entry
+    print(f"{args.dataset}: {args.tap} maps of {len(lower)} images, {time.perf_counter() - start:.1f} s", flush=True)
+
+    # 2. The block and two linear heads on its pool5, Fast R-CNN's loss.
+    classes = list(entries[run.fit_keys[0]].classes)
+    dim = output_dim(settings.channels, DEFAULT_LEVELS)
+    classify, regress = torch.nn.Linear(dim, len(classes) + 1), torch.nn.Linear(dim, 4 * len(classes))
+    torch.nn.init.normal_(classify.weight, std=0.001)
+    torch.nn.init.normal_(regress.weight, std=0.0001)
+    torch.nn.init.zeros_(classify.bias)
+    torch.nn.init.zeros_(regress.bias)
+    optimizer = torch.optim.AdamW([{"params": block.parameters(), "lr": args.lr},
+                                   {"params": [*classify.parameters(), *regress.parameters()], "lr": args.head_lr}], weight_decay=1e-4)
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        if epoch == args.epochs * 3 // 4:
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.1
+        losses = []
+        for i in rng.permutation(len(run.fit_keys)):
+            key = run.fit_keys[i]
+            sampled = sample_windows(entries[key], args.per_image, rng)
+            if sampled is None:
+                continue
+            windows, label, deltas = sampled
+            fmap = block(lower[key].unsqueeze(0))[0]
+            cells = project_windows(torch.from_numpy(windows), entries[key].factors[0], settings.alignment, fmap.shape[1], fmap.shape[2])
+            pool5 = spatial_pyramid_pool_roi(fmap, cells, DEFAULT_LEVELS)
+            loss = torch.nn.functional.cross_entropy(classify(pool5), torch.from_numpy(label))
+            fg = len(deltas)
+            if fg:
+                predicted = regress(pool5[:fg]).view(fg, len(classes), 4)[torch.arange(fg), torch.from_numpy(label[:fg] - 1)]
+                loss = loss + torch.nn.functional.smooth_l1_loss(predicted, torch.from_numpy(deltas) / DELTA_STD,
+                                                                  reduction="sum", beta=1 / 9) / len(label)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        print(f"  epoch {epoch + 1}: loss {np.mean(losses):.4f}", flush=True)
+    finetune_s = time.perf_counter() - start
+
+    # 3. Its maps as a cache, the run's SVM step on them, scored on the validation part.
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    state = next(p for p in (args.work / "train-state.json", args.work.parent / "train-state.json") if p.exists())
+    shutil.copy(state, args.out / "train-state.json")  # checkout.train_run reads the split from it
+    out = FeatureCache.create_or_open(args.out / "feats", settings)
+    with torch.no_grad():
+        for key, e in entries.items():
+            out.write(CacheEntry(key=e.key, image_id=e.image_id, path=e.path, width=e.width, height=e.height,
+                                 maps=[block(lower[key].unsqueeze(0))[0]], factors=e.factors, proposals=e.proposals,
+                                 gt_boxes=e.gt_boxes, gt_labels=e.gt_labels, gt_difficult=e.gt_difficult,
+                                 gt_iscrowd=e.gt_iscrowd, classes=e.classes))
+    detector = args.out / "detector.safetensors"
+    svm_s = checkout.svm_step(checkout.train_run(args.dataset, args.out), args.out, detector, 0.7)
+    mean_ap, per_class, _ = validation_results(detector, args.out / "feats", run.val)
+    row = {"dataset": args.dataset, "epochs": args.epochs, "lr": args.lr, "validation_map": round(mean_ap, 4),
+           "validation_ap": {k: round(v, 4) for k, v in per_class.items() if v is not None},
+           "finetune_s": round(finetune_s, 1), "svm_s": round(svm_s, 1)}
+    print(f"  validation mAP {mean_ap:.4f}, fine-tuning {finetune_s:.0f} s, SVM step {svm_s:.0f} s")
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
