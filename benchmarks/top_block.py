@@ -5,38 +5,45 @@ One of issue 14's candidates: SPPnet fine-tunes only its fully-connected layers
 This script reuses the work folder of an `spp train` run (its cache, its
 proposal network, its split), and
 
-1. computes each image's map of the layer below the cut's top block (``--tap``,
-   e.g. ``blocks.5`` under the default cut's ``blocks.6``) with the same
-   network and scale as the cache (one forward pass per image, held in memory);
-2. trains a copy of the top block (``--top``: the blocks from that index to
+1. computes each image's map of the block below the trained ones
+   (``blocks.<top - 1>``: ``blocks.5`` under the default cut's ``blocks.6``)
+   with the same network and scale as the cache (one forward pass per image,
+   held in memory);
+2. trains a copy of the top blocks (``--top``: the blocks from that index to
    the cut) on the fit part with Fast R-CNN's loss on SPP-pooled windows
    (``torchvision.ops.roi_pool`` per pyramid level, the bins spp pools): a
    ``(K + 1)``-way softmax and class-wise smooth-L1 box regression on the
-   pool5 vector; per image ``--per-image`` windows of the run's learned
-   windows and the ground truth, a quarter at IoU >= 0.5 (foreground), the
-   rest background; AdamW (block ``--lr``, heads ``--head-lr``), x0.1 for the
-   last quarter of ``--epochs``; the batch norms stay folded (frozen);
-3. writes a cache of the fine-tuned block's maps for every fit and validation
-   image (the run's learned windows stored as each entry's proposals, the
-   rest as the run's cache), and repeats the run's SVM step on it
-   (`checkout.svm_step`, as `spp train` mines) and scores it on the
-   validation part as `spp train` scores its candidates. ``--epochs 0`` keeps
-   the block as it was: the same steps on the run's own maps, the baseline.
+   pool5 vector; per image ``--per-image`` windows of the run's windows (its
+   proposal network's where it kept learned proposals) and the ground truth,
+   at most a quarter at IoU >= 0.5 (foreground), the rest background; AdamW
+   (blocks ``--lr``, heads ``--head-lr``), x0.1 for the last quarter of
+   ``--epochs`` (rounded down); the batch norms are folded into the
+   convolutions (no batch statistics; their scale and shift train with the
+   conv weights);
+3. writes a cache of the fine-tuned blocks' maps for every fit and validation
+   image (the run's windows stored as each entry's proposals; its settings
+   name the fine-tuned weights, so no command pairs them with the stock
+   backbone), repeats the run's SVM step on it (`checkout.svm_step`, as `spp
+   train` mines, with the run's positives and C) and scores it on the
+   validation part as `spp train` scores a candidate without objectness in
+   the score (the windows come from the cache, not from a network carried by
+   the model). ``--epochs 0`` keeps the blocks as they were: the same steps
+   on the run's maps recomputed, the baseline.
 
 No test split is read. The validation images' maps go through the fine-tuned
-block too (they were not trained on), so the validation mAP is what a model
-carrying that block would score; objectness is not in the score (the windows
-come from the cache, not from a network carried by the model).
+blocks too (they were not trained on), so the validation mAP is what a model
+carrying them would score.
 
     spp train --data ../shared/data/raccoon --split train --out r.safetensors --work W
     python benchmarks/top_block.py --dataset raccoon --work W --out F [--epochs 8] [--lr 1e-4]
-    (bccd's stride-16 candidate: --work W/efficientnet_lite0_b4-scale-688 --tap blocks.3 --top 4)
+    (bccd's stride-16 candidate, its last stage: --work W/efficientnet_lite0_b4-scale-688 --top 4)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import shutil
 import time
@@ -50,10 +57,11 @@ import torch
 DELTA_STD = torch.tensor([0.1, 0.1, 0.2, 0.2])
 
 
-def sample_windows(entry, per_image: int, rng: np.random.Generator):
-    """``per_image`` windows of ``entry`` (its ground truth and proposals), a quarter foreground at
-    IoU >= 0.5 at most: ``(R, 4)`` ``xyxy`` windows, ``(R,)`` labels (0 background, k + 1 class k),
-    ``(F, 4)`` box deltas of the F foreground windows (first); ``None`` without usable boxes."""
+def sample_windows(entry, per_image: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """Up to ``per_image`` windows of a cache ``entry`` (its ground truth and proposals), at most a
+    quarter foreground (IoU >= 0.5 with a usable box): ``(R, 4)`` ``xyxy`` original-pixel windows,
+    ``(R,)`` labels (0 background, k + 1 class k) and ``(F, 4)`` box deltas of the F foreground
+    windows, which come first; ``None`` without a usable box."""
     from spp_cli import boxes as box_ops
     from spp_cli.bbox_reg import encode
 
@@ -80,16 +88,17 @@ def main() -> None:
     parser.add_argument("--dataset", choices=sorted(checkout.DATASETS), required=True)
     parser.add_argument("--work", type=Path, required=True, help="an spp train work folder (or a candidate's folder in it)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the fine-tuned block's cache and SVMs")
-    parser.add_argument("--tap", default="blocks.5", help="the layer whose maps the trained blocks read")
-    parser.add_argument("--top", type=int, default=6, help="index of the first trained block (blocks[top:] of the cut)")
+    parser.add_argument("--top", type=int, default=6, help="index of the first trained block (blocks[top:] of the cut; 4 on blocks.4)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--head-lr", type=float, default=1e-3)
     parser.add_argument("--per-image", type=int, default=64)
     args = parser.parse_args()
+    if args.out.resolve() == args.work.resolve() or args.work.resolve() in args.out.resolve().parents:
+        parser.error("--out is emptied first: give a folder outside --work")
 
     from spp_cli.backbones import extractor_for
-    from spp_cli.cache import CacheEntry, FeatureCache
+    from spp_cli.cache import CacheEntry, FeatureCache, image_key, tensor_digest
     from spp_cli.features import feature_pyramid
     from spp_cli.images import load_image
     from spp_cli.pipeline import validation_results
@@ -102,22 +111,31 @@ def main() -> None:
     cache, settings = run.cache, run.cache.settings
     if len(settings.scales) != 1:
         raise SystemExit(f"{args.work}: a one-scale cache is needed (this one: {settings.scales})")
+    # The run's windows at this map: its proposal network's where it kept learned proposals (as positives.py).
+    chosen = [s for name, s in run.state["steps"].items() if name.startswith("proposals") and "choice" in s]
     network = args.work / "proposals.safetensors"
-    windows_of = LearnedWindows(cache, ProposalModel.load(network)) if network.exists() else cache
-    val_keys = [k for k in cache.keys() if k not in set(run.fit_keys)]
+    learned = network.exists() and any(s["choice"] == "learned" for s in chosen)
+    windows_of = LearnedWindows(cache, ProposalModel.load(network)) if learned else cache
+    val_keys = [image_key(record.path) for record, _ in run.val]
+    tap = f"blocks.{args.top - 1}"
 
-    # 1. The tapped layer's maps, from the cache's network at the cache's scale.
+    # 1. The maps under the trained blocks, from the cache's network at the cache's scale.
     start = time.perf_counter()
     extractor = extractor_for(settings, str(cache.root))
     block = copy.deepcopy(extractor.network.blocks[args.top:]).requires_grad_(True).eval()
     lower, entries = {}, {}
     for key in run.fit_keys + val_keys:
         entry = windows_of.read(key)
-        with extractor.tapping(args.tap) as taken:
-            feature_pyramid(extractor, load_image(entry.path), settings.scales, settings.max_side)
+        with extractor.tapping(tap) as taken:
+            maps, factors, _ = feature_pyramid(extractor, load_image(entry.path), settings.scales, settings.max_side)
+        if factors != entry.factors or maps[0].shape != entry.maps[0].shape:
+            raise SystemExit(f"{entry.path}: recomputed map {tuple(maps[0].shape)} at {factors}, the cache's "
+                             f"{tuple(entry.maps[0].shape)} at {entry.factors}")
         lower[key] = taken[0][0].float().clone()  # out of inference mode, for autograd
+        entry.maps = []  # the cached maps are not used again: memory
         entries[key] = entry
-    print(f"{args.dataset}: {args.tap} maps of {len(lower)} images, {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"{args.dataset}: {tap} maps of {len(lower)} images, windows {'learned' if learned else 'selective search'}, "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
 
     # 2. The block and two linear heads on its pool5, Fast R-CNN's loss.
     classes = list(entries[run.fit_keys[0]].classes)
@@ -131,7 +149,7 @@ def main() -> None:
                                    {"params": [*classify.parameters(), *regress.parameters()], "lr": args.head_lr}], weight_decay=1e-4)
     start = time.perf_counter()
     for epoch in range(args.epochs):
-        if epoch == args.epochs * 3 // 4:
+        if epoch == args.epochs - args.epochs // 4:
             for group in optimizer.param_groups:
                 group["lr"] *= 0.1
         losses = []
@@ -161,9 +179,9 @@ def main() -> None:
     if args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
-    state = next(p for p in (args.work / "train-state.json", args.work.parent / "train-state.json") if p.exists())
-    shutil.copy(state, args.out / "train-state.json")  # checkout.train_run reads the split from it
-    out = FeatureCache.create_or_open(args.out / "feats", settings)
+    # Settings that name these weights: no command rebuilds the stock backbone for this cache's maps.
+    tuned = tensor_digest({k: v.detach().flatten().clone() for k, v in block.state_dict().items()})  # flat: channels-last strides
+    out = FeatureCache.create_or_open(args.out / "feats", dataclasses.replace(settings, weights_sha256=f"top_block:{tuned}"))
     with torch.no_grad():
         for key, e in entries.items():
             out.write(CacheEntry(key=e.key, image_id=e.image_id, path=e.path, width=e.width, height=e.height,
@@ -171,9 +189,11 @@ def main() -> None:
                                  gt_boxes=e.gt_boxes, gt_labels=e.gt_labels, gt_difficult=e.gt_difficult,
                                  gt_iscrowd=e.gt_iscrowd, classes=e.classes))
     detector = args.out / "detector.safetensors"
-    svm_s = checkout.svm_step(checkout.train_run(args.dataset, args.out), args.out, detector, 0.7)
+    plan = run.state["plan"]
+    svm_s = checkout.svm_step(run, args.out, detector, plan["positive_iou"], C=plan.get("svm_c"))
     mean_ap, per_class, _ = validation_results(detector, args.out / "feats", run.val)
-    row = {"dataset": args.dataset, "epochs": args.epochs, "lr": args.lr, "validation_map": round(mean_ap, 4),
+    row = {"dataset": args.dataset, "work": str(args.work), "top": args.top, "epochs": args.epochs, "lr": args.lr,
+           "head_lr": args.head_lr, "per_image": args.per_image, "validation_map": round(mean_ap, 4),
            "validation_ap": {k: round(v, 4) for k, v in per_class.items() if v is not None},
            "finetune_s": round(finetune_s, 1), "svm_s": round(svm_s, 1)}
     print(f"  validation mAP {mean_ap:.4f}, fine-tuning {finetune_s:.0f} s, SVM step {svm_s:.0f} s")
