@@ -15,7 +15,8 @@ proposal network, its split), and
    ``(K + 1)``-way softmax and class-wise smooth-L1 box regression on the
    pool5 vector; per image ``--per-image`` windows of the run's windows (its
    proposal network's where it kept learned proposals) and the ground truth,
-   at most a quarter at IoU >= 0.5 (foreground), the rest background; AdamW
+   sampled as `spp finetune` samples them (``spp_cli.finetune.window_table``:
+   at most a quarter at IoU >= 0.5, background from [0.1, 0.5)); AdamW
    (blocks ``--lr``, heads ``--head-lr``), x0.1 for the last quarter of
    ``--epochs`` (rounded down); the batch norms are folded into the
    convolutions (no batch statistics; their scale and shift train with the
@@ -57,29 +58,22 @@ import torch
 DELTA_STD = torch.tensor([0.1, 0.1, 0.2, 0.2])
 
 
-def sample_windows(entry, per_image: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Up to ``per_image`` windows of a cache ``entry`` (its ground truth and proposals), at most a
-    quarter foreground (IoU >= 0.5 with a usable box): ``(R, 4)`` ``xyxy`` original-pixel windows,
-    ``(R,)`` labels (0 background, k + 1 class k) and ``(F, 4)`` box deltas of the F foreground
-    windows, which come first; ``None`` without a usable box."""
+def training_windows(table, gt_count: int, per_image: int, config, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`spp finetune`'s sampling of one image's :class:`~spp_cli.finetune.WindowTable` (Fast
+    R-CNN's: a quarter foreground at IoU >= 0.5, background from [0.1, 0.5)): ``(R, 4)`` ``xyxy``
+    original-pixel windows, ``(R,)`` labels (0 background, k + 1 class k) and the ``(F, 4)`` box
+    deltas of the F foreground windows, which come first. ``gt_count``: the table's first rows,
+    its usable ground truth."""
     from spp_cli import boxes as box_ops
     from spp_cli.bbox_reg import encode
+    from spp_cli.finetune import sample_windows
 
-    usable = ~entry.gt_iscrowd & ~entry.gt_difficult
-    gt, labels = entry.gt_boxes[usable], entry.gt_labels[usable]
-    if len(gt) == 0:
-        return None
-    windows = np.concatenate([gt, entry.proposals]).astype(np.float32)
-    overlaps = box_ops.iou(windows, gt).numpy()
-    best, best_iou = overlaps.argmax(1), overlaps.max(1)
-    fg = np.flatnonzero(best_iou >= 0.5)
-    bg = np.flatnonzero(best_iou < 0.5)
-    fg = rng.choice(fg, min(len(fg), per_image // 4), replace=False)
-    bg = rng.choice(bg, min(len(bg), per_image - len(fg)), replace=False)
-    chosen = np.concatenate([fg, bg])
-    label = np.zeros(len(chosen), np.int64)
-    label[: len(fg)] = labels[best[fg]] + 1
-    return windows[chosen], label, encode(windows[fg], gt[best[fg]])
+    chosen = sample_windows(table, per_image, config.fg_fraction, rng)
+    chosen = chosen[np.argsort(table.labels[chosen] == 0, kind="stable")]  # foreground first (an image with no background repeats it)
+    windows, labels = table.boxes[chosen], table.labels[chosen]
+    foreground, gt = windows[labels > 0], table.boxes[:gt_count]
+    deltas = encode(foreground, gt[box_ops.iou(foreground, gt).numpy().argmax(1)]) if len(foreground) else np.zeros((0, 4), np.float32)
+    return windows, labels, deltas
 
 
 def main() -> None:
@@ -100,6 +94,7 @@ def main() -> None:
     from spp_cli.backbones import extractor_for
     from spp_cli.cache import CacheEntry, FeatureCache, image_key, tensor_digest
     from spp_cli.features import feature_pyramid
+    from spp_cli.finetune import FinetuneConfig, window_table
     from spp_cli.images import load_image
     from spp_cli.pipeline import validation_results
     from spp_cli.rpn import LearnedWindows, ProposalModel
@@ -147,6 +142,8 @@ def main() -> None:
     torch.nn.init.zeros_(regress.bias)
     optimizer = torch.optim.AdamW([{"params": block.parameters(), "lr": args.lr},
                                    {"params": [*classify.parameters(), *regress.parameters()], "lr": args.head_lr}], weight_decay=1e-4)
+    sampling = FinetuneConfig()
+    tables = {key: window_table(entries[key], classes, sampling) for key in run.fit_keys}
     start = time.perf_counter()
     for epoch in range(args.epochs):
         if epoch == args.epochs - args.epochs // 4:
@@ -155,10 +152,10 @@ def main() -> None:
         losses = []
         for i in rng.permutation(len(run.fit_keys)):
             key = run.fit_keys[i]
-            sampled = sample_windows(entries[key], args.per_image, rng)
-            if sampled is None:
+            gt_count = len(tables[key].boxes) - len(entries[key].proposals)
+            windows, label, deltas = training_windows(tables[key], gt_count, args.per_image, sampling, rng)
+            if len(windows) == 0:
                 continue
-            windows, label, deltas = sampled
             fmap = block(lower[key].unsqueeze(0))[0]
             cells = project_windows(torch.from_numpy(windows), entries[key].factors[0], settings.alignment, fmap.shape[1], fmap.shape[2])
             pool5 = spatial_pyramid_pool_roi(fmap, cells, DEFAULT_LEVELS)
