@@ -72,6 +72,26 @@ def train_run(dataset: str, work: Path) -> TrainRun:
     return TrainRun(data, state, cache, parts.fit_ids, fit_keys, val)
 
 
+def proposal_model(run: TrainRun, work: Path) -> Path | None:
+    """The windows the run trained its SVMs on at ``work``'s feature map: that map's proposal
+    network where the run kept learned proposals there, else ``None`` (selective search).
+
+    Each map has its own choice (its "proposals" step): the first map's folder is the work folder,
+    another's is ``[<cut>-]scale-<scales>`` in it (`spp train`'s ``map_folder``), whose step is
+    "proposals at <scales>[ on <cut>]"."""
+    steps = {name: step for name, step in run.state["steps"].items() if name.startswith("proposals") and "choice" in step}
+    if (work / "train-state.json").exists():
+        step = next(iter(steps.values()), None)  # the first map's: its steps come first
+    else:
+        cut, _, scales = work.name.rpartition("scale-")
+        label = scales.replace("-", ",") + (f" on {cut[:-1]}" if cut else "")
+        step = steps.get(f"proposals at {label}")
+        if step is None:
+            sys.exit(f"{work}: no step 'proposals at {label}' in {work.parent / 'train-state.json'}")
+    network = work / "proposals.safetensors"
+    return network if step is not None and step["choice"] == "learned" and network.exists() else None
+
+
 def svm_step(run: TrainRun, work: Path, out: Path, positive_iou: float, proposal_model: Path | None = None,
              C: float | None = None) -> float:
     """An `spp train` run's SVM step again (pool5, box regression; C: `spp train`'s unless given), in a fresh process of

@@ -43,10 +43,8 @@ def main() -> None:
 
     run = checkout.train_run(args.dataset, args.work)
     data, val, test_split = run.data, run.val, checkout.DATASETS[args.dataset][2]
-    # The run's proposal choice at this scale: learned windows where it kept its network.
-    chosen = [s for name, s in run.state["steps"].items() if name.startswith("proposals") and "choice" in s]
-    learned = (args.work / "proposals.safetensors").exists() and any(s["choice"] == "learned" for s in chosen)
-    proposal_model = args.work / "proposals.safetensors" if learned else None
+    proposal_model = checkout.proposal_model(run, args.work)  # the run's windows at this map
+    learned = proposal_model is not None
     print(f"{args.dataset}: {len(run.fit_keys)} fit / {len(val)} validation images, windows {'learned' if learned else 'selective search'}")
     rows = []
     cs = [float(c) for c in args.cs.split(",")] if args.cs else [TrainPlan.svm_c]

@@ -106,10 +106,8 @@ def main() -> None:
     cache, settings = run.cache, run.cache.settings
     if len(settings.scales) != 1:
         raise SystemExit(f"{args.work}: a one-scale cache is needed (this one: {settings.scales})")
-    # The run's windows at this map: its proposal network's where it kept learned proposals (as positives.py).
-    chosen = [s for name, s in run.state["steps"].items() if name.startswith("proposals") and "choice" in s]
-    network = args.work / "proposals.safetensors"
-    learned = network.exists() and any(s["choice"] == "learned" for s in chosen)
+    network = checkout.proposal_model(run, args.work)  # the run's windows at this map (as positives.py)
+    learned = network is not None
     windows_of = LearnedWindows(cache, ProposalModel.load(network)) if learned else cache
     val_keys = [image_key(record.path) for record, _ in run.val]
     tap = f"blocks.{args.top - 1}"
