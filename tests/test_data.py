@@ -5,6 +5,8 @@ import pytest
 
 from conftest import coco_document, voc_xml, write_image
 from spp_cli.data import open_dataset
+from spp_cli.data.coco import read_coco
+from spp_cli.data.yolo import read_yolo
 from spp_cli.errors import DatasetError
 
 
@@ -192,7 +194,7 @@ def test_coco_bbox_beyond_float32_is_dropped_without_numpy_noise(coco_dataset, r
     doc["annotations"][0]["bbox"] = [1e300, 5, 20, 10]
     coco_dataset.write_text(json.dumps(doc))
     ds = open_dataset(coco_dataset)
-    assert ds.warnings == [f"{coco_dataset}: box 1 [1e+300, 5, 1e+300, 15] has a coordinate that is not a usable number; dropped"]
+    assert ds.warnings == [f"{coco_dataset}: image one.jpg: box 1 [1e+300, 5, 1e+300, 15] has a coordinate that is not a usable number; dropped"]
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
@@ -229,3 +231,80 @@ def test_yolo_path_that_is_not_a_folder_name(yolo_dataset):
     with pytest.raises(DatasetError) as info:
         open_dataset(yolo_dataset)
     assert str(info.value) == f"{yolo_dataset}: 'path' is 12, not a folder"
+
+
+def test_coco_box_warning_names_the_image(coco_dataset):
+    doc = coco_document()
+    doc["annotations"][2]["bbox"] = [5, 5, 0, 10]
+    coco_dataset.write_text(json.dumps(doc))
+    ds = open_dataset(coco_dataset)
+    assert ds.warnings == [f"{coco_dataset}: image two.jpg: box 1 [5, 5, 5, 15] has no area (x2 <= x1 or y2 <= y1); dropped"]
+
+
+def test_coco_duplicate_image_id(coco_dataset):
+    doc = coco_document()
+    doc["images"][1]["id"] = 1
+    coco_dataset.write_text(json.dumps(doc))
+    with pytest.raises(DatasetError) as info:
+        open_dataset(coco_dataset)
+    assert str(info.value) == f"{coco_dataset}: image id 1 appears twice (one.jpg, two.jpg)"
+
+
+def test_coco_annotations_of_no_image_are_counted_in_one_warning(coco_dataset):
+    doc = coco_document()
+    doc["annotations"] += [
+        {"id": 13, "image_id": 99, "category_id": 7, "bbox": [1, 1, 5, 5]},
+        {"id": 14, "image_id": "1", "category_id": 7, "bbox": [1, 1, 5, 5]},
+    ]
+    coco_dataset.write_text(json.dumps(doc))
+    ds = open_dataset(coco_dataset)
+    assert [len(r.boxes) for r in ds.records] == [2, 1]
+    assert ds.warnings == [f"{coco_dataset}: 2 annotations have an image_id that is in no image (e.g. 99); ignored"]
+
+
+def test_coco_json_that_is_a_folder(coco_dataset):
+    coco_dataset.unlink()
+    coco_dataset.mkdir()
+    with pytest.raises(DatasetError) as info:
+        read_coco(coco_dataset, None)
+    assert str(info.value) == f"{coco_dataset}: cannot read (Is a directory)"
+
+
+NOT_UTF8 = bytes(range(128, 256))
+
+
+@pytest.mark.parametrize("damage", ["bytes", "folder"])
+def test_yolo_unreadable_label_file_skips_image(yolo_dataset, damage):
+    label = yolo_dataset.parent / "labels" / "train" / "p.txt"
+    if damage == "bytes":
+        label.write_bytes(NOT_UTF8)
+    else:
+        label.unlink()
+        label.mkdir()
+    ds = open_dataset(yolo_dataset)
+    assert [r.image_id for r in ds.records] == ["q"]
+    assert ds.bad == [(label, "not UTF-8 text" if damage == "bytes" else "cannot read (Is a directory)")]
+
+
+def test_yolo_data_yaml_not_utf8(yolo_dataset):
+    yolo_dataset.write_bytes(NOT_UTF8)
+    with pytest.raises(DatasetError) as info:
+        open_dataset(yolo_dataset)
+    assert str(info.value) == f"{yolo_dataset}: not UTF-8 text"
+
+
+def test_yolo_data_yaml_that_is_a_folder(yolo_dataset):
+    yolo_dataset.unlink()
+    yolo_dataset.mkdir()
+    with pytest.raises(DatasetError) as info:
+        read_yolo(yolo_dataset, None)
+    assert str(info.value) == f"{yolo_dataset}: cannot read (Is a directory)"
+
+
+def test_yolo_image_list_not_utf8(yolo_dataset):
+    listing = yolo_dataset.parent / "train.txt"
+    listing.write_bytes(NOT_UTF8)
+    yolo_dataset.write_text(yolo_dataset.read_text().replace("train: images/train", "train: train.txt"))
+    with pytest.raises(DatasetError) as info:
+        open_dataset(yolo_dataset, "train")
+    assert str(info.value) == f"{listing}: not UTF-8 text"

@@ -28,6 +28,8 @@ def read_coco(json_path: Path, split: str | None) -> Dataset:
         data = json.loads(json_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{json_path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise DatasetError(f"{json_path}: cannot read ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise DatasetError(f"{json_path}: expected a JSON object with images, annotations, categories")
     for key in ("images", "annotations", "categories"):
@@ -38,6 +40,11 @@ def read_coco(json_path: Path, split: str | None) -> Dataset:
     annotations = _require_each(json_path, data["annotations"], "annotations", {"image_id": _ID, "category_id": _ID, "bbox": None})
     if len({type(c["id"]) for c in categories}) > 1:
         raise DatasetError(f"{json_path}: category ids mix numbers and strings")
+    file_of: dict = {}
+    for im in images:
+        if im["id"] in file_of:
+            raise DatasetError(f"{json_path}: image id {json.dumps(im['id'])} appears twice ({file_of[im['id']]}, {im['file_name']})")
+        file_of[im["id"]] = im["file_name"]
 
     categories = sorted(categories, key=lambda c: c["id"])
     classes = [str(c["name"]) for c in categories]
@@ -52,10 +59,17 @@ def read_coco(json_path: Path, split: str | None) -> Dataset:
             raise DatasetError(f"{json_path}: split '{split}' selects no image of this file")
 
     by_image = defaultdict(list)
+    orphans = []
     for ann in annotations:
-        by_image[ann["image_id"]].append(ann)
+        if ann["image_id"] in file_of:
+            by_image[ann["image_id"]].append(ann)
+        else:
+            orphans.append(ann["image_id"])
 
     records, warnings, bad = [], [], []
+    if orphans:
+        what = "1 annotation has an image_id" if len(orphans) == 1 else f"{len(orphans)} annotations have an image_id"
+        warnings.append(f"{json_path}: {what} that is in no image (e.g. {json.dumps(orphans[0])}); ignored")
     for im in images:
         anns = by_image.get(im["id"], [])
         try:
@@ -71,7 +85,7 @@ def read_coco(json_path: Path, split: str | None) -> Dataset:
             labels,
             [False] * len(anns),
             [bool(ann.get("iscrowd", 0)) for ann in anns],
-            json_path,
+            f"{json_path}: image {im['file_name']}",  # box warnings say which image
             warnings,
         )
         records.append(record)

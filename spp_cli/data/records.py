@@ -79,7 +79,7 @@ def sanitise(
     labels: list[int],
     difficult: list[bool],
     iscrowd: list[bool],
-    annotation_file: Path,
+    annotation_file: Path | str,
     warnings: list[str],
 ) -> ImageRecord:
     """Fill ``record`` with checked boxes; the one place boxes are validated.
@@ -88,7 +88,8 @@ def sanitise(
     the image are clipped, boxes with ``x2 <= x1`` or ``y2 <= y1`` and boxes
     wholly outside the image (nothing left after clipping) are dropped, and so
     are boxes with a coordinate that is not a finite number below 1e9; each
-    with a warning that says which of these happened.
+    with a warning that says which of these happened. Each warning starts with
+    ``annotation_file`` (a path, or a path and which image of it).
     """
     exact = np.asarray(raw_boxes, dtype=np.float64).reshape(-1, 4)
     # NaN, infinity, or beyond any image (and float32): the source file is damaged there.

@@ -31,7 +31,7 @@ def read_yolo(yaml_path: Path, split: str | None) -> Dataset:
     ``None`` means the images of every split key, without repeats.
     """
     try:
-        config = yaml.safe_load(yaml_path.read_text(encoding="utf-8"))
+        config = yaml.safe_load(_read_text(yaml_path, DatasetError))
     except yaml.YAMLError as exc:
         raise DatasetError(f"{yaml_path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(config, dict) or "names" not in config:
@@ -116,7 +116,7 @@ def _split_images(yaml_path: Path, base: Path, key: str, value: object, required
         if path.is_dir():
             out.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
         elif path.is_file() and path.suffix == ".txt":
-            for line in path.read_text(encoding="utf-8").splitlines():
+            for line in _read_text(path, DatasetError).splitlines():
                 if line.strip():
                     p = Path(line.strip())
                     out.append(p if p.is_absolute() else base / p)
@@ -129,7 +129,7 @@ def _read_labels(path: Path, num_classes: int) -> list[tuple[int, float, float, 
     if not path.exists():
         return []  # YOLO convention: no label file = no objects
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for n, line in enumerate(_read_text(path, LabelError, name=False).splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -144,3 +144,18 @@ def _read_labels(path: Path, num_classes: int) -> list[tuple[int, float, float, 
             raise LabelError(f"line {n}: class id {cls} out of range (data.yaml names {num_classes} classes)")
         rows.append((cls, cx, cy, w, h))
     return rows
+
+
+def _read_text(path: Path, error: type[Exception], name: bool = True) -> str:
+    """The UTF-8 text of ``path``; ``error("<path>: <problem>")`` if it is unreadable.
+
+    ``name=False`` leaves the path out of the message, for :class:`LabelError`
+    (its image is listed as skipped with the label file's path beside it).
+    """
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        problem = "not UTF-8 text"
+    except OSError as exc:
+        problem = f"cannot read ({exc.strerror or exc})"
+    raise error(f"{path}: {problem}" if name else problem)
