@@ -227,19 +227,48 @@ class FeatureCache:
         if not os.access(root, os.W_OK | os.X_OK):
             raise CacheError(f"{root}: cache folder is not writable")
         with _locked(root / FOLDER_LOCK, wait=True):
-            header = root / HEADER
-            if header.exists():
-                existing = cls.open(root)
-                if existing.settings != settings:
-                    raise CacheError(
-                        f"{root}: cache was built with {existing.settings.describe()}; this run asks for "
-                        f"{settings.describe()}. Use another --cache folder, or the same settings"
-                    )
-                return existing
-            if any(p.name != FOLDER_LOCK for p in root.iterdir()):
-                raise CacheError(f"{root}: folder is not empty and holds no {HEADER}; choose an empty or new --cache folder")
-            atomic_write_json(header, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": asdict(settings)}, indent=2)
+            return cls._with_header(root, settings, new_folder=True)
+
+    @classmethod
+    def _with_header(cls, root: Path, settings: CacheSettings, new_folder: bool) -> "FeatureCache":
+        """The cache of ``root``'s header, written if absent (the folder lock held); ``new_folder``:
+        only into a folder that holds nothing else."""
+        header = root / HEADER
+        if header.exists():
+            existing = cls.open(root)
+            if existing.settings != settings:
+                raise CacheError(
+                    f"{root}: cache was built with {existing.settings.describe()}; this run asks for "
+                    f"{settings.describe()}. Use another --cache folder, or the same settings"
+                )
+            return existing
+        if new_folder and any(p.name != FOLDER_LOCK for p in root.iterdir()):
+            raise CacheError(f"{root}: folder is not empty and holds no {HEADER}; choose an empty or new --cache folder")
+        atomic_write_json(header, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": asdict(settings)}, indent=2)
         return cls(root, settings)
+
+    @staticmethod
+    def discard_if_unused(root: str | Path) -> bool:
+        """Remove the header of a cache folder that holds no entry, no claim and no temporary
+        (what a first run that wrote no entry made: bad weights, every image refused), so that the
+        folder is not held to that run's settings; only the caller knows its run made the header.
+        A writer that opened the folder before writes the header again (:meth:`write`). Returns
+        whether it was removed."""
+        root = Path(root)
+        if not (root / HEADER).is_file():
+            return False
+        with _locked(root / FOLDER_LOCK, wait=True):
+            entries = root / "entries"
+            if any(p.name not in (HEADER, FOLDER_LOCK, entries.name) for p in root.iterdir()):
+                return False
+            inside = sorted(entries.rglob("*"), reverse=True) if entries.is_dir() else []
+            if any(not p.is_dir() for p in inside):
+                return False
+            for folder in [*inside, entries]:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            (root / HEADER).unlink(missing_ok=True)
+        return True
 
     @classmethod
     def open(cls, root: str | Path) -> "FeatureCache":
@@ -339,6 +368,9 @@ class FeatureCache:
             "digest": tensor_digest(tensors),
         }
         data = save(tensors, metadata={"spp": json.dumps(meta)})
+        if not (self.root / HEADER).is_file():  # removed by a run that wrote nothing (discard_if_unused)
+            with _locked(self.root / FOLDER_LOCK, wait=True):
+                self._with_header(self.root, self.settings, new_folder=False)
         atomic_write_bytes(self.entry_path(entry.key), data)
 
     def _load_checked(self, key: str) -> tuple[dict[str, torch.Tensor], dict]:

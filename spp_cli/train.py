@@ -47,7 +47,7 @@ def training_set(cache: FeatureCache, classes: list[str] | None = None, keys: li
     """Entries with ground truth, and the class list (all classes seen, or ``classes``).
 
     Raises:
-        DatasetError: no entry has ground truth, or a requested class never occurs.
+        DatasetError: no entry has ground truth, none has a box, or a requested class never occurs.
     """
     keys = keys if keys is not None else cache.keys()
     with_gt, seen = [], []
@@ -60,6 +60,8 @@ def training_set(cache: FeatureCache, classes: list[str] | None = None, keys: li
                     seen.append(name)
     if not with_gt:
         raise DatasetError(f"{cache.root}: no cached image has ground truth; build the cache with --data SPEC")
+    if not seen:
+        raise DatasetError(f"{cache.root}: the ground truth of its {len(with_gt)} image(s) holds no box; nothing to train on")
     if classes:
         unknown = [c for c in classes if c not in seen]
         if unknown:

@@ -149,6 +149,51 @@ def test_image_missing_from_props_is_skipped(small_set, tmp_path):
     assert len(FeatureCache.open(tmp_path / "f").keys()) == 2
 
 
+def test_a_run_that_writes_no_entry_leaves_no_cache_behind(tmp_path):
+    image = write_image(tmp_path / "imgs" / "a.jpg")
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not weights\n")
+    feats = tmp_path / "feats"
+    result = invoke("cache", image, "--cache", feats, "--weights", bad, "--scales", "96", "--no-proposals")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: {bad}: cannot load weights (")
+    assert not (feats / "cache.json").exists()
+    # Not held to the failed run's weights: a run with the default ones builds the cache there.
+    result = invoke("cache", image, "--cache", feats, "--scales", "96", "--no-proposals")
+    assert result.exit_code == 0, result.output
+    assert len(FeatureCache.open(feats).keys()) == 1
+    # A cache that was there is kept, whatever a failed run on it does.
+    header = (feats / "cache.json").read_bytes()
+    result = invoke("cache", write_image(tmp_path / "imgs2" / "b.jpg", seed=1), "--cache", feats, "--scales", "96", "--props", tmp_path / "nope.json")
+    assert result.exit_code == 1
+    assert (feats / "cache.json").read_bytes() == header and len(FeatureCache.open(feats).keys()) == 1
+
+
+def test_a_first_run_whose_images_are_all_refused_leaves_no_cache_behind(small_set, tmp_path, monkeypatch):
+    data, props = small_set
+    feats = tmp_path / "feats"
+    monkeypatch.setenv("SPP_MAX_PIXELS", "100")
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96")
+    assert result.exit_code == 1
+    assert not (feats / "cache.json").exists()
+    monkeypatch.delenv("SPP_MAX_PIXELS")
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96", "--weights", "random")
+    assert result.exit_code == 0, result.output
+
+
+def test_a_writer_puts_back_the_header_a_run_that_wrote_nothing_removed(tmp_path):
+    from spp_cli.cache import CacheEntry, CacheSettings
+
+    settings = CacheSettings("synthetic", "random:0", "map", 16, 7.5, 4, (96,), 2000)
+    cache = FeatureCache.create_or_open(tmp_path / "feats", settings)  # open in this writer ...
+    assert FeatureCache.discard_if_unused(tmp_path / "feats")  # ... while another run that wrote nothing ends
+    assert not (tmp_path / "feats" / "cache.json").exists()
+    cache.write(CacheEntry("ab" * 32, "a", "a.jpg", 64, 48, [torch.zeros(4, 3, 4)], [1.0], np.zeros((0, 4), np.float32)))
+    assert FeatureCache.open(tmp_path / "feats").settings == settings
+    assert FeatureCache.open(tmp_path / "feats").keys() == ["ab" * 32]
+    assert not FeatureCache.discard_if_unused(tmp_path / "feats")  # an entry: kept
+
+
 def test_unknown_backbone(small_set, tmp_path):
     data, props = small_set
     result = invoke("cache", "--data", data, "--props", props, "--cache", tmp_path / "f", "--backbone", "resnet50")

@@ -262,10 +262,37 @@ def test_cache_of_another_backbone_is_refused(pipeline, plain_zf5_cache, tmp_pat
     assert not (tmp_path / "d.json").exists()
 
 
+def test_train_svm_on_a_cache_without_proposals_needs_a_proposal_model(xml_dataset, tmp_path):
+    cache = tmp_path / "feats"
+    built = invoke("cache", "--data", xml_dataset, "--split", "train", "--cache", cache, "--backbone", "zf5", "--weights", "random",
+                   "--scales", SCALE, "--no-proposals")
+    assert built.exit_code == 0, built.output
+    result = invoke("train-svm", "--cache", cache, "--out", tmp_path / "m.safetensors")
+    assert result.exit_code == 1
+    assert one_line(result) == (f"Error: {cache}: built with --no-proposals (no windows to mine negatives from); "
+                                "pass --proposal-model FILE or rebuild the cache without --no-proposals")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 def test_train_svm_on_a_cache_without_ground_truth(plain_zf5_cache, tmp_path):
     result = invoke("train-svm", "--cache", plain_zf5_cache, "--out", tmp_path / "m.safetensors")
     assert result.exit_code == 1
     assert one_line(result) == f"Error: {plain_zf5_cache}: no cached image has ground truth; build the cache with --data SPEC"
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_train_svm_on_ground_truth_without_boxes(tmp_path):
+    data = tmp_path / "data"
+    write_image(data / "images" / "empty.jpg")
+    (data / "annotations").mkdir()
+    (data / "annotations" / "empty.xml").write_text("<annotation><filename>empty.jpg</filename>"
+                                    "<size><width>64</width><height>48</height><depth>3</depth></size></annotation>")
+    cache = tmp_path / "feats"
+    built = invoke("cache", "--data", data, "--cache", cache, "--backbone", "zf5", "--weights", "random", "--scales", SCALE, "--no-proposals")
+    assert built.exit_code == 0, built.output
+    result = invoke("train-svm", "--cache", cache, "--out", tmp_path / "m.safetensors")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {cache}: the ground truth of its 1 image(s) holds no box; nothing to train on"
     assert not (tmp_path / "m.safetensors").exists()
 
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from pathlib import Path
 
 import numpy as np
 
 from spp_cli import backbones, ui
 from spp_cli.cache import (
+    HEADER,
     STRAY_FILE,
     CacheEntry,
     CacheSettings,
@@ -53,9 +54,17 @@ def run_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone
     `spp train --scales auto` builds both caches so, the finer one's own step then finds its entries."""
     # Multi-scale runs fragment the heap: their RSS is held at the working set while the cache is
     # built, and only then; one scale runs on glibc's own settings (spp_cli.memory: what each costs).
-    with heap_for_scales(len(parse_scales(scales))):
-        return _build_cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu, shard,
-                            sources, selective_search, finer_cache)
+    # A cache this run creates but writes no entry into (bad weights, every image refused) is not
+    # left behind: its header would hold the folder to this run's settings.
+    new = [Path(d) for d in (cache_dir, finer_cache) if d is not None and not (Path(d) / HEADER).exists()]
+    try:
+        with heap_for_scales(len(parse_scales(scales))):
+            return _build_cache(inputs, data, split, cache_dir, props, backbone, weights, scales, max_side, dtype, gpu, shard,
+                                sources, selective_search, finer_cache)
+    finally:
+        for folder in new:
+            with suppress(OSError, SPPError):  # never in place of the run's own error
+                FeatureCache.discard_if_unused(folder)
 
 
 def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backbone: str, weights: str | None,

@@ -7,10 +7,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from spp_cli import ui
-from spp_cli.cache import FeatureCache
+from spp_cli.cache import FeatureCache, proposals_digest
 from spp_cli.config import BBoxRegConfig, SVMConfig
-from spp_cli.errors import UsageError
+from spp_cli.errors import CacheError, UsageError
 from spp_cli.fileio import check_not_input, check_writable
 
 
@@ -57,6 +59,10 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
     windows = windows or ("learned" if proposal_model_path is not None else "selective-search")
     if windows == "learned" and proposal_model_path is None:
         raise UsageError("--windows learned needs --proposal-model FILE")
+    if windows == "selective-search" and not any(_holds_proposals(cache, key) for key in data.keys + data.negative_keys):
+        # Without windows no negative is mined: the SVMs would fire everywhere.
+        remedy = "" if mode == "rcnn" else "pass --windows learned or " if proposal_model_path is not None else "pass --proposal-model FILE or "
+        raise CacheError(f"{cache_dir}: built with --no-proposals (no windows to mine negatives from); {remedy}rebuild the cache without --no-proposals")
     if proposal_model_path is not None:
         from spp_cli.rpn import LearnedWindows, ProposalModel
 
@@ -155,6 +161,14 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         f"Wrote {out}: {len(detector.classes)} class(es), box regression {'on' if bbox_reg else 'off'}{how}, {time.perf_counter() - start:.1f} s",
     )
     return 0
+
+
+_NO_PROPOSALS = proposals_digest(np.zeros((0, 4), np.float32))
+
+
+def _holds_proposals(cache: FeatureCache, key: str) -> bool:
+    """Whether an entry holds selective-search windows (`spp cache --no-proposals` stores none)."""
+    return cache.metadata(key).get("proposals_sha256") != _NO_PROPOSALS
 
 
 def _assemble_on_rank_0(detector, classes: list[str], out: Path, rank: int, world: int):
