@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -71,8 +72,21 @@ def _umask() -> int:
 
 
 def atomic_write_json(path: str | Path, obj: object, indent: int | None = None) -> None:
-    """Serialise ``obj`` as UTF-8 JSON and write it atomically."""
-    atomic_write_bytes(path, json.dumps(obj, indent=indent, ensure_ascii=False).encode("utf-8"))
+    """Serialise ``obj`` as UTF-8 JSON and write it atomically.
+
+    A file name that is not valid UTF-8 (``b"bad\\xffname.jpg"``) reaches here as
+    a ``str`` with a lone surrogate (Python's ``surrogateescape``), which UTF-8
+    cannot encode: it is written as a JSON ``\\udcff`` escape, which ``json.loads``
+    reads back to the same ``str``, so the same path on disk. Other text stays as
+    it is (``é``, not ``\\u00e9``).
+    """
+    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    # Outside strings json.dumps writes only ASCII, so every surrogate is inside one.
+    text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def check_writable(path: str | Path) -> None:

@@ -8,6 +8,7 @@ pixel-count limit that turns decompression bombs into a clear error.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import warnings
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from spp_cli.errors import ImageError
+from spp_cli.errors import ImageError, UsageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 
@@ -27,9 +28,26 @@ DEFAULT_MAX_PIXELS = 100_000_000
 
 
 def max_pixels() -> int:
-    """The pixel limit: ``SPP_MAX_PIXELS`` from the environment, else the default."""
+    """The pixel limit: ``SPP_MAX_PIXELS`` from the environment, else the default.
+
+    Raises:
+        UsageError: the variable is set to anything but a positive whole number.
+    """
     value = os.environ.get("SPP_MAX_PIXELS")
-    return int(value) if value else DEFAULT_MAX_PIXELS
+    return _parse_max_pixels(value) if value is not None and value.strip() else DEFAULT_MAX_PIXELS
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_max_pixels(value: str) -> int:
+    """``SPP_MAX_PIXELS``'s value, parsed once per value (not once per image)."""
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        # As shard.py says of WORLD_SIZE and the other launcher variables.
+        raise UsageError(f"SPP_MAX_PIXELS={value!r} in the environment is not a positive whole number")
+    return limit
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
@@ -215,6 +233,10 @@ def expand_inputs(inputs: list[str]) -> tuple[list[Path], list[tuple[str, str]]]
     """
     from spp_cli.errors import SPPError
 
+    # A bad SPP_MAX_PIXELS stops the run here, once, before any work: raised while
+    # reading each image it would be one "skipped" line per image. (Datasets meet it
+    # in image_size, which they call for every record before any work, and pass on.)
+    max_pixels()
     paths: list[Path] = []
     skipped: list[tuple[str, str]] = []
     for item in inputs:

@@ -32,7 +32,7 @@ from spp_cli.config import DetectConfig
 from spp_cli.errors import ModelError
 from spp_cli.fileio import atomic_write_bytes, read_safetensors
 from spp_cli.head import Head
-from spp_cli.spp import Alignment, PyramidPooler
+from spp_cli.spp import Alignment, PyramidPooler, output_dim
 from spp_cli.svm import LinearSVMs
 
 if TYPE_CHECKING:  # imported where a model carries one: torchvision's detection modules load then
@@ -181,27 +181,47 @@ class Detector:
             raise ModelError(f"{path}: unknown feature mode {mode!r} (this spp knows {', '.join(MODES)})")
         try:
             classes = list(meta["classes"])
+            # Files without a digest (or re-saved with a new one) are checked here, so that a
+            # model that does not fit together is refused on load, not in a matrix product at detection.
+            for name in ("svm_weight", "svm_bias", "bbox_weight", "bbox_bias"):
+                if name in tensors and tensors[name].dtype != torch.float32:
+                    raise ValueError(f"{name} is {str(tensors[name].dtype).removeprefix('torch.')}, not float32")
             weight = tensors["svm_weight"].numpy()
             bias = tensors["svm_bias"].numpy()
-            if weight.shape[0] != len(classes) or bias.shape != (len(classes),):
+            if weight.ndim != 2 or weight.shape[0] != len(classes) or bias.shape != (len(classes),):
                 raise ValueError("classifier shapes do not match the class list")
             features = CacheSettings.from_json(meta["features"])
+            levels = meta["levels"]
+            if (not isinstance(levels, list) or not levels
+                    or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in levels)):
+                raise ValueError(f"levels {json.dumps(levels)} are not a non-empty list of positive whole numbers")
+            pool5_width = output_dim(features.channels, tuple(levels))
             regressors = None
             if "bbox_weight" in tensors:
                 regressors = BoxRegressors(tensors["bbox_weight"].numpy(), tensors["bbox_bias"].numpy())
-                if regressors.weight.shape[0] != len(classes):
+                if regressors.weight.ndim != 3 or regressors.weight.shape[0] != len(classes) or regressors.bias.shape != (len(classes), 4):
                     raise ValueError("box regressor shapes do not match the classifiers")
+                if regressors.weight.shape[1:] != (pool5_width, 4):
+                    raise ValueError(f"bbox_weight is {list(regressors.weight.shape)}, not [{len(classes)}, {pool5_width}, 4]: "
+                                     f"the box regressors read pool5, {features.channels} channels x levels {levels}")
             head = Head.from_parts(meta["head"], tensors, str(path), HEAD_PREFIX) if meta.get("head") else None
             proposal_model = None
             if meta.get("proposal_model"):
                 from spp_cli.rpn import ProposalModel
 
                 proposal_model = ProposalModel.from_parts(meta["proposal_model"], tensors, str(path), PROPOSAL_PREFIX)
-            if head is not None and head.hidden != weight.shape[1]:
-                raise ValueError("classifier length does not match the head's fc7 width")
+            if head is not None:
+                if head.network.fc6.in_features != pool5_width:
+                    raise ValueError(f"the head's fc6 is {head.network.fc6.in_features} wide, not {pool5_width}: "
+                                     f"it reads pool5, {features.channels} channels x levels {levels}")
+                if head.hidden != weight.shape[1]:
+                    raise ValueError("classifier length does not match the head's fc7 width")
+            elif weight.shape[1] != pool5_width:
+                raise ValueError(f"svm_weight is {weight.shape[1]} wide, not {pool5_width}: "
+                                 f"the SVMs read pool5, {features.channels} channels x levels {levels}")
             return cls(
                 features=features,
-                levels=tuple(meta["levels"]),
+                levels=tuple(levels),
                 svms=LinearSVMs(classes, weight, bias, float(meta["feature_scale"])),
                 regressors=regressors,
                 head=head,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from spp_cli import __version__, ui
 from spp_cli.calibration import Calibration
-from spp_cli.errors import DatasetError, UsageError
+from spp_cli.errors import DatasetError, SPPError, UsageError
 from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
 
 STATE_FORMAT = "spp-train-state"
@@ -449,7 +449,10 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     # The dataset's annotation file, split lists and background lists are read again on a resume.
     check_not_input(out, [plan.data, plan.split, *([plan.val_split] if plan.val_split else []), *plan.negatives])
     work = work if work is not None else out.with_name(out.stem + ".work")
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # as FeatureCache says of a --cache folder it cannot create
+        raise SPPError(f"{work}: cannot create work folder ({exc.strerror or exc})") from None
     cache_dir = cache_dir if cache_dir is not None else work / "feats"
     state = TrainState.load_or_new(work / "train-state.json", {**plan.fingerprint(), "cache": str(cache_dir.resolve()), "spp": __version__})
 

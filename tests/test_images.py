@@ -89,6 +89,28 @@ def test_pixel_limit(tmp_path, monkeypatch):
         load_image(path)
 
 
+@pytest.mark.parametrize("value", ["abc", "-1", "0", "1.5", "1e6"])
+def test_a_bad_pixel_limit_is_one_line_before_any_work(tmp_path, monkeypatch, value):
+    from click.testing import CliRunner
+
+    from spp_cli.cli import cli
+    from spp_cli.errors import UsageError
+
+    path = write_image(tmp_path / "a.jpg")
+    monkeypatch.setenv("SPP_MAX_PIXELS", value)
+    message = f"SPP_MAX_PIXELS={value!r} in the environment is not a positive whole number"
+    with pytest.raises(UsageError) as info:
+        load_image(path)
+    assert str(info.value) == message
+    # Said once for the run, not once per image ("skipped ...").
+    write_image(tmp_path / "b.jpg", seed=1)
+    for command in ("detect", "propose"):
+        result = CliRunner().invoke(cli, [command, str(tmp_path), "--out", str(tmp_path / "out.json")])
+        assert result.exit_code == 1
+        assert result.stderr == f"Error: {message}\n"
+        assert not (tmp_path / "out.json").exists()
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ImageError, match=r"nope\.jpg: no such file$"):
         load_image(tmp_path / "nope.jpg")

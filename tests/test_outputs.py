@@ -124,3 +124,33 @@ def test_props_with_a_nan_coordinate_are_refused(tmp_path):
     result = invoke("detect", image, "--props", props, "--out", tmp_path / "d.json")
     assert result.exit_code == 1
     assert one_line(result) == f"Error: {props}: images[0] has a box with a coordinate that is not a finite number"
+
+
+def test_a_file_name_that_is_not_utf8_is_written_and_read_back(tmp_path):
+    """Such a name comes from the file system as a str with a lone surrogate
+    (surrogateescape): it is written as a JSON escape and read back to the same file."""
+    import os
+
+    from spp_cli.detections import read_detections
+    from spp_cli.fileio import atomic_write_json
+    from spp_cli.proposals import read_proposals
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    raw = os.path.join(os.fsencode(folder), b"bad\xffname \xc3\xa9.jpg")
+    open(raw, "wb").close()
+    (image,) = folder.iterdir()
+    assert "\udcff" in str(image)
+    entry = {"id": image.stem, "path": str(image), "width": 64, "height": 48}
+    dets, props = tmp_path / "d.json", tmp_path / "p.json"
+    atomic_write_json(dets, {"format": "spp-detections", "version": 1, "classes": ["cat"],
+                             "images": [{**entry, "detections": [{"box": [1, 2, 3, 4], "class": "cat", "class_id": 0, "score": 0.5}]}]})
+    atomic_write_json(props, {"format": "spp-proposals", "version": 1, "params": {}, "images": [{**entry, "boxes": [[1, 2, 3, 4]]}]}, indent=2)
+    for out in (dets, props):
+        text = out.read_bytes().decode("utf-8")  # still UTF-8 JSON
+        assert '"id": "bad\\udcffname é"' in text  # the undecodable byte escaped, the rest as it was
+    (read,) = read_detections(dets).images
+    assert (read.id, Path(read.path)) == (image.stem, image)
+    assert os.fsencode(read.path) == raw and Path(read.path).is_file()
+    (read,) = read_proposals(props).images
+    assert (read.image_id, Path(read.path)) == (image.stem, image)

@@ -438,6 +438,48 @@ def test_bit_flip_in_model_tensors_is_detected(pipeline, tmp_path):
     assert result.stderr.strip() == f"Error: {damaged}: damaged spp model (checksum mismatch)"
 
 
+SHIPPED_LEVELS = "320 channels x levels [1, 2, 3, 6]"
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"svm_weight": lambda t: t[:, :100]}, f"svm_weight is 100 wide, not 16000: the SVMs read pool5, {SHIPPED_LEVELS}"),
+    ({"svm_weight": lambda t: t.half()}, "svm_weight is float16, not float32"),
+    ({"bbox_bias": lambda t: t.double()}, "bbox_bias is float64, not float32"),
+    ({"bbox_weight": lambda t: t[:, :100]}, f"bbox_weight is [1, 100, 4], not [1, 16000, 4]: the box regressors read pool5, {SHIPPED_LEVELS}"),
+    ({"bbox_weight": lambda t: t[:, :, :2]}, f"bbox_weight is [1, 16000, 2], not [1, 16000, 4]: the box regressors read pool5, {SHIPPED_LEVELS}"),
+    ({"bbox_bias": lambda t: t[:, :2]}, "box regressor shapes do not match the classifiers"),
+    ({"levels": []}, "levels [] are not a non-empty list of positive whole numbers"),
+    ({"levels": [0]}, "levels [0] are not a non-empty list of positive whole numbers"),
+    ({"levels": [1, 2.5]}, "levels [1, 2.5] are not a non-empty list of positive whole numbers"),
+    ({"levels": "1236"}, 'levels "1236" are not a non-empty list of positive whole numbers'),
+    ({"levels": [1, 2, 3]}, "bbox_weight is [1, 16000, 4], not [1, 4480, 4]: the box regressors read pool5, 320 channels x levels [1, 2, 3]"),
+])
+def test_a_model_that_does_not_fit_together_is_refused_on_load(tmp_path, change, problem):
+    """The shipped detector re-saved with one thing changed and no digest (as a file from
+    elsewhere may be): refused on load with one line, not a traceback at detection."""
+    from conftest import REPO
+
+    with safe_open(str(REPO / "weights" / "default.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["spp"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    del meta["digest"]
+    for key, value in change.items():
+        if key in tensors:
+            tensors[key] = value(tensors[key]).contiguous()
+        else:
+            meta[key] = value
+    model = tmp_path / "m.safetensors"
+    save_file(tensors, str(model), metadata={"spp": json.dumps(meta)})
+    expected = f"{model}: damaged spp model ({problem})"
+    result = invoke("detect", REPO / "examples" / "raccoon.jpg", "--model", model, "--out", tmp_path / "d.json")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {expected}"
+    assert not (tmp_path / "d.json").exists()
+    result = invoke("models", model)
+    assert result.exit_code == 1
+    assert f"  skipped {expected}" in result.stderr.splitlines()
+
+
 # ---------------------------------------------------------------- learned proposals
 
 

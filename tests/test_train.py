@@ -326,6 +326,18 @@ def test_under_torchrun_it_says_to_run_the_steps(tmp_path):
                              "train-svm) as in docs/scale-out.md\n")
 
 
+def test_a_work_folder_that_cannot_be_created_is_one_line(tmp_path):
+    # A regular file in the way: no folder can be made there, root or not (a mode would not stop root).
+    (tmp_path / "m.work").write_text("not a folder")  # where --out m.safetensors puts its work folder
+    out = tmp_path / "m.safetensors"
+    for extra, work, reason in (([], tmp_path / "m.work", "File exists"),
+                                (["--work", str(tmp_path / "m.work" / "w")], tmp_path / "m.work" / "w", "Not a directory")):
+        result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path), "--out", str(out), *extra])
+        assert result.exit_code == 1
+        assert result.output == f"Error: {work}: cannot create work folder ({reason})\n"
+    assert (tmp_path / "m.work").read_text() == "not a folder" and not out.exists()
+
+
 def test_background_images_join_the_svms_as_negatives(tmp_path):
     from PIL import Image
 
