@@ -461,6 +461,9 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     val_set = open_dataset(plan.data, plan.val_split) if plan.val_split else None
     if not train_set.records:
         raise DatasetError(f"{plan.data}: no usable images in split '{plan.split}'")
+    if not any(len(record.boxes) for record in train_set.records):  # found here, not by its fourth step
+        where = f" of split '{plan.split}'" if plan.split else ""
+        raise DatasetError(f"{plan.data}: the {len(train_set.records)} image(s){where} hold no ground-truth box; nothing to train on")
     split = split_for_validation([r.image_id for r in train_set.records],
                                  [r.image_id for r in val_set.records] if val_set is not None else None, plan.val_fraction)
     records = {r.image_id: (r, train_set.classes) for r in train_set.records}

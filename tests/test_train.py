@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import RACCOON, SHARED_DATA, TEST, TRAIN, require_shared_data, write_shapes
+from conftest import RACCOON, SHARED_DATA, TEST, TRAIN, require_shared_data, write_image, write_shapes
 from conftest import model_tensors as tensors
 
 from spp_cli import backbones, pipeline
@@ -336,6 +336,21 @@ def test_a_work_folder_that_cannot_be_created_is_one_line(tmp_path):
         assert result.exit_code == 1
         assert result.output == f"Error: {work}: cannot create work folder ({reason})\n"
     assert (tmp_path / "m.work").read_text() == "not a folder" and not out.exists()
+
+
+def test_a_dataset_without_boxes_is_refused_before_any_step(tmp_path):
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    for name in ("a", "b"):
+        write_image(data / "images" / f"{name}.jpg", seed=len(name))
+        (data / "annotations" / f"{name}.xml").write_text(
+            f"<annotation><filename>{name}.jpg</filename><size><width>64</width><height>48</height><depth>3</depth></size></annotation>")
+    (data / "train.txt").write_text("a\nb\n")
+    out = tmp_path / "m.safetensors"
+    result = CliRunner().invoke(cli, ["train", "--data", str(data), "--out", str(out)])
+    assert result.exit_code == 1
+    assert result.output == f"Error: {data}: the 2 image(s) of split 'train' hold no ground-truth box; nothing to train on\n"
+    assert not out.exists() and not (tmp_path / "m.work" / "feats").exists()
 
 
 def test_background_images_join_the_svms_as_negatives(tmp_path):
