@@ -22,8 +22,11 @@ Shape letters: K classes, D feature length, P positives, N negatives.
 from __future__ import annotations
 
 import itertools
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
@@ -86,12 +89,29 @@ class NegativeStore:
     Why chunks: one growing array copied every row again at each growth (half as much
     again each time) and touched every page of each new array; on coco128 (16,000-d rows,
     gigabytes of them) that was 18 s of a 200 s SVM step.
+
+    With ``spill`` (a folder), chunks past the first ``memory_rows`` rows are files there,
+    mapped into memory (unlinked at once: nothing is left behind, even on a kill). Their pages
+    are the page cache's, which the system can write back and drop under memory pressure,
+    where rows in anonymous memory (there is no swap on many machines) end the process: with
+    many classes nearly every window of every image is hard for some class, so the store
+    grows with the training set (coco128's 86 fit images: 99,464 rows, 3.2 GB, 69 classes).
     """
 
-    def __init__(self, dim: int, chunk_rows: int = 4096):
+    def __init__(self, dim: int, chunk_rows: int = 4096, spill: Path | None = None, memory_rows: int | None = None):
         self.dim, self.chunk_rows = dim, chunk_rows
+        self.spill, self.memory_rows = spill, memory_rows
         self.chunks: list[np.ndarray] = []
         self.count = 0
+
+    def _new_chunk(self) -> np.ndarray:
+        """An uninitialised ``(chunk_rows, D)`` fp16 chunk for the next place in ``chunks``: in memory,
+        or a mapped file in ``spill`` once ``memory_rows`` rows are in memory before it."""
+        in_memory = sum(1 for chunk in self.chunks if chunk is not None and not isinstance(chunk, np.memmap))
+        if self.spill is None or self.memory_rows is None or in_memory * self.chunk_rows < self.memory_rows:
+            return np.empty((self.chunk_rows, self.dim), np.float16)
+        with tempfile.TemporaryFile(dir=self.spill, prefix="spp-negatives-") as file:  # the mapping outlives the name and the handle
+            return np.memmap(file, np.float16, "w+", shape=(self.chunk_rows, self.dim))
 
     def add(self, rows: np.ndarray) -> np.ndarray:
         """Append ``(R, D)`` rows; their numbers ``(R,)``."""
@@ -100,7 +120,7 @@ class NegativeStore:
         while at < len(rows):
             chunk, offset = divmod(self.count, self.chunk_rows)
             if chunk == len(self.chunks):
-                self.chunks.append(np.empty((self.chunk_rows, self.dim), np.float16))
+                self.chunks.append(self._new_chunk())
             taken = min(len(rows) - at, self.chunk_rows - offset)
             self.chunks[chunk][offset : offset + taken] = rows[at : at + taken]
             at += taken
@@ -122,7 +142,7 @@ class NegativeStore:
         old, self.chunks, self.count = self.chunks, [], 0
         for at in range(0, len(live), self.chunk_rows):
             part = live[at : at + self.chunk_rows]
-            self.chunks.append(np.empty((self.chunk_rows, self.dim), np.float16))
+            self.chunks.append(self._new_chunk())
             self.chunks[-1][: len(part)] = np.concatenate(list(_rows_of(old, self.chunk_rows, part)))
             self.count += len(part)
             for done in range(int(part[-1]) // self.chunk_rows):
@@ -136,6 +156,43 @@ def _rows_of(chunks: list, chunk_rows: int, numbers: np.ndarray) -> Iterable[np.
     for index in np.unique(chunk):
         mine = numbers[chunk == index]
         yield chunks[index][mine - index * chunk_rows]
+
+
+def memory_limit() -> int:
+    """Bytes this process may hold: the machine's memory, or the lowest limit of its control group
+    and the groups above it where lower (a container's, a SLURM job's; cgroup v2 ``memory.max``,
+    v1 ``memory.limit_in_bytes``, as ``/proc/self/cgroup`` places the process)."""
+    limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return limit
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        if controllers == "":
+            root, name = Path("/sys/fs/cgroup"), "memory.max"
+        elif "memory" in controllers.split(","):
+            root, name = Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+        else:
+            continue
+        folder = root / group.lstrip("/")
+        for where in [folder, *folder.parents]:
+            try:
+                text = (where / name).read_text().strip()
+            except OSError:
+                text = ""
+            if text.isdigit():
+                limit = min(limit, int(text))
+            if where == root:
+                break
+    return limit
+
+
+def store_memory_rows(dim: int, share: float = 0.25) -> int:
+    """Rows of ``dim`` fp16 features that :class:`NegativeStore` keeps in memory before it spills:
+    ``share`` of :func:`memory_limit`. A quarter leaves the rest to a retrain's float32 rows
+    (up to ``max_negatives`` of them, twice: its rows and their copies) and to the process."""
+    return int(memory_limit() * share) // (2 * dim)
 
 
 def fit_linear_svm(
@@ -325,15 +382,18 @@ class HardNegativeMiner:
         dim: D, feature length.
         config: the protocol's settings.
         on_retrain: called with ``(class name, positives, negatives)`` after each retrain.
+        spill, memory_rows: where the hard negatives' store puts rows past its first
+            ``memory_rows`` (see :class:`NegativeStore`); ``None``: all in memory.
     """
 
-    def __init__(self, classes: list[str], dim: int, config: SVMConfig, on_retrain: Callable[[str, int, int], None] | None = None):
+    def __init__(self, classes: list[str], dim: int, config: SVMConfig, on_retrain: Callable[[str, int, int], None] | None = None,
+                 spill: Path | None = None, memory_rows: int | None = None):
         self.classes = list(classes)
         self.dim = dim
         self.config = config
         self.on_retrain = on_retrain
         self.state = {name: _ClassState() for name in classes}
-        self.store = NegativeStore(dim)
+        self.store = NegativeStore(dim, spill=spill, memory_rows=memory_rows)
         self._rows, self._active_rows = Scratch(), Scratch()  # a retrain's rows, and its active rows' copies
 
     def add_positives(self, class_name: str, features: np.ndarray) -> None:

@@ -8,7 +8,10 @@ Shape letters: R windows, N ground truths, D feature length, K classes.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -22,7 +25,7 @@ from spp_cli.errors import DatasetError, ModelError
 from spp_cli.head import Head
 from spp_cli.model import Detector
 from spp_cli.spp import DEFAULT_LEVELS, output_dim
-from spp_cli.svm import HardNegativeMiner, LinearSVMs, negative_candidates
+from spp_cli.svm import HardNegativeMiner, LinearSVMs, negative_candidates, store_memory_rows
 from spp_cli.windows import SPPFeaturizer, mean_feature_norms
 
 Progress = Callable[[str, int, int], None]
@@ -192,7 +195,10 @@ def train_detector(
 
     dim = head.hidden if head is not None else output_dim(settings.channels, levels)
     pool5_dim = output_dim(settings.channels, levels)
-    miner = HardNegativeMiner(data.classes, dim, svm_config, on_retrain=lambda c, p, n: log(f"retrained {c}: {p} positives, {n} negatives"))
+    # Hard negatives past a quarter of the memory go to files beside the cache (see NegativeStore).
+    spill = cache.root if os.access(cache.root, os.W_OK) else Path(tempfile.gettempdir())
+    miner = HardNegativeMiner(data.classes, dim, svm_config, on_retrain=lambda c, p, n: log(f"retrained {c}: {p} positives, {n} negatives"),
+                              spill=spill, memory_rows=store_memory_rows(dim))
 
     # 2. Positives: ground-truth boxes (not difficult, not crowd) and, with positive_iou,
     #    the windows that overlap one of them that much (as the box's class).

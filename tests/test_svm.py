@@ -10,12 +10,14 @@ from spp_cli.svm import HardNegativeMiner, NegativeStore
 CLASSES = ["a", "b", "c"]
 
 
-def mine(threads: int) -> tuple[np.ndarray, np.ndarray, list]:
-    """Three classes of 40-d features, 6 images of 300 windows; retrain every 100 new hard negatives."""
+def mine(threads: int, spill=None) -> tuple[np.ndarray, np.ndarray, list]:
+    """Three classes of 40-d features, 6 images of 300 windows; retrain every 100 new hard negatives.
+    With ``spill`` (a folder) the store keeps every row in files there."""
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (len(CLASSES), 40)).astype(np.float32)
     log = []
-    miner = HardNegativeMiner(CLASSES, 40, SVMConfig(retrain_every=100), on_retrain=lambda *row: log.append(row))
+    miner = HardNegativeMiner(CLASSES, 40, SVMConfig(retrain_every=100), on_retrain=lambda *row: log.append(row),
+                              spill=spill, memory_rows=0 if spill else None)
     for k, name in enumerate(CLASSES):
         miner.add_positives(name, centres[k] * 3 + rng.normal(0, 1, (20, 40)).astype(np.float32))
     before = torch.get_num_threads()
@@ -24,6 +26,7 @@ def mine(threads: int) -> tuple[np.ndarray, np.ndarray, list]:
         for _ in range(6):
             features = torch.from_numpy(rng.normal(0, 1, (300, 40)).astype(np.float32))
             miner.add_image(features, {name: np.arange(300) for name in CLASSES})
+        assert all(isinstance(chunk, np.memmap) == bool(spill) for chunk in miner.store.chunks)
         svms = miner.finish(1.0)
     finally:
         torch.set_num_threads(before)
@@ -36,6 +39,23 @@ def test_mining_is_reproducible_whatever_the_thread_count():
     assert len(log1) > len(CLASSES)  # several retrains per class happened
     assert log1 == log2  # the same retrains, in class order
     assert np.array_equal(w1, w2) and np.array_equal(b1, b2)
+
+
+def test_mining_with_the_store_spilled_to_files_gives_the_same_svms(tmp_path):
+    w1, b1, log1 = mine(threads=2)
+    w2, b2, log2 = mine(threads=2, spill=tmp_path)
+    assert log1 == log2
+    assert np.array_equal(w1, w2) and np.array_equal(b1, b2)
+
+
+def test_the_memory_limit_is_at_most_the_machines():
+    import os
+
+    from spp_cli.svm import memory_limit, store_memory_rows
+
+    machine = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < memory_limit() <= machine
+    assert store_memory_rows(16_001) == int(memory_limit() * 0.25) // 32_002
 
 
 def test_the_mined_svms_separate_their_class():
@@ -92,15 +112,19 @@ def test_the_store_keeps_each_window_once_and_compaction_keeps_rows_and_order():
         assert (np.diff(numbers) > 0).all()  # still in mined order
 
 
-def test_the_store_reads_rows_across_chunks_as_one_array_would():
-    """Rows in chunks of 5 against a plain array of every row added (the slow reference)."""
+@pytest.mark.parametrize("spill", [False, True])
+def test_the_store_reads_rows_across_chunks_as_one_array_would(spill, tmp_path):
+    """Rows in chunks of 5 against a plain array of every row added (the slow reference); with
+    ``spill``, every chunk after the first is a mapped file, and no file is left in the folder."""
     rng = np.random.default_rng(3)
-    store, reference = NegativeStore(3, chunk_rows=5), np.zeros((0, 3), np.float16)
+    store = NegativeStore(3, chunk_rows=5, spill=tmp_path if spill else None, memory_rows=5)
+    reference = np.zeros((0, 3), np.float16)
     for count in (2, 7, 0, 5, 1, 9):
         rows = rng.normal(0, 1, (count, 3)).astype(np.float16)
         assert np.array_equal(store.add(rows), np.arange(len(reference), len(reference) + count))
         reference = np.concatenate([reference, rows])
     assert store.count == len(reference) == 24 and len(store.chunks) == 5
+    assert [isinstance(chunk, np.memmap) for chunk in store.chunks] == [False] + [spill] * 4
     numbers = np.sort(rng.choice(24, 13, replace=False))
     for size in (1, 4, 512):
         blocks = list(store.blocks(numbers, size))
@@ -112,6 +136,7 @@ def test_the_store_reads_rows_across_chunks_as_one_array_would():
     for old, new in zip(holders, renumbered):
         assert np.array_equal(store.take(new), reference[old])
     assert np.array_equal(store.add(reference[:2]), [store.count - 2, store.count - 1])  # adds go on after compaction
+    assert list(tmp_path.iterdir()) == []  # the spilled chunks' files are unlinked as soon as they are mapped
 
 
 def test_a_window_hard_for_several_classes_is_stored_once():
