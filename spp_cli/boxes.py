@@ -35,7 +35,9 @@ def from_xywh(boxes: np.ndarray, dtype=np.float32) -> np.ndarray:
     """``(R, 4)`` boxes ``[x, y, w, h]`` (COCO, OpenCV rects) to ``xyxy`` (annotations: float64, so
     that :func:`spp_cli.data.records.sanitise` sees values beyond float32's range)."""
     boxes = np.asarray(boxes, dtype=dtype).reshape(-1, 4)
-    return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
+    # A corner beyond float64 becomes inf: sanitise drops such boxes with spp's own warning, not numpy's.
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.concatenate([boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], axis=1)
 
 
 def to_xywh(boxes: np.ndarray) -> np.ndarray:

@@ -90,8 +90,10 @@ def read_detections(path: str | Path) -> DetectionsFile:
     if not isinstance(entries, list):
         raise SPPError(f"{path}: \"images\" is not a list")
     images = [_read_entry(path, n, entry) for n, entry in enumerate(entries)]
-    classes = doc.get("classes", [])
-    return DetectionsFile(classes=[str(c) for c in classes] if isinstance(classes, list) else [], images=images)
+    classes = doc.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise SPPError(f"{path}: \"classes\" is not a list of class names")
+    return DetectionsFile(classes=list(classes), images=images)
 
 
 def _read_entry(path: Path, n: int, entry) -> DetectionsImage:

@@ -67,13 +67,33 @@ def test_weights_file_round_trip_and_errors(tmp_path):
 
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelError, match=r"junk\.pth: cannot load weights"):
+    with pytest.raises(ModelError, match=r"junk\.pth: not a torch or safetensors checkpoint \(UnpicklingError: "):
         FeatureExtractor(get_spec("zf5"), weights=junk)
     with pytest.raises(ModelError, match=r"zf5: weights do not fit|cannot load"):
         torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
         FeatureExtractor(get_spec("zf5"), weights=tmp_path / "wrong.pth")
     with pytest.raises(ModelError, match=r"missing\.pth: weights file not found"):
         FeatureExtractor(get_spec("zf5"), weights=tmp_path / "missing.pth")
+
+
+def test_bad_weights_files_are_named_and_described(tmp_path):
+    from safetensors.torch import save_file
+
+    from conftest import invoke
+
+    image = REPO / "examples" / "raccoon.jpg"
+    text = tmp_path / "notes.txt"
+    text.write_text("hello\nworld\n")
+    result = invoke("cache", image, "--cache", tmp_path / "f", "--weights", text, "--scales", "96", "--no-proposals")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == f"Error: {text}: not a torch or safetensors checkpoint (KeyError: 101)"
+    # An spp detector's weights (a few head tensors) given as the backbone's.
+    head = tmp_path / "model.safetensors"
+    save_file({"cls_logits.weight": torch.zeros(3, 320, 1, 1), "cls_logits.bias": torch.zeros(3)}, str(head))
+    result = invoke("cache", image, "--cache", tmp_path / "f", "--weights", head, "--scales", "96", "--no-proposals")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (f"Error: {head}: checkpoint has 2 tensors, efficientnet_lite0 (timm) has 296; "
+                                "is it an ImageNet checkpoint of that network?")
 
 
 def test_random_weights_only_when_asked():

@@ -149,6 +149,25 @@ def test_image_missing_from_props_is_skipped(small_set, tmp_path):
     assert len(FeatureCache.open(tmp_path / "f").keys()) == 2
 
 
+def test_twin_of_an_unreadable_file_is_skipped_not_a_duplicate(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(b"")
+    (images / "b.jpg").write_bytes(b"")
+    good = write_image(images / "c.jpg")
+    (images / "d.jpg").write_bytes(good.read_bytes())  # a good image's twin is still cached once
+    result = invoke("cache", images, "--cache", tmp_path / "f", "--backbone", "zf5", "--weights", "random",
+                    "--scales", "96", "--no-proposals")
+    assert result.exit_code == 1
+    err = result.stderr.replace("\n", " ")
+    assert f"warning: {images / 'd.jpg'}: same bytes as {images / 'c.jpg'}; cached once" in result.stderr
+    assert "1 image(s) computed" in err and "1 duplicate(s)" in err
+    assert "same bytes as " + str(images / "a.jpg") not in err
+    assert "2 input(s) skipped:" in result.stderr
+    assert f"skipped {images / 'a.jpg'}: empty file (0 bytes)" in result.stderr
+    assert f"skipped {images / 'b.jpg'}: empty file (0 bytes)" in result.stderr
+
+
 def test_a_run_that_writes_no_entry_leaves_no_cache_behind(tmp_path):
     image = write_image(tmp_path / "imgs" / "a.jpg")
     bad = tmp_path / "bad.pt"
@@ -156,7 +175,7 @@ def test_a_run_that_writes_no_entry_leaves_no_cache_behind(tmp_path):
     feats = tmp_path / "feats"
     result = invoke("cache", image, "--cache", feats, "--weights", bad, "--scales", "96", "--no-proposals")
     assert result.exit_code == 1
-    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: {bad}: cannot load weights (")
+    assert result.stderr.strip().splitlines()[-1].startswith(f"Error: {bad}: not a torch or safetensors checkpoint (")
     assert not (feats / "cache.json").exists()
     # Not held to the failed run's weights: a run with the default ones builds the cache there.
     result = invoke("cache", image, "--cache", feats, "--scales", "96", "--no-proposals")

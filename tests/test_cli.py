@@ -287,6 +287,18 @@ def test_eval_of_detections_made_on_other_images(tmp_path, xml_dataset):
     )
 
 
+@pytest.mark.parametrize("classes", [None, "cat", {"cat": 0}, ["cat", 1]])
+def test_eval_of_detections_without_a_list_of_classes_names_the_file(tmp_path, xml_dataset, classes):
+    doc = {"format": "spp-detections", "version": 1, "images": []}
+    if classes is not None:
+        doc["classes"] = classes
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps(doc))
+    result = invoke("eval", dets, "--data", xml_dataset, "--split", "test")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f'Error: {dets}: "classes" is not a list of class names'
+
+
 def test_eval_against_a_dataset_without_images(tmp_path, coco_dataset):
     doc = json.loads(coco_dataset.read_text())
     coco_dataset.write_text(json.dumps({**doc, "images": [], "annotations": []}))

@@ -1,4 +1,5 @@
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -32,6 +33,18 @@ def test_split_as_id_file(xml_dataset, tmp_path):
 def test_unknown_split_lists_available(xml_dataset):
     with pytest.raises(DatasetError, match=r"no split 'val' .*available: test, train"):
         open_dataset(xml_dataset, "val")
+
+
+def test_split_path_that_is_missing_is_named(xml_dataset, tmp_path):
+    from conftest import invoke
+
+    missing = tmp_path / "nosuch.txt"
+    result = invoke("cache", "--data", xml_dataset, "--split", missing, "--cache", tmp_path / "f", "--no-proposals")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {missing}: split file not found"
+    with pytest.raises(DatasetError) as info:
+        open_dataset(xml_dataset, str(tmp_path / "lists" / "train"))
+    assert str(info.value) == f"{tmp_path / 'lists' / 'train'}: split file not found"
 
 
 def test_voc_layout(voc_dataset):
@@ -196,6 +209,16 @@ def test_coco_bbox_beyond_float32_is_dropped_without_numpy_noise(coco_dataset, r
     ds = open_dataset(coco_dataset)
     assert ds.warnings == [f"{coco_dataset}: image one.jpg: box 1 [1e+300, 5, 1e+300, 15] has a coordinate that is not a usable number; dropped"]
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_coco_bbox_whose_corner_overflows_is_dropped_without_numpy_noise(coco_dataset):
+    doc = coco_document()
+    doc["annotations"][0]["bbox"] = [1e308, 5, 1e308, 10]  # x + w overflows float64
+    coco_dataset.write_text(json.dumps(doc))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's overflow warning would raise
+        ds = open_dataset(coco_dataset)
+    assert ds.warnings == [f"{coco_dataset}: image one.jpg: box 1 [1e+308, 5, inf, 15] has a coordinate that is not a usable number; dropped"]
 
 
 @pytest.mark.parametrize(

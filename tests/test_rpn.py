@@ -280,6 +280,25 @@ def test_train_proposals_command(synthetic_cache, tmp_path):
     assert model.config.top_n == 50 and model.training["epochs_run"] == 2
 
 
+def test_train_proposals_on_ground_truth_without_boxes(tmp_path):
+    from conftest import invoke, one_line, write_image
+
+    data = tmp_path / "data"
+    for name in ("a", "b"):
+        write_image(data / "images" / f"{name}.jpg", seed=ord(name))
+        (data / "annotations").mkdir(exist_ok=True)
+        (data / "annotations" / f"{name}.xml").write_text(f"<annotation><filename>{name}.jpg</filename>"
+                                                          "<size><width>64</width><height>48</height><depth>3</depth></size></annotation>")
+    cache = tmp_path / "feats"
+    built = invoke("cache", "--data", data, "--cache", cache, "--backbone", "zf5", "--weights", "random", "--scales", "96", "--no-proposals")
+    assert built.exit_code == 0, built.output
+    out = tmp_path / "p.safetensors"
+    result = invoke("train-proposals", "--cache", cache, "--out", out, "--epochs", "1")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {cache}: the ground truth of its 2 image(s) holds no box; nothing to train on"
+    assert not out.exists() and not checkpoint_path(out).exists()
+
+
 def test_train_proposals_refuses_a_foreign_checkpoint(synthetic_cache, tmp_path):
     out = tmp_path / "p.safetensors"
     checkpoint_path(out).write_bytes(b"not a checkpoint")

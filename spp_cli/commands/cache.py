@@ -99,6 +99,8 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
 
     extractor = None
     seen: dict[str, str] = {}  # key -> first image id with those bytes
+    twins: list[tuple[Path, str]] = []  # (path, key) of the later files with the same bytes
+    unreadable: dict[str, str] = {}  # key -> why its image could not be decoded
     duplicates: list[str] = []
     forward_before = backbones.FORWARD_CALLS
     counts = {"computed": 0, "updated": 0, "reused": 0, "by_others": 0}
@@ -126,7 +128,9 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
         try:
             image = load_image(source.path, warn=ui.warn)
         except SPPError as exc:
-            bad.append((source.path, str(exc)))
+            problem = str(exc)
+            bad.append((source.path, problem))
+            unreadable[key] = problem.removeprefix(f"{source.path}: ")
             return "bad"
         if entry_props is None:
             entry_props = propose(image, proposal_params) if selective_search else np.zeros((0, 4), np.float32)
@@ -172,7 +176,7 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
             if key in seen:
                 # Byte-identical images share one entry; the first one's
                 # proposals and labels are kept so reruns are stable.
-                duplicates.append(f"{source.path}: same bytes as {seen[key]}; cached once")
+                twins.append((source.path, key))
                 advance()
                 continue
             seen[key] = str(source.path)
@@ -193,6 +197,12 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
             with cache.claim(key, wait=True):
                 outcome = cache_one(source, key, entry_props)
                 advance("by_others" if outcome == "reused" and not existed else outcome)
+    # The twin of a file that could not be decoded is no duplicate: nothing was cached; it is skipped alike.
+    for path, key in twins:
+        if key in unreadable:
+            bad.append((path, unreadable[key]))
+        else:
+            duplicates.append(f"{path}: same bytes as {seen[key]}; cached once")
     ui.print_warnings(duplicates)
     forwards = backbones.FORWARD_CALLS - forward_before
     per_image = f", conv {np.mean(conv_seconds):.2f} s/image" if conv_seconds else ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from spp_cli.data.records import Dataset
@@ -104,6 +105,9 @@ def split_file(split: str, default_dir: Path, dataset: Path) -> Path:
     candidate = default_dir / f"{split}.txt"
     if candidate.is_file():
         return candidate
+    if as_path.suffix == ".txt" or "/" in split or os.sep in split:
+        # A path, not a split name: say so, not that <path>.txt is missing.
+        raise DatasetError(f"{split}: split file not found")
     available = sorted(p.stem for p in default_dir.glob("*.txt")) if default_dir.is_dir() else []
     hint = f"; available: {', '.join(available)}" if available else ""
     raise DatasetError(f"{dataset}: no split '{split}' (looked for {candidate}){hint}")
