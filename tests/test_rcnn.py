@@ -22,6 +22,7 @@ from spp_cli.errors import CacheError, ModelError
 from spp_cli.images import load_image
 from spp_cli.model import Detector
 from spp_cli.rcnn import RCNNFeaturizer, extractor_for, rcnn_features
+from spp_cli.spp import output_dim
 from spp_cli.svm import LinearSVMs
 
 SCALE = "96"
@@ -102,8 +103,9 @@ def test_extractor_for_refuses_weights_it_cannot_rebuild():
 def _tiny_detector(mode: str) -> Detector:
     spec = backbones.get_spec("efficientnet_lite0")
     settings = CacheSettings(spec.name, "random:0", spec.layer, spec.stride, spec.offset, spec.channels, (96,), 2000, "fp16", spec.preprocess)
-    svms = LinearSVMs(["cat"], np.ones((1, 8), np.float32), np.zeros(1, np.float32), 0.5)
-    return Detector(settings, (1, 2), svms, BoxRegressors(np.zeros((1, 8, 4), np.float32), np.zeros((1, 4), np.float32)), mode=mode)
+    width = output_dim(spec.channels, (1, 2))  # pool5 of levels 1 and 2: a model that fits together loads
+    svms = LinearSVMs(["cat"], np.ones((1, width), np.float32), np.zeros(1, np.float32), 0.5)
+    return Detector(settings, (1, 2), svms, BoxRegressors(np.zeros((1, width, 4), np.float32), np.zeros((1, 4), np.float32)), mode=mode)
 
 
 def test_mode_is_saved_and_loaded_and_old_models_are_spp(tmp_path):
