@@ -240,13 +240,18 @@ def test_coco_field_of_the_wrong_kind(coco_dataset, where, field, value, kind):
     assert str(info.value) == f"{coco_dataset}: {where}[0] '{field}' is {json.dumps(value)}, not {kind}"
 
 
-def test_coco_category_ids_of_two_kinds(coco_dataset):
-    doc = coco_document()
-    doc["categories"][0]["id"] = "7"
+def refusal(coco_dataset, doc: dict) -> str:
+    """The DatasetError message of opening ``doc`` written to ``coco_dataset``."""
     coco_dataset.write_text(json.dumps(doc))
     with pytest.raises(DatasetError) as info:
         open_dataset(coco_dataset)
-    assert str(info.value) == f"{coco_dataset}: category ids mix numbers and strings"
+    return str(info.value)
+
+
+def test_coco_category_ids_of_two_kinds(coco_dataset):
+    doc = coco_document()
+    doc["categories"][0]["id"] = "7"
+    assert refusal(coco_dataset, doc) == f"{coco_dataset}: category ids mix numbers and strings"
 
 
 def test_yolo_path_that_is_not_a_folder_name(yolo_dataset):
@@ -267,10 +272,7 @@ def test_coco_box_warning_names_the_image(coco_dataset):
 def test_coco_duplicate_image_id(coco_dataset):
     doc = coco_document()
     doc["images"][1]["id"] = 1
-    coco_dataset.write_text(json.dumps(doc))
-    with pytest.raises(DatasetError) as info:
-        open_dataset(coco_dataset)
-    assert str(info.value) == f"{coco_dataset}: image id 1 appears twice (one.jpg, two.jpg)"
+    assert refusal(coco_dataset, doc) == f"{coco_dataset}: image id 1 appears twice (one.jpg, two.jpg)"
 
 
 def test_coco_annotations_of_no_image_are_counted_in_one_warning(coco_dataset):
@@ -283,14 +285,6 @@ def test_coco_annotations_of_no_image_are_counted_in_one_warning(coco_dataset):
     ds = open_dataset(coco_dataset)
     assert [len(r.boxes) for r in ds.records] == [2, 1]
     assert ds.warnings == [f"{coco_dataset}: 2 annotations have an image_id that is in no image (e.g. 99); ignored"]
-
-
-def test_coco_json_that_is_a_folder(coco_dataset):
-    coco_dataset.unlink()
-    coco_dataset.mkdir()
-    with pytest.raises(DatasetError) as info:
-        read_coco(coco_dataset, None)
-    assert str(info.value) == f"{coco_dataset}: cannot read (Is a directory)"
 
 
 NOT_UTF8 = bytes(range(128, 256))
@@ -316,12 +310,14 @@ def test_yolo_data_yaml_not_utf8(yolo_dataset):
     assert str(info.value) == f"{yolo_dataset}: not UTF-8 text"
 
 
-def test_yolo_data_yaml_that_is_a_folder(yolo_dataset):
-    yolo_dataset.unlink()
-    yolo_dataset.mkdir()
+@pytest.mark.parametrize("fixture, reader", [("coco_dataset", read_coco), ("yolo_dataset", read_yolo)])
+def test_an_annotation_file_that_is_a_folder(request, fixture, reader):
+    path = request.getfixturevalue(fixture)
+    path.unlink()
+    path.mkdir()
     with pytest.raises(DatasetError) as info:
-        read_yolo(yolo_dataset, None)
-    assert str(info.value) == f"{yolo_dataset}: cannot read (Is a directory)"
+        reader(path, None)
+    assert str(info.value) == f"{path}: cannot read (Is a directory)"
 
 
 def test_yolo_image_list_not_utf8(yolo_dataset):
