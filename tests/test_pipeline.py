@@ -296,6 +296,21 @@ def test_train_svm_on_ground_truth_without_boxes(tmp_path):
     assert not (tmp_path / "m.safetensors").exists()
 
 
+def test_train_svm_when_every_box_is_crowd(coco_dataset, tmp_path):
+    doc = json.loads(coco_dataset.read_text())
+    for annotation in doc["annotations"]:
+        annotation["iscrowd"] = 1  # no class keeps a positive
+    coco_dataset.write_text(json.dumps(doc))
+    cache = tmp_path / "feats"
+    built = invoke("cache", "--data", coco_dataset, "--cache", cache, "--backbone", "zf5", "--weights", "random", "--scales", SCALE)
+    assert built.exit_code == 0, built.output
+    result = invoke("train-svm", "--cache", cache, "--out", tmp_path / "m.safetensors")
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"Error: {cache}: no class has a usable ground-truth box (difficult and crowd boxes are not); nothing to train on")
+    assert not (tmp_path / "m.safetensors").exists()
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_model_file(pipeline, tmp_path, damage):
     model = tmp_path / "model.safetensors"

@@ -12,7 +12,7 @@ import numpy as np
 from spp_cli import ui
 from spp_cli.cache import FeatureCache, proposals_digest
 from spp_cli.config import BBoxRegConfig, SVMConfig
-from spp_cli.errors import CacheError, UsageError
+from spp_cli.errors import CacheError, DatasetError, UsageError
 from spp_cli.fileio import check_not_input, check_writable
 
 
@@ -136,6 +136,8 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         detector = _assemble_on_rank_0(detector, all_classes, out, *ranks)
         if detector is None:
             return 0  # another rank's model: rank 0 writes it
+    elif not detector.classes:  # e.g. a COCO file whose categories no annotation uses
+        raise DatasetError(f"{cache_dir}: no class has a usable ground-truth box (difficult and crowd boxes are not); nothing to train on")
     detector.training["cache"] = str(cache_dir)
     detector.training.update(training_extra or {})
     if calibration is not None:  # `spp train`: fitted on its validation part (spp_cli.calibration)
