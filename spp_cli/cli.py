@@ -65,7 +65,7 @@ class SPPGroup(click.Group):
         import signal
         import threading
 
-        from spp_cli.errors import SPPError
+        from spp_cli.errors import SPPError, UsageError
 
         # `kill PID` (SIGTERM, also what SLURM and torchrun send) stops the work
         # the way Ctrl-C does: atomic writes unwound, worker pools terminated,
@@ -78,6 +78,8 @@ class SPPGroup(click.Group):
             return super().invoke(ctx)
         except click.UsageError as exc:  # a command's options, or no such command
             raise _one_line(exc) from None
+        except UsageError as exc:  # options that do not go together, checked by spp: exit code 2 as click's own
+            raise UsageLine(str(exc)) from None
         except SPPError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:

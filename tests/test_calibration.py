@@ -135,7 +135,7 @@ def test_probability_thresholds_need_a_calibrated_model(calibrated, uncalibrated
     assert result.stderr.strip() == (f"Error: {uncalibrated}: has no calibrated probabilities (models from `spp train` have them); "
                                      "threshold the SVM margin (--conf) instead")
     result = runner.invoke(cli, ["detect", str(PHOTO), "--model", str(calibrated), "--min-prob", "0.5", "--conf", "0"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.strip() == "Error: --conf and --min-prob both set a threshold: give one"
 
 

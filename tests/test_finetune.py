@@ -223,7 +223,7 @@ def test_finetune_command_writes_a_head_and_train_svm_uses_it(synthetic_cache, t
 
 def test_train_svm_fc7_without_head(synthetic_cache, tmp_path):
     result = CliRunner().invoke(cli, ["train-svm", "--cache", str(synthetic_cache.root), "--out", str(tmp_path / "m.safetensors"), "--features", "fc7"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.strip() == "Error: --features fc7 needs --head FILE (a head from `spp finetune`)"
 
 
@@ -250,7 +250,7 @@ def test_damaged_head_file(tmp_path):
 @pytest.mark.parametrize("command", ["finetune", "train-svm"])
 def test_split_needs_data(synthetic_cache, tmp_path, command):
     result = CliRunner().invoke(cli, [command, "--cache", str(synthetic_cache.root), "--out", str(tmp_path / "x.safetensors"), "--split", "train"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.strip() == "Error: --split needs --data SPEC (the dataset the split belongs to)"
 
 

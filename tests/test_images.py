@@ -106,7 +106,7 @@ def test_a_bad_pixel_limit_is_one_line_before_any_work(tmp_path, monkeypatch, va
     write_image(tmp_path / "b.jpg", seed=1)
     for command in ("detect", "propose"):
         result = CliRunner().invoke(cli, [command, str(tmp_path), "--out", str(tmp_path / "out.json")])
-        assert result.exit_code == 1
+        assert result.exit_code == 2  # a usage error, as a bad option's
         assert result.stderr == f"Error: {message}\n"
         assert not (tmp_path / "out.json").exists()
 

@@ -548,13 +548,13 @@ def test_the_learned_flow_by_step_commands_runs_no_selective_search(pipeline, tm
     assert Detector.load(model).training["windows"] == "learned"
 
     result = invoke("cache", "--data", pipeline.data, "--cache", feats, "--props", tmp_path / "p.json", "--no-proposals")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.strip() == "Error: --props gives the proposals; --no-proposals stores none: give one"
 
 
 def test_learned_proposals_need_a_model_and_matching_maps(pipeline, plain_zf5_cache, tmp_path):
     result = invoke("propose", "--data", pipeline.data, "--method", "learned", "--out", tmp_path / "p.json")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert one_line(result) == "Error: --method learned needs --model FILE (a proposal model from `spp train-proposals`)"
     result = invoke("propose", "--data", pipeline.data, "--method", "learned", "--model", pipeline.model, "--out", tmp_path / "p.json")
     assert result.exit_code == 1
@@ -613,10 +613,10 @@ def test_learned_proposals_need_a_model_that_carries_them(pipeline, carrying, tm
     assert result.exit_code == 1
     assert one_line(result).startswith(f"Error: {pipeline.model}: carries no proposal network (--proposals learned)")
     result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", carrying.model, "--proposals", "learned", "--props", pipeline.props)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert one_line(result) == "Error: --props gives the proposals; --proposals learned computes them: give one"
     result = invoke("train-svm", "--cache", pipeline.cache, "--windows", "learned", "--out", tmp_path / "m.safetensors")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert one_line(result) == "Error: --windows learned needs --proposal-model FILE"
 
 

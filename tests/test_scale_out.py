@@ -104,7 +104,7 @@ def test_bad_launcher_variable_is_one_line_error(photos, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     monkeypatch.setenv("RANK", "0")
     result = invoke("propose", photos, "--out", tmp_path / "p.json", "--workers", "1")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.strip() == "Error: WORLD_SIZE='two' in the environment is not a whole number"
 
 

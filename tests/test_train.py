@@ -321,7 +321,7 @@ def test_map_folder():
 def test_under_torchrun_it_says_to_run_the_steps(tmp_path):
     result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path), "--out", str(tmp_path / "m.safetensors")],
                                 env={"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"})
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.output == ("Error: spp train runs as one process; under torchrun run its steps (propose, cache, finetune, "
                              "train-svm) as in docs/scale-out.md\n")
 
