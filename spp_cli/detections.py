@@ -111,6 +111,9 @@ def _read_entry(path: Path, n: int, entry) -> DetectionsImage:
             raise SPPError(
                 f"{path}: images[{n}].detections[{k}] is malformed (needs box [x1, y1, x2, y2], class, score)"
             )
+        x1, y1, x2, y2 = det["box"]
+        if x2 < x1 or y2 < y1:  # would be drawn, and scored by eval, as some other box
+            raise SPPError(f"{path}: images[{n}].detections[{k}] has box {det['box']} with x2 < x1 or y2 < y1")
         dets.append(det)
     return DetectionsImage(str(entry.get("id", Path(entry["path"]).stem)), entry["path"], size[0], size[1], dets)
 
