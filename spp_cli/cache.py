@@ -340,6 +340,18 @@ class FeatureCache:
         except Exception as exc:
             raise CacheError(f"{path}: damaged cache entry ({_reason(exc)}); delete it and run `spp cache` again") from None
 
+    def holds_box(self, key: str) -> bool:
+        """Whether an entry's ground truth holds a box (of any kind), read without its maps: an
+        entry's ``classes`` are its dataset's, not its boxes'. An entry whose boxes cannot be read
+        counts as holding one: reading it in full then says what is wrong."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.entry_path(key)), framework="pt") as f:
+                return "gt_boxes" in f.keys() and f.get_slice("gt_boxes").get_shape()[0] > 0  # the shape alone: no tensor read
+        except Exception:  # cache.read reports it
+            return True
+
     def write(self, entry: CacheEntry) -> None:
         """Store an entry atomically (maps cast to the cache's dtype, on the CPU)."""
         from safetensors.torch import save

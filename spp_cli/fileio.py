@@ -81,9 +81,12 @@ def atomic_write_json(path: str | Path, obj: object, indent: int | None = None) 
     it is (``é``, not ``\\u00e9``).
     """
     text = json.dumps(obj, indent=indent, ensure_ascii=False)
-    # Outside strings json.dumps writes only ASCII, so every surrogate is inside one.
-    text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
-    atomic_write_bytes(path, text.encode("utf-8"))
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # the rare file with such a name pays for the scan, not every props.json
+        # Outside strings json.dumps writes only ASCII, so every surrogate is inside one.
+        data = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text).encode("utf-8")
+    atomic_write_bytes(path, data)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")

@@ -63,7 +63,7 @@ def training_set(cache: FeatureCache, classes: list[str] | None = None, keys: li
                     seen.append(name)
     if not with_gt:
         raise DatasetError(f"{cache.root}: no cached image has ground truth; build the cache with --data SPEC")
-    if not seen:
+    if not any(cache.holds_box(key) for key in with_gt):
         raise DatasetError(f"{cache.root}: the ground truth of its {len(with_gt)} image(s) holds no box; nothing to train on")
     if classes:
         unknown = [c for c in classes if c not in seen]

@@ -30,7 +30,7 @@ def run_train_proposals(cache_dir: Path, out: Path, data: str | None, split: str
     keys = [k for k in keys if cache.metadata(k).get("has_gt")]
     if not keys:
         raise DatasetError(f"{cache_dir}: no cached image has ground truth; build the cache with --data SPEC")
-    if not _any_box(cache, keys):
+    if not any(cache.holds_box(key) for key in keys):
         raise DatasetError(f"{cache_dir}: the ground truth of its {len(keys)} image(s) holds no box; nothing to train on")
     trainer = ProposalTrainer(cache, keys, ProposalConfig(epochs=epochs, top_n=top), device=device)
     checkpoint = checkpoint_path(out)
@@ -71,22 +71,3 @@ def run_train_proposals(cache_dir: Path, out: Path, data: str | None, split: str
         f"{record['held_out_recall@0.5']:.3f} (IoU 0.5) / {record['held_out_recall@0.7']:.3f} (IoU 0.7), {time.perf_counter() - start:.1f} s",
     )
     return 0
-
-
-def _any_box(cache, keys: list[str]) -> bool:
-    """Whether an image of ``keys`` holds a box to propose (a crowd box is none), read without the maps
-    (an entry's ``classes`` are its dataset's, not its boxes'). An entry that cannot be read so counts
-    as one: reading it for training then says what is wrong."""
-    from safetensors import safe_open
-
-    for key in keys:
-        try:
-            with safe_open(str(cache.entry_path(key)), "pt") as entry:
-                names = set(entry.keys())
-                boxes = len(entry.get_tensor("gt_boxes")) if "gt_boxes" in names else 0
-                crowd = int(entry.get_tensor("gt_iscrowd").sum()) if "gt_iscrowd" in names else 0
-        except Exception:  # a damaged entry: cache.read reports it
-            return True
-        if boxes > crowd:
-            return True
-    return False
