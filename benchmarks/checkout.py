@@ -76,18 +76,24 @@ def proposal_model(run: TrainRun, work: Path) -> Path | None:
     """The windows the run trained its SVMs on at ``work``'s feature map: that map's proposal
     network where the run kept learned proposals there, else ``None`` (selective search).
 
-    Each map has its own choice (its "proposals" step): the first map's folder is the work folder,
-    another's is ``[<cut>-]scale-<scales>`` in it (`spp train`'s ``map_folder``), whose step is
-    "proposals at <scales>[ on <cut>]"."""
+    Each map has its own choice, its step "proposals at <label>" (a map's label: its scales, then
+    " on <cut>" where the cut is not the run's backbone); the first map's folder is the work folder,
+    another's is named by `spp train`'s ``map_folder``."""
+    from spp_cli.pipeline import FeatureMap, map_folder
+
     steps = {name: step for name, step in run.state["steps"].items() if name.startswith("proposals") and "choice" in step}
     if (work / "train-state.json").exists():
         step = next(iter(steps.values()), None)  # the first map's: its steps come first
     else:
-        cut, _, scales = work.name.rpartition("scale-")
-        label = scales.replace("-", ",") + (f" on {cut[:-1]}" if cut else "")
-        step = steps.get(f"proposals at {label}")
+        backbone = run.state["plan"]["backbone"]
+
+        def folder(name: str) -> str:
+            scales, _, cut = name.removeprefix("proposals at ").partition(" on ")
+            return map_folder(FeatureMap(scales, cut or backbone, ""), backbone)
+
+        step = next((step for name, step in steps.items() if folder(name) == work.name), None)
         if step is None:
-            sys.exit(f"{work}: no step 'proposals at {label}' in {work.parent / 'train-state.json'}")
+            sys.exit(f"{work}: no proposals step of this folder's map in {work.parent / 'train-state.json'}")
     network = work / "proposals.safetensors"
     return network if step is not None and step["choice"] == "learned" and network.exists() else None
 
