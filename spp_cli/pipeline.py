@@ -177,6 +177,7 @@ class TrainResult:
     calibration: Calibration | None = None  # of the final model; None: too few validation outcomes
     proposals: str = ""  # which proposals the model uses, and why
     scales: str = ""  # the cache's scales and the size of the smallest objects on its map
+    skipped_at: tuple[str, ...] = ()  # the steps that skipped inputs (each listed them), this run or the one it resumes
 
 
 def split_backgrounds(paths: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
@@ -583,8 +584,10 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
                 choice = choose_proposals(cache, run.proposal_model, run.val_records, searched_val)
                 ui.say(choice["reason"])
                 if choice["choice"] == "selective-search":
-                    # Every image's boxes, then the cache's entries take them (no forward pass).
-                    choice["code"] = search_all() or build_cache(props)
+                    # Every image's boxes, then the cache's entries take them (no forward pass). A search
+                    # that skipped inputs (exit code 1, listed) still wrote the others' boxes: the cache takes them.
+                    searched = search_all()
+                    choice["code"] = build_cache(props) or searched
                 return choice
 
             run.proposal_choice = state.done(name) or timed(name, choose_and_search)
@@ -675,9 +678,9 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     else:
         code = _adopt_candidate(chosen.candidates[features], out, metadata, calibration)
     seconds["final model"] = round(time.perf_counter() - start, 2)
-    problems = [r.get("code", 0) for r in state.steps.values()]
-    return (1 if code or any(problems) else 0), TrainResult(features, reason, val_map, val_ap, split, seconds, calibration,
-                                                           chosen.proposal_choice["reason"], scale_line)
+    skipped_at = tuple(name for name, r in state.steps.items() if r.get("code"))
+    return (1 if code or skipped_at else 0), TrainResult(features, reason, val_map, val_ap, split, seconds, calibration,
+                                                        chosen.proposal_choice["reason"], scale_line, skipped_at)
 
 
 @dataclass

@@ -353,6 +353,24 @@ def test_a_dataset_without_boxes_is_refused_before_any_step(tmp_path):
     assert not out.exists() and not (tmp_path / "m.work" / "feats").exists()
 
 
+def test_a_skipped_input_is_named_at_its_step_and_again_beside_the_exit_code(tmp_path):
+    data = write_shapes(tmp_path / "shapes")
+    (data / "annotations" / "broken.xml").write_text("<annotation><object>")
+    write_image(data / "images" / "broken.jpg", seed=5)
+    (data / "train.txt").write_text((data / "train.txt").read_text() + "broken\n")
+    out = tmp_path / "m.safetensors"
+    result = CliRunner().invoke(cli, train_args(data, out, "--features", "pool5"))
+    assert result.exit_code == 1, result.output
+    assert f"skipped {data / 'annotations' / 'broken.xml'}: " in result.output
+    # Where selective search is chosen, its step skips the input too (and the cache still takes the others' boxes).
+    closing = re.search(r"\nwarning: input\(s\) were skipped at step\(s\) cache(, proposals)? \(listed there\) and the model "
+                        r"trained without them; exit code 1\n$", result.output)
+    assert closing and Detector.load(out).training["images"] == len(TRAIN) - 1
+    # Run again, every step done: nothing is listed this time, and the closing line still says why the code is 1.
+    again = CliRunner().invoke(cli, train_args(data, out, "--features", "pool5"))
+    assert again.exit_code == 1 and again.output.endswith(closing.group(0)) and "input(s) skipped:" not in again.output
+
+
 def test_background_images_join_the_svms_as_negatives(tmp_path):
     from PIL import Image
 

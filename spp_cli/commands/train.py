@@ -39,4 +39,7 @@ def run_train_command(data: str, split: str, out: Path, val_split: str | None, v
     if result.proposals.startswith("Proposals: "):
         ui.console.print(result.proposals)
     ui.console.print(f"Chose {result.reason}. Wrote {out} ({'trained again on the whole split' if refit else 'the validated candidate'}). Time: {steps}; {sum(result.seconds.values()):.0f} s in all")
+    if result.skipped_at:
+        # The skip lists scroll away (or were printed by the run this one resumed): say why the exit code is 1.
+        ui.warn(f"input(s) were skipped at step(s) {', '.join(result.skipped_at)} (listed there) and the model trained without them; exit code 1")
     return code
