@@ -305,3 +305,26 @@ def test_train_proposals_refuses_a_foreign_checkpoint(synthetic_cache, tmp_path)
     result = CliRunner().invoke(cli, ["train-proposals", "--cache", str(synthetic_cache.root), "--out", str(out), "--epochs", "1"])
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {checkpoint_path(out)}: not a readable proposal-training checkpoint")
+
+
+def test_held_out_images_without_a_box_report_no_recall_rather_than_nan(tmp_path):
+    from conftest import invoke, voc_xml, write_image
+
+    from spp_cli.pipeline import id_rank
+
+    names = ["a", "b", "c"]
+    held_out = min(names, key=id_rank)  # the one image of three held out (a tenth, at least one)
+    data = tmp_path / "data"
+    (data / "annotations").mkdir(parents=True)
+    for name in names:
+        write_image(data / "images" / f"{name}.jpg", seed=ord(name))
+        objects = [] if name == held_out else [("cat", 8, 6, 40, 36)]
+        (data / "annotations" / f"{name}.xml").write_text(voc_xml(f"{name}.jpg", 64, 48, objects))
+    cache = tmp_path / "feats"
+    assert invoke("cache", "--data", data, "--cache", cache, "--backbone", "zf5", "--weights", "random", "--scales", "96",
+                  "--no-proposals").exit_code == 0
+    out = tmp_path / "p.safetensors"
+    result = invoke("train-proposals", "--cache", cache, "--out", out, "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert "epoch 1: loss " in result.output and "nan" not in result.output
+    assert f"Wrote {out}: 1 epochs, no held-out recall (1 held-out image(s), no box among them), " in result.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 
@@ -40,6 +41,11 @@ def run_train_proposals(cache_dir: Path, out: Path, data: str | None, split: str
         f"Training proposals ({len(trainer.config.anchor_sizes) * len(trainer.config.aspect_ratios)} anchors per cell) on "
         f"{len(trainer.train_keys)} cached image(s) (+{len(trainer.val_keys)} held out to report recall), on {device}",
     )
+    def held_out_recall(at_05: float, at_07: float) -> str:
+        if math.isnan(at_05):  # no held-out image (one training image), or none of them holds a box
+            return f"no held-out recall ({len(trainer.val_keys)} held-out image(s), no box among them)"
+        return f"held-out recall at {top} boxes {at_05:.3f} (IoU 0.5) / {at_07:.3f} (IoU 0.7)"
+
     start = time.perf_counter()
     with ui.progress(10) as bar:
         reading = bar.add_task("reading", total=len(keys), rate="")
@@ -55,10 +61,7 @@ def run_train_proposals(cache_dir: Path, out: Path, data: str | None, split: str
 
         def on_epoch(state) -> None:
             last = state.history[-1]
-            bar.console.print(
-                f"epoch {last['epoch']}: loss {last['loss']:.3f}, held-out recall at {top} boxes: "
-                f"{last['recall@0.5']:.3f} (IoU 0.5), {last['recall@0.7']:.3f} (IoU 0.7)",
-            )
+            bar.console.print(f"epoch {last['epoch']}: loss {last['loss']:.3f}, {held_out_recall(last['recall@0.5'], last['recall@0.7'])}")
 
         model = trainer.run(checkpoint, progress, on_epoch)
     model.training["cache"] = str(cache_dir)
@@ -67,7 +70,7 @@ def run_train_proposals(cache_dir: Path, out: Path, data: str | None, split: str
         checkpoint.unlink()  # the run is complete; the model file holds the result
     record = model.training
     ui.console.print(
-        f"Wrote {out}: {record['epochs_run']} epochs, held-out recall at {top} boxes "
-        f"{record['held_out_recall@0.5']:.3f} (IoU 0.5) / {record['held_out_recall@0.7']:.3f} (IoU 0.7), {time.perf_counter() - start:.1f} s",
+        f"Wrote {out}: {record['epochs_run']} epochs, {held_out_recall(record['held_out_recall@0.5'], record['held_out_recall@0.7'])}, "
+        f"{time.perf_counter() - start:.1f} s",
     )
     return 0
