@@ -294,4 +294,9 @@ def _read_list_file(list_file: Path) -> list[Path]:
         out.append(path if path.is_absolute() else list_file.parent / path)
     if not out:
         raise SPPError(f"{list_file}: list file names no images")
+    if not any(path.exists() for path in out):
+        # Not a list of images at all (notes, labels, a YOLO split of ids): name the file, not each of its lines.
+        first = out[0].relative_to(list_file.parent) if out[0].is_relative_to(list_file.parent) else out[0]
+        raise SPPError(f"{list_file}: none of its {len(out)} line(s) names an existing file (the first: '{first}'); "
+                       "a .txt input lists image paths, one per line, relative to the list's folder")
     return out

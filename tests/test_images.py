@@ -141,6 +141,23 @@ def test_expand_inputs_errors_when_no_input_yields_an_image(tmp_path):
         expand_inputs([str(tmp_path / "missing.jpg")])
 
 
+def test_a_text_file_that_is_no_list_of_images_is_named_once(tmp_path):
+    from click.testing import CliRunner
+
+    from spp_cli.cli import cli
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("Hello, these are my notes.\nSee you tomorrow\n")
+    result = CliRunner().invoke(cli, ["detect", str(notes), "--out", str(tmp_path / "d.json")])
+    assert result.exit_code == 1
+    assert result.stderr == (f"Error: {notes}: none of its 2 line(s) names an existing file (the first: 'Hello, these are my notes.'); "
+                             "a .txt input lists image paths, one per line, relative to the list's folder\n")
+    # A list with one missing line among images is a list: the missing one is skipped, the rest read.
+    a = write_image(tmp_path / "a.jpg")
+    notes.write_text("a.jpg\ngone.jpg\n")
+    assert expand_inputs([str(notes)]) == ([a, tmp_path / "gone.jpg"], [])
+
+
 def test_expand_inputs_reports_each_input_that_yields_no_image(tmp_path):
     a = write_image(tmp_path / "a.jpg")
     (tmp_path / "sub").mkdir()
