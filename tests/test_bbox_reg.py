@@ -58,3 +58,7 @@ def test_predict_matches_per_class_product():
     expected = torch.stack([x[i] @ torch.from_numpy(reg.weight[c]) + torch.from_numpy(reg.bias[c]) for i, c in enumerate(cls.tolist())])
     torch.testing.assert_close(reg.predict(x, cls), expected, rtol=1e-5, atol=1e-5)
     assert reg.predict_all(x).shape == (5, 3, 4)
+    # Its (D, K * 4) matrix is made once, and made again for weights put in its place.
+    reg.weight = rng.standard_normal((3, 7, 4)).astype(np.float32)
+    expected = torch.stack([x[i] @ torch.from_numpy(reg.weight[c]) + torch.from_numpy(reg.bias[c]) for i, c in enumerate(cls.tolist())])
+    torch.testing.assert_close(reg.predict(x, cls), expected, rtol=1e-5, atol=1e-5)

@@ -720,6 +720,42 @@ def test_positive_iou_adds_the_overlapping_windows_as_positives(pipeline, tmp_pa
     assert Detector.load(model).training["svm"]["positive_iou"] == 0.7
 
 
+def test_each_candidate_is_regressed_by_its_class_as_a_slow_reference_does():
+    # Windows in more than one scoring chunk; every (window, class) pair kept (no threshold, no suppression).
+    from spp_cli.bbox_reg import BoxRegressors, decode
+    from spp_cli.cache import CacheSettings
+    from spp_cli.model import SCORE_CHUNK
+    from spp_cli.spp import PyramidPooler
+    from spp_cli.svm import LinearSVMs
+
+    rng = np.random.default_rng(4)
+    spec = backbones.get_spec("efficientnet_lite0")
+    settings = CacheSettings(spec.name, "random:0", spec.layer, spec.stride, spec.offset, 2, (96,), 2000, "fp16", spec.preprocess)
+    svms = LinearSVMs(["dot", "blob"], rng.standard_normal((2, 2)).astype(np.float32), np.zeros(2, np.float32), 0.5)
+    regressors = BoxRegressors(0.2 * rng.standard_normal((2, 2, 4)).astype(np.float32), 0.1 * rng.standard_normal((2, 4)).astype(np.float32))
+    detector = Detector(settings, (1,), svms, regressors)
+    maps = [torch.rand(2, 6, 8, generator=torch.Generator().manual_seed(1))]
+    corners = rng.uniform(0, 1, (SCORE_CHUNK + 44, 4)) * [128, 96, 128, 96]
+    proposals = np.concatenate([corners[:, :2], corners[:, :2] + 16 + corners[:, 2:]], 1).astype(np.float32)
+    config = DetectConfig(score_threshold=-100.0, nms_iou=1.0, box_voting=False, max_detections=10_000)
+    found = detector.detect_windows(maps, [1.0], proposals, 256, 192, config=config)
+    assert len(found) == 2 * len(proposals)
+    pooled = PyramidPooler(maps, [1.0], torch.from_numpy(proposals), detector.alignment, (1,)).vectors() * 0.5
+    expected = {}
+    for i in range(len(proposals)):
+        for k in range(2):
+            deltas = pooled[i] @ torch.from_numpy(regressors.weight[k]) + torch.from_numpy(regressors.bias[k])
+            box = decode(torch.from_numpy(proposals[i : i + 1]), deltas[None])[0]
+            box = box.clamp(min=0).minimum(torch.tensor([256.0, 192.0, 256.0, 192.0]))
+            expected[(i, k)] = (box.tolist(), float(pooled[i] @ torch.from_numpy(svms.weight[k])))
+    for detection in found:
+        match = [key for key, (box, score) in expected.items()
+                 if key[1] == detection.class_id and abs(score - detection.score) < 1e-3 and np.allclose(box, detection.box, atol=0.02)]
+        assert match, detection
+        del expected[match[0]]
+    assert not expected
+
+
 def test_the_objectness_weight_adds_its_share_of_each_windows_log_objectness_to_its_scores():
     from dataclasses import replace
 
