@@ -17,13 +17,17 @@ one setting changed at a time:
   regressed twice, the new score), ``mean`` (the same box, the mean of both
   scores) or ``union`` (both iterations' candidates into one NMS and vote).
   ``once`` is `spp detect`'s own (a check: it must equal the defaults);
+- per-class NMS again after box voting (``--renms``), at the same IoU: voting
+  moves two kept boxes of one object (a whole raccoon and its head, at IoU
+  under 0.3 before voting) towards the same candidates, and so towards each
+  other; the model's own objectness weight in the score, as `spp detect`;
 - soft-NMS (Bodla et al., 2017) in place of per-class NMS (``--soft``): the
   Gaussian decay of exp(score) by exp(-IoU^2 / sigma), i.e. each lower
   candidate's margin minus IoU^2 / sigma with the box kept, sigma 0.25 /
   0.5 / 1; then the same threshold, detection cap and box voting.
 
     spp train --data ../shared/data/bccd --split trainval --scales 1024 --out b.safetensors --work W
-    python benchmarks/detect_settings.py --dataset bccd --work W [--iterate | --soft]
+    python benchmarks/detect_settings.py --dataset bccd --work W [--iterate | --soft | --renms]
 """
 
 from __future__ import annotations
@@ -132,11 +136,13 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="an spp train work folder (or its scale-<S> folder)")
     parser.add_argument("--iterate", action="store_true", help="only the iterative-localisation variants")
     parser.add_argument("--soft", action="store_true", help="only the soft-NMS variants")
+    parser.add_argument("--renms", action="store_true", help="only NMS again after voting, with the model's objectness weight")
     args = parser.parse_args()
 
     import numpy as np
     import torch
     import torch.nn.functional as F
+    from torchvision import ops
 
     import spp_cli.model
     from spp_cli.cache import FeatureCache, image_key
@@ -172,7 +178,7 @@ def main() -> None:
     default_top = learned.config.top_n if learned is not None else None
 
     def score(nms: float = defaults.nms_iou, top: int | None = default_top, alpha: float = 0.0, keep_as: str | None = None,
-              sigma: float | None = None) -> str:
+              sigma: float | None = None, renms: bool = False) -> str:
         pairs = []
         for truth, entry in images:
             if learned is not None:  # the model's own call for that many boxes, as `spp detect` makes it
@@ -188,6 +194,10 @@ def main() -> None:
                 pairs.append((truth, detect_soft(detector, entry, boxes, config, sigma)))
                 continue
             found = detector.detect_windows(entry.maps, entry.factors, boxes, entry.width, entry.height, config)
+            if renms and found:
+                kept = ops.batched_nms(torch.tensor([d.box for d in found]), torch.tensor([d.score for d in found]),
+                                       torch.tensor([d.class_id for d in found]), nms)
+                found = [found[i] for i in kept.tolist()]
             pairs.append((truth, [{"box": d.box, "class": detector.classes[d.class_id], "score": d.score} for d in found]))
         term["alpha x log objectness"] = None
         result = evaluate_voc(pairs, dataset.classes, "voc07")
@@ -196,6 +206,11 @@ def main() -> None:
 
     print(f"{args.dataset}: {len(records)} validation image(s); candidate {args.work / 'val-pool5.safetensors'}", flush=True)
     print(f"defaults (NMS {defaults.nms_iou}, {default_top or 'selective-search'} proposals, SVM score alone): {score()}", flush=True)
+    if args.renms:
+        alpha = detector.detect.objectness_weight if learned is not None else 0.0
+        print(f"the model's objectness weight {alpha:g}: {score(alpha=alpha)}", flush=True)
+        print(f"the same, NMS again after voting: {score(alpha=alpha, renms=True)}", flush=True)
+        return
     if args.soft:
         for sigma in (0.25, 0.5, 1.0):
             print(f"soft-NMS, sigma {sigma}: {score(sigma=sigma)}", flush=True)
