@@ -17,6 +17,8 @@ one setting changed at a time:
   regressed twice, the new score), ``mean`` (the same box, the mean of both
   scores) or ``union`` (both iterations' candidates into one NMS and vote).
   ``once`` is `spp detect`'s own (a check: it must equal the defaults);
+- each window's class score minus gamma times the L1 norm of its box
+  deltas for that class (``--delta-penalty``), gamma 0 / 0.25 / 0.5 / 1 / 2;
 - per-class NMS again after box voting (``--renms``), at the same IoU: voting
   moves two kept boxes of one object (a whole raccoon and its head, at IoU
   under 0.3 before voting) towards the same candidates, and so towards each
@@ -27,7 +29,7 @@ one setting changed at a time:
   0.5 / 1; then the same threshold, detection cap and box voting.
 
     spp train --data ../shared/data/bccd --split trainval --scales 1024 --out b.safetensors --work W
-    python benchmarks/detect_settings.py --dataset bccd --work W [--iterate | --soft | --renms]
+    python benchmarks/detect_settings.py --dataset bccd --work W [--iterate | --soft | --renms | --delta-penalty]
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="an spp train work folder (or its scale-<S> folder)")
     parser.add_argument("--iterate", action="store_true", help="only the iterative-localisation variants")
     parser.add_argument("--soft", action="store_true", help="only the soft-NMS variants")
+    parser.add_argument("--delta-penalty", action="store_true", help="only scores minus gamma x the L1 norm of the box deltas")
     parser.add_argument("--renms", action="store_true", help="only NMS again after voting, with the model's objectness weight")
     args = parser.parse_args()
 
@@ -169,6 +172,9 @@ def main() -> None:
     def scores_with_term(features, scaled=False):
         extra = term["alpha x log objectness"]
         plain = svm_scores(features, scaled=scaled)
+        if term.get("gamma"):  # minus gamma x the L1 norm of each class's box deltas (pool5 models: the same features)
+            deltas = detector.regressors.predict_all(features, scale=1.0 if scaled else detector.pool5_scale)
+            plain = plain - term["gamma"] * deltas.abs().sum(-1)
         return plain if extra is None else plain + extra[:, None].to(plain.dtype)
 
     detector.svms.scores = scores_with_term
@@ -206,6 +212,12 @@ def main() -> None:
 
     print(f"{args.dataset}: {len(records)} validation image(s); candidate {args.work / 'val-pool5.safetensors'}", flush=True)
     print(f"defaults (NMS {defaults.nms_iou}, {default_top or 'selective-search'} proposals, SVM score alone): {score()}", flush=True)
+    if args.delta_penalty:
+        alpha = detector.detect.objectness_weight if learned is not None else 0.0
+        for gamma in (0.0, 0.25, 0.5, 1.0, 2.0):
+            term["gamma"] = gamma
+            print(f"objectness weight {alpha:g}, minus {gamma:g} x |box deltas|: {score(alpha=alpha)}", flush=True)
+        return
     if args.renms:
         alpha = detector.detect.objectness_weight if learned is not None else 0.0
         print(f"the model's objectness weight {alpha:g}: {score(alpha=alpha)}", flush=True)
