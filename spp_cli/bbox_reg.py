@@ -78,12 +78,35 @@ class BoxRegressors:
         return self.predict_all(features)[torch.arange(len(features), device=features.device), class_index]
 
 
+@dataclass
+class IoURegressors:
+    """Per class, the localisation quality of a window: its predicted IoU with the object of
+    the class it overlaps, ``iou = x @ weight[k] + bias[k]``; ``weight (K, D)``, ``bias (K,)``.
+
+    Fitted by ridge regression on the pool5 rows of training windows that overlap a box of
+    the class at IoU >= 0.1 (and the boxes themselves, at IoU 1). Detection adds a multiple
+    of it to each window's class score (``DetectConfig.iou_weight``): a part of an object (a
+    raccoon's head) scores high with a linear SVM, which never trains on windows between
+    IoU 0.3 and 0.7, and low here. IoU-Net (Jiang et al., 2018) learns the same quantity.
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    def predict_all(self, features: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``(R, D)`` features times ``scale`` -> ``(R, K)`` predicted IoUs (the product scaled, not the features)."""
+        w = torch.from_numpy(self.weight).to(features.device)
+        b = torch.from_numpy(self.bias).to(features.device)
+        return torch.addmm(b, features, w.T, alpha=scale)
+
+
 def fit_ridge(features: np.ndarray, deltas: np.ndarray, ridge_lambda: float, tol: float = 1e-6,
               max_steps: int = 2000) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge regression with an unpenalised bias: ``(N, D)``, ``(N, 4)`` -> ``(D, 4)``, ``(4,)``.
+    """Ridge regression with an unpenalised bias: ``(N, D)``, ``(N, T)`` -> ``(D, T)``, ``(T,)``
+    (box regression: the ``T = 4`` deltas; localisation quality: ``T = 1``, the IoU).
 
     ``W`` solves ``(Xc'Xc + lambda I) W = Xc'Yc`` on centred data, by conjugate gradients (each
-    of the four columns until its residual is ``tol`` of its right-hand side): two products with
+    column until its residual is ``tol`` of its right-hand side): two products with
     the float32 rows per step, the centring applied inside them (``Xc v = X v - 1 (mean . v)``),
     so neither ``Xc`` nor an ``N x N`` or ``D x D`` matrix is formed. The lambda term bounds the
     system's condition number, and with it the steps. On bccd's largest class (RBC: 13,170
@@ -91,18 +114,19 @@ def fit_ridge(features: np.ndarray, deltas: np.ndarray, ridge_lambda: float, tol
     took 78.8 s, its predicted deltas within 4e-7 of the closed form's (benchmarks/README.md,
     "SVM solver").
     """
-    x = torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))
+    # fp16 rows (the training run's) widened by torch: numpy's float16 conversion is ~10x slower.
+    x = torch.from_numpy(np.ascontiguousarray(features)).float()
     y = torch.from_numpy(np.asarray(deltas, dtype=np.float64))
     x_mean, y_mean = x.mean(0, dtype=torch.float64), y.mean(0)
     mean32 = x_mean.float()
 
     def transposed_product(u: torch.Tensor) -> torch.Tensor:
-        """``Xc' u`` for ``(N, 4)`` float32 ``u``: as ``(u' X)'``, a row-major product (``X' u``
+        """``Xc' u`` for ``(N, T)`` float32 ``u``: as ``(u' X)'``, a row-major product (``X' u``
         read the rows transposed, 3x slower here)."""
         return (u.T @ x).T - torch.outer(mean32, u.sum(0))
 
     def normal_product(p: torch.Tensor) -> torch.Tensor:
-        """``(Xc'Xc + lambda I) p`` for ``(D, 4)`` float64 ``p``."""
+        """``(Xc'Xc + lambda I) p`` for ``(D, T)`` float64 ``p``."""
         p32 = p.float()
         return transposed_product(x @ p32 - mean32 @ p32).double() + ridge_lambda * p
 

@@ -56,6 +56,9 @@ class BBoxRegConfig:
 
     min_iou: float = 0.6  # training windows: IoU > 0.6 with a ground truth (R-CNN; SPPnet: >= 0.5)
     ridge_lambda: float = 1000.0  # R-CNN (SPPnet: 4000 with IoU >= 0.5)
+    # Localisation quality (bbox_reg.IoURegressors): windows at IoU >= this with a box of the
+    # class, at most 64 per image and class, and the boxes themselves; the same ridge lambda.
+    iou_min: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,12 @@ class DetectConfig:
     # part 0.875 -> 0.905 on the stride-16 cut and cost raccoon's 0.909 -> 0.807, so no one value
     # serves both (benchmarks/README.md, "Detection settings").
     objectness_weight: float = 0.0
+    # Each window's class score plus this times its predicted IoU with an object of the class
+    # (bbox_reg.IoURegressors; models without them: no term). On the validation parts of the
+    # three benchmark datasets 1.5-3 gained on all three and 1 or 4 did not; with 2 the SVM step
+    # of `spp train` validates raccoon 0.850 -> 0.876, bccd's stride-16 cut 0.893 -> 0.896,
+    # coco128 0.121 -> 0.131 (benchmarks/README.md, "What was tried").
+    iou_weight: float = 2.0
 
 
 # Here rather than in spp_cli.features (which imports torch): `spp train` reads --scales first.

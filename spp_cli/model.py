@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torchvision import ops
 
-from spp_cli.bbox_reg import BoxRegressors, decode
+from spp_cli.bbox_reg import BoxRegressors, IoURegressors, decode
 from spp_cli.boxes import vote_boxes
 from spp_cli.cache import CacheSettings, tensor_digest
 from spp_cli.calibration import Calibration
@@ -70,6 +70,9 @@ class Detector:
         levels: pyramid levels.
         svms: per-class classifiers (with the feature scale).
         regressors: per-class box regressors on pool5, or ``None``.
+        localisation: per-class predictors of a window's IoU with its object, on
+            pool5 (trained with the box regressors), or ``None``; detection adds
+            ``detect.iou_weight`` times the prediction to each class score.
         head: the fine-tuned fc head whose fc7 the SVMs read, or ``None``
             (SVMs on pool5).
         regression_scale: pool5 multiplier for the regressors (default: the
@@ -90,6 +93,7 @@ class Detector:
     levels: tuple[int, ...]
     svms: LinearSVMs
     regressors: BoxRegressors | None
+    localisation: IoURegressors | None = None
     head: Head | None = None
     regression_scale: float | None = None
     detect: DetectConfig = field(default_factory=DetectConfig)
@@ -129,6 +133,9 @@ class Detector:
         if self.regressors is not None:
             tensors["bbox_weight"] = torch.from_numpy(np.ascontiguousarray(self.regressors.weight, np.float32))
             tensors["bbox_bias"] = torch.from_numpy(np.ascontiguousarray(self.regressors.bias, np.float32))
+        if self.localisation is not None:
+            tensors["iou_weight"] = torch.from_numpy(np.ascontiguousarray(self.localisation.weight, np.float32))
+            tensors["iou_bias"] = torch.from_numpy(np.ascontiguousarray(self.localisation.bias, np.float32))
         if self.head is not None:
             tensors.update(self.head.tensors(prefix=HEAD_PREFIX))
         if self.proposal_model is not None:
@@ -183,7 +190,7 @@ class Detector:
             classes = list(meta["classes"])
             # Files without a digest (or re-saved with a new one) are checked here, so that a
             # model that does not fit together is refused on load, not in a matrix product at detection.
-            for name in ("svm_weight", "svm_bias", "bbox_weight", "bbox_bias"):
+            for name in ("svm_weight", "svm_bias", "bbox_weight", "bbox_bias", "iou_weight", "iou_bias"):
                 if name in tensors and tensors[name].dtype != torch.float32:
                     raise ValueError(f"{name} is {str(tensors[name].dtype).removeprefix('torch.')}, not float32")
             weight = tensors["svm_weight"].numpy()
@@ -204,6 +211,14 @@ class Detector:
                 if regressors.weight.shape[1:] != (pool5_width, 4):
                     raise ValueError(f"bbox_weight is {list(regressors.weight.shape)}, not [{len(classes)}, {pool5_width}, 4]: "
                                      f"the box regressors read pool5, {features.channels} channels x levels {levels}")
+            localisation = None
+            if "iou_weight" in tensors:
+                localisation = IoURegressors(tensors["iou_weight"].numpy(), tensors["iou_bias"].numpy())
+                if localisation.weight.shape != (len(classes), pool5_width):
+                    raise ValueError(f"iou_weight is {list(localisation.weight.shape)}, not [{len(classes)}, {pool5_width}]: "
+                                     f"one row per class, reading pool5, {features.channels} channels x levels {levels}")
+                if localisation.bias.shape != (len(classes),):
+                    raise ValueError(f"iou_bias is {list(localisation.bias.shape)}, not [{len(classes)}]: one value per class")
             head = Head.from_parts(meta["head"], tensors, str(path), HEAD_PREFIX) if meta.get("head") else None
             proposal_model = None
             if meta.get("proposal_model"):
@@ -224,6 +239,7 @@ class Detector:
                 levels=tuple(levels),
                 svms=LinearSVMs(classes, weight, bias, float(meta["feature_scale"])),
                 regressors=regressors,
+                localisation=localisation,
                 head=head,
                 regression_scale=float(meta["regression_scale"]) if meta.get("regression_scale") is not None else None,
                 detect=DetectConfig(**meta.get("detect", {})),
@@ -340,6 +356,7 @@ class Detector:
         r = len(boxes)
         scores = torch.empty((r, len(self.classes)), dtype=torch.float32)
         regressors = self.regressors if config.bbox_regression else None
+        localisation = self.localisation if config.iou_weight else None
         deltas = torch.empty((r, len(self.classes), 4), dtype=torch.float32) if regressors is not None else None
         buffer = None
         pool_seconds = classify_seconds = 0.0
@@ -351,7 +368,10 @@ class Detector:
                 buffer = pool5  # the first chunk is full-sized: reuse its memory
             t1 = time.perf_counter()
             classifier_input = self.head.fc7(pool5) if self.head is not None else pool5
-            scores[s:e] = self.svms.scores(classifier_input, scaled=False).cpu()
+            chunk_scores = self.svms.scores(classifier_input, scaled=False)
+            if localisation is not None:
+                chunk_scores += config.iou_weight * localisation.predict_all(pool5, scale=self.pool5_scale)
+            scores[s:e] = chunk_scores.cpu()
             if regressors is not None:
                 deltas[s:e] = regressors.predict_all(pool5, scale=self.pool5_scale).cpu()
             pool_seconds += t1 - t0

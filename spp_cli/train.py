@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from spp_cli import boxes as box_ops
-from spp_cli.bbox_reg import BoxRegressors, encode, fit_ridge
+from spp_cli.bbox_reg import BoxRegressors, IoURegressors, encode, fit_ridge
 from spp_cli.cache import CacheEntry, FeatureCache
 from spp_cli.config import BBoxRegConfig, DetectConfig, SVMConfig
 from spp_cli.errors import DatasetError, ModelError
@@ -223,6 +223,8 @@ def train_detector(
     #    collecting box-regression samples on the way.
     reg_feats: dict[str, list[np.ndarray]] = {c: [] for c in data.classes}
     reg_deltas: dict[str, list[np.ndarray]] = {c: [] for c in data.classes}
+    iou_feats: dict[str, list[np.ndarray]] = {c: [] for c in data.classes}
+    iou_targets: dict[str, list[np.ndarray]] = {c: [] for c in data.classes}
     # Background images join the same random order (without them the order,
     # hence the model, is what it always was).
     mined = list(data.keys) + [k for k in data.negative_keys if k not in set(data.keys)]
@@ -238,6 +240,7 @@ def train_detector(
             names = _gt_names(entry)
             if bbox_config is not None:
                 _regression_samples(entry, windows, pool5, pool5_scale, names, data.classes, bbox_config, reg_feats, reg_deltas)
+                _localisation_samples(entry, windows, pool5, featurizer, pool5_scale, names, bbox_config.iou_min, iou_feats, iou_targets)
             candidates = negative_candidates(windows, entry.gt_boxes, names, data.classes, svm_config.negative_iou)
         # In place: (R, D) is ~90 MB at blocks.6, and a scaled copy per image
         # was a sixth of the training time. Without a head, pool5 itself is
@@ -252,25 +255,35 @@ def train_detector(
     classes = [data.classes[k] for k in trained]
     svms = LinearSVMs(classes, svms.weight[trained], svms.bias[trained], svms.feature_scale)
 
-    # 4. Box regression per class.
-    regressors = None
+    # 4. Box regression and localisation quality per class.
+    regressors = localisation = None
     if bbox_config is not None:
         weight = np.zeros((len(classes), pool5_dim, 4), np.float32)
         bias = np.zeros((len(classes), 4), np.float32)
+        iou_weight = np.zeros((len(classes), pool5_dim), np.float32)
+        iou_bias = np.zeros(len(classes), np.float32)
         for k, name in enumerate(classes):
             if reg_feats[name]:
                 x = np.concatenate(reg_feats[name])
                 y = np.concatenate(reg_deltas[name])
                 weight[k], bias[k] = fit_ridge(x, y, bbox_config.ridge_lambda)
                 log(f"box regression {name}: {len(x)} windows")
+            if iou_feats[name]:
+                x = np.concatenate(iou_feats[name])
+                # To 1e-3 of the residual, not box regression's 1e-6: the prediction is a term of a
+                # score, and raccoon's fit took 10 s at 1e-6 (the SVM step's own time).
+                w, b = fit_ridge(x, np.concatenate(iou_targets[name])[:, None], bbox_config.ridge_lambda, tol=1e-3)
+                iou_weight[k], iou_bias[k] = w[:, 0], b[0]
             progress("box regression", k + 1, len(classes))
         regressors = BoxRegressors(weight, bias)
+        localisation = IoURegressors(iou_weight, iou_bias)
 
     return Detector(
         features=settings,
         levels=tuple(levels),
         svms=svms,
         regressors=regressors,
+        localisation=localisation,
         head=head,
         regression_scale=pool5_scale,
         detect=DetectConfig(),
@@ -322,6 +335,29 @@ def _regression_samples(entry, windows, pool5, scale, names, classes, config, re
         reg_deltas[name].append(encode(windows[sel], gt[best[sel]]))
 
 
+def _localisation_samples(entry, windows, pool5, featurizer, scale, names, min_iou, iou_feats, iou_targets, cap_per_class: int = 64) -> None:
+    """Append, for each class with a usable box in the image, the scaled pool5 rows of the
+    ``windows`` whose best IoU with the class's boxes is at least ``min_iou`` (at most
+    ``cap_per_class``, evenly spaced), that IoU as their target, and the boxes' own rows at 1."""
+    usable = ~entry.gt_difficult & ~entry.gt_iscrowd
+    if not usable.any():
+        return
+    gt, gt_names = entry.gt_boxes[usable], np.asarray(names)[usable]
+    overlaps = box_ops.iou(windows, gt).numpy() if len(windows) else np.zeros((0, len(gt)), np.float32)
+    box_rows = featurizer.features(entry, gt)
+    for name in set(gt_names):
+        if name not in iou_feats:
+            continue
+        of_class = gt_names == name
+        best = overlaps[:, of_class].max(1) if len(windows) else np.zeros(0, np.float32)
+        chosen = np.flatnonzero(best >= min_iou)
+        if len(chosen) > cap_per_class:
+            chosen = chosen[np.linspace(0, len(chosen) - 1, cap_per_class).astype(int)]
+        rows = torch.cat([pool5[torch.from_numpy(chosen)], box_rows[torch.from_numpy(np.flatnonzero(of_class))]])
+        iou_feats[name].append((rows * scale).numpy().astype(np.float16))
+        iou_targets[name].append(np.concatenate([best[chosen], np.ones(int(of_class.sum()), np.float32)]).astype(np.float32))
+
+
 def assemble_detectors(parts: list[Detector], classes: list[str]) -> Detector:
     """One detector from detectors trained on disjoint class subsets of the same data.
 
@@ -345,10 +381,16 @@ def assemble_detectors(parts: list[Detector], classes: list[str]) -> Detector:
             np.stack([rows[n][0].regressors.weight[rows[n][1]] for n in kept]),
             np.stack([rows[n][0].regressors.bias[rows[n][1]] for n in kept]),
         )
+    localisation = None
+    if first.localisation is not None:
+        localisation = IoURegressors(
+            np.stack([rows[n][0].localisation.weight[rows[n][1]] for n in kept]),
+            np.array([rows[n][0].localisation.bias[rows[n][1]] for n in kept], np.float32),
+        )
     training = dict(first.training)
     training["ranks"] = len(parts)
     return Detector(
-        features=first.features, levels=first.levels, svms=svms, regressors=regressors, head=first.head,
+        features=first.features, levels=first.levels, svms=svms, regressors=regressors, localisation=localisation, head=first.head,
         regression_scale=first.regression_scale, detect=first.detect, proposals=first.proposals,
         training=training, mode=first.mode,
     )

@@ -34,6 +34,28 @@ def test_ridge_primal_and_dual_forms_match_reference():
         np.testing.assert_allclose(b, b_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_ridge_with_one_target_column_matches_reference():
+    # Localisation quality fits one column (the IoU) with the same solver.
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((150, 25))
+    y = x @ rng.standard_normal((25, 1)) + 0.1 * rng.standard_normal((150, 1)) + 0.4
+    w, b = fit_ridge(x, y, 10.0)
+    w_ref, b_ref = _slow_ridge(x, y, 10.0)
+    assert w.shape == (25, 1) and b.shape == (1,)
+    np.testing.assert_allclose(w, w_ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b, b_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_iou_predictions_match_a_per_class_product():
+    from spp_cli.bbox_reg import IoURegressors
+
+    rng = np.random.default_rng(6)
+    reg = IoURegressors(rng.standard_normal((3, 7)).astype(np.float32), rng.standard_normal(3).astype(np.float32))
+    x = rng.standard_normal((5, 7)).astype(np.float32)
+    expected = np.array([[0.5 * x[i] @ reg.weight[k] + reg.bias[k] for k in range(3)] for i in range(5)])
+    np.testing.assert_allclose(reg.predict_all(torch.from_numpy(x), scale=0.5).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_ridge_takes_fp16_rows_and_degenerate_sets():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((300, 40)).astype(np.float16)

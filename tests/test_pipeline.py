@@ -8,6 +8,7 @@ and feed each command bad input.
 
 import json
 import re
+from dataclasses import replace
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -166,7 +167,7 @@ def test_model_file_is_safetensors_with_json_metadata(pipeline):
     with safe_open(str(pipeline.model), framework="pt") as f:
         meta = json.loads(f.metadata()["spp"])
         shapes = {k: tuple(f.get_tensor(k).shape) for k in f.keys()}
-    assert shapes == {"svm_weight": (2, dim), "svm_bias": (2,), "bbox_weight": (2, dim, 4), "bbox_bias": (2, 4)}
+    assert shapes == {"svm_weight": (2, dim), "svm_bias": (2,), "bbox_weight": (2, dim, 4), "bbox_bias": (2, 4), "iou_weight": (2, dim), "iou_bias": (2,)}
     assert meta["format"] == "spp-detector" and meta["version"] == 1
     assert meta["classes"] == ["blue", "red"]
     assert meta["features"]["backbone"] == BACKBONE and meta["features"]["scales"] == [96]
@@ -174,7 +175,7 @@ def test_model_file_is_safetensors_with_json_metadata(pipeline):
     assert meta["levels"] == list(DEFAULT_LEVELS)
     assert meta["feature_scale"] == pytest.approx(20 / meta["training"]["mean_feature_norm"])
     assert meta["detect"] == {"score_threshold": -1.5, "nms_iou": 0.3, "max_detections": 100, "bbox_regression": True, "display_threshold": -0.3,
-                              "box_voting": True, "voting_iou": 0.5, "voting_floor": -1.5, "objectness_weight": 0.0}
+                              "box_voting": True, "voting_iou": 0.5, "voting_floor": -1.5, "objectness_weight": 0.0, "iou_weight": 2.0}
     assert meta["training"]["images"] == 4 and meta["training"]["cache"] == str(pipeline.cache)
     detector = Detector.load(pipeline.model)
     assert detector.features == settings and detector.classes == ["blue", "red"]
@@ -463,6 +464,9 @@ SHIPPED_LEVELS = "320 channels x levels [1, 2, 3, 6]"
     ({"bbox_weight": lambda t: t[:, :100]}, f"bbox_weight is [1, 100, 4], not [1, 16000, 4]: the box regressors read pool5, {SHIPPED_LEVELS}"),
     ({"bbox_weight": lambda t: t[:, :, :2]}, f"bbox_weight is [1, 16000, 2], not [1, 16000, 4]: the box regressors read pool5, {SHIPPED_LEVELS}"),
     ({"bbox_bias": lambda t: t[:, :2]}, "box regressor shapes do not match the classifiers"),
+    ({"iou_weight": lambda t: t[:, :100]}, f"iou_weight is [1, 100], not [1, 16000]: one row per class, reading pool5, {SHIPPED_LEVELS}"),
+    ({"iou_bias": lambda t: t.repeat(2)}, "iou_bias is [2], not [1]: one value per class"),
+    ({"iou_weight": lambda t: t.half()}, "iou_weight is float16, not float32"),
     ({"levels": []}, "levels [] are not a non-empty list of positive whole numbers"),
     ({"levels": [0]}, "levels [0] are not a non-empty list of positive whole numbers"),
     ({"levels": [1, 2.5]}, "levels [1, 2.5] are not a non-empty list of positive whole numbers"),
@@ -478,6 +482,9 @@ def test_a_model_that_does_not_fit_together_is_refused_on_load(tmp_path, change,
         meta = json.loads(f.metadata()["spp"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     del meta["digest"]
+    # Localisation tensors the shipped detector may not carry: zeros of the right shapes to change.
+    tensors.setdefault("iou_weight", torch.zeros_like(tensors["svm_weight"]))
+    tensors.setdefault("iou_bias", torch.zeros_like(tensors["svm_bias"]))
     for key, value in change.items():
         if key in tensors:
             tensors[key] = value(tensors[key]).contiguous()
@@ -720,9 +727,30 @@ def test_positive_iou_adds_the_overlapping_windows_as_positives(pipeline, tmp_pa
     assert Detector.load(model).training["svm"]["positive_iou"] == 0.7
 
 
-def test_each_candidate_is_regressed_by_its_class_as_a_slow_reference_does():
-    # Windows in more than one scoring chunk; every (window, class) pair kept (no threshold, no suppression).
-    from spp_cli.bbox_reg import BoxRegressors, decode
+def test_the_trained_localisation_ranks_a_box_above_a_window_half_off_it(pipeline):
+    from spp_cli.windows import window_features
+
+    detector = Detector.load(pipeline.model)
+    assert detector.localisation is not None and detector.localisation.weight.shape == (2, detector.svms.weight.shape[1])
+    cache = FeatureCache.open(pipeline.cache)
+    gaps = []
+    for key in cache.keys():
+        entry = cache.read(key)
+        for box, label in zip(entry.gt_boxes, entry.gt_labels):
+            k = detector.classes.index(entry.classes[int(label)])
+            shifted = box + np.array([0.5, 0, 0.5, 0], np.float32) * (box[2] - box[0])  # IoU 1/3 with the box
+            rows = window_features(entry, np.stack([box, shifted]), detector.alignment, detector.levels)
+            iou = detector.localisation.predict_all(rows, scale=detector.pool5_scale)[:, k]
+            assert iou[0] > iou[1], (key, box, iou)
+            gaps.append(float(iou[0] - iou[1]))
+    # A ridge fit on 4 images (lambda 1000) shrinks its predictions: the gaps are 0.03-0.22 here.
+    assert len(gaps) == 2 * len(TRAIN) and np.mean(gaps) > 0.1
+
+
+def test_each_candidate_is_scored_and_regressed_by_its_class_as_a_slow_reference_does():
+    # Windows in more than one scoring chunk; every (window, class) pair kept (no threshold, no
+    # suppression). Its score: the SVM's plus the default weight times its predicted IoU.
+    from spp_cli.bbox_reg import BoxRegressors, IoURegressors, decode
     from spp_cli.cache import CacheSettings
     from spp_cli.model import SCORE_CHUNK
     from spp_cli.spp import PyramidPooler
@@ -733,32 +761,39 @@ def test_each_candidate_is_regressed_by_its_class_as_a_slow_reference_does():
     settings = CacheSettings(spec.name, "random:0", spec.layer, spec.stride, spec.offset, 2, (96,), 2000, "fp16", spec.preprocess)
     svms = LinearSVMs(["dot", "blob"], rng.standard_normal((2, 2)).astype(np.float32), np.zeros(2, np.float32), 0.5)
     regressors = BoxRegressors(0.2 * rng.standard_normal((2, 2, 4)).astype(np.float32), 0.1 * rng.standard_normal((2, 4)).astype(np.float32))
-    detector = Detector(settings, (1,), svms, regressors)
+    localisation = IoURegressors(rng.standard_normal((2, 2)).astype(np.float32), rng.standard_normal(2).astype(np.float32))
+    detector = Detector(settings, (1,), svms, regressors, localisation)
     maps = [torch.rand(2, 6, 8, generator=torch.Generator().manual_seed(1))]
     corners = rng.uniform(0, 1, (SCORE_CHUNK + 44, 4)) * [128, 96, 128, 96]
     proposals = np.concatenate([corners[:, :2], corners[:, :2] + 16 + corners[:, 2:]], 1).astype(np.float32)
     config = DetectConfig(score_threshold=-100.0, nms_iou=1.0, box_voting=False, max_detections=10_000)
-    found = detector.detect_windows(maps, [1.0], proposals, 256, 192, config=config)
-    assert len(found) == 2 * len(proposals)
+    assert config.iou_weight == 2.0
     pooled = PyramidPooler(maps, [1.0], torch.from_numpy(proposals), detector.alignment, (1,)).vectors() * 0.5
-    expected = {}
-    for i in range(len(proposals)):
-        for k in range(2):
-            deltas = pooled[i] @ torch.from_numpy(regressors.weight[k]) + torch.from_numpy(regressors.bias[k])
-            box = decode(torch.from_numpy(proposals[i : i + 1]), deltas[None])[0]
-            box = box.clamp(min=0).minimum(torch.tensor([256.0, 192.0, 256.0, 192.0]))
-            expected[(i, k)] = (box.tolist(), float(pooled[i] @ torch.from_numpy(svms.weight[k])))
-    for detection in found:
-        match = [key for key, (box, score) in expected.items()
-                 if key[1] == detection.class_id and abs(score - detection.score) < 1e-3 and np.allclose(box, detection.box, atol=0.02)]
-        assert match, detection
-        del expected[match[0]]
-    assert not expected
+
+    def expected_detections(iou_weight: float) -> dict:
+        expected = {}
+        for i in range(len(proposals)):
+            for k in range(2):
+                deltas = pooled[i] @ torch.from_numpy(regressors.weight[k]) + torch.from_numpy(regressors.bias[k])
+                box = decode(torch.from_numpy(proposals[i : i + 1]), deltas[None])[0]
+                box = box.clamp(min=0).minimum(torch.tensor([256.0, 192.0, 256.0, 192.0]))
+                iou = float(pooled[i] @ torch.from_numpy(localisation.weight[k]) + localisation.bias[k])
+                expected[(i, k)] = (box.tolist(), float(pooled[i] @ torch.from_numpy(svms.weight[k])) + iou_weight * iou)
+        return expected
+
+    for iou_weight in (2.0, 0.0):
+        found = detector.detect_windows(maps, [1.0], proposals, 256, 192, config=replace(config, iou_weight=iou_weight))
+        assert len(found) == 2 * len(proposals)
+        expected = expected_detections(iou_weight)
+        for detection in found:
+            match = [key for key, (box, score) in expected.items()
+                     if key[1] == detection.class_id and abs(score - detection.score) < 1e-3 and np.allclose(box, detection.box, atol=0.02)]
+            assert match, detection
+            del expected[match[0]]
+        assert not expected
 
 
 def test_the_objectness_weight_adds_its_share_of_each_windows_log_objectness_to_its_scores():
-    from dataclasses import replace
-
     from spp_cli.cache import CacheSettings
     from spp_cli.svm import LinearSVMs
 

@@ -62,6 +62,8 @@ def run_models(paths: tuple[Path, ...]) -> int:
             ui.console.print("  proposals: selective search")
         weight = detector.detect.objectness_weight
         term = f" + {weight:g} x log objectness" if weight else ""  # DetectConfig.objectness_weight
+        if detector.localisation is not None and detector.detect.iou_weight:
+            term += f" + {detector.detect.iou_weight:g} x predicted IoU"  # DetectConfig.iou_weight
         if detector.calibration is not None:
             of = f" (of the SVM margin{term})" if term else ""
             ui.console.print(f"  scores: calibrated probabilities{of}, shown from {detector.calibration.display_probability:.2f}")
