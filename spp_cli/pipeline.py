@@ -142,6 +142,9 @@ class TrainState:
     plan: dict
     steps: dict[str, dict] = field(default_factory=dict)
 
+    # True where the folder held another plan's state (other settings or data): set aside, its steps redone.
+    replaced: bool = False
+
     @classmethod
     def load_or_new(cls, path: Path, plan: dict) -> "TrainState":
         if path.is_file():
@@ -149,9 +152,18 @@ class TrainState:
                 doc = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 doc = {}
+            if not isinstance(doc, dict):
+                doc = {}
             if doc.get("format") == STATE_FORMAT and doc.get("version") == STATE_VERSION and doc.get("plan") == plan:
                 return cls(path, plan, dict(doc.get("steps", {})))
-            ui.warn(f"{path}: left by a run with other settings; its finished steps are redone")
+            old = doc.get("plan")
+            if isinstance(old, dict) and old.get("contents") != plan.get("contents") and \
+                    {k: v for k, v in old.items() if k != "contents"} == {k: v for k, v in plan.items() if k != "contents"}:
+                why = "on other contents of the data (its images, ground truth or background images)"
+            else:
+                why = "with other settings"
+            ui.warn(f"{path}: left by a run {why}; its finished steps are redone")
+            return cls(path, plan, replaced=True)
         return cls(path, plan)
 
     def done(self, step: str, *outputs: Path) -> dict | None:
@@ -178,6 +190,78 @@ class TrainResult:
     proposals: str = ""  # which proposals the model uses, and why
     scales: str = ""  # the cache's scales and the size of the smallest objects on its map
     skipped_at: tuple[str, ...] = ()  # the steps that skipped inputs (each listed them), this run or the one it resumes
+
+
+def contents_fingerprint(train_set, val_set=None, backgrounds: list[Path] = ()) -> dict:
+    """What the run trains and validates on, as train-state.json records it (a resume must match
+    it): the image count and a sha256 over each record of the training split (and of a named
+    validation split) in image-id order: its id, its ground truth (boxes, class names,
+    difficult, crowd), its size, and its image file's identity, then each background image's
+    identity and each annotation the reader could not use. An image file's identity is its path,
+    size and modification time (what make and rsync go by): it costs a stat, where a hash of its
+    bytes (the cache's key) would read every image on every rerun; an edited or replaced image
+    gets a new time, and a touched one only redoes the steps (the cache, keyed by content, is
+    reused). Annotations count by what was read from them, so touching one changes nothing."""
+    digest = hashlib.sha256()
+
+    def identity(path: Path) -> list:
+        path = Path(path)
+        try:
+            stat = path.stat()
+        except OSError:
+            return [str(path.absolute()), None, None]
+        return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+    def add(item) -> None:
+        digest.update(json.dumps(item, separators=(",", ":")).encode("utf-8") + b"\n")
+
+    count = 0
+    for part, dataset in (("train", train_set), ("validation", val_set)):
+        if dataset is None:
+            continue
+        add([part, list(dataset.classes)])
+        for record in sorted(dataset.records, key=lambda r: r.image_id):
+            add([record.image_id, identity(record.path), record.width, record.height,
+                 [[float(v) for v in box] for box in record.boxes.tolist()],
+                 [dataset.classes[int(label)] for label in record.labels],
+                 [bool(v) for v in record.difficult], [bool(v) for v in record.iscrowd]])
+        add([part, "unusable", sorted([str(path), str(problem)] for path, problem in dataset.bad)])
+        count += len(dataset.records)
+    add(["backgrounds", sorted(identity(path) for path in backgrounds)])
+    return {"images": count, "backgrounds": len(backgrounds), "sha256": digest.hexdigest()}
+
+
+# The step checkpoints spp train's steps keep in the work folder and its per-map subfolders
+# (spp_cli.finetune.checkpoint_path of proposals.safetensors and head.safetensors).
+STEP_CHECKPOINTS = ("proposals.safetensors.ckpt", "head.safetensors.ckpt")
+
+
+def discard_step_checkpoints(work: Path, keep: list[Path] = ()) -> list[Path]:
+    """Delete the step checkpoints of a set-aside state: ``STEP_CHECKPOINTS`` in ``work`` and in
+    its feature-map subfolders (:func:`map_folder`'s names), never under a folder of ``keep`` (a
+    --cache folder). Nothing else is touched: the caches are keyed by content and reused, and the
+    step outputs are rewritten by their steps. The paths deleted."""
+    import re
+
+    keep = [Path(k).resolve() for k in keep]
+    try:
+        folders = [work] + sorted(p for p in work.iterdir() if p.is_dir() and not p.is_symlink()
+                                  and re.fullmatch(r"(.+-)?scale-[0-9]+(-[0-9]+)*", p.name))
+    except OSError:
+        folders = [work]
+    removed = []
+    for folder in folders:
+        if any(folder.resolve() == k or k in folder.resolve().parents for k in keep):
+            continue
+        for name in STEP_CHECKPOINTS:
+            path = folder / name
+            if path.is_file() and not path.is_symlink():
+                try:
+                    path.unlink()
+                except OSError as exc:
+                    raise SPPError(f"{path}: cannot delete the checkpoint of a run with other data or settings ({exc.strerror or exc})") from None
+                removed.append(path)
+    return removed
 
 
 def split_backgrounds(paths: list[Path], val_fraction: float) -> tuple[list[Path], list[Path]]:
@@ -455,7 +539,6 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     except OSError as exc:  # as FeatureCache says of a --cache folder it cannot create
         raise SPPError(f"{work}: cannot create work folder ({exc.strerror or exc})") from None
     cache_dir = cache_dir if cache_dir is not None else work / "feats"
-    state = TrainState.load_or_new(work / "train-state.json", {**plan.fingerprint(), "cache": str(cache_dir.resolve()), "spp": __version__})
 
     # Only the training split (and a validation split, when named) is opened: never the test split.
     train_set = open_dataset(plan.data, plan.split)
@@ -465,6 +548,20 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     if not any(len(record.boxes) for record in train_set.records):  # found here, not by its fourth step
         where = f" of split '{plan.split}'" if plan.split else ""
         raise DatasetError(f"{plan.data}: the {len(train_set.records)} image(s){where} hold no ground-truth box; nothing to train on")
+    background: list[Path] = []
+    if plan.negatives:
+        from spp_cli.train import negative_images
+
+        background = negative_images(plan.negatives)
+    # The plan names the data and split by path; what they hold is part of it too, so that a
+    # state of other images or ground truth is set aside like one of other settings.
+    contents = contents_fingerprint(train_set, val_set, background)
+    state = TrainState.load_or_new(work / "train-state.json",
+                                   {**plan.fingerprint(), "cache": str(cache_dir.resolve()), "spp": __version__, "contents": contents})
+    if state.replaced:
+        # The old plan's step checkpoints would refuse this plan's steps (other images or settings).
+        for path in discard_step_checkpoints(work, [cache_dir]):
+            ui.warn(f"{path}: a checkpoint of that run; deleted")
     split = split_for_validation([r.image_id for r in train_set.records],
                                  [r.image_id for r in val_set.records] if val_set is not None else None, plan.val_fraction)
     records = {r.image_id: (r, train_set.classes) for r in train_set.records}
@@ -476,9 +573,6 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     fit_backgrounds: tuple[str, ...] = ()  # --negatives the models are trained with
     val_backgrounds: list[Path] = []  # and those held out with the validation images
     if plan.negatives:
-        from spp_cli.train import negative_images
-
-        background = negative_images(plan.negatives)
         # No record: cached without ground truth, used only as negatives. A part is held out
         # with the validation images, so that validation sees what the negatives are for.
         items += [Source(f"negative:{path.as_posix()}", path) for path in background]

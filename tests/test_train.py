@@ -225,6 +225,56 @@ def test_killed_at_a_random_step_and_rerun_gives_the_same_model(trained, tmp_pat
         assert np.array_equal(one[name], two[name]), f"killed in '{step}' after {delay:.2f} s: {name} differs"
 
 
+def test_a_split_whose_contents_changed_is_trained_again_not_resumed(tmp_path):
+    data = write_shapes(tmp_path / "shapes")
+    out = tmp_path / "model.safetensors"
+    fast = ("--features", "pool5", "--proposals", "learned")
+    first = CliRunner().invoke(cli, train_args(data, out, *fast))
+    assert first.exit_code == 0, first.output
+    assert Detector.load(out).training["images"] == len(split_for_validation(TRAIN, None, 0.25).fit_ids)
+    # The same command on a split of two more images: its state is set aside, not resumed (same paths, other contents).
+    (data / "train.txt").write_text("\n".join(TRAIN + TEST) + "\n")
+    again = CliRunner().invoke(cli, train_args(data, out, *fast))
+    assert again.exit_code == 0, again.output
+    assert Detector.load(out).training["images"] == len(split_for_validation(TRAIN + TEST, None, 0.25).fit_ids)
+    assert "left by a run on other contents of the data" in again.output
+    assert "[2/4] proposal network" in again.output and "Training on pool5 features" in again.output
+    # What the state records: the same on an unchanged split, other after a ground-truth edit (same ids and images).
+    state = json.loads((tmp_path / "model.work" / "train-state.json").read_text())
+    assert state["plan"]["contents"] == pipeline.contents_fingerprint(open_dataset(str(data), "train"))
+    assert state["plan"]["contents"]["images"] == len(TRAIN + TEST)
+    xml = data / "annotations" / f"{TRAIN[0]}.xml"
+    xml.write_text(xml.read_text().replace("<difficult>0</difficult>", "<difficult>1</difficult>", 1))
+    assert state["plan"]["contents"] != pipeline.contents_fingerprint(open_dataset(str(data), "train"))
+
+
+def test_a_run_interrupted_in_a_step_then_run_with_other_settings_starts_afresh(tmp_path, monkeypatch):
+    from spp_cli import finetune
+
+    data = write_shapes(tmp_path / "shapes")
+    out = tmp_path / "model.safetensors"
+    fast = ("--features", "pool5", "--proposals", "learned")
+    write = finetune.write_checkpoint
+
+    def write_then_interrupt(*args, **kwargs):  # Ctrl-C once the proposal network's first epoch is saved
+        write(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune, "write_checkpoint", write_then_interrupt)
+    interrupted = CliRunner().invoke(cli, train_args(data, out, *fast))
+    assert interrupted.exit_code == 130, interrupted.output
+    checkpoint = tmp_path / "model.work" / "proposals.safetensors.ckpt"
+    assert checkpoint.is_file() and "[2/4] proposal network" in interrupted.output
+    monkeypatch.setattr(finetune, "write_checkpoint", write)
+    # Another validation fraction: other images for the network, so the old checkpoint goes with the old state.
+    again = CliRunner().invoke(cli, train_args(data, out, *fast, "--val-fraction", "0.5"))
+    assert again.exit_code == 0, again.output
+    assert "left by a run with other settings" in again.output and f"{checkpoint}: a checkpoint of that run; deleted" in again.output
+    assert not checkpoint.exists() and "Resuming from" not in again.output
+    assert Detector.load(out).training["images"] == len(split_for_validation(TRAIN, None, 0.5).fit_ids)
+    assert FeatureCache.open(tmp_path / "model.work" / "feats").keys()  # the cache is kept
+
+
 def test_validation_part_is_stable_and_never_empty():
     ids = [f"img{k:03d}" for k in range(40)]
     split = split_for_validation(ids, None, 0.1)
