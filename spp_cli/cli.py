@@ -4,8 +4,8 @@ Imports of torch, OpenCV and the library modules happen inside the
 commands, so ``spp --help`` and ``spp CMD --help`` answer instantly.
 Library errors (:class:`spp_cli.errors.SPPError`) become one-line
 ``Error: ...`` messages with exit code 1, usage errors (a missing or bad
-option) one line with exit code 2; Ctrl-C exits 130 with a note on how to
-resume.
+option) one line with exit code 2; Ctrl-C exits 130 with a note on what was
+kept and whether the same command again resumes.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class SPPGroup(click.Group):
         except SPPError as exc:
             raise click.ClickException(str(exc)) from None
         except KeyboardInterrupt:
-            click.echo("Interrupted. Finished work is kept; run the same command again to resume.", err=True)
+            click.echo(interrupted_message(ctx.invoked_subcommand), err=True)
             ctx.exit(130)
         finally:
             if previous is not None:
@@ -92,6 +92,23 @@ class SPPGroup(click.Group):
 
 def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
+
+
+# Commands that journal or checkpoint their work as they go: a rerun picks up where they stopped.
+RESUMING = frozenset({"propose", "cache", "train-proposals", "finetune", "train"})
+
+
+def interrupted_message(command: str | None) -> str:
+    """The line said after Ctrl-C (or SIGTERM) stopped ``spp COMMAND``: what was kept, and what a rerun does."""
+    if command in RESUMING:
+        return "Interrupted. Finished work is kept; run the same command again to resume."
+    if command in ("detect", "train-svm", "eval", "merge"):
+        # Their files are written (atomically) once all the work is done, so a stop before
+        # that leaves an earlier --out as it was, and a rerun does everything again.
+        return f"Interrupted. `spp {command}` does not resume: its output is written only when it finishes; run the same command again to start over."
+    if command == "draw":
+        return "Interrupted. `spp draw` does not resume: the images drawn so far are in --out; run the same command again to draw them all."
+    return "Interrupted; nothing was written."  # models, cache-info: they only read
 
 
 def input_options(func):

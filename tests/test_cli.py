@@ -97,6 +97,59 @@ def test_propose_resumes_from_partial_journal(tmp_path):
     assert not journal.exists()
 
 
+def test_propose_resume_searches_again_an_image_replaced_since_the_journal(tmp_path, monkeypatch):
+    # A run interrupted after two images; then image 0 is replaced by image 2's bytes, as
+    # `cp -p` does it (an mtime older than the journal's): its journaled boxes are not reused.
+    import shutil
+
+    import spp_cli.commands.propose as propose_command
+
+    out, full = propose_three_images(tmp_path)
+    out.unlink()
+    real = propose_command.run_proposals
+
+    def interrupted(tasks, params, workers):
+        for k, result in enumerate(real(tasks, params, workers)):
+            if k == 2:
+                raise KeyboardInterrupt
+            yield result
+
+    monkeypatch.setattr(propose_command, "run_proposals", interrupted)
+    result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1")
+    assert result.exit_code == 130 and not out.exists()
+    journal = tmp_path / "p.json.partial"
+    assert journal.read_text().count("\n") == 3  # the header and images 0, 1
+    monkeypatch.setattr(propose_command, "run_proposals", real)
+    image = tmp_path / "imgs" / "0.jpg"
+    shutil.copy2(tmp_path / "imgs" / "2.jpg", image)
+    older = journal.stat().st_mtime_ns - 60 * 10**9
+    os.utime(image, ns=(older, older))
+    result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1")
+    assert result.exit_code == 0
+    assert f"{journal}: 1 image(s) modified since they were searched; searching them again." in result.stderr
+    assert "Resuming: 1 of 3 images already done." in result.stderr
+    images = json.loads(out.read_text())["images"]
+    assert images[0]["boxes"] == full["images"][2]["boxes"] and images[1:] == full["images"][1:]
+
+
+def test_propose_resume_takes_a_journal_line_without_file_stamp_under_the_mtime_rule(tmp_path):
+    # A journal of an earlier spp records no size or mtime: an image modified after the
+    # journal was written is searched again, as with a finished props.json.
+    out, full = propose_three_images(tmp_path)
+    journal = tmp_path / "p.json.partial"
+    marker = [[1.0, 2.0, 30.0, 40.0]]
+    lines = [json.dumps({"params": full["params"]})] + [json.dumps(dict(im, boxes=marker)) for im in full["images"][:2]]
+    journal.write_text("\n".join(lines) + "\n")
+    out.unlink()
+    newer = journal.stat().st_mtime_ns + 60 * 10**9
+    os.utime(tmp_path / "imgs" / "1.jpg", ns=(newer, newer))
+    result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1")
+    assert result.exit_code == 0
+    assert "Resuming: 1 of 3 images already done." in result.stderr
+    images = json.loads(out.read_text())["images"]
+    assert images[0]["boxes"] == marker and images[1:] == full["images"][1:]
+
+
 def test_propose_again_reuses_the_boxes_of_unchanged_images(tmp_path):
     out, full = propose_three_images(tmp_path)
     # The same run again: nothing to search, the same file.
@@ -307,3 +360,34 @@ def test_eval_against_a_dataset_without_images(tmp_path, coco_dataset):
     result = invoke("eval", dets, "--data", coco_dataset)
     assert result.exit_code == 1
     assert result.stderr.strip() == f"Error: {coco_dataset}: no images in split 'all'"
+
+
+RESUMES = "Interrupted. Finished work is kept; run the same command again to resume."
+
+
+@pytest.mark.parametrize("args, module, function, message", [
+    (["propose", "photos", "--out", "props.json"], "propose", "run_propose", RESUMES),
+    (["detect", "photos", "--out", "dets.json"], "detect", "run_detect",
+     "Interrupted. `spp detect` does not resume: its output is written only when it finishes; run the same command again to start over."),
+    (["train-svm", "--cache", "cache", "--out", "model.safetensors"], "train_svm", "run_train_svm",
+     "Interrupted. `spp train-svm` does not resume: its output is written only when it finishes; run the same command again to start over."),
+])
+def test_interrupt_says_whether_the_command_resumes(monkeypatch, args, module, function, message):
+    import importlib
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(f"spp_cli.commands.{module}"), function, interrupted)
+    result = invoke("--threads", "1", *args)
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines() == [message]
+
+
+def test_every_command_has_an_interrupt_note():
+    from spp_cli.cli import RESUMING, interrupted_message
+
+    assert RESUMING <= set(COMMANDS)
+    for command in COMMANDS:
+        resumes = interrupted_message(command) == RESUMES
+        assert resumes == (command in RESUMING), command

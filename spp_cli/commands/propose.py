@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -96,6 +97,9 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
         ui.console.print(f"Resuming: {len(journaled)} of {len(items)} images already done.")
 
     results: dict[str, ImageProposals] = dict(done)
+    # Each image's size and mtime before it is read: its journal line records them, and a
+    # resumed run trusts the line only while the file still has them (see _load_partial).
+    stamps = {task.path: _file_stamp(task.path) for task in tasks}
     start = time.perf_counter()
     with _open_partial(partial_path(target), params, fresh=not journaled) as partial, ui.progress() as bar:
         task_id = bar.add_task("propose", total=len(items), completed=len(items) - len(tasks), rate="")
@@ -108,7 +112,10 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
                 for line in result.warnings:
                     ui.warn(line)
                 results[result.path] = result
-                partial.write(json.dumps({**result.to_json(), "seconds": round(result.seconds, 4)}) + "\n")
+                done_line = {**result.to_json(), "seconds": round(result.seconds, 4)}
+                if stamps.get(result.path) is not None:
+                    done_line["file"] = stamps[result.path]
+                partial.write(json.dumps(done_line) + "\n")
                 partial.flush()
             elapsed = time.perf_counter() - start
             bar.update(task_id, advance=1, rate=f"{finished / elapsed:.2f} img/s")
@@ -237,11 +244,27 @@ def _unchanged_entries(target: Path, params) -> dict[str, ImageProposals]:
     return unchanged
 
 
+def _file_stamp(path: str) -> dict | None:
+    """An image file's size and modification time (ns), as a journal line records them; None where it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def _load_partial(path: Path, params) -> dict[str, ImageProposals]:
-    """Images finished by an interrupted run with the same settings."""
+    """Images finished by an interrupted run with the same settings whose files are as they were.
+
+    A line records the size and mtime its image had before it was searched: it is trusted only
+    while the file still has both (an image replaced since, even by ``cp -p`` with an older mtime,
+    is searched again). A line without them (a journal of an earlier spp) is trusted under the
+    finished file's rule: an image modified after the journal was last written is searched again.
+    """
     if not path.exists():
         return {}
     try:
+        written = path.stat().st_mtime_ns
         lines = path.read_text(encoding="utf-8").splitlines()
         header = json.loads(lines[0]) if lines else {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -253,16 +276,32 @@ def _load_partial(path: Path, params) -> dict[str, ImageProposals]:
     if header.get("params") != _settings(params):
         ui.console.print(f"{path}: left by a run with other settings; starting afresh.")
         return {}
-    done: dict[str, ImageProposals] = {}
+    latest: dict[str, tuple[ImageProposals, object]] = {}
     for line in lines[1:]:
         try:
             e = json.loads(line)
-            done[e["path"]] = ImageProposals(
+            latest[e["path"]] = (ImageProposals(
                 e["id"], e["path"], e["width"], e["height"],
                 np.asarray(e["boxes"], np.float32).reshape(-1, 4), e.get("seconds", 0.0),
-            )
+            ), e.get("file"))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             break  # the last line of a killed run may be cut short; redo from there
+    done: dict[str, ImageProposals] = {}
+    changed = 0
+    for image, (entry, recorded) in latest.items():
+        now = _file_stamp(image)
+        if now is None:
+            continue  # gone: where it is still an input, its search says so
+        if isinstance(recorded, dict):
+            same = now == {"size": recorded.get("size"), "mtime_ns": recorded.get("mtime_ns")}
+        else:
+            same = now["mtime_ns"] <= written
+        if same:
+            done[image] = entry
+        else:
+            changed += 1
+    if changed:
+        ui.console.print(f"{path}: {changed} image(s) modified since they were searched; searching them again.")
     return done
 
 
