@@ -100,7 +100,7 @@ def test_training_commands_print_paths_and_class_names_as_they_are(weird_run):
     assert f"  classes: {WEIRD_CLASS}, red" in listing.stderr.splitlines() or f"  classes: red, {WEIRD_CLASS}" in listing.stderr.splitlines()
     # A model of the user's own: how it proposes and scores, and no README to look for beside it.
     assert "  proposals: selective search" in listing.stderr.splitlines()
-    assert "  scores: SVM margins, shown from -0.3" in listing.stderr.splitlines()
+    assert "  scores: SVM margins + 2 x predicted IoU, shown from -0.3" in listing.stderr.splitlines()
     assert not any("README" in line for line in listing.stderr.splitlines())
 
 
