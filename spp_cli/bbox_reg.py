@@ -100,7 +100,7 @@ class IoURegressors:
         return torch.addmm(b, features, w.T, alpha=scale)
 
 
-def fit_ridge(features: np.ndarray, deltas: np.ndarray, ridge_lambda: float, tol: float = 1e-6,
+def fit_ridge(features: np.ndarray | torch.Tensor, deltas: np.ndarray, ridge_lambda: float, tol: float = 1e-6,
               max_steps: int = 2000) -> tuple[np.ndarray, np.ndarray]:
     """Ridge regression with an unpenalised bias: ``(N, D)``, ``(N, T)`` -> ``(D, T)``, ``(T,)``
     (box regression: the ``T = 4`` deltas; localisation quality: ``T = 1``, the IoU).
@@ -115,7 +115,7 @@ def fit_ridge(features: np.ndarray, deltas: np.ndarray, ridge_lambda: float, tol
     "SVM solver").
     """
     # fp16 rows (the training run's) widened by torch: numpy's float16 conversion is ~10x slower.
-    x = torch.from_numpy(np.ascontiguousarray(features)).float()
+    x = features.float() if isinstance(features, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(features)).float()
     y = torch.from_numpy(np.asarray(deltas, dtype=np.float64))
     x_mean, y_mean = x.mean(0, dtype=torch.float64), y.mean(0)
     mean32 = x_mean.float()

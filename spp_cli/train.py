@@ -254,6 +254,9 @@ def train_detector(
     trained = [k for k, name in enumerate(data.classes) if name not in miner.untrained()]
     classes = [data.classes[k] for k in trained]
     svms = LinearSVMs(classes, svms.weight[trained], svms.bias[trained], svms.feature_scale)
+    # The hard negatives' store and the solver's buffers (GBs with many classes) before the
+    # regression fits: their rows and float32 copies would otherwise come on top of them.
+    del miner
 
     # 4. Box regression and localisation quality per class.
     regressors = localisation = None
@@ -264,16 +267,17 @@ def train_detector(
         iou_bias = np.zeros(len(classes), np.float32)
         for k, name in enumerate(classes):
             if reg_feats[name]:
-                x = np.concatenate(reg_feats[name])
+                x = _float_rows(reg_feats.pop(name))
                 y = np.concatenate(reg_deltas[name])
                 weight[k], bias[k] = fit_ridge(x, y, bbox_config.ridge_lambda)
                 log(f"box regression {name}: {len(x)} windows")
             if iou_feats[name]:
-                x = np.concatenate(iou_feats[name])
+                x = _float_rows(iou_feats.pop(name))
                 # To 1e-3 of the residual, not box regression's 1e-6: the prediction is a term of a
-                # score, and raccoon's fit took 10 s at 1e-6 (the SVM step's own time).
+                # score (raccoon's validation the same at 1e-6).
                 w, b = fit_ridge(x, np.concatenate(iou_targets[name])[:, None], bbox_config.ridge_lambda, tol=1e-3)
                 iou_weight[k], iou_bias[k] = w[:, 0], b[0]
+            x = None  # this class's rows go before the next class's are made
             progress("box regression", k + 1, len(classes))
         regressors = BoxRegressors(weight, bias)
         localisation = IoURegressors(iou_weight, iou_bias)
@@ -333,6 +337,17 @@ def _regression_samples(entry, windows, pool5, scale, names, classes, config, re
         sel = good[gt_names[best[good]] == name]
         reg_feats[name].append((pool5[torch.from_numpy(sel)] * scale).numpy().astype(np.float16))
         reg_deltas[name].append(encode(windows[sel], gt[best[sel]]))
+
+
+def _float_rows(blocks: list[np.ndarray]) -> torch.Tensor:
+    """fp16 row blocks as one float32 ``(N, D)`` tensor, filled block by block: no fp16
+    concatenation beside it (bccd's RBC: ~27,000 x 16,000 rows, 0.9 GB in fp16)."""
+    rows = torch.empty((sum(len(b) for b in blocks), blocks[0].shape[1]), dtype=torch.float32)
+    start = 0
+    for block in blocks:
+        rows[start : start + len(block)] = torch.from_numpy(block)
+        start += len(block)
+    return rows
 
 
 def _localisation_samples(entry, windows, pool5, featurizer, scale, names, min_iou, iou_feats, iou_targets, cap_per_class: int = 64) -> None:
