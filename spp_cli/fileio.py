@@ -128,6 +128,16 @@ def check_not_input(outputs: str | Path | Iterable[str | Path], inputs: Iterable
             raise SPPError(f"{out}: would overwrite an input of this command; choose another {option}")
 
 
+def file_stamp(path: str | Path) -> dict | None:
+    """A file's size and modification time (ns), what make and rsync go by to call it unchanged:
+    a stat, where a hash would read it; ``None`` where it cannot be read."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MB chunks."""
     digest = hashlib.sha256()

@@ -28,7 +28,7 @@ from pathlib import Path
 from spp_cli import __version__, ui
 from spp_cli.calibration import Calibration
 from spp_cli.errors import DatasetError, SPPError, UsageError
-from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
+from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_stamp
 
 STATE_FORMAT = "spp-train-state"
 # Version 2 holds part of --negatives out for validation; a version-1 state's steps were
@@ -205,12 +205,7 @@ def contents_fingerprint(train_set, val_set=None, backgrounds: list[Path] = ()) 
     digest = hashlib.sha256()
 
     def identity(path: Path) -> list:
-        path = Path(path)
-        try:
-            stat = path.stat()
-        except OSError:
-            return [str(path.absolute()), None, None]
-        return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+        return [str(Path(path).absolute()), file_stamp(path)]
 
     def add(item) -> None:
         digest.update(json.dumps(item, separators=(",", ":")).encode("utf-8") + b"\n")
@@ -231,30 +226,21 @@ def contents_fingerprint(train_set, val_set=None, backgrounds: list[Path] = ()) 
     return {"images": count, "backgrounds": len(backgrounds), "sha256": digest.hexdigest()}
 
 
-# The step checkpoints spp train's steps keep in the work folder and its per-map subfolders
-# (spp_cli.finetune.checkpoint_path of proposals.safetensors and head.safetensors).
-STEP_CHECKPOINTS = ("proposals.safetensors.ckpt", "head.safetensors.ckpt")
+# The steps of spp train that checkpoint: their outputs in a map's folder (spp_cli.finetune.checkpoint_path).
+CHECKPOINTED_OUTPUTS = ("proposals.safetensors", "head.safetensors")
 
 
-def discard_step_checkpoints(work: Path, keep: list[Path] = ()) -> list[Path]:
-    """Delete the step checkpoints of a set-aside state: ``STEP_CHECKPOINTS`` in ``work`` and in
-    its feature-map subfolders (:func:`map_folder`'s names), never under a folder of ``keep`` (a
-    --cache folder). Nothing else is touched: the caches are keyed by content and reused, and the
-    step outputs are rewritten by their steps. The paths deleted."""
-    import re
+def discard_step_checkpoints(folders: list[Path]) -> list[Path]:
+    """Delete the checkpoints of :data:`CHECKPOINTED_OUTPUTS` in this run's map ``folders``: a
+    set-aside state's, which would refuse this plan's steps (other images or settings). Nothing
+    else is touched: the caches are keyed by content and reused, and the step outputs are
+    rewritten by their steps. The paths deleted."""
+    from spp_cli.finetune import checkpoint_path
 
-    keep = [Path(k).resolve() for k in keep]
-    try:
-        folders = [work] + sorted(p for p in work.iterdir() if p.is_dir() and not p.is_symlink()
-                                  and re.fullmatch(r"(.+-)?scale-[0-9]+(-[0-9]+)*", p.name))
-    except OSError:
-        folders = [work]
     removed = []
     for folder in folders:
-        if any(folder.resolve() == k or k in folder.resolve().parents for k in keep):
-            continue
-        for name in STEP_CHECKPOINTS:
-            path = folder / name
+        for output in CHECKPOINTED_OUTPUTS:
+            path = checkpoint_path(folder / output)
             if path.is_file() and not path.is_symlink():
                 try:
                     path.unlink()
@@ -558,10 +544,6 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     contents = contents_fingerprint(train_set, val_set, background)
     state = TrainState.load_or_new(work / "train-state.json",
                                    {**plan.fingerprint(), "cache": str(cache_dir.resolve()), "spp": __version__, "contents": contents})
-    if state.replaced:
-        # The old plan's step checkpoints would refuse this plan's steps (other images or settings).
-        for path in discard_step_checkpoints(work, [cache_dir]):
-            ui.warn(f"{path}: a checkpoint of that run; deleted")
     split = split_for_validation([r.image_id for r in train_set.records],
                                  [r.image_id for r in val_set.records] if val_set is not None else None, plan.val_fraction)
     records = {r.image_id: (r, train_set.classes) for r in train_set.records}
@@ -737,6 +719,9 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
 
     # The first map's files where a single-map run keeps them; each other's in a folder of its own.
     folders = [work] + [work / map_folder(feature_map, plan.backbone) for feature_map in alternatives[1:]]
+    if state.replaced:
+        for path in discard_step_checkpoints(folders):
+            ui.warn(f"{path}: a checkpoint of that run; deleted")
     feats_dirs = [cache_dir if folder == work else folder / "feats" for folder in folders]
     # The finer cut of the first map's network at the same scales is a prefix of it: its maps
     # come from the first cache's forward passes.

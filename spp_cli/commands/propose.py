@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 
 from spp_cli import ui
 from spp_cli.errors import SPPError, UsageError
-from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
+from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_stamp
 from spp_cli.proposals import (
     DEFAULT_STRATEGY,
     ImageProposals,
@@ -99,7 +98,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     results: dict[str, ImageProposals] = dict(done)
     # Each image's size and mtime before it is read: its journal line records them, and a
     # resumed run trusts the line only while the file still has them (see _load_partial).
-    stamps = {task.path: _file_stamp(task.path) for task in tasks}
+    stamps = {task.path: file_stamp(task.path) for task in tasks}
     start = time.perf_counter()
     with _open_partial(partial_path(target), params, fresh=not journaled) as partial, ui.progress() as bar:
         task_id = bar.add_task("propose", total=len(items), completed=len(items) - len(tasks), rate="")
@@ -244,15 +243,6 @@ def _unchanged_entries(target: Path, params) -> dict[str, ImageProposals]:
     return unchanged
 
 
-def _file_stamp(path: str) -> dict | None:
-    """An image file's size and modification time (ns), as a journal line records them; None where it cannot be read."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def _load_partial(path: Path, params) -> dict[str, ImageProposals]:
     """Images finished by an interrupted run with the same settings whose files are as they were.
 
@@ -289,7 +279,7 @@ def _load_partial(path: Path, params) -> dict[str, ImageProposals]:
     done: dict[str, ImageProposals] = {}
     changed = 0
     for image, (entry, recorded) in latest.items():
-        now = _file_stamp(image)
+        now = file_stamp(image)
         if now is None:
             continue  # gone: where it is still an input, its search says so
         if isinstance(recorded, dict):
