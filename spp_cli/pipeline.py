@@ -62,15 +62,13 @@ class TrainPlan:
     val_fraction: float = 0.1
     scales: str = "auto"  # see scale_alternatives
     # pool5: SVMs on SPP vectors. auto: also a head fine-tuned on the chosen map and SVMs on its
-    # fc7, and whichever has the higher validation mAP. With the localisation term, fc7 / pool5 on
-    # the validation parts: raccoon 0.855 / 0.876, bccd's stride-16 cut 0.920 / 0.896, coco128
-    # 0.182 / 0.124 (benchmarks/README.md, "What was tried"). fc7 alone: the head on every map.
-    features: str = "auto"
-    # At most 10 epochs (early stopping on held-out windows within them): at 30, the heads
-    # stopped after 19 / 14 / 27 epochs, raccoon's fine-tuning 182 s against 79 (its
-    # training then over a fifth of Faster R-CNN's), fc7's validation raccoon 0.806, bccd
-    # 0.920 (the same head), coco128 0.248.
-    finetune_epochs: int = 10
+    # fc7, and whichever has the higher validation mAP (fc7 alone: the head on every map). auto
+    # (at --epochs 10) against pool5, benchmarks/vs_faster_rcnn.py: test raccoon 0.875 both
+    # (pool5 kept), bccd 0.866 -> 0.881, coco128 0.151 -> 0.153; training 87 -> 209, 405 -> 555,
+    # 365 -> 493 s; coco128's detection 0.91 -> 1.54 s per image (its fc6 over ~1,900 windows):
+    # slower on every dataset, so not the default (benchmarks/README.md, "What was tried").
+    features: str = "pool5"
+    finetune_epochs: int = 30
     backbone: str = "efficientnet_lite0"
     negatives: tuple[str, ...] = ()  # background images (no object of any class): negatives for the SVMs and the fine-tuning
     # learned: a proposal network trained on the cached maps gives the SVMs' training windows and

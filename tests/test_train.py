@@ -33,8 +33,7 @@ from spp_cli.pipeline import (FeatureMap, ScalePlan, TrainPlan, choose_features,
 
 # The pipeline tests' small setting: the stride-16 cut at one 96-pixel scale.
 OPTIONS = ["--backbone", "efficientnet_lite0_b4", "--scales", "96", "--epochs", "3", "--val-fraction", "0.25"]
-# The whole flow (the default, named here so that the fixture says what it trains): pool5 and a
-# fine-tuned fc7, the better on validation.
+# The whole flow: pool5 and a fine-tuned fc7, the better on validation (the default is pool5 alone).
 AUTO = ("--features", "auto")
 STEPS = ["cache", "proposal network", "proposals", "SVMs on pool5", "fine-tuning", "SVMs on fc7", "final model"]
 
@@ -137,10 +136,10 @@ def test_train_never_reads_the_test_split(tmp_path):
     assert result.exit_code == 0, result.output
     for image_id in TEST:
         assert image_id not in result.output
-    # The default flow: SVMs on pool5, then the fine-tuned head and SVMs on its fc7 (neither reads it either).
-    for n, step in enumerate(STEPS, 1):
-        assert f"[{n}/{len(STEPS)}] {step}" in result.output
-    assert (tmp_path / "model.work" / "head.safetensors").exists()
+    # The default flow: SVMs on pool5, no fine-tuning.
+    assert "[4/5] SVMs on pool5" in result.output and "fine-tuning" not in result.output
+    assert "Chose pool5 (validation mAP " in result.output
+    assert not (tmp_path / "model.work" / "head.safetensors").exists()
     cache = FeatureCache.open(tmp_path / "model.work" / "feats")
     assert sorted(cache.metadata(k)["image_id"] for k in cache.keys()) == sorted(TRAIN)
 
@@ -148,33 +147,51 @@ def test_train_never_reads_the_test_split(tmp_path):
 def test_each_alternative_scale_is_trained_and_the_better_one_kept(tmp_path):
     data = write_shapes(tmp_path / "shapes")
     out = tmp_path / "model.safetensors"
-    result = CliRunner().invoke(cli, train_args(data, out, "--scales", "96/128"))  # and --features auto, the default
+    result = CliRunner().invoke(cli, train_args(data, out, "--scales", "96/128"))
     assert result.exit_code == 0, result.output
+    steps = [f"{name} at {scales}" for scales in ("96", "128") for name in ("cache", "proposal network", "proposals", "SVMs on pool5")]
+    for n, name in enumerate(steps + ["final model"], 1):
+        assert f"[{n}/9] {name}" in result.output
     detector = Detector.load(out)
     choice = detector.training["choice"]
     scores = choice["validation_mAP"]
+    assert set(scores) == {"pool5 at 96", "pool5 at 128"}
     best = "128" if scores["pool5 at 128"] > scores["pool5 at 96"] else "96"  # the first on a tie
-    # The head is fine-tuned once, on the map whose pool5 SVMs validate best.
-    assert set(scores) == {"pool5 at 96", "pool5 at 128", f"fc7 at {best}"}
-    steps = [f"{name} at {scales}" for scales in ("96", "128") for name in ("cache", "proposal network", "proposals", "SVMs on pool5")]
-    for n, name in enumerate([*steps, f"fine-tuning at {best}", f"SVMs on fc7 at {best}", "final model"], 1):
-        assert f"[{n}/11] {name}" in result.output
-    other = "96" if best == "128" else "128"
-    assert f"fine-tuning at {other}" not in result.output
-    assert (tmp_path / "model.work" / ("scale-128" if best == "128" else ".") / "head.safetensors").exists()
-    assert not (tmp_path / "model.work" / ("scale-128" if best == "96" else ".") / "head.safetensors").exists()
     assert detector.features.scales == (int(best),)
-    assert choice["features"] == max(("pool5", "fc7"), key=lambda kind: (scores[f"{kind} at {best}"], kind == "pool5"))
     assert "Scale: 96 and 128, the one of higher validation mAP (the smallest class's median box, blue, is 42 px at 96: 2.6 cells of the stride-16 map)\n" in result.output
     assert choice["scales"] == (f"Scale: {best} (validation mAP 96: {scores['pool5 at 96']:.3f}, 128: {scores['pool5 at 128']:.3f}; "
                                 "the smallest class's median box, blue, is 42 px at 96: 2.6 cells of the stride-16 map)")
     assert choice["scales"] in result.output
     # The model is the chosen scale's validated candidate; the other scale's files are in a folder of their own.
     work = tmp_path / "model.work"
-    candidate = tensors(work / ("scale-128" if best == "128" else ".") / f"val-{choice['features']}.safetensors")
+    candidate = tensors(work / ("scale-128" if best == "128" else ".") / "val-pool5.safetensors")
     assert all(np.array_equal(candidate[name], tensors(out)[name]) for name in candidate)
     assert FeatureCache.open(work / "feats").settings.scales == (96,)
     assert FeatureCache.open(work / "scale-128" / "feats").settings.scales == (128,)
+
+
+def test_auto_fine_tunes_the_head_on_the_chosen_map_only(tmp_path):
+    data = write_shapes(tmp_path / "shapes")
+    out = tmp_path / "model.safetensors"
+    result = CliRunner().invoke(cli, train_args(data, out, "--scales", "96/128", *AUTO))
+    assert result.exit_code == 0, result.output
+    detector = Detector.load(out)
+    choice = detector.training["choice"]
+    scores = choice["validation_mAP"]
+    best = "128" if scores["pool5 at 128"] > scores["pool5 at 96"] else "96"  # by pool5; the first on a tie
+    other = "96" if best == "128" else "128"
+    assert set(scores) == {"pool5 at 96", "pool5 at 128", f"fc7 at {best}"}
+    steps = [f"{name} at {scales}" for scales in ("96", "128") for name in ("cache", "proposal network", "proposals", "SVMs on pool5")]
+    for n, name in enumerate([*steps, f"fine-tuning at {best}", f"SVMs on fc7 at {best}", "final model"], 1):
+        assert f"[{n}/11] {name}" in result.output
+    assert f"fine-tuning at {other}" not in result.output
+    work = tmp_path / "model.work"
+    folder = {"96": work, "128": work / "scale-128"}
+    assert (folder[best] / "head.safetensors").exists() and not (folder[other] / "head.safetensors").exists()
+    assert detector.features.scales == (int(best),)
+    assert choice["features"] == max(("pool5", "fc7"), key=lambda kind: (scores[f"{kind} at {best}"], kind == "pool5"))
+    candidate = tensors(folder[best] / f"val-{choice['features']}.safetensors")
+    assert all(np.array_equal(candidate[name], tensors(out)[name]) for name in candidate)
 
 
 def test_where_objects_are_small_auto_also_trains_on_the_finer_cut(tmp_path, monkeypatch):
@@ -186,7 +203,7 @@ def test_where_objects_are_small_auto_also_trains_on_the_finer_cut(tmp_path, mon
     out = tmp_path / "model.safetensors"
     before = backbones.FORWARD_CALLS
     result = CliRunner().invoke(cli, ["train", "--data", str(data), "--split", "train", "--out", str(out),
-                                      "--epochs", "3", "--val-fraction", "0.25", "--features", "pool5"])  # the default backbone and --scales auto
+                                      "--epochs", "3", "--val-fraction", "0.25"])  # the default backbone and --scales auto
     assert result.exit_code == 0, result.output
     # One pass per image for both caches: the finer cut's maps are taken from the first cache's passes.
     assert backbones.FORWARD_CALLS - before == len(FeatureCache.open(tmp_path / "model.work" / "feats").keys())
@@ -497,7 +514,7 @@ def test_the_learned_flow_runs_no_selective_search_and_detect_can_still(tmp_path
     out = tmp_path / "model.safetensors"
     result = CliRunner().invoke(cli, train_args(data, out, "--proposals", "learned"))
     assert result.exit_code == 0, result.output
-    assert "[2/6] proposal network" in result.output and "[3/6] SVMs on pool5" in result.output
+    assert "[2/4] proposal network" in result.output and "[3/4] SVMs on pool5" in result.output
     work = out.with_name("model.work")
     assert not (work / "props.json").exists()
     cache = FeatureCache.open(work / "feats")
