@@ -102,6 +102,8 @@ class Detector:
     mode: str = "spp"
     calibration: Calibration | None = None
     proposal_model: ProposalModel | None = None
+    # Per fc6 rank, the head detection runs (Head.compressed: one SVD per model and rank).
+    _detection_heads: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def classes(self) -> list[str]:
@@ -119,6 +121,16 @@ class Detector:
     def feature_kind(self) -> str:
         """``pool5`` or ``fc7``: what the SVMs read."""
         return "fc7" if self.head is not None else "pool5"
+
+    def _detection_head(self, rank: int) -> Head | None:
+        """The head whose fc7 detection scores (``DetectConfig.fc6_rank``), ``None`` without one."""
+        if self.head is None:
+            return None
+        key = (id(self.head), rank)  # a head replaced: compressed again
+        if key not in self._detection_heads:
+            self._detection_heads.clear()
+            self._detection_heads[key] = self.head.compressed(rank)
+        return self._detection_heads[key]
 
     # ---------------------------------------------------------------- files
 
@@ -357,6 +369,7 @@ class Detector:
         scores = torch.empty((r, len(self.classes)), dtype=torch.float32)
         regressors = self.regressors if config.bbox_regression else None
         localisation = self.localisation if config.iou_weight else None
+        head = self._detection_head(config.fc6_rank)
         deltas = torch.empty((r, len(self.classes), 4), dtype=torch.float32) if regressors is not None else None
         buffer = None
         pool_seconds = classify_seconds = 0.0
@@ -367,7 +380,7 @@ class Detector:
             if buffer is None and r > SCORE_CHUNK:
                 buffer = pool5  # the first chunk is full-sized: reuse its memory
             t1 = time.perf_counter()
-            classifier_input = self.head.fc7(pool5) if self.head is not None else pool5
+            classifier_input = head.fc7(pool5) if head is not None else pool5
             chunk_scores = self.svms.scores(classifier_input, scaled=False)
             if localisation is not None:
                 chunk_scores += config.iou_weight * localisation.predict_all(pool5, scale=self.pool5_scale)

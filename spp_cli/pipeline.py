@@ -64,8 +64,9 @@ class TrainPlan:
     # pool5: SVMs on SPP vectors. auto: also a head fine-tuned on the chosen map and SVMs on its
     # fc7, and whichever has the higher validation mAP (fc7 alone: the head on every map). auto
     # (at --epochs 10) against pool5, benchmarks/vs_faster_rcnn.py: test raccoon 0.875 both
-    # (pool5 kept), bccd 0.866 -> 0.881, coco128 0.151 -> 0.153; training 87 -> 209, 405 -> 555,
-    # 365 -> 493 s; coco128's detection 0.91 -> 1.54 s per image (its fc6 over ~1,900 windows):
+    # (pool5 kept), bccd 0.866 -> 0.881 (0.889 with fc6 at rank 512: DetectConfig.fc6_rank),
+    # coco128 0.151 -> 0.153 (0.147); training 87 -> 209, 405 -> 555, 365 -> 493 s; coco128's
+    # detection 0.91 -> 1.54 s per image (1.36-1.42 at rank 512; fc6 over ~1,900 windows):
     # slower on every dataset, so not the default (benchmarks/README.md, "What was tried").
     features: str = "pool5"
     finetune_epochs: int = 30

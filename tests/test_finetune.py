@@ -197,6 +197,24 @@ def test_checkpoint_of_another_run_is_refused(synthetic_cache, tmp_path):
         _tuner(synthetic_cache, epochs=1, lr=0.5).run(checkpoint)
 
 
+def test_compressed_head_is_fc6_at_its_top_singular_values():
+    from spp_cli.head import FCHead
+
+    torch.manual_seed(0)
+    head = Head(FCHead(40, 16, 3).eval(), [BACKGROUND, *CLASSES], 0.5, SETTINGS, DEFAULT_LEVELS)
+    x = torch.randn(7, 40)
+    # Slow reference: fc6's weight rebuilt from its 8 largest singular triples in float64.
+    w = head.network.fc6.weight.detach().double().numpy()
+    u, s, vt = np.linalg.svd(w, full_matrices=False)
+    w8 = torch.from_numpy((u[:, :8] * s[:8]) @ vt[:8]).float()
+    fc6 = torch.relu(x * 0.5 @ w8.T + head.network.fc6.bias.detach())
+    expected = torch.relu(head.network.fc7(fc6)).detach()
+    torch.testing.assert_close(head.compressed(8).fc7(x), expected, atol=1e-5, rtol=1e-4)
+    assert isinstance(head.network.fc6, torch.nn.Linear)  # the head itself is left as it was
+    assert head.compressed(0) is head and head.compressed(16) is head  # nothing to save at rank >= min(H, D)
+    torch.testing.assert_close(head.compressed(15).fc7(x), head.fc7(x), atol=0.05, rtol=0.0)
+
+
 # ---------------------------------------------------------------- files and CLI
 
 

@@ -175,7 +175,8 @@ def test_model_file_is_safetensors_with_json_metadata(pipeline):
     assert meta["levels"] == list(DEFAULT_LEVELS)
     assert meta["feature_scale"] == pytest.approx(20 / meta["training"]["mean_feature_norm"])
     assert meta["detect"] == {"score_threshold": -1.5, "nms_iou": 0.3, "max_detections": 100, "bbox_regression": True, "display_threshold": -0.3,
-                              "box_voting": True, "voting_iou": 0.5, "voting_floor": -1.5, "objectness_weight": 0.0, "iou_weight": 2.0}
+                              "box_voting": True, "voting_iou": 0.5, "voting_floor": -1.5, "objectness_weight": 0.0, "iou_weight": 2.0,
+                              "fc6_rank": 512}
     assert meta["training"]["images"] == 4 and meta["training"]["cache"] == str(pipeline.cache)
     detector = Detector.load(pipeline.model)
     assert detector.features == settings and detector.classes == ["blue", "red"]
