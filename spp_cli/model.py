@@ -102,7 +102,7 @@ class Detector:
     mode: str = "spp"
     calibration: Calibration | None = None
     proposal_model: ProposalModel | None = None
-    # Per fc6 rank, the head detection runs (Head.compressed: one SVD per model and rank).
+    # Per fc6 rank, the head it was made from and the head detection runs (Head.compressed: one SVD per model and rank).
     _detection_heads: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -126,11 +126,11 @@ class Detector:
         """The head whose fc7 detection scores (``DetectConfig.fc6_rank``), ``None`` without one."""
         if self.head is None:
             return None
-        key = (id(self.head), rank)  # a head replaced: compressed again
-        if key not in self._detection_heads:
+        source, compressed = self._detection_heads.get(rank, (None, None))
+        if source is not self.head:  # a head replaced: compressed again
             self._detection_heads.clear()
-            self._detection_heads[key] = self.head.compressed(rank)
-        return self._detection_heads[key]
+            source, compressed = self._detection_heads[rank] = self.head, self.head.compressed(rank)
+        return compressed
 
     # ---------------------------------------------------------------- files
 

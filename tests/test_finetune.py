@@ -237,6 +237,12 @@ def test_finetune_command_writes_a_head_and_train_svm_uses_it(synthetic_cache, t
     assert detector.feature_kind == "fc7" and detector.svms.weight.shape == (2, 32)
     assert detector.regressors.weight.shape == (2, 4 * sum(n * n for n in DEFAULT_LEVELS), 4)
     torch.testing.assert_close(detector.head.network.fc6.weight, head.network.fc6.weight)
+    # Detection's compressed head: made once per rank, made again for a replaced head.
+    compressed = detector._detection_head(8)
+    assert compressed is detector._detection_head(8) and compressed is not detector.head
+    assert detector._detection_head(32) is detector.head  # rank >= the hidden width: nothing to save
+    detector.head = head
+    assert detector._detection_head(8) is not compressed
 
 
 def test_train_svm_fc7_without_head(synthetic_cache, tmp_path):
