@@ -20,6 +20,7 @@ Shape letters: R windows, D SPP vector length, H hidden width, K classes.
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -61,6 +62,19 @@ class FCHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(R, D)`` scaled SPP vectors -> ``(R, K+1)`` logits."""
         return self.cls(self.dropout(self.fc7_features(x)))
+
+
+class _LowRankLinear(nn.Module):
+    """``x -> (x @ down') @ up' + bias``: a linear layer of rank ``r`` (``down (r, D)``, ``up (H, r)``)."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.down = nn.Parameter(down, requires_grad=False)
+        self.up = nn.Parameter(up, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x @ self.down.T, self.up.T)
 
 
 @dataclass
@@ -112,16 +126,17 @@ class Head:
         fc6 = self.network.fc6
         if not isinstance(fc6, nn.Linear) or not rank or rank >= min(fc6.in_features, fc6.out_features):
             return self
-        u, s, vh = torch.linalg.svd(fc6.weight.detach().float(), full_matrices=False)
-        first = nn.Linear(fc6.in_features, rank, bias=False)
-        second = nn.Linear(rank, fc6.out_features)
-        with torch.no_grad():
-            first.weight.copy_(vh[:rank])
-            second.weight.copy_(u[:, :rank] * s[:rank])
-            second.bias.copy_(fc6.bias.detach().float())
-        network = FCHead(fc6.in_features, fc6.out_features, self.network.cls.out_features)
-        network.load_state_dict(self.network.state_dict())
-        network.fc6 = nn.Sequential(first, second)
+        # The top singular triples from the H x H Gram matrix W W' in float64 (its eigenvectors are
+        # U, its eigenvalues S^2; V_r' = S_r^-1 U_r' W): 0.9 s for coco128's 1,024 x 16,000 fc6,
+        # where a full SVD took 3.4 s of every `spp detect` start.
+        w = fc6.weight.detach().double()
+        eigenvalues, eigenvectors = torch.linalg.eigh(w @ w.T)
+        top = torch.argsort(eigenvalues, descending=True)[:rank]
+        s = eigenvalues[top].clamp(min=1e-300).sqrt()
+        u = eigenvectors[:, top]
+        down = (u.T @ w) / s[:, None]  # V_r'
+        network = copy.deepcopy(self.network)  # no fresh layers: their random init would draw from torch's generator
+        network.fc6 = _LowRankLinear(down.float(), (u * s).float(), fc6.bias.detach().float())
         return Head(network.eval(), self.classes, self.input_scale, self.features, self.levels, self.training)
 
     @torch.inference_mode()

@@ -335,7 +335,7 @@ def _regression_samples(entry, windows, pool5, scale, names, classes, config, re
         if name not in reg_feats:
             continue
         sel = good[gt_names[best[good]] == name]
-        reg_feats[name].append((pool5[torch.from_numpy(sel)] * scale).numpy().astype(np.float16))
+        reg_feats[name].append((pool5[torch.from_numpy(sel)] * scale).half().numpy())  # torch: 4x numpy's fp16 conversion
         reg_deltas[name].append(encode(windows[sel], gt[best[sel]]))
 
 
@@ -369,7 +369,7 @@ def _localisation_samples(entry, windows, pool5, featurizer, scale, names, min_i
         if len(chosen) > cap_per_class:
             chosen = chosen[np.linspace(0, len(chosen) - 1, cap_per_class).astype(int)]
         rows = torch.cat([pool5[torch.from_numpy(chosen)], box_rows[torch.from_numpy(np.flatnonzero(of_class))]])
-        iou_feats[name].append((rows * scale).numpy().astype(np.float16))
+        iou_feats[name].append((rows * scale).half().numpy())
         iou_targets[name].append(np.concatenate([best[chosen], np.ones(int(of_class.sum()), np.float32)]).astype(np.float32))
 
 
