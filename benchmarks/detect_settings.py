@@ -27,9 +27,15 @@ one setting changed at a time:
   Gaussian decay of exp(score) by exp(-IoU^2 / sigma), i.e. each lower
   candidate's margin minus IoU^2 / sigma with the box kept, sigma 0.25 /
   0.5 / 1; then the same threshold, detection cap and box voting.
+- horizontal-flip test-time augmentation (``--flip``): the image mirrored
+  through the backbone too, each window pooled at its mirror image there,
+  and its class scores (SVM and localisation term) and box deltas (``dx``
+  negated) averaged with the window's own (``mean``), or its scores alone
+  averaged (``scores``), or the larger score kept (``max``); the model's
+  objectness weight in the score, as `spp detect`. It doubles the conv pass.
 
     spp train --data ../shared/data/bccd --split trainval --scales 1024 --out b.safetensors --work W
-    python benchmarks/detect_settings.py --dataset bccd --work W [--iterate | --soft | --renms | --delta-penalty]
+    python benchmarks/detect_settings.py --dataset bccd --work W [--iterate | --soft | --renms | --delta-penalty | --flip]
 """
 
 from __future__ import annotations
@@ -131,6 +137,49 @@ def detect_soft(detector, entry, boxes, config, sigma: float) -> list[dict]:
             for j, i in enumerate(keep.tolist())]
 
 
+def detect_flipped(detector, entry, mirrored_maps, boxes, config, prior, mode: str) -> list[dict]:
+    """`spp detect`'s steps with each window's scores (and, ``mean``, deltas) combined with
+    those of its mirror image on the mirrored image's maps (the module's docstring)."""
+    import torch
+    from torchvision import ops
+
+    from spp_cli.bbox_reg import decode
+    from spp_cli.boxes import vote_boxes
+    from spp_cli.spp import PyramidPooler
+
+    def scored(maps, windows):
+        features = PyramidPooler(maps, entry.factors, windows, detector.alignment, detector.levels).vectors().float()
+        scores = detector.svms.scores(features, scaled=False)
+        if config.iou_weight:
+            scores = scores + config.iou_weight * detector.localisation.predict_all(features, scale=detector.pool5_scale)
+        return scores, detector.regressors.predict_all(features, scale=detector.pool5_scale)
+
+    windows = torch.as_tensor(boxes, dtype=torch.float32)
+    scores, deltas = scored(entry.maps, windows)
+    mirrored = windows.clone()
+    mirrored[:, 0], mirrored[:, 2] = entry.width - windows[:, 2], entry.width - windows[:, 0]
+    flipped_scores, flipped_deltas = scored(mirrored_maps, mirrored)
+    if mode == "max":
+        scores = torch.maximum(scores, flipped_scores)
+    else:
+        scores = (scores + flipped_scores) / 2
+    if mode == "mean":
+        flipped_deltas[..., 0] = -flipped_deltas[..., 0]  # a shift right on the mirror is a shift left here
+        deltas = (deltas + flipped_deltas) / 2
+    if prior is not None:
+        scores = scores + prior[:, None]
+    window, cls = torch.nonzero(scores > min(config.score_threshold, config.voting_floor), as_tuple=True)
+    kept_scores = scores[window, cls]
+    kept = decode(windows[window], deltas[window, cls]) if len(window) else windows[:0]
+    kept[:, 0::2] = kept[:, 0::2].clamp(0, entry.width)
+    kept[:, 1::2] = kept[:, 1::2].clamp(0, entry.height)
+    keep = ops.batched_nms(kept, kept_scores, cls, config.nms_iou)
+    keep = keep[kept_scores[keep] > config.score_threshold][: config.max_detections]
+    final = vote_boxes(keep, kept, kept_scores, cls, config.voting_iou) if len(keep) else kept[keep]
+    return [{"box": final[j].tolist(), "class": detector.classes[int(cls[i])], "score": float(kept_scores[i])}
+            for j, i in enumerate(keep.tolist())]
+
+
 def main() -> None:
     checkout.check()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -140,6 +189,7 @@ def main() -> None:
     parser.add_argument("--soft", action="store_true", help="only the soft-NMS variants")
     parser.add_argument("--delta-penalty", action="store_true", help="only scores minus gamma x the L1 norm of the box deltas")
     parser.add_argument("--renms", action="store_true", help="only NMS again after voting, with the model's objectness weight")
+    parser.add_argument("--flip", action="store_true", help="only horizontal-flip test-time augmentation, with the model's objectness weight")
     args = parser.parse_args()
 
     import numpy as np
@@ -184,7 +234,7 @@ def main() -> None:
     default_top = learned.config.top_n if learned is not None else None
 
     def score(nms: float = defaults.nms_iou, top: int | None = default_top, alpha: float = 0.0, keep_as: str | None = None,
-              sigma: float | None = None, renms: bool = False) -> str:
+              sigma: float | None = None, renms: bool = False, flip: str | None = None) -> str:
         pairs = []
         for truth, entry in images:
             if learned is not None:  # the model's own call for that many boxes, as `spp detect` makes it
@@ -195,6 +245,11 @@ def main() -> None:
             config = replace(defaults, nms_iou=nms)
             if keep_as is not None:
                 pairs.append((truth, detect_iterated(detector, entry, boxes, config, keep_as)))
+                continue
+            if flip is not None:
+                prior = term["alpha x log objectness"]
+                term["alpha x log objectness"] = None  # added by detect_flipped, after the mean
+                pairs.append((truth, detect_flipped(detector, entry, mirrored[id(entry)], boxes, config, prior, flip)))
                 continue
             if sigma is not None:
                 pairs.append((truth, detect_soft(detector, entry, boxes, config, sigma)))
@@ -222,6 +277,22 @@ def main() -> None:
         alpha = detector.detect.objectness_weight if learned is not None else 0.0
         print(f"the model's objectness weight {alpha:g}: {score(alpha=alpha)}", flush=True)
         print(f"the same, NMS again after voting: {score(alpha=alpha, renms=True)}", flush=True)
+        return
+    if args.flip:
+        from spp_cli.backbones import extractor_for
+        from spp_cli.features import feature_pyramid
+        from spp_cli.images import load_image
+
+        extractor = extractor_for(detector.features, str(args.work))
+        mirrored = {}
+        for record, (_, entry) in zip(records, images):
+            maps = feature_pyramid(extractor, np.ascontiguousarray(load_image(record.path)[:, ::-1]), detector.features.scales,
+                                   detector.features.max_side)[0]
+            mirrored[id(entry)] = [m.to(entry.maps[0].dtype) for m in maps]  # as the cache stores them
+        alpha = detector.detect.objectness_weight if learned is not None else 0.0
+        print(f"the model's objectness weight {alpha:g}: {score(alpha=alpha)}", flush=True)
+        for mode in ("mean", "scores", "max"):
+            print(f"flip, {mode}: {score(alpha=alpha, flip=mode)}", flush=True)
         return
     if args.soft:
         for sigma in (0.25, 0.5, 1.0):
