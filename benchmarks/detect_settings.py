@@ -211,9 +211,14 @@ def main() -> None:
     plan = json.loads(state_file.read_text())["plan"]
     dataset = open_dataset(data, split)
     held = set(split_for_validation([r.image_id for r in dataset.records], None, plan["val_fraction"]).val_ids)
-    records = [r for r in dataset.records if r.image_id in held]
     detector = Detector.load(args.work / "val-pool5.safetensors")
     cache = FeatureCache.open(Path(plan["cache"]) if state_file.parent == args.work else args.work / "feats")
+    # As spp train scores its candidates (pipeline.validation_results): an image is one cache entry under the
+    # id the cache recorded (raccoon's byte-identical duplicates score once), and the classes are the model's
+    # (a class it has no SVM for would count as AP 0).
+    cached_ids = {cache.metadata(k).get("image_id") for k in cache.keys()}
+    records = [r for r in dataset.records if r.image_id in held and r.image_id in cached_ids]
+    classes = [c for c in dataset.classes if c in detector.classes]
 
     # One scoring chunk per image, so the per-window term lines up with the scored rows.
     spp_cli.model.SCORE_CHUNK = 10**7
@@ -261,7 +266,7 @@ def main() -> None:
                 found = [found[i] for i in kept.tolist()]
             pairs.append((truth, [{"box": d.box, "class": detector.classes[d.class_id], "score": d.score} for d in found]))
         term["alpha x log objectness"] = None
-        result = evaluate_voc(pairs, dataset.classes, "voc07")
+        result = evaluate_voc(pairs, classes, "voc07")
         per_class = ", ".join(f"{k} {v:.3f}" for k, v in result.per_class.items() if not np.isnan(v))
         return f"{result.mean_ap:.3f} ({per_class})"
 
