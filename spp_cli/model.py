@@ -102,7 +102,8 @@ class Detector:
     mode: str = "spp"
     calibration: Calibration | None = None
     proposal_model: ProposalModel | None = None
-    # Per fc6 rank, the head it was made from and the head detection runs (Head.compressed: one SVD per model and rank).
+    # The head detection runs, per fc6 rank (Head.compressed: one factorisation per model and rank), and under
+    # "source" the head they were made from.
     _detection_heads: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -126,11 +127,12 @@ class Detector:
         """The head whose fc7 detection scores (``DetectConfig.fc6_rank``), ``None`` without one."""
         if self.head is None:
             return None
-        source, compressed = self._detection_heads.get(rank, (None, None))
-        if source is not self.head:  # a head replaced: compressed again
+        if self._detection_heads.get("source") is not self.head:  # a head replaced: every rank made again
             self._detection_heads.clear()
-            source, compressed = self._detection_heads[rank] = self.head, self.head.compressed(rank)
-        return compressed
+            self._detection_heads["source"] = self.head
+        if rank not in self._detection_heads:
+            self._detection_heads[rank] = self.head.compressed(rank)
+        return self._detection_heads[rank]
 
     # ---------------------------------------------------------------- files
 

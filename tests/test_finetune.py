@@ -241,6 +241,7 @@ def test_finetune_command_writes_a_head_and_train_svm_uses_it(synthetic_cache, t
     compressed = detector._detection_head(8)
     assert compressed is detector._detection_head(8) and compressed is not detector.head
     assert detector._detection_head(32) is detector.head  # rank >= the hidden width: nothing to save
+    assert detector._detection_head(8) is compressed  # another rank asked for in between: still made once
     detector.head = head
     assert detector._detection_head(8) is not compressed
 
