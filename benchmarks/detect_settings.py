@@ -51,10 +51,9 @@ import checkout  # this checkout's spp_cli first
 def detect_iterated(detector, entry, boxes, config, keep_as: str) -> list[dict]:
     """Detections of one cached image with one more localisation step (the module's docstring)."""
     import torch
-    from torchvision import ops
 
     from spp_cli.bbox_reg import decode
-    from spp_cli.boxes import vote_boxes
+    from spp_cli.boxes import top_batched_nms, vote_boxes
     from spp_cli.spp import PyramidPooler
 
     def pool(windows):
@@ -85,8 +84,7 @@ def detect_iterated(detector, entry, boxes, config, keep_as: str) -> list[dict]:
             "mean": (twice, (once_scores + again_scores) / 2, cls),
             "union": (torch.cat([once, twice]), torch.cat([once_scores, again_scores]), torch.cat([cls, cls])),
         }[keep_as]
-    keep = ops.batched_nms(boxes_out, scores_out, cls_out, config.nms_iou)
-    keep = keep[scores_out[keep] > config.score_threshold][: config.max_detections]
+    keep = top_batched_nms(boxes_out, scores_out, cls_out, config.nms_iou, config.max_detections, config.score_threshold)
     final = vote_boxes(keep, boxes_out, scores_out, cls_out, config.voting_iou) if len(keep) else boxes_out[keep]
     return [{"box": final[j].tolist(), "class": detector.classes[int(cls_out[i])], "score": float(scores_out[i])}
             for j, i in enumerate(keep.tolist())]
@@ -141,10 +139,9 @@ def detect_flipped(detector, entry, mirrored_maps, boxes, config, prior, mode: s
     """`spp detect`'s steps with each window's scores (and, ``mean``, deltas) combined with
     those of its mirror image on the mirrored image's maps (the module's docstring)."""
     import torch
-    from torchvision import ops
 
     from spp_cli.bbox_reg import decode
-    from spp_cli.boxes import vote_boxes
+    from spp_cli.boxes import top_batched_nms, vote_boxes
     from spp_cli.spp import PyramidPooler
 
     def scored(maps, windows):
@@ -173,8 +170,7 @@ def detect_flipped(detector, entry, mirrored_maps, boxes, config, prior, mode: s
     kept = decode(windows[window], deltas[window, cls]) if len(window) else windows[:0]
     kept[:, 0::2] = kept[:, 0::2].clamp(0, entry.width)
     kept[:, 1::2] = kept[:, 1::2].clamp(0, entry.height)
-    keep = ops.batched_nms(kept, kept_scores, cls, config.nms_iou)
-    keep = keep[kept_scores[keep] > config.score_threshold][: config.max_detections]
+    keep = top_batched_nms(kept, kept_scores, cls, config.nms_iou, config.max_detections, config.score_threshold)
     final = vote_boxes(keep, kept, kept_scores, cls, config.voting_iou) if len(keep) else kept[keep]
     return [{"box": final[j].tolist(), "class": detector.classes[int(cls[i])], "score": float(kept_scores[i])}
             for j, i in enumerate(keep.tolist())]

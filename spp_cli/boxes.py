@@ -96,6 +96,59 @@ def dedupe(boxes: np.ndarray) -> np.ndarray:
     return np.sort(first)
 
 
+def top_batched_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    classes: torch.Tensor,
+    iou_threshold: float,
+    limit: int,
+    min_score: float,
+) -> torch.Tensor:
+    """Per-class NMS's survivors scoring above ``min_score``, the ``limit`` highest:
+    ``ops.batched_nms(...)`` filtered and cut, found from the highest-scoring candidates alone.
+
+    Why it is the same answer: NMS keeps a box unless a higher-scoring box of its class that
+    was kept overlaps it, so a box's fate depends only on the boxes above it. NMS over the
+    ``M`` highest-scoring candidates therefore keeps exactly those of them that NMS over all
+    keeps, and every survivor outside them scores lower: once ``limit`` survivors above
+    ``min_score`` are among the ``M``, they are the answer. ``M`` starts at ``8 * limit`` and
+    grows fourfold. Equal scores are common (small windows pooled from the same cells: the
+    same features, another box): they are ordered by candidate index, here and inside NMS.
+
+    Why: with many classes nearly every window is some class's candidate (coco128's 69-class
+    model: ~85,000 per image above the voting floor); NMS over all of them, each class's
+    candidates against each other, took 180 ms of an image's detection for 100 detections.
+    Each class's NMS runs apart (``ops.nms``), as ``ops.batched_nms`` does past 1,000 boxes: under
+    that it shifts each class's boxes by a multiple of the largest coordinate, and at float32's
+    precision there (69 classes x 640 px) a thin box's IoU can come out on the other side of
+    the threshold.
+
+    Args:
+        boxes: ``(N, 4)`` ``xyxy`` candidate boxes.
+        scores: ``(N,)`` their scores.
+        classes: ``(N,)`` their class indices.
+        limit: survivors wanted (detections per image).
+
+    Returns:
+        ``(<= limit,)`` indices into the candidates, by decreasing score (equal scores by index).
+    """
+    import torch
+    from torchvision import ops
+
+    order = torch.argsort(scores, descending=True, stable=True)
+    taken = 8 * limit
+    while True:
+        # In the candidates' own order: equal scores meet NMS (whose sort is stable) as they do among all.
+        top = order[:taken].sort().values
+        keep = torch.cat([top[:0]] + [mine[ops.nms(boxes[mine], scores[mine], iou_threshold)]
+                                      for mine in (top[classes[top] == k] for k in classes[top].unique())]).sort().values
+        keep = keep[scores[keep] > min_score]
+        # Done with enough survivors, or when every candidate left scores at most min_score.
+        if len(keep) >= limit or taken >= len(order) or float(scores[order[taken - 1]]) <= min_score:
+            return keep[torch.argsort(scores[keep], descending=True, stable=True)][:limit]
+        taken *= 4
+
+
 def vote_boxes(
     kept: torch.Tensor,
     boxes: torch.Tensor,

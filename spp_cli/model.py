@@ -22,10 +22,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torchvision import ops
 
 from spp_cli.bbox_reg import BoxRegressors, IoURegressors, decode
-from spp_cli.boxes import vote_boxes
+from spp_cli.boxes import top_batched_nms, vote_boxes
 from spp_cli.cache import CacheSettings, tensor_digest
 from spp_cli.calibration import Calibration
 from spp_cli.config import DetectConfig
@@ -406,8 +405,7 @@ class Detector:
         kept_boxes[:, 1::2] = kept_boxes[:, 1::2].clamp(0, height)
         t2 = time.perf_counter()
         classify_seconds += t2 - t1
-        keep = ops.batched_nms(kept_boxes, kept_scores, cls, config.nms_iou)
-        keep = keep[kept_scores[keep] > config.score_threshold][: config.max_detections]
+        keep = top_batched_nms(kept_boxes, kept_scores, cls, config.nms_iou, config.max_detections, config.score_threshold)
         final_boxes = kept_boxes[keep]
         if config.box_voting and len(keep):
             final_boxes = vote_boxes(keep, kept_boxes, kept_scores, cls, config.voting_iou)

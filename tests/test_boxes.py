@@ -1,7 +1,9 @@
 import math
 
 import numpy as np
+import pytest
 import torch
+from torchvision import ops
 
 from spp_cli import boxes
 
@@ -100,3 +102,48 @@ def test_box_voting_by_hand():
     w = math.exp(-1.0)
     assert torch.allclose(voted[0], torch.tensor([0.0, 0.0, 10.0, (10 + 12 * w) / (1 + w)]))
     assert torch.equal(voted[1], candidates[2]) and torch.equal(voted[2], candidates[3])
+
+
+def _slow_nms_top(candidates, scores, classes, threshold, limit, min_score):
+    """Greedy NMS per class, one box at a time by decreasing score; survivors above min_score, the first ``limit``."""
+    kept = []
+    for i in np.argsort(-scores, kind="stable"):
+        if any(classes[j] == classes[i] and boxes.iou(candidates[i : i + 1], candidates[j : j + 1]).item() > threshold for j in kept):
+            continue
+        kept.append(i)
+    return [i for i in kept if scores[i] > min_score][:limit]
+
+
+@pytest.mark.parametrize("limit, min_score", [(5, -10.0), (20, 0.5), (100, -10.0), (3, 2.5)])
+def test_top_batched_nms_matches_slow_reference_and_torchvision(limit, min_score):
+    rng = np.random.default_rng(limit)
+    n = 700  # more than 8 * limit for the small limits: the candidates are taken in rounds
+    xy = rng.uniform(0, 300, (n, 2))
+    candidates = np.concatenate([xy, xy + rng.uniform(20, 120, (n, 2))], 1).astype(np.float32)
+    scores = rng.normal(0, 1.5, n).astype(np.float32)
+    classes = rng.integers(0, 4, n)
+    as_tensors = torch.from_numpy(candidates), torch.from_numpy(scores), torch.from_numpy(classes)
+    kept = boxes.top_batched_nms(*as_tensors, 0.3, limit, min_score)
+    everything = ops.batched_nms(*as_tensors, 0.3)
+    np.testing.assert_array_equal(kept.numpy(), everything[scores[everything.numpy()] > min_score][:limit].numpy())
+    np.testing.assert_array_equal(kept.numpy(), _slow_nms_top(candidates, scores, classes, 0.3, limit, min_score))
+
+
+def test_top_batched_nms_of_no_candidates():
+    kept = boxes.top_batched_nms(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.3, 100, -1.0)
+    assert kept.shape == (0,)
+
+
+def test_top_batched_nms_orders_equal_scores_by_index_as_nms_over_all_does():
+    # Scores in steps of 0.1: many equal ones, across the rounds' cuts too.
+    rng = np.random.default_rng(3)
+    for limit in (1, 4, 30):
+        n = 900
+        xy = rng.uniform(0, 300, (n, 2))
+        candidates = torch.from_numpy(np.concatenate([xy, xy + rng.uniform(5, 60, (n, 2))], 1).astype(np.float32))
+        scores = torch.from_numpy(np.round(rng.normal(0, 1, n), 1).astype(np.float32))
+        classes = torch.from_numpy(rng.integers(0, 5, n))
+        everything = ops.batched_nms(candidates, scores, classes, 0.3).sort().values
+        everything = everything[scores[everything] > -0.5]
+        expected = everything[torch.argsort(scores[everything], descending=True, stable=True)][:limit]
+        assert torch.equal(boxes.top_batched_nms(candidates, scores, classes, 0.3, limit, -0.5), expected)
