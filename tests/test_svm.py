@@ -172,3 +172,40 @@ def test_the_solver_returns_each_rows_score():
     weight, bias, scores = solve_squared_hinge(x, 30, SVMConfig())
     assert np.allclose(scores.numpy(), np.concatenate([positives, negatives]) @ weight + bias, atol=1e-4)
 
+
+
+def test_a_solve_started_from_the_rows_scores_ends_where_one_that_computes_them_does():
+    from spp_cli.svm import design_matrix, solve_squared_hinge
+
+    rng = np.random.default_rng(4)
+    positives, negatives = (rng.normal(0, 1, (30, 12)) + 1).astype(np.float32), rng.normal(0, 1, (200, 12)).astype(np.float32)
+    x = design_matrix(230, 12, [torch.from_numpy(positives), torch.from_numpy(negatives)], 10.0)
+    start = (rng.normal(0, 0.1, 12).astype(np.float32), 0.3)
+    start_scores = torch.from_numpy(np.concatenate([positives, negatives]) @ start[0] + start[1])
+    config = SVMConfig(newton_tol=1e-7)  # both to the optimum, as far as float32 goes
+    computed = solve_squared_hinge(x, 30, config, start)
+    given = solve_squared_hinge(x, 30, config, start, start_scores=start_scores)
+    assert np.allclose(computed[0], given[0], atol=2e-4) and abs(computed[1] - given[1]) < 2e-3
+    assert np.allclose(given[2].numpy(), np.concatenate([positives, negatives]) @ given[0] + given[1], atol=1e-4)
+    # The scores it was given are the ones it starts from: wrong ones lead elsewhere.
+    misled = solve_squared_hinge(x, 30, SVMConfig(newton_steps=1), start, start_scores=start_scores + 5)
+    assert not np.allclose(misled[0], given[0], atol=1e-2)
+
+
+def test_the_miner_keeps_each_classs_row_scores_under_its_model():
+    # What the next solve starts from: the scores of the class's rows (positives, then its
+    # negatives in the store) under its weight and bias, without a product to compute them.
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (len(CLASSES), 40)).astype(np.float32)
+    miner = HardNegativeMiner(CLASSES, 40, SVMConfig(retrain_every=30))
+    for k, name in enumerate(CLASSES):
+        miner.add_positives(name, centres[k] * 3 + rng.normal(0, 1, (20, 40)).astype(np.float32))
+    for _ in range(6):
+        features = torch.from_numpy(rng.normal(0, 1, (300, 40)).astype(np.float32).astype(np.float16).astype(np.float32))
+        miner.add_image(features, {name: np.arange(300) for name in CLASSES})
+    for name in CLASSES:
+        state = miner.state[name]
+        assert state.retrains >= 2
+        rows = np.concatenate([*state.positives, miner.store.take(state.negatives)]).astype(np.float32)
+        assert state.scores is not None and len(state.scores) == len(rows)
+        np.testing.assert_allclose(state.scores, rows @ state.weight + state.bias, atol=1e-3)
