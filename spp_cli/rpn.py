@@ -100,6 +100,16 @@ def grid_anchors(base: torch.Tensor, height: int, width: int, align: Alignment) 
     return (shifts + base.reshape(1, -1, 4)).reshape(-1, 4)
 
 
+@dataclass
+class AnchorTargets:
+    """A map's anchors' training targets: ``(M,)`` int8 labels (1 object, 0 background, -1
+    ignored), the ``(P,)`` indices of the positive ones and their ``(P, 4)`` encoded boxes."""
+
+    labels: torch.Tensor
+    positive: torch.Tensor
+    encoded: torch.Tensor
+
+
 class ProposalNet(nn.Module):
     """torchvision's RPN head and training machinery over one conv map at a time."""
 
@@ -124,13 +134,27 @@ class ProposalNet(nn.Module):
         anchors = grid_anchors(self.base_anchors, fmap.shape[1], fmap.shape[2], align).to(fmap.device)
         return objectness.reshape(-1), deltas, anchors
 
-    def loss(self, fmap: torch.Tensor, align: Alignment, gt_boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Objectness and box losses of one map whose image holds ``(N, 4)`` ``gt_boxes``
-        (network-input pixels; none: every sampled anchor is background)."""
-        objectness, deltas, anchors = self.predict(fmap, align)
+    def targets(self, anchors: torch.Tensor, gt_boxes: torch.Tensor) -> AnchorTargets:
+        """What the loss of a map with ``(M, 4)`` ``anchors`` learns, its image holding ``(N, 4)``
+        ``gt_boxes`` (network-input pixels; none: every anchor is background): torchvision's
+        matching and box encoding, the encoding kept for the positive anchors only (the loss
+        reads no other anchor's)."""
         labels, matched = self.rpn.assign_targets_to_anchors([anchors], [{"boxes": gt_boxes.to(anchors)}])
-        targets = self.box_coder.encode(matched, [anchors])
-        return self.rpn.compute_loss(objectness[:, None], deltas, labels, targets)
+        positive = torch.nonzero(labels[0] >= 1).flatten()
+        encoded = self.box_coder.encode_single(matched[0][positive], anchors[positive])
+        return AnchorTargets(labels[0].to(torch.int8), positive, encoded)
+
+    def loss(self, fmap: torch.Tensor, align: Alignment, gt_boxes: torch.Tensor,
+             targets: AnchorTargets | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objectness and box losses of one map whose image holds ``(N, 4)`` ``gt_boxes``
+        (network-input pixels; none: every sampled anchor is background); ``targets``: this
+        map's :meth:`targets`, where the caller kept them."""
+        objectness, deltas, anchors = self.predict(fmap, align)
+        if targets is None:
+            targets = self.targets(anchors, gt_boxes)
+        encoded = torch.zeros_like(anchors)
+        encoded[targets.positive] = targets.encoded
+        return self.rpn.compute_loss(objectness[:, None], deltas, [targets.labels.to(anchors.dtype)], [encoded])
 
     @torch.inference_mode()
     def boxes(self, fmap: torch.Tensor, align: Alignment, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,6 +409,7 @@ class ProposalTrainer:
         if checkpoint is not None and checkpoint.is_file():
             state, _ = read_checkpoint(checkpoint, self.identity(), net.head, optimizer, CHECKPOINT_KIND, what, TrainingState)
         align = self.cache.settings.alignment
+        held_targets: dict[tuple[int, int], AnchorTargets] = {}
         while state.epoch < config.epochs:
             epoch = state.epoch
             torch.manual_seed(config.seed * 100_003 + epoch)  # the anchor sampler draws from torch's generator
@@ -398,7 +423,14 @@ class ProposalTrainer:
                 for group in optimizer.param_groups:
                     group["lr"] = self.learning_rate(epoch, step)
                 gt = torch.as_tensor(image.gt_boxes, device=self.device) * image.factors[scale]
-                objectness_loss, box_loss = net.loss(self.maps(image)[scale].to(self.device), align, gt)
+                fmap = self.maps(image)[scale].to(self.device)
+                # The same every epoch: matching the anchors to the boxes was an eighth of the training. Kept
+                # beside the maps held in memory (~40 kB a map of 37,000 anchors, bccd's at stride 16).
+                targets = held_targets.get((index, scale))
+                if targets is None and image.maps is not None:
+                    anchors = grid_anchors(net.base_anchors, fmap.shape[1], fmap.shape[2], align).to(fmap.device)
+                    targets = held_targets[index, scale] = net.targets(anchors, gt)
+                objectness_loss, box_loss = net.loss(fmap, align, gt, targets)
                 loss = objectness_loss + box_loss
                 optimizer.zero_grad()
                 loss.backward()

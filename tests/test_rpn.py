@@ -49,7 +49,7 @@ def test_the_anchor_grid_is_built_on_the_networks_device():
 
 
 def test_box_decoding_matches_slow_reference():
-    net = ProposalNet(8, SMALL)
+    net = ProposalNet(16, SMALL)
     rng = np.random.default_rng(0)
     anchors = torch.as_tensor(np.sort(rng.uniform(0, 300, (50, 2, 2)), axis=1).transpose(0, 2, 1).reshape(50, 4), dtype=torch.float32)
     anchors = torch.stack([anchors[:, 0], anchors[:, 1], anchors[:, 0] + 5 + anchors[:, 2] / 3, anchors[:, 1] + 5 + anchors[:, 3] / 3], 1)
@@ -122,6 +122,7 @@ def trained(synthetic_cache):
 
 
 def test_maps_read_from_the_cache_at_each_step_train_the_same_network(synthetic_cache, trained):
+    # Held maps keep their anchors' targets from the first epoch on; maps read again match them again.
     _, held = trained
     streaming = ProposalTrainer(synthetic_cache, synthetic_cache.keys(), SMALL, hold_bytes=0)
     streaming.prepare()
@@ -328,3 +329,22 @@ def test_held_out_images_without_a_box_report_no_recall_rather_than_nan(tmp_path
     assert result.exit_code == 0, result.output
     assert "epoch 1: loss " in result.output and "nan" not in result.output
     assert f"Wrote {out}: 1 epochs, no held-out recall (1 held-out image(s), no box among them), " in result.output
+
+
+def test_kept_anchor_targets_are_torchvisions_matching_and_encoding():
+    net = ProposalNet(16, SMALL)
+    anchors = grid_anchors(net.base_anchors, 12, 16, SETTINGS.alignment)
+    gt = torch.tensor([[20.0, 30.0, 90.0, 120.0], [150.0, 10.0, 250.0, 60.0]])
+    labels, matched = net.rpn.assign_targets_to_anchors([anchors], [{"boxes": gt}])
+    encoded = net.box_coder.encode(matched, [anchors])[0]
+    kept = net.targets(anchors, gt)
+    assert torch.equal(kept.labels.float(), labels[0])
+    assert torch.equal(kept.positive, torch.nonzero(labels[0] == 1).flatten()) and len(kept.positive) > 0
+    assert torch.equal(kept.encoded, encoded[kept.positive])
+    # With or without them the loss is the same (the anchor sampler seeded alike).
+    fmap = torch.randn(16, 12, 16)
+    torch.manual_seed(5)
+    computed = net.loss(fmap, SETTINGS.alignment, gt)
+    torch.manual_seed(5)
+    given = net.loss(fmap, SETTINGS.alignment, gt, kept)
+    assert all(torch.equal(a, b) for a, b in zip(computed, given))
