@@ -326,9 +326,11 @@ def choose_proposals(cache, proposal_model: Path, val_records: list, searched: d
     # image's search is seeded on its own, spp_cli.proposals).
     pending = [record for record, _ in val_records if str(record.path) not in searched]
     tasks = [ProposalTask(record.image_id, str(record.path)) for record in pending]
+    stamps = {task.path: file_stamp(task.path) for task in tasks}  # as `spp propose` records them in props.json
     for found, record in zip(run_proposals(tasks, ProposalParams(), os.cpu_count() or 1), pending):  # in task order
         if isinstance(found, TaskFailure):
             raise DatasetError(found.message)
+        found.file = stamps[found.path]
         searched[str(record.path)] = found
     model = ProposalModel.load(proposal_model)
     learned, from_search, truth = [], [], []

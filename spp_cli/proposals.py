@@ -423,15 +423,21 @@ class ImageProposals:
     boxes: np.ndarray  # (R, 4) float32 xyxy
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # what reading the image warned of; not stored
+    # The image file's size and mtime before it was searched (`fileio.file_stamp`): `spp propose`
+    # reuses the boxes only while the file still has both. None: not known (the make rule then).
+    file: dict | None = None
 
     def to_json(self) -> dict:
-        return {
+        doc = {
             "id": self.image_id,
             "path": self.path,
             "width": self.width,
             "height": self.height,
             "boxes": np.round(self.boxes.astype(np.float64), 2).tolist(),
         }
+        if self.file is not None:
+            doc["file"] = self.file
+        return doc
 
 
 @dataclass
@@ -564,8 +570,10 @@ def read_proposals(path: str | Path) -> ProposalSet:
     for n, entry in enumerate(doc.get("images", [])):
         try:
             boxes = np.asarray(entry["boxes"], dtype=np.float32).reshape(-1, 4)
+            stamp = entry.get("file")
+            stamp = stamp if isinstance(stamp, dict) and all(type(stamp.get(k)) is int for k in ("size", "mtime_ns")) else None
             out.images.append(
-                ImageProposals(str(entry["id"]), str(entry["path"]), int(entry["width"]), int(entry["height"]), boxes)
+                ImageProposals(str(entry["id"]), str(entry["path"]), int(entry["width"]), int(entry["height"]), boxes, file=stamp)
             )
         except (KeyError, TypeError, ValueError):
             raise ProposalError(f"{path}: images[{n}] is malformed (needs id, path, width, height, boxes [[x1,y1,x2,y2],...])") from None

@@ -138,7 +138,8 @@ def test_propose_resume_takes_a_journal_line_without_file_stamp_under_the_mtime_
     out, full = propose_three_images(tmp_path)
     journal = tmp_path / "p.json.partial"
     marker = [[1.0, 2.0, 30.0, 40.0]]
-    lines = [json.dumps({"params": full["params"]})] + [json.dumps(dict(im, boxes=marker)) for im in full["images"][:2]]
+    unstamped = [{k: v for k, v in im.items() if k != "file"} for im in full["images"]]
+    lines = [json.dumps({"params": full["params"]})] + [json.dumps(dict(im, boxes=marker)) for im in unstamped[:2]]
     journal.write_text("\n".join(lines) + "\n")
     out.unlink()
     newer = journal.stat().st_mtime_ns + 60 * 10**9
@@ -147,7 +148,8 @@ def test_propose_resume_takes_a_journal_line_without_file_stamp_under_the_mtime_
     assert result.exit_code == 0
     assert "Resuming: 1 of 3 images already done." in result.stderr
     images = json.loads(out.read_text())["images"]
-    assert images[0]["boxes"] == marker and images[1:] == full["images"][1:]
+    assert images[0]["boxes"] == marker and "file" not in images[0]  # its size and mtime were never known
+    assert [{k: v for k, v in im.items() if k != "file"} for im in images[1:]] == unstamped[1:]
 
 
 def test_propose_again_reuses_the_boxes_of_unchanged_images(tmp_path):
@@ -174,6 +176,30 @@ def test_propose_again_reuses_the_boxes_of_unchanged_images(tmp_path):
     result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1", "--top", "50")
     assert result.exit_code == 0 and "Reusing" not in result.stderr
     assert all(len(im["boxes"]) <= 50 for im in json.loads(out.read_text())["images"])
+
+
+def test_propose_again_searches_an_image_replaced_by_one_with_an_older_mtime(tmp_path):
+    # `cp -p` or `rsync -a` keeps the source's mtime: older than props.json, so make's rule alone
+    # would reuse the old image's boxes. Each entry records its file's size and mtime.
+    out, full = propose_three_images(tmp_path)
+    assert all(set(im["file"]) == {"size", "mtime_ns"} for im in full["images"])
+    write_image(tmp_path / "other.jpg", 120, 80, seed=9)
+    older = out.stat().st_mtime_ns - 3600 * 10**9
+    (tmp_path / "other.jpg").replace(tmp_path / "imgs" / "1.jpg")
+    os.utime(tmp_path / "imgs" / "1.jpg", ns=(older, older))
+    result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1")
+    assert result.exit_code == 0
+    assert "Reusing 2 of 3 images' boxes" in result.stderr
+    again = json.loads(out.read_text())["images"]
+    assert again[0] == full["images"][0] and again[2] == full["images"][2]
+    assert (again[1]["width"], again[1]["height"]) == (120, 80)
+    # A props.json of an earlier spp (no "file" on its entries) is reused under make's rule.
+    legacy = json.loads(out.read_text())
+    for image in legacy["images"]:
+        del image["file"]
+    out.write_text(json.dumps(legacy))
+    result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1")
+    assert result.exit_code == 0 and "Reusing 3 of 3 images' boxes" in result.stderr
 
 
 def test_propose_takes_the_images_a_caller_searched_already(tmp_path, capsys):

@@ -25,6 +25,7 @@ from spp_cli import backbones, pipeline
 from spp_cli.cache import FeatureCache
 from spp_cli.cli import cli
 from spp_cli.errors import DatasetError, SPPError, UsageError
+from spp_cli.fileio import file_stamp
 from spp_cli.model import Detector
 from spp_cli.data import open_dataset
 from spp_cli.data.records import ImageRecord
@@ -507,6 +508,7 @@ def test_the_choice_searches_the_validation_images_as_a_serial_run_does(trained)
     assert set(searched) == {str(r.path) for r, _ in val_records}
     for record, _ in val_records:  # worker processes, one per core, give the boxes one process gives
         np.testing.assert_array_equal(searched[str(record.path)].boxes, propose(load_image(record.path), ProposalParams()))
+        assert searched[str(record.path)].file == file_stamp(record.path)  # what props.json records of them
 
 
 def test_the_learned_flow_runs_no_selective_search_and_detect_can_still(tmp_path):

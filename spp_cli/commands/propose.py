@@ -110,10 +110,9 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
             else:
                 for line in result.warnings:
                     ui.warn(line)
+                result.file = stamps.get(result.path)
                 results[result.path] = result
                 done_line = {**result.to_json(), "seconds": round(result.seconds, 4)}
-                if stamps.get(result.path) is not None:
-                    done_line["file"] = stamps[result.path]
                 partial.write(json.dumps(done_line) + "\n")
                 partial.flush()
             elapsed = time.perf_counter() - start
@@ -223,9 +222,12 @@ class LearnedProposer:
 
 
 def _unchanged_entries(target: Path, params) -> dict[str, ImageProposals]:
-    """The images of an earlier, finished ``target`` with the same settings whose files have not
-    been modified since it was written (make's rule: an image file newer than the output, or
-    gone, is searched again). Nothing from a file that is not a readable props.json."""
+    """The images of an earlier, finished ``target`` with the same settings whose files are as
+    they were: an entry that records its file's size and mtime (``"file"``) is trusted only while
+    the file still has both (an image replaced since, even by ``cp -p`` or ``rsync -a`` with an
+    older mtime, is searched again); one without them under make's rule (an image file newer than
+    the output is searched again). A file gone is searched again where it is still an input.
+    Nothing from a file that is not a readable props.json."""
     try:
         written = target.stat().st_mtime_ns
         earlier = read_proposals(target)
@@ -235,11 +237,9 @@ def _unchanged_entries(target: Path, params) -> dict[str, ImageProposals]:
         return {}
     unchanged = {}
     for entry in earlier.images:
-        try:
-            if Path(entry.path).stat().st_mtime_ns <= written:
-                unchanged[entry.path] = entry
-        except OSError:
-            continue
+        now = file_stamp(entry.path)
+        if now is not None and (now == entry.file if entry.file is not None else now["mtime_ns"] <= written):
+            unchanged[entry.path] = entry
     return unchanged
 
 
@@ -287,6 +287,7 @@ def _load_partial(path: Path, params) -> dict[str, ImageProposals]:
         else:
             same = now["mtime_ns"] <= written
         if same:
+            entry.file = now if isinstance(recorded, dict) else None  # kept in the finished file
             done[image] = entry
         else:
             changed += 1
