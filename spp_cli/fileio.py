@@ -138,6 +138,14 @@ def file_stamp(path: str | Path) -> dict | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def recorded_stamp(value: object) -> dict | None:
+    """A :func:`file_stamp` as a file recorded it (a props.json entry's or a journal line's
+    ``"file"``): ``{"size", "mtime_ns"}``, or ``None`` where ``value`` is not one."""
+    if isinstance(value, dict) and all(type(value.get(k)) is int for k in ("size", "mtime_ns")):
+        return {"size": value["size"], "mtime_ns": value["mtime_ns"]}
+    return None
+
+
 def file_sha256(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MB chunks."""
     digest = hashlib.sha256()

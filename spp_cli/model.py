@@ -101,9 +101,10 @@ class Detector:
     mode: str = "spp"
     calibration: Calibration | None = None
     proposal_model: ProposalModel | None = None
-    # The head detection runs, per fc6 rank (Head.compressed: one factorisation per model and rank), and under
-    # "source" the head they were made from.
+    # The head detection runs, per fc6 rank (Head.compressed: one factorisation per model and rank), and the head
+    # they were made from.
     _detection_heads: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _detection_heads_source: Head | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def classes(self) -> list[str]:
@@ -126,9 +127,9 @@ class Detector:
         """The head whose fc7 detection scores (``DetectConfig.fc6_rank``), ``None`` without one."""
         if self.head is None:
             return None
-        if self._detection_heads.get("source") is not self.head:  # a head replaced: every rank made again
+        if self._detection_heads_source is not self.head:  # a head replaced: every rank made again
             self._detection_heads.clear()
-            self._detection_heads["source"] = self.head
+            self._detection_heads_source = self.head
         if rank not in self._detection_heads:
             self._detection_heads[rank] = self.head.compressed(rank)
         return self._detection_heads[rank]

@@ -43,7 +43,7 @@ import numpy as np
 
 from spp_cli import boxes as box_ops
 from spp_cli.errors import ProposalError, SPPError
-from spp_cli.fileio import read_versioned_json
+from spp_cli.fileio import read_versioned_json, recorded_stamp
 
 PROPOSALS_FORMAT = "spp-proposals"
 PROPOSALS_VERSION = 1
@@ -570,10 +570,8 @@ def read_proposals(path: str | Path) -> ProposalSet:
     for n, entry in enumerate(doc.get("images", [])):
         try:
             boxes = np.asarray(entry["boxes"], dtype=np.float32).reshape(-1, 4)
-            stamp = entry.get("file")
-            stamp = stamp if isinstance(stamp, dict) and all(type(stamp.get(k)) is int for k in ("size", "mtime_ns")) else None
-            out.images.append(
-                ImageProposals(str(entry["id"]), str(entry["path"]), int(entry["width"]), int(entry["height"]), boxes, file=stamp)
+            out.images.append(ImageProposals(str(entry["id"]), str(entry["path"]), int(entry["width"]), int(entry["height"]), boxes,
+                                             file=recorded_stamp(entry.get("file")))
             )
         except (KeyError, TypeError, ValueError):
             raise ProposalError(f"{path}: images[{n}] is malformed (needs id, path, width, height, boxes [[x1,y1,x2,y2],...])") from None

@@ -11,7 +11,7 @@ import numpy as np
 
 from spp_cli import ui
 from spp_cli.errors import SPPError, UsageError
-from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_stamp
+from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_stamp, recorded_stamp
 from spp_cli.proposals import (
     DEFAULT_STRATEGY,
     ImageProposals,
@@ -266,14 +266,14 @@ def _load_partial(path: Path, params) -> dict[str, ImageProposals]:
     if header.get("params") != _settings(params):
         ui.console.print(f"{path}: left by a run with other settings; starting afresh.")
         return {}
-    latest: dict[str, tuple[ImageProposals, object]] = {}
+    latest: dict[str, tuple[ImageProposals, dict | None]] = {}
     for line in lines[1:]:
         try:
             e = json.loads(line)
             latest[e["path"]] = (ImageProposals(
                 e["id"], e["path"], e["width"], e["height"],
                 np.asarray(e["boxes"], np.float32).reshape(-1, 4), e.get("seconds", 0.0),
-            ), e.get("file"))
+            ), recorded_stamp(e.get("file")))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             break  # the last line of a killed run may be cut short; redo from there
     done: dict[str, ImageProposals] = {}
@@ -282,12 +282,9 @@ def _load_partial(path: Path, params) -> dict[str, ImageProposals]:
         now = file_stamp(image)
         if now is None:
             continue  # gone: where it is still an input, its search says so
-        if isinstance(recorded, dict):
-            same = now == {"size": recorded.get("size"), "mtime_ns": recorded.get("mtime_ns")}
-        else:
-            same = now["mtime_ns"] <= written
+        same = now == recorded if recorded is not None else now["mtime_ns"] <= written
         if same:
-            entry.file = now if isinstance(recorded, dict) else None  # kept in the finished file
+            entry.file = recorded  # kept in the finished file
             done[image] = entry
         else:
             changed += 1
