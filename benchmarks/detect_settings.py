@@ -33,9 +33,12 @@ one setting changed at a time:
   negated) averaged with the window's own (``mean``), or its scores alone
   averaged (``scores``), or the larger score kept (``max``); the model's
   objectness weight in the score, as `spp detect`. It doubles the conv pass.
+- each detection dropped when it lies mostly inside a higher-scoring one of
+  its class or mostly holds one (``--contain``), after NMS and voting: their
+  intersection at least 0.95 / 0.9 / 0.8 / 0.7 of the smaller box.
 
     spp train --data ../shared/data/bccd --split trainval --scales 1024 --out b.safetensors --work W
-    python benchmarks/detect_settings.py --dataset bccd --work W [--iterate | --soft | --renms | --delta-penalty | --flip]
+    python benchmarks/detect_settings.py --dataset bccd --work W [--iterate | --soft | --renms | --delta-penalty | --flip | --contain]
 """
 
 from __future__ import annotations
@@ -176,6 +179,35 @@ def detect_flipped(detector, entry, mirrored_maps, boxes, config, prior, mode: s
             for j, i in enumerate(keep.tolist())]
 
 
+def suppress_contained(found: list, ratio: float) -> list:
+    """Drop each detection whose box lies mostly inside (or mostly holds) a higher-scoring one of its class.
+
+    ``found``: detections in score order (as `Detector.detect_windows` returns them), boxes (x1, y1, x2, y2) in
+    pixels. Two boxes of one class clash when their intersection covers at least ``ratio`` of the smaller box
+    (the "intersection over minimum" that detectors of parts use): a raccoon's head inside its body clashes
+    at any IoU.
+    """
+    import torch
+
+    kept: list = []
+    for detection in found:
+        box = torch.tensor(detection.box)
+        clashes = False
+        for other in kept:
+            if other.class_id != detection.class_id:
+                continue
+            held = torch.tensor(other.box)
+            width = (torch.minimum(box[2], held[2]) - torch.maximum(box[0], held[0])).clamp(min=0)
+            height = (torch.minimum(box[3], held[3]) - torch.maximum(box[1], held[1])).clamp(min=0)
+            smaller = min(float((box[2] - box[0]) * (box[3] - box[1])), float((held[2] - held[0]) * (held[3] - held[1])))
+            if smaller > 0 and float(width * height) / smaller >= ratio:
+                clashes = True
+                break
+        if not clashes:
+            kept.append(detection)
+    return kept
+
+
 def main() -> None:
     checkout.check()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -185,6 +217,7 @@ def main() -> None:
     parser.add_argument("--soft", action="store_true", help="only the soft-NMS variants")
     parser.add_argument("--delta-penalty", action="store_true", help="only scores minus gamma x the L1 norm of the box deltas")
     parser.add_argument("--renms", action="store_true", help="only NMS again after voting, with the model's objectness weight")
+    parser.add_argument("--contain", action="store_true", help="only dropping detections inside a higher one of their class")
     parser.add_argument("--flip", action="store_true", help="only horizontal-flip test-time augmentation, with the model's objectness weight")
     args = parser.parse_args()
 
@@ -235,7 +268,8 @@ def main() -> None:
     default_top = learned.config.top_n if learned is not None else None
 
     def score(nms: float = defaults.nms_iou, top: int | None = default_top, alpha: float = 0.0, keep_as: str | None = None,
-              sigma: float | None = None, renms: bool = False, flip: str | None = None) -> str:
+              sigma: float | None = None, renms: bool = False, flip: str | None = None,
+              contain: float | None = None) -> str:
         pairs = []
         for truth, entry in images:
             if learned is not None:  # the model's own call for that many boxes, as `spp detect` makes it
@@ -260,6 +294,8 @@ def main() -> None:
                 kept = ops.batched_nms(torch.tensor([d.box for d in found]), torch.tensor([d.score for d in found]),
                                        torch.tensor([d.class_id for d in found]), nms)
                 found = [found[i] for i in kept.tolist()]
+            if contain is not None:
+                found = suppress_contained(sorted(found, key=lambda d: -d.score), contain)
             pairs.append((truth, [{"box": d.box, "class": detector.classes[d.class_id], "score": d.score} for d in found]))
         term["alpha x log objectness"] = None
         result = evaluate_voc(pairs, classes, "voc07")
@@ -278,6 +314,13 @@ def main() -> None:
         alpha = detector.detect.objectness_weight if learned is not None else 0.0
         print(f"the model's objectness weight {alpha:g}: {score(alpha=alpha)}", flush=True)
         print(f"the same, NMS again after voting: {score(alpha=alpha, renms=True)}", flush=True)
+        return
+    if args.contain:
+        alpha = detector.detect.objectness_weight if learned is not None else 0.0
+        print(f"the model's objectness weight {alpha:g}: {score(alpha=alpha)}", flush=True)
+        for ratio in (0.95, 0.9, 0.8, 0.7):
+            print(f"detections inside a higher one (>= {ratio:g} of the smaller box) dropped: "
+                  f"{score(alpha=alpha, contain=ratio)}", flush=True)
         return
     if args.flip:
         from spp_cli.backbones import extractor_for
