@@ -57,7 +57,8 @@ class BBoxRegConfig:
     min_iou: float = 0.6  # training windows: IoU > 0.6 with a ground truth (R-CNN; SPPnet: >= 0.5)
     ridge_lambda: float = 1000.0  # R-CNN (SPPnet: 4000 with IoU >= 0.5)
     # Localisation quality (bbox_reg.IoURegressors): windows at IoU >= this with a box of the
-    # class, at most 64 per image and class, and the boxes themselves; the same ridge lambda.
+    # class, at most 64 per image and class (fewer past a memory budget: train.samples_per_image),
+    # and the boxes themselves; the same ridge lambda.
     iou_min: float = 0.1
 
 

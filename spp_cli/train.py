@@ -30,6 +30,25 @@ from spp_cli.windows import SPPFeaturizer, mean_feature_norms
 
 Progress = Callable[[str, int, int], None]
 
+# Box regression's and the localisation term's samples are held (fp16) until mining ends,
+# then fitted a class at a time: these bound their bytes, so a training set of thousands of
+# images does not run out of memory. At most SAMPLES_PER_IMAGE windows per image (box
+# regression: across its classes; the localisation term: per class present), fewer where
+# the training set is large enough to pass the budget: 2 GiB is ~65,000 rows of
+# blocks.6's 16,000-long pool5 (bccd's 292 trainval images take ~19,000 and ~47,000).
+SAMPLES_PER_IMAGE = 64
+MIN_SAMPLES_PER_IMAGE = 8
+REGRESSION_SAMPLE_BYTES = 2 << 30
+LOCALISATION_SAMPLE_BYTES = 3 << 30
+
+
+def samples_per_image(budget_bytes: int, row_bytes: int, images: int) -> int:
+    """Windows sampled per image (or per image and class) so that ``images`` of them stay
+    within ``budget_bytes`` of ``row_bytes`` rows: ``SAMPLES_PER_IMAGE`` while they fit,
+    never fewer than ``MIN_SAMPLES_PER_IMAGE``."""
+    fitting = budget_bytes // max(row_bytes * images, 1)
+    return int(max(MIN_SAMPLES_PER_IMAGE, min(SAMPLES_PER_IMAGE, fitting)))
+
 
 @dataclass
 class TrainingSet:
@@ -202,10 +221,13 @@ def train_detector(
 
     # 2. Positives: ground-truth boxes (not difficult, not crowd) and, with positive_iou,
     #    the windows that overlap one of them that much (as the box's class).
+    images_with_boxes = class_images = 0  # for the regression samples' budget
     for n, key in enumerate(data.keys, 1):
         entry = cache.read(key)
         names = np.array(_gt_names(entry))
         usable = ~entry.gt_difficult & ~entry.gt_iscrowd
+        images_with_boxes += bool((~entry.gt_iscrowd).any())
+        class_images += len(set(names[usable]) & set(data.classes))
         if usable.any():
             boxes, box_names = entry.gt_boxes[usable], names[usable]
             if svm_config.positive_iou > 0:
@@ -221,6 +243,12 @@ def train_detector(
 
     # 3. One epoch of hard-negative mining over the images in random order,
     #    collecting box-regression samples on the way.
+    row_bytes = 2 * pool5_dim  # fp16
+    regression_cap = samples_per_image(REGRESSION_SAMPLE_BYTES, row_bytes, images_with_boxes)
+    localisation_cap = samples_per_image(LOCALISATION_SAMPLE_BYTES, row_bytes, class_images)
+    if bbox_config is not None and min(regression_cap, localisation_cap) < SAMPLES_PER_IMAGE:
+        log(f"box regression: at most {regression_cap} windows per image, localisation term: {localisation_cap} per image "
+            f"and class (of {SAMPLES_PER_IMAGE}), to hold the samples of {images_with_boxes} images in memory")
     reg_feats: dict[str, list[np.ndarray]] = {c: [] for c in data.classes}
     reg_deltas: dict[str, list[np.ndarray]] = {c: [] for c in data.classes}
     iou_feats: dict[str, list[np.ndarray]] = {c: [] for c in data.classes}
@@ -239,8 +267,10 @@ def train_detector(
         else:
             names = _gt_names(entry)
             if bbox_config is not None:
-                _regression_samples(entry, windows, pool5, pool5_scale, names, data.classes, bbox_config, reg_feats, reg_deltas)
-                _localisation_samples(entry, windows, pool5, featurizer, pool5_scale, names, bbox_config.iou_min, iou_feats, iou_targets)
+                _regression_samples(entry, windows, pool5, pool5_scale, names, data.classes, bbox_config, reg_feats, reg_deltas,
+                                    regression_cap)
+                _localisation_samples(entry, windows, pool5, featurizer, pool5_scale, names, bbox_config.iou_min, iou_feats, iou_targets,
+                                      localisation_cap)
             candidates = negative_candidates(windows, entry.gt_boxes, names, data.classes, svm_config.negative_iou)
         # In place: (R, D) is ~90 MB at blocks.6, and a scaled copy per image
         # was a sixth of the training time. Without a head, pool5 itself is
@@ -317,7 +347,8 @@ def positive_windows(windows: np.ndarray, gt_boxes: np.ndarray, gt_names: np.nda
     return windows[keep], gt_names[best[keep]]
 
 
-def _regression_samples(entry, windows, pool5, scale, names, classes, config, reg_feats, reg_deltas, cap_per_image: int = 64) -> None:
+def _regression_samples(entry, windows, pool5, scale, names, classes, config, reg_feats, reg_deltas,
+                        cap_per_image: int = SAMPLES_PER_IMAGE) -> None:
     """Append the scaled pool5 rows and target deltas of ``windows`` overlapping a
     ground-truth box above ``config.min_iou`` (at most ``cap_per_image``)."""
     usable = ~entry.gt_iscrowd
@@ -350,7 +381,8 @@ def _float_rows(blocks: list[np.ndarray]) -> torch.Tensor:
     return rows
 
 
-def _localisation_samples(entry, windows, pool5, featurizer, scale, names, min_iou, iou_feats, iou_targets, cap_per_class: int = 64) -> None:
+def _localisation_samples(entry, windows, pool5, featurizer, scale, names, min_iou, iou_feats, iou_targets,
+                          cap_per_class: int = SAMPLES_PER_IMAGE) -> None:
     """Append, for each class with a usable box in the image, the scaled pool5 rows of the
     ``windows`` whose best IoU with the class's boxes is at least ``min_iou`` (at most
     ``cap_per_class``, evenly spaced), that IoU as their target, and the boxes' own rows at 1."""

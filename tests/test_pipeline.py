@@ -748,6 +748,57 @@ def test_the_trained_localisation_ranks_a_box_above_a_window_half_off_it(pipelin
     assert len(gaps) == 2 * len(TRAIN) and np.mean(gaps) > 0.1
 
 
+def test_samples_per_image_holds_the_default_while_the_budget_allows_and_never_drops_below_the_floor():
+    from spp_cli.train import MIN_SAMPLES_PER_IMAGE, SAMPLES_PER_IMAGE, samples_per_image
+
+    row = 2 * 16000  # an fp16 pool5 row of blocks.6
+    assert samples_per_image(2 << 30, row, 292) == SAMPLES_PER_IMAGE == 64  # bccd's trainval: as before
+    assert samples_per_image(2 << 30, row, 0) == SAMPLES_PER_IMAGE
+    assert samples_per_image(2 << 30, row, 2000) == (2 << 30) // (row * 2000) == 33
+    assert samples_per_image(2 << 30, row, 10**6) == MIN_SAMPLES_PER_IMAGE == 8
+
+
+def test_a_small_sample_budget_caps_the_regression_and_localisation_rows(pipeline, monkeypatch):
+    # Budgets that leave 2 rows per image (the floor, lowered for these small images) on the shapes
+    # cache: the fits see at most 2 windows per image (the localisation term: per class, and the
+    # class's boxes), where the defaults take more.
+    import spp_cli.train as train
+
+    cache = FeatureCache.open(pipeline.cache)
+    fitted = []
+
+    def recording_fit(x, y, *args, **kwargs):
+        fitted.append((y.shape[1], len(x)))
+        return original_fit(x, y, *args, **kwargs)
+
+    original_fit = train.fit_ridge
+    monkeypatch.setattr(train, "fit_ridge", recording_fit)
+    data = train.training_set(cache)
+
+    def rows(log):
+        fitted.clear()
+        train.train_detector(data, log=log)
+        regression = sum(n for columns, n in fitted if columns == 4)
+        localisation = sum(n for columns, n in fitted if columns == 1)
+        return regression, localisation
+
+    default_lines = []
+    regression, localisation = rows(default_lines.append)
+    assert not any("windows per image" in line for line in default_lines)
+    boxes = sum(len(cache.read(k).gt_boxes) for k in data.keys)
+    cap = 2 * len(data.keys)
+    assert regression > cap and localisation > 2 * cap + boxes  # 2 classes in each image
+
+    monkeypatch.setattr(train, "REGRESSION_SAMPLE_BYTES", 1)
+    monkeypatch.setattr(train, "LOCALISATION_SAMPLE_BYTES", 1)
+    monkeypatch.setattr(train, "MIN_SAMPLES_PER_IMAGE", 2)
+    capped_lines = []
+    regression, localisation = rows(capped_lines.append)
+    assert 0 < regression <= cap and 0 < localisation <= 2 * cap + boxes
+    assert ("box regression: at most 2 windows per image, localisation term: 2 per image and class (of 64), "
+            f"to hold the samples of {len(data.keys)} images in memory") in capped_lines
+
+
 def test_each_candidate_is_scored_and_regressed_by_its_class_as_a_slow_reference_does():
     # Windows in more than one scoring chunk; every (window, class) pair kept (no threshold, no
     # suppression). Its score: the SVM's plus the default weight times its predicted IoU.
