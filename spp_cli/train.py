@@ -35,7 +35,7 @@ Progress = Callable[[str, int, int], None]
 # images does not run out of memory. At most SAMPLES_PER_IMAGE windows per image (box
 # regression: across its classes; the localisation term: per class present), fewer where
 # the training set is large enough to pass the budget: 2 GiB is ~65,000 rows of
-# blocks.6's 16,000-long pool5 (bccd's 292 trainval images take ~19,000 and ~47,000).
+# blocks.6's 16,000-long pool5 (bccd's 292 trainval images take at most ~19,000 and ~47,000).
 SAMPLES_PER_IMAGE = 64
 MIN_SAMPLES_PER_IMAGE = 8
 REGRESSION_SAMPLE_BYTES = 2 << 30
@@ -221,7 +221,7 @@ def train_detector(
 
     # 2. Positives: ground-truth boxes (not difficult, not crowd) and, with positive_iou,
     #    the windows that overlap one of them that much (as the box's class).
-    images_with_boxes = class_images = 0  # for the regression samples' budget
+    images_with_boxes = class_images = 0  # for the budgets of the regression and localisation samples
     for n, key in enumerate(data.keys, 1):
         entry = cache.read(key)
         names = np.array(_gt_names(entry))
