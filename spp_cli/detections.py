@@ -109,7 +109,7 @@ def _read_entry(path: Path, n: int, entry) -> DetectionsImage:
     for k, det in enumerate(entry["detections"]):
         if not _valid_detection(det):
             raise SPPError(
-                f"{path}: images[{n}].detections[{k}] is malformed (needs box [x1, y1, x2, y2], class, score)"
+                f"{path}: images[{n}].detections[{k}] is malformed (needs box [x1, y1, x2, y2], class, score; a probability must be a number)"
             )
         x1, y1, x2, y2 = det["box"]
         if x2 < x1 or y2 < y1:  # would be drawn, and scored by eval, as some other box
@@ -132,4 +132,5 @@ def _valid_detection(det) -> bool:
         and all(_number(v) for v in det["box"])
         and isinstance(det.get("class"), str)
         and _number(det.get("score"))
+        and (det.get("probability") is None or _number(det["probability"]))  # drawn as a percentage
     )

@@ -285,6 +285,8 @@ def _read_list_file(list_file: Path) -> list[Path]:
         lines = list_file.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise SPPError(f"{list_file}: list file is not UTF-8 text") from None
+    except OSError as exc:
+        raise SPPError(f"{list_file}: cannot read ({exc.strerror or exc})") from None
     out = []
     for line in lines:
         line = line.strip()

@@ -567,13 +567,16 @@ def read_proposals(path: str | Path) -> ProposalSet:
         path, PROPOSALS_FORMAT, PROPOSALS_VERSION, "proposals", f"create it with `spp propose ... --out {path}`", ProposalError
     )
     out = ProposalSet(params=doc.get("params", {}))
-    for n, entry in enumerate(doc.get("images", [])):
+    images = doc.get("images", [])
+    if not isinstance(images, list):
+        raise ProposalError(f"{path}: \"images\" is not a list of images")
+    for n, entry in enumerate(images):
         try:
             boxes = np.asarray(entry["boxes"], dtype=np.float32).reshape(-1, 4)
             out.images.append(ImageProposals(str(entry["id"]), str(entry["path"]), int(entry["width"]), int(entry["height"]), boxes,
                                              file=recorded_stamp(entry.get("file")))
             )
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: a width of 1e999
             raise ProposalError(f"{path}: images[{n}] is malformed (needs id, path, width, height, boxes [[x1,y1,x2,y2],...])") from None
         if not np.isfinite(boxes).all():
             raise ProposalError(f"{path}: images[{n}] has a box with a coordinate that is not a finite number")

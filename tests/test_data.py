@@ -149,6 +149,35 @@ def test_xml_entities_are_refused(tmp_path, body):
     assert ds.bad[0][0] == path and ds.bad[0][1].startswith("unsafe XML refused")
 
 
+def test_an_xml_file_that_cannot_be_read_skips_its_image(tmp_path, monkeypatch):
+    # As root (CI's container) chmod 000 does not stop a read: the parser raises what a denied read raises.
+    from spp_cli.data import voc
+
+    path = _one_xml(tmp_path / "d", voc_xml("x.jpg", 64, 48, [("cat", 1, 1, 30, 30)]))
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(voc.SafeET, "parse", denied)
+    ds = open_dataset(tmp_path / "d")
+    assert ds.records == [] and ds.bad == [(path, "cannot read (Permission denied)")]
+
+
+def test_a_split_or_list_file_that_cannot_be_read_is_one_line(tmp_path):
+    from spp_cli.data.registry import read_id_list
+    from spp_cli.errors import SPPError
+    from spp_cli.images import _read_list_file
+
+    folder = tmp_path / "ids.txt"
+    folder.mkdir()  # reading a folder fails as an unreadable file does, even as root
+    with pytest.raises(DatasetError) as info:
+        read_id_list(folder)
+    assert str(info.value) == f"{folder}: cannot read (Is a directory)"
+    with pytest.raises(SPPError) as info:
+        _read_list_file(folder)
+    assert str(info.value) == f"{folder}: cannot read (Is a directory)"
+
+
 def test_box_outside_image_is_clipped_with_warning(tmp_path):
     path = _one_xml(tmp_path / "d", voc_xml("x.jpg", 64, 48, [("cat", 1, 1, 100, 30)]))
     ds = open_dataset(tmp_path / "d")

@@ -273,7 +273,12 @@ def test_draw_rejects_a_file_that_is_not_json(tmp_path):
         ({"format": "spp-detections", "version": 1, "images": [{"path": "a.jpg"}]}, "images[0] is malformed (needs path and detections [{box, class, score}, ...])"),
         (
             {"format": "spp-detections", "version": 1, "images": [{"path": "a.jpg", "detections": [{"box": [1, 2, 3], "class": "cat", "score": 1}]}]},
-            "images[0].detections[0] is malformed (needs box [x1, y1, x2, y2], class, score)",
+            "images[0].detections[0] is malformed (needs box [x1, y1, x2, y2], class, score; a probability must be a number)",
+        ),
+        (
+            {"format": "spp-detections", "version": 1,
+             "images": [{"path": "a.jpg", "detections": [{"box": [1, 2, 30, 40], "class": "cat", "score": 1, "probability": "87%"}]}]},
+            "images[0].detections[0] is malformed (needs box [x1, y1, x2, y2], class, score; a probability must be a number)",
         ),
         (
             {"format": "spp-detections", "version": 1, "images": [{"path": "a.jpg", "detections": [{"box": [30, 2, 10, 40], "class": "cat", "score": 1}]}]},

@@ -61,6 +61,25 @@ def test_eval_and_merge_refuse_to_write_over_their_input_file(tmp_path, voc_data
     assert dets.read_bytes() == before and part.read_text() == "{}"
 
 
+def test_detect_propose_and_eval_refuse_to_write_over_the_dataset_s_annotations_or_split(tmp_path, coco_dataset, voc_dataset):
+    annotations = coco_dataset  # <root>/annotations/instances_train.json
+    before = digest(annotations)
+    for data in (annotations, annotations.parent.parent, f"coco:{annotations}"):  # the file, its folder, a prefixed spec
+        for command, extra in (("detect", []), ("propose", ["--workers", "1"])):
+            result = invoke(command, "--data", data, "--out", annotations, *extra)
+            assert result.exit_code == 1
+            assert one_line(result) == refused(annotations)
+    split = tmp_path / "ids.txt"
+    split.write_text("000001\n")
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps({"format": "spp-detections", "version": 1, "classes": ["person"], "images": []}))
+    for out in (split, annotations):
+        result = invoke("eval", dets, "--data", voc_dataset if out == split else annotations, "--split", split, "--out", out)
+        assert result.exit_code == 1
+        assert one_line(result) == refused(out)
+    assert digest(annotations) == before and split.read_text() == "000001\n"
+
+
 def test_a_run_where_every_image_failed_keeps_the_earlier_output(tmp_path):
     good = write_image(tmp_path / "good.jpg", 80, 60)
     empty = tmp_path / "empty.jpg"

@@ -76,6 +76,10 @@ def test_props_json_round_trip(tmp_path):
         ('{"format": "other"}', r'p\.json: not a proposals file \(expected "format": "spp-proposals"\)'),
         ('{"format": "spp-proposals", "version": 9}', r"p\.json: proposals format version 9 is not supported"),
         ('{"format": "spp-proposals", "version": 1, "images": [{"id": "a"}]}', r"p\.json: images\[0\] is malformed"),
+        ('{"format": "spp-proposals", "version": 1, "images": null}', r'p\.json: "images" is not a list of images'),
+        ('{"format": "spp-proposals", "version": 1, "images": {"a": []}}', r'p\.json: "images" is not a list of images'),
+        ('{"format": "spp-proposals", "version": 1, "images": [{"id": "a", "path": "a.jpg", "width": 1e999, "height": 4, "boxes": []}]}',
+         r"p\.json: images\[0\] is malformed"),
     ],
 )
 def test_read_proposals_errors(tmp_path, content, message):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from spp_cli import ui
+from spp_cli.data.registry import dataset_files
 from spp_cli.errors import ModelError, SPPError, UsageError
 from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
 from spp_cli.sources import resolve_sources
@@ -143,7 +144,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
         work = parts.share(sources, shard)
     else:
         sources, work = resolved
-    inputs_read = [s.path for s in sources.items] + [model_path] + ([props] if props is not None else [])
+    inputs_read = [s.path for s in sources.items] + [model_path] + ([props] if props is not None else []) + dataset_files(data, split)
     if out is not None:
         check_not_input([work.output(out)] + ([] if work.shard.active else [coco_results_path(out)]), inputs_read)
     if save_dir is not None:

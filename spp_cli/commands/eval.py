@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from spp_cli import ui
+from spp_cli.data.registry import dataset_files
 from spp_cli.errors import DatasetError
 from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
 
@@ -19,7 +20,7 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
 
     if out is not None:
         check_writable(out)
-        check_not_input(out, [detections_file, data])
+        check_not_input(out, [detections_file, *dataset_files(data, split)])
     dets = read_detections(detections_file)
     dataset = open_dataset(data, split)
     ui.print_warnings(dataset.warnings)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from spp_cli import ui
+from spp_cli.data.registry import dataset_files
 from spp_cli.errors import SPPError, UsageError
 from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_stamp, recorded_stamp
 from spp_cli.proposals import (
@@ -77,7 +78,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     work = parts.share(sources, shard)
     target = work.output(out)
     items = work.items
-    check_not_input(target, [s.path for s in items] + ([model_path] if model_path is not None else []))
+    check_not_input(target, [s.path for s in items] + ([model_path] if model_path is not None else []) + dataset_files(data, split))
     ui.print_warnings(sources.warnings or [])
     bad: list[tuple[Path | str, str]] = list(sources.bad or [])
 

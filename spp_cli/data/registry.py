@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from spp_cli.data.records import Dataset
-from spp_cli.errors import DatasetError
+from spp_cli.errors import DatasetError, SPPError
 
 FORMATS = ("voc", "xml", "coco", "yolo")
 
@@ -91,10 +91,29 @@ def read_id_list(path: Path) -> list[str]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: split file is not UTF-8 text") from None
+    except OSError as exc:  # unreadable (permissions), a folder, gone since it was found
+        raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
     ids = [line.split()[0] for line in lines if line.strip() and not line.lstrip().startswith("#")]
     if not ids:
         raise DatasetError(f"{path}: split file lists no image ids")
     return ids
+
+
+def dataset_files(spec: str | Path | None, split: str | Path | None) -> list[Path]:
+    """The files a dataset ``spec`` and ``split`` read that a command's output must not replace:
+    the spec as given, the annotation file it names (a COCO ``.json`` or YOLO ``data.yaml``, a
+    ``coco:`` prefix or a folder's included) and a split given as a ``.txt`` file. Never raises:
+    a spec that names nothing readable protects nothing (opening it says what is wrong)."""
+    files = []
+    if spec:
+        files.append(Path(spec))
+        try:
+            files.append(_detect(str(spec))[1])
+        except (SPPError, OSError):
+            pass
+    if split and Path(split).suffix == ".txt":
+        files.append(Path(split))
+    return files
 
 
 def split_file(split: str, default_dir: Path, dataset: Path) -> Path:

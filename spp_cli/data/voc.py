@@ -94,6 +94,8 @@ def parse_voc_xml(path: Path) -> list[tuple[str, list[float], bool]]:
         raise AnnotationError(f"unsafe XML refused ({type(exc).__name__}: entities are not allowed)") from None
     except SafeET.ParseError as exc:
         raise AnnotationError(f"malformed XML ({exc})") from None
+    except OSError as exc:  # unreadable: this image is skipped like one with a malformed file
+        raise AnnotationError(f"cannot read ({exc.strerror or exc})") from None
     objects = []
     for n, obj in enumerate(tree.getroot().iter("object"), start=1):
         name = (obj.findtext("name") or "").strip()
