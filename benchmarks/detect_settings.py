@@ -187,25 +187,18 @@ def suppress_contained(found: list, ratio: float) -> list:
     (the "intersection over minimum" that detectors of parts use): a raccoon's head inside its body clashes
     at any IoU.
     """
-    import torch
+    import numpy as np
 
-    kept: list = []
-    for detection in found:
-        box = torch.tensor(detection.box)
-        clashes = False
-        for other in kept:
-            if other.class_id != detection.class_id:
-                continue
-            held = torch.tensor(other.box)
-            width = (torch.minimum(box[2], held[2]) - torch.maximum(box[0], held[0])).clamp(min=0)
-            height = (torch.minimum(box[3], held[3]) - torch.maximum(box[1], held[1])).clamp(min=0)
-            smaller = min(float((box[2] - box[0]) * (box[3] - box[1])), float((held[2] - held[0]) * (held[3] - held[1])))
-            if smaller > 0 and float(width * height) / smaller >= ratio:
-                clashes = True
-                break
-        if not clashes:
-            kept.append(detection)
-    return kept
+    boxes = np.array([d.box for d in found], np.float64).reshape(-1, 4)
+    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    kept: list[int] = []
+    for i, detection in enumerate(found):
+        held = [j for j in kept if found[j].class_id == detection.class_id]
+        sides = np.clip(np.minimum(boxes[held, 2:], boxes[i, 2:]) - np.maximum(boxes[held, :2], boxes[i, :2]), 0, None)
+        smaller = np.minimum(areas[held], areas[i])
+        if not ((smaller > 0) & (sides.prod(1) >= ratio * smaller)).any():
+            kept.append(i)
+    return [found[i] for i in kept]
 
 
 def main() -> None:

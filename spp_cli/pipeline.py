@@ -525,7 +525,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         raise UsageError(f"--features must be one of {', '.join(FEATURE_CHOICES)}")
     check_writable(out)
     # The dataset's annotation file, split lists and background lists are read again on a resume.
-    check_not_input(out, [*dataset_files(plan.data, plan.split), plan.split, *([plan.val_split] if plan.val_split else []), *plan.negatives])
+    check_not_input(out, [*dataset_files(plan.data, plan.split), *([plan.val_split] if plan.val_split else []), *plan.negatives])
     work = work if work is not None else out.with_name(out.stem + ".work")
     try:
         work.mkdir(parents=True, exist_ok=True)

@@ -222,12 +222,13 @@ def train_detector(
     # 2. Positives: ground-truth boxes (not difficult, not crowd) and, with positive_iou,
     #    the windows that overlap one of them that much (as the box's class).
     images_with_boxes = class_images = 0  # for the budgets of the regression and localisation samples
+    trained_classes = set(data.classes)
     for n, key in enumerate(data.keys, 1):
         entry = cache.read(key)
         names = np.array(_gt_names(entry))
         usable = ~entry.gt_difficult & ~entry.gt_iscrowd
         images_with_boxes += bool((~entry.gt_iscrowd).any())
-        class_images += len(set(names[usable]) & set(data.classes))
+        class_images += len(set(names[usable]) & trained_classes)
         if usable.any():
             boxes, box_names = entry.gt_boxes[usable], names[usable]
             if svm_config.positive_iou > 0:

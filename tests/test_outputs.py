@@ -77,6 +77,10 @@ def test_detect_propose_and_eval_refuse_to_write_over_the_dataset_s_annotations_
         result = invoke("eval", dets, "--data", voc_dataset if out == split else annotations, "--split", split, "--out", out)
         assert result.exit_code == 1
         assert one_line(result) == refused(out)
+    for out in (split, annotations):  # spp train too, before any step
+        result = invoke("train", "--data", annotations, "--split", split, "--out", out, "--work", tmp_path / "work")
+        assert result.exit_code == 1
+        assert one_line(result) == refused(out)
     assert digest(annotations) == before and split.read_text() == "000001\n"
 
 

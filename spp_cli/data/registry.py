@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -107,10 +108,8 @@ def dataset_files(spec: str | Path | None, split: str | Path | None) -> list[Pat
     files = []
     if spec:
         files.append(Path(spec))
-        try:
+        with contextlib.suppress(SPPError, OSError):  # names nothing: open_dataset says so
             files.append(_detect(str(spec))[1])
-        except (SPPError, OSError):
-            pass
     if split and Path(split).suffix == ".txt":
         files.append(Path(split))
     return files
