@@ -29,6 +29,12 @@ class FiniteFloat(click.FloatRange):
         if self.min is None and self.max is None:
             self.name = "float"  # shown as FLOAT, as click's plain float is
 
+    def _describe_range(self) -> str:
+        # click describes an unbounded range as "x<=None" in the help; say nothing instead.
+        if self.min is None and self.max is None:
+            return ""
+        return super()._describe_range()
+
     def convert(self, value, param, ctx):
         number = super().convert(value, param, ctx)
         if number is not None and not math.isfinite(number):

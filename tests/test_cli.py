@@ -34,6 +34,14 @@ def test_help_does_not_import_torch(command):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_never_shows_a_bound_of_none(command):
+    # click describes an unbounded FloatRange as "[x<=None]"; spp's FiniteFloat() has no bounds.
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    assert "None]" not in result.output
+
+
 def test_console_script_and_module_entry_points():
     for argv in (["spp", "--help"], [sys.executable, "-m", "spp_cli", "--help"]):
         exe = Path(sys.executable).parent / "spp" if argv[0] == "spp" else None
