@@ -99,6 +99,8 @@ def read_detections(path: str | Path) -> DetectionsFile:
 def _read_entry(path: Path, n: int, entry) -> DetectionsImage:
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("detections"), list):
         raise SPPError(f"{path}: images[{n}] is malformed (needs path and detections [{{box, class, score}}, ...])")
+    if "\0" in entry["path"]:  # no file can have it; Path.resolve() would raise ValueError at lookup
+        raise SPPError(f"{path}: images[{n}] has a path with a NUL character")
     size = []
     for key in ("width", "height"):
         value = entry.get(key)

@@ -580,4 +580,6 @@ def read_proposals(path: str | Path) -> ProposalSet:
             raise ProposalError(f"{path}: images[{n}] is malformed (needs id, path, width, height, boxes [[x1,y1,x2,y2],...])") from None
         if not np.isfinite(boxes).all():
             raise ProposalError(f"{path}: images[{n}] has a box with a coordinate that is not a finite number")
+        if "\0" in out.images[-1].path:  # no file can have it; Path.resolve() would raise ValueError at lookup
+            raise ProposalError(f"{path}: images[{n}] has a path with a NUL character")
     return out

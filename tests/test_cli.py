@@ -350,6 +350,16 @@ def test_a_bare_command_still_shows_its_help():
     assert "Commands:" in result.output
 
 
+def test_eval_refuses_a_detections_path_with_a_nul_character(tmp_path, xml_dataset):
+    # Path.resolve() raises ValueError on it: the reader says so on one line instead.
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps({"format": "spp-detections", "version": 1, "classes": ["cat"],
+                                "images": [{"path": "a\0.jpg", "detections": []}]}))
+    result = invoke("eval", dets, "--data", xml_dataset, "--split", "train")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {dets}: images[0] has a path with a NUL character"
+
+
 def test_eval_says_which_annotations_it_could_not_read(tmp_path, xml_dataset):
     for image_id in ("a", "b", "c"):
         (xml_dataset / "annotations" / f"{image_id}.xml").write_text("<annotation><object>")

@@ -284,6 +284,7 @@ def test_draw_rejects_a_file_that_is_not_json(tmp_path):
             {"format": "spp-detections", "version": 1, "images": [{"path": "a.jpg", "detections": [{"box": [30, 2, 10, 40], "class": "cat", "score": 1}]}]},
             "images[0].detections[0] has box [30, 2, 10, 40] with x2 < x1 or y2 < y1",
         ),
+        ({"format": "spp-detections", "version": 1, "images": [{"path": "a\0.jpg", "detections": []}]}, "images[0] has a path with a NUL character"),
     ],
 )
 def test_draw_rejects_files_that_are_not_detections(tmp_path, doc, message):

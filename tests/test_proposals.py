@@ -80,6 +80,8 @@ def test_props_json_round_trip(tmp_path):
         ('{"format": "spp-proposals", "version": 1, "images": {"a": []}}', r'p\.json: "images" is not a list of images'),
         ('{"format": "spp-proposals", "version": 1, "images": [{"id": "a", "path": "a.jpg", "width": 1e999, "height": 4, "boxes": []}]}',
          r"p\.json: images\[0\] is malformed"),
+        ('{"format": "spp-proposals", "version": 1, "images": [{"id": "a", "path": "a\\u0000.jpg", "width": 4, "height": 4, "boxes": []}]}',
+         r"p\.json: images\[0\] has a path with a NUL character"),
     ],
 )
 def test_read_proposals_errors(tmp_path, content, message):
