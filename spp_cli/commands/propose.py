@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,7 +11,8 @@ import numpy as np
 from spp_cli import ui
 from spp_cli.data.registry import dataset_files
 from spp_cli.errors import SPPError, UsageError
-from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_stamp, recorded_stamp
+from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_stamp
+from spp_cli.journal import journal_path, load_journal, open_journal
 from spp_cli.proposals import (
     DEFAULT_STRATEGY,
     ImageProposals,
@@ -36,11 +36,6 @@ def make_params(mode: str, strategy: str | None, max_side: int | None, top: int 
         top=defaults.top if top is None else top,
         min_size=defaults.min_size if min_size is None else min_size,
     )
-
-
-def partial_path(out: Path) -> Path:
-    """Where finished images are appended while a run is in progress."""
-    return out.with_name(out.name + ".partial")
 
 
 def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, min_size, workers: int, report: bool,
@@ -83,7 +78,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     bad: list[tuple[Path | str, str]] = list(sources.bad or [])
 
     wanted = {str(s.path) for s in items}
-    journaled = {path: e for path, e in _load_partial(partial_path(target), params).items() if path in wanted}
+    journaled = {path: e for path, e in _load_partial(journal_path(target), params).items() if path in wanted}
     reused = {path: e for path, e in _unchanged_entries(target, params).items() if path in wanted and path not in journaled}
     handed = {path: e for path, e in (searched or {}).items() if path in wanted and path not in journaled and path not in reused}
     done = {**handed, **reused, **journaled}
@@ -101,7 +96,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     # resumed run trusts the line only while the file still has them (see _load_partial).
     stamps = {task.path: file_stamp(task.path) for task in tasks}
     start = time.perf_counter()
-    with _open_partial(partial_path(target), params, fresh=not journaled) as partial, ui.progress() as bar:
+    with open_journal(journal_path(target), _settings(params), fresh=not journaled) as journal, ui.progress() as bar:
         task_id = bar.add_task("propose", total=len(items), completed=len(items) - len(tasks), rate="")
         finished = 0
         for result in (learned.run(tasks) if learned is not None else run_proposals(tasks, params, workers)):
@@ -113,9 +108,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
                     ui.warn(line)
                 result.file = stamps.get(result.path)
                 results[result.path] = result
-                done_line = {**result.to_json(), "seconds": round(result.seconds, 4)}
-                partial.write(json.dumps(done_line) + "\n")
-                partial.flush()
+                journal.append({**result.to_json(), "seconds": round(result.seconds, 4)})
             elapsed = time.perf_counter() - start
             bar.update(task_id, advance=1, rate=f"{finished / elapsed:.2f} img/s")
     wall = time.perf_counter() - start
@@ -124,7 +117,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     ordered = [results[str(s.path)] for _, s in kept]
     if not ordered and bad and not work.shard.active:
         # Every image failed: an earlier, good file stays as it was.
-        partial_path(target).unlink(missing_ok=True)
+        journal_path(target).unlink(missing_ok=True)
         ui.print_bad(bad)
         ui.console.print(f"Nothing written: no image could be read ({target} is unchanged).")
         return 1
@@ -132,7 +125,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     if work.shard.active:
         document = part_document(document, work.shard, [order for order, _ in kept], work.total, work.run, len(bad))
     atomic_write_json(target, document)
-    partial_path(target).unlink(missing_ok=True)
+    journal_path(target).unlink(missing_ok=True)
 
     counts = [len(e.boxes) for e in ordered]
     seg_seconds = [e.seconds for e in ordered if e.seconds]
@@ -245,89 +238,17 @@ def _unchanged_entries(target: Path, params) -> dict[str, ImageProposals]:
 
 
 def _load_partial(path: Path, params) -> dict[str, ImageProposals]:
-    """Images finished by an interrupted run with the same settings whose files are as they were.
+    """Images finished by an interrupted run with the same settings whose files are as they were
+    (:func:`spp_cli.journal.load_journal`); each keeps the stamp its line recorded."""
+    def parse(line: dict) -> ImageProposals:
+        return ImageProposals(line["id"], line["path"], line["width"], line["height"],
+                              np.asarray(line["boxes"], np.float32).reshape(-1, 4), line.get("seconds", 0.0))
 
-    A line records the size and mtime its image had before it was searched: it is trusted only
-    while the file still has both (an image replaced since, even by ``cp -p`` with an older mtime,
-    is searched again). A line without them (a journal of an earlier spp) is trusted under the
-    finished file's rule: an image modified after the journal was last written is searched again.
-    """
-    if not path.exists():
-        return {}
-    try:
-        written = path.stat().st_mtime_ns
-        lines = path.read_text(encoding="utf-8").splitlines()
-        header = json.loads(lines[0]) if lines else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        header = exc
-    if not isinstance(header, dict):
-        reason = f" ({header.strerror or header})" if isinstance(header, OSError) else ""
-        ui.console.print(f"{path}: not a journal of `spp propose`{reason}; starting afresh.")
-        return {}
-    if header.get("params") != _settings(params):
-        ui.console.print(f"{path}: left by a run with other settings; starting afresh.")
-        return {}
-    latest: dict[str, tuple[ImageProposals, dict | None]] = {}
-    for line in lines[1:]:
-        try:
-            e = json.loads(line)
-            latest[e["path"]] = (ImageProposals(
-                e["id"], e["path"], e["width"], e["height"],
-                np.asarray(e["boxes"], np.float32).reshape(-1, 4), e.get("seconds", 0.0),
-            ), recorded_stamp(e.get("file")))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            break  # the last line of a killed run may be cut short; redo from there
-    done: dict[str, ImageProposals] = {}
-    changed = 0
-    for image, (entry, recorded) in latest.items():
-        now = file_stamp(image)
-        if now is None:
-            continue  # gone: where it is still an input, its search says so
-        same = now == recorded if recorded is not None else now["mtime_ns"] <= written
-        if same:
-            entry.file = recorded  # kept in the finished file
-            done[image] = entry
-        else:
-            changed += 1
-    if changed:
-        ui.console.print(f"{path}: {changed} image(s) modified since they were searched; searching them again.")
+    done = {}
+    for image, (entry, recorded) in load_journal(path, _settings(params), "propose", parse).items():
+        entry.file = recorded  # kept in the finished file
+        done[image] = entry
     return done
-
-
-class _open_partial:
-    """Append-only journal of finished images, with a header of the settings."""
-
-    def __init__(self, path: Path, params, fresh: bool):
-        self.path, self.params, self.fresh = path, params, fresh
-
-    def __enter__(self):
-        try:
-            return self._open()
-        except OSError as exc:
-            raise SPPError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
-
-    def _open(self):
-        if self.fresh:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = self.path.open("w", encoding="utf-8")
-            self.file.write(json.dumps({"params": _settings(self.params)}) + "\n")
-        else:
-            # Rewrite to drop a possibly cut-short last line before appending.
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            good = [lines[0]]
-            for line in lines[1:]:
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                good.append(line)
-            self.file = self.path.open("w", encoding="utf-8")
-            self.file.write("\n".join(good) + "\n")
-        return self.file
-
-    def __exit__(self, *exc):
-        self.file.close()
-        return False
 
 
 def _print_report(sources, ordered: list[ImageProposals]) -> None:
