@@ -108,7 +108,9 @@ def interrupted_message(command: str | None) -> str:
     """The line said after Ctrl-C (or SIGTERM) stopped ``spp COMMAND``: what was kept, and what a rerun does."""
     if command in RESUMING:
         return "Interrupted. Finished work is kept; run the same command again to resume."
-    if command in ("detect", "train-svm", "eval", "merge"):
+    if command == "detect":
+        return "Interrupted. The images finished are kept beside --out; run the same command again to resume (without --out, nothing was written)."
+    if command in ("train-svm", "eval", "merge"):
         # Their files are written (atomically) once all the work is done, so a stop before
         # that leaves an earlier --out as it was, and a rerun does everything again.
         return f"Interrupted. `spp {command}` does not resume: its output is written only when it finishes; run the same command again to start over."

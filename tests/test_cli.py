@@ -412,7 +412,7 @@ RESUMES = "Interrupted. Finished work is kept; run the same command again to res
 @pytest.mark.parametrize("args, module, function, message", [
     (["propose", "photos", "--out", "props.json"], "propose", "run_propose", RESUMES),
     (["detect", "photos", "--out", "dets.json"], "detect", "run_detect",
-     "Interrupted. `spp detect` does not resume: its output is written only when it finishes; run the same command again to start over."),
+     "Interrupted. The images finished are kept beside --out; run the same command again to resume (without --out, nothing was written)."),
     (["train-svm", "--cache", "cache", "--out", "model.safetensors"], "train_svm", "run_train_svm",
      "Interrupted. `spp train-svm` does not resume: its output is written only when it finishes; run the same command again to start over."),
 ])

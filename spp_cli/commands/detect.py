@@ -7,14 +7,17 @@ then supplies proposals only, and the "conv" stage is that network time.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from spp_cli import ui
 from spp_cli.data.registry import dataset_files
 from spp_cli.errors import ModelError, SPPError, UsageError
-from spp_cli.fileio import atomic_write_json, check_not_input, check_writable
+from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_sha256, file_stamp
+from spp_cli.journal import journal_path, load_journal, open_journal
 from spp_cli.sources import resolve_sources
 
 STAGES = ("proposals", "conv", "pooling", "classify", "nms")
@@ -55,21 +58,78 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
         from spp_cli.backbones import select_device
 
         device = select_device(gpu)
+    # Images an interrupted run with the same settings finished: kept, not detected again.
+    journal = None
+    if out is not None:
+        settings = _journal_settings(model_path, cache_dir, props, conf, min_prob, nms, max_det, bbox_reg, vote, proposals, data, device)
+        if settings is not None:
+            from spp_cli.shard import resolve_shard
+
+            shard_of_job = resolve_shard(shard)
+            target = shard_of_job.part_path(out) if shard_of_job.active else out
+            journal = Journal(journal_path(target), settings, _load_detected(journal_path(target), settings))
+    finished = journal.finished if journal is not None else {}
     # Selective search of the first images starts before torch loads (spp_cli.prefetch).
-    ahead, resolved = _start_prefetch(inputs, data, split, shard, model_path, cache_dir, props, proposals) if prefetch else (None, None)
+    ahead, resolved = _start_prefetch(inputs, data, split, shard, model_path, cache_dir, props, proposals, finished) if prefetch else (None, None)
     try:
         return _run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, device,
-                           bbox_reg, vote, shard, min_prob, proposals, ahead, resolved)
+                           bbox_reg, vote, shard, min_prob, proposals, ahead, resolved, journal)
     finally:
         if ahead is not None:
             ahead.close()
 
 
-def _start_prefetch(inputs, data, split, shard, model_path: Path, cache_dir: Path | None, props: Path | None, proposals: str | None):
-    """A :class:`~spp_cli.prefetch.ProposalPrefetch` of the job's images, and their sources and share,
-    where every image takes selective search computed here (no cache, no props.json, no proposal
-    network) and a second core is free; else ``(None, None)``. Reads the model's header only:
-    `Detector.load` checks the rest."""
+def _journal_settings(model_path: Path, cache_dir: Path | None, props: Path | None, conf: float | None, min_prob: float | None,
+                      nms: float, max_det: int, bbox_reg: bool, vote: bool, proposals: str | None, data, device: str) -> dict | None:
+    """What an image's detections depend on besides the image: the model's bytes and the run's
+    options (a journal left by a run with others is not resumed); None where the model or the
+    props.json cannot be read (the run itself says why)."""
+    try:
+        model_sha256 = file_sha256(model_path)
+        props_file = None if props is None else {"path": str(Path(props).resolve()), "file": file_stamp(props)}
+    except (OSError, ValueError):  # ValueError: a NUL character in the path
+        return None
+    return {
+        "model_sha256": model_sha256, "props": props_file, "cache": None if cache_dir is None else str(Path(cache_dir).resolve()),
+        "proposals": proposals, "conf": conf, "min_prob": min_prob, "nms": nms, "max_det": max_det, "bbox_reg": bbox_reg,
+        "vote": vote, "dataset": data is not None, "device": device,  # with --data the default threshold is lower
+    }
+
+
+def _load_detected(path: Path, settings: dict) -> dict[str, dict]:
+    """Image path -> its journaled detections entry (as the detections file holds it), for the
+    images an interrupted run with these settings finished whose files are as they were."""
+    def parse(line: dict) -> dict:
+        entry = line["entry"]
+        if not isinstance(entry, dict) or not isinstance(entry.get("detections"), list):
+            raise ValueError("not a detections entry")
+        return entry
+
+    return {image: entry for image, (entry, _) in load_journal(path, settings, "detect", parse, "detected", "detecting").items()}
+
+
+class Journal(NamedTuple):
+    """A run's journal (``<out>.partial``, spp_cli.journal): where, the settings its header
+    holds, and the images an interrupted run with them finished (path -> detections entry)."""
+
+    path: Path
+    settings: dict
+    finished: dict[str, dict]
+
+
+def _journal_open(journal: Journal | None, fresh: bool):
+    """The run's journal open for appending, or a context giving None where it writes no ``--out``."""
+    if journal is None:
+        return contextlib.nullcontext(None)
+    return open_journal(journal.path, journal.settings, fresh)
+
+
+def _start_prefetch(inputs, data, split, shard, model_path: Path, cache_dir: Path | None, props: Path | None, proposals: str | None,
+                    finished: dict):
+    """A :class:`~spp_cli.prefetch.ProposalPrefetch` of the job's images (less the ``finished`` ones),
+    and their sources and share, where every image takes selective search computed here (no cache,
+    no props.json, no proposal network) and a second core is free; else ``(None, None)``. Reads the
+    model's header only: `Detector.load` checks the rest."""
     from spp_cli.commands import parts
     from spp_cli.fileio import read_safetensors
     from spp_cli.images import load_image
@@ -87,12 +147,14 @@ def _start_prefetch(inputs, data, split, shard, model_path: Path, cache_dir: Pat
         work = parts.share(sources, shard)
     except (SPPError, TypeError):  # TypeError: unknown proposal settings in a damaged header
         return None, None  # said properly, in order, by the run itself
-    return ProposalPrefetch([source.path for source in work.items], params, lambda path: load_image(path, warn=ui.warn)), (sources, work)
+    todo = [source.path for source in work.items if str(source.path) not in finished]
+    stamps = {str(path): file_stamp(path) for path in todo}  # before the first is read: see _run_detect
+    return ProposalPrefetch(todo, params, lambda path: load_image(path, warn=ui.warn)), (sources, work, stamps)
 
 
 def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, props: Path | None, conf: float | None, nms: float,
                 max_det: int, out: Path | None, save_dir: Path | None, device: str, bbox_reg: bool, vote: bool, shard: str | None,
-                min_prob: float | None, proposals: str | None, ahead, resolved) -> int:
+                min_prob: float | None, proposals: str | None, ahead, resolved, journal: Journal | None) -> int:
     import torch
 
     from spp_cli import backbones
@@ -142,8 +204,9 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     if resolved is None:
         sources = resolve_sources(inputs, data, split)
         work = parts.share(sources, shard)
+        stamps = None
     else:
-        sources, work = resolved
+        sources, work, stamps = resolved
     inputs_read = [s.path for s in sources.items] + [model_path] + ([props] if props is not None else []) + dataset_files(data, split)
     if out is not None:
         check_not_input([work.output(out)] + ([] if work.shard.active else [coco_results_path(out)]), inputs_read)
@@ -168,15 +231,31 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     windows = 0  # R-CNN: windows run through the network
     bad: list[tuple[Path | str, str]] = list(sources.bad or [])  # images whose annotations cannot be used
     results: list[dict] = []
+    orders: list[int] = []  # each result's position in the whole job (for the merge of shards)
+    # An interrupted run's finished images (its journal, read before the prefetch started): kept as they are.
+    finished = journal.finished if journal is not None else {}
+    todo = []
+    for order, source in zip(work.orders, work.items):
+        if str(source.path) in finished:
+            results.append(finished[str(source.path)])
+            orders.append(order)
+        else:
+            todo.append((order, source))
+    if results:
+        ui.console.print(f"Resuming: {len(results)} of {len(work.items)} images already done.")
+    resumed = len(results)
+    # Each image's size and mtime before it is read: its journal line records them, and a
+    # resumed run takes the line only while the file still has them (spp_cli.journal).
+    if journal is not None and stamps is None:
+        stamps = {str(source.path): file_stamp(source.path) for _, source in todo}
     timings = {stage: 0.0 for stage in STAGES}
     from_cache = computed = 0
-    orders: list[int] = []  # each result's position in the whole job (for the merge of shards)
     network_threads = torch.get_num_threads()
     start = time.perf_counter()
     try:
-        with ui.progress() as bar:
-            task = bar.add_task("detect", total=len(work.items), rate="")
-            for done, (order, source) in enumerate(zip(work.orders, work.items), 1):
+        with _journal_open(journal, fresh=not resumed) as written, ui.progress() as bar:
+            task = bar.add_task("detect", total=len(work.items), completed=resumed, rate="")
+            for done, (order, source) in enumerate(todo, 1):
                 try:
                     entry = None
                     objectness = None  # the learned proposals' logits, when they come from a cached map
@@ -260,12 +339,18 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
                     entry_json["coco_id"] = record.coco_id
                 results.append(entry_json)
                 orders.append(order)
+                if written is not None:
+                    written.append({"path": str(source.path), "file": stamps.get(str(source.path)), "entry": entry_json})
                 bar.update(task, advance=1, rate=f"{done / (time.perf_counter() - start):.2f} img/s")
     finally:
         torch.set_num_threads(network_threads)  # as it was (set lower while a search ran beside)
+    ranked = sorted(range(len(results)), key=orders.__getitem__)  # the job's order, resumed images in place
+    results, orders = [results[k] for k in ranked], [orders[k] for k in ranked]
 
     if not results and bad and not work.shard.active:
         # Every image failed: an earlier, good detections file stays as it was.
+        if journal is not None:
+            journal.path.unlink(missing_ok=True)
         ui.print_bad(bad)
         if out is not None:
             ui.console.print(f"Nothing written: no image could be read ({out} is unchanged).")
@@ -279,6 +364,8 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     elif out is not None:
         atomic_write_json(out, detections_document(detector.classes, results))
         atomic_write_json(coco_results_path(out), coco_results(results))
+    if journal is not None:
+        journal.path.unlink(missing_ok=True)  # the output holds every finished image now
     if save_dir is not None:
         # File names chosen over all inputs (same-named images get -2, -3, ...
         # in input order), so that every shard names an image as one process does.
@@ -287,7 +374,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
         _save_drawings(results, save_dir, shown, bad, [place[r["path"]] for r in results], everyone)
     threshold = f"score >= {shown:g}" if detector.calibration is None else f"probability >= {detector.probability(shown):.2f} (score >= {shown:.3g})"
     _summary(results, work.output(out) if out is not None else None, save_dir, shown, threshold, coco=not work.shard.active)
-    n = max(len(results), 1)
+    n = max(len(results) - resumed, 1)  # the images detected in this run
     per_stage = ", ".join(f"{1000 * timings[s] / n:.1f}ms {s}" for s in STAGES)
     if rcnn:
         where = f"R-CNN: {windows} warped window(s) of {len(results)} image(s) through the network on {device}"
