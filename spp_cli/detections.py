@@ -89,14 +89,15 @@ def read_detections(path: str | Path) -> DetectionsFile:
     entries = doc.get("images", [])
     if not isinstance(entries, list):
         raise SPPError(f"{path}: \"images\" is not a list")
-    images = [_read_entry(path, n, entry) for n, entry in enumerate(entries)]
+    images = [read_image_entry(path, n, entry) for n, entry in enumerate(entries)]
     classes = doc.get("classes")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise SPPError(f"{path}: \"classes\" is not a list of class names")
     return DetectionsFile(classes=list(classes), images=images)
 
 
-def _read_entry(path: Path, n: int, entry) -> DetectionsImage:
+def read_image_entry(path: Path, n: int, entry) -> DetectionsImage:
+    """``images[n]`` of the detections file ``path``, checked; raises SPPError naming both."""
     if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or not isinstance(entry.get("detections"), list):
         raise SPPError(f"{path}: images[{n}] is malformed (needs path and detections [{{box, class, score}}, ...])")
     if "\0" in entry["path"]:  # no file can have it; Path.resolve() would raise ValueError at lookup

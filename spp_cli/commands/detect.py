@@ -17,7 +17,8 @@ from spp_cli import ui
 from spp_cli.data.registry import dataset_files
 from spp_cli.errors import ModelError, SPPError, UsageError
 from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_sha256, file_stamp
-from spp_cli.journal import journal_path, load_journal, open_journal
+from spp_cli.detections import read_image_entry
+from spp_cli.journal import Journaled, journal_path, load_journal, open_journal
 from spp_cli.sources import resolve_sources
 
 STAGES = ("proposals", "conv", "pooling", "classify", "nms")
@@ -68,7 +69,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
             shard_of_job = resolve_shard(shard)
             target = shard_of_job.part_path(out) if shard_of_job.active else out
             journal = Journal(journal_path(target), settings, _load_detected(journal_path(target), settings))
-    finished = journal.finished if journal is not None else {}
+    finished = journal.finished.entries if journal is not None else {}
     # Selective search of the first images starts before torch loads (spp_cli.prefetch).
     ahead, resolved = _start_prefetch(inputs, data, split, shard, model_path, cache_dir, props, proposals, finished) if prefetch else (None, None)
     try:
@@ -92,20 +93,27 @@ def _journal_settings(model_path: Path, cache_dir: Path | None, props: Path | No
     return {
         "model_sha256": model_sha256, "props": props_file, "cache": None if cache_dir is None else str(Path(cache_dir).resolve()),
         "proposals": proposals, "conf": conf, "min_prob": min_prob, "nms": nms, "max_det": max_det, "bbox_reg": bbox_reg,
-        "vote": vote, "dataset": data is not None, "device": device,  # with --data the default threshold is lower
+        # With --data the default threshold is lower. The device's kind, not its index: a relaunched
+        # torchrun rank may land on another GPU of the node.
+        "vote": vote, "dataset": data is not None, "device": device.split(":")[0],
     }
 
 
-def _load_detected(path: Path, settings: dict) -> dict[str, dict]:
+def _load_detected(path: Path, settings: dict) -> Journaled[dict]:
     """Image path -> its journaled detections entry (as the detections file holds it), for the
     images an interrupted run with these settings finished whose files are as they were."""
     def parse(line: dict) -> dict:
         entry = line["entry"]
-        if not isinstance(entry, dict) or not isinstance(entry.get("detections"), list):
-            raise ValueError("not a detections entry")
+        try:
+            checked = read_image_entry(path, 0, entry)  # what a detections file's reader accepts
+        except SPPError as exc:
+            raise ValueError(str(exc)) from None
+        sized = type(entry.get("width")) is int and type(entry.get("height")) is int
+        if checked.path != line["path"] or not sized or not all(type(det.get("class_id")) is int for det in entry["detections"]):
+            raise ValueError("not this image's detections")
         return entry
 
-    return {image: entry for image, (entry, _) in load_journal(path, settings, "detect", parse, "detected", "detecting").items()}
+    return load_journal(path, settings, "detect", parse, "detected", "detecting")
 
 
 class Journal(NamedTuple):
@@ -114,14 +122,14 @@ class Journal(NamedTuple):
 
     path: Path
     settings: dict
-    finished: dict[str, dict]
+    finished: Journaled[dict]
 
 
-def _journal_open(journal: Journal | None, fresh: bool):
+def _journal_open(journal: Journal | None, resumed: bool):
     """The run's journal open for appending, or a context giving None where it writes no ``--out``."""
     if journal is None:
         return contextlib.nullcontext(None)
-    return open_journal(journal.path, journal.settings, fresh)
+    return open_journal(journal.path, "detect", journal.settings, journal.finished.end if resumed else None)
 
 
 def _start_prefetch(inputs, data, split, shard, model_path: Path, cache_dir: Path | None, props: Path | None, proposals: str | None,
@@ -233,11 +241,13 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     results: list[dict] = []
     orders: list[int] = []  # each result's position in the whole job (for the merge of shards)
     # An interrupted run's finished images (its journal, read before the prefetch started): kept as they are.
-    finished = journal.finished if journal is not None else {}
+    finished = journal.finished.entries if journal is not None else {}
     todo = []
     for order, source in zip(work.orders, work.items):
         if str(source.path) in finished:
-            results.append(finished[str(source.path)])
+            # The detections as journaled; the image's id and COCO id as this run's inputs name it.
+            detected, _ = finished[str(source.path)]
+            results.append({**_image_entry(source, detected["width"], detected["height"]), "detections": detected["detections"]})
             orders.append(order)
         else:
             todo.append((order, source))
@@ -253,7 +263,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     network_threads = torch.get_num_threads()
     start = time.perf_counter()
     try:
-        with _journal_open(journal, fresh=not resumed) as written, ui.progress() as bar:
+        with _journal_open(journal, resumed=bool(resumed)) as written, ui.progress() as bar:
             task = bar.add_task("detect", total=len(work.items), completed=resumed, rate="")
             for done, (order, source) in enumerate(todo, 1):
                 try:
@@ -325,18 +335,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
                     bad.append((source.path, str(exc)))
                     bar.update(task, advance=1)
                     continue
-                entry_json = {
-                    "id": source.image_id,
-                    "path": str(source.path),
-                    "width": int(width),
-                    "height": int(height),
-                    "detections": [
-                        _detection_json(detector, d) for d in dets
-                    ],
-                }
-                record = source.record
-                if record is not None and getattr(record, "coco_id", None) is not None:
-                    entry_json["coco_id"] = record.coco_id
+                entry_json = {**_image_entry(source, width, height), "detections": [_detection_json(detector, d) for d in dets]}
                 results.append(entry_json)
                 orders.append(order)
                 if written is not None:
@@ -364,20 +363,20 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     elif out is not None:
         atomic_write_json(out, detections_document(detector.classes, results))
         atomic_write_json(coco_results_path(out), coco_results(results))
-    if journal is not None:
-        journal.path.unlink(missing_ok=True)  # the output holds every finished image now
     if save_dir is not None:
         # File names chosen over all inputs (same-named images get -2, -3, ...
         # in input order), so that every shard names an image as one process does.
         everyone = [s.path for s in sources.items]
         place = {str(path): k for k, path in enumerate(everyone)}
         _save_drawings(results, save_dir, shown, bad, [place[r["path"]] for r in results], everyone)
+    if journal is not None:
+        journal.path.unlink(missing_ok=True)  # the output (and the drawings) hold every finished image now
     threshold = f"score >= {shown:g}" if detector.calibration is None else f"probability >= {detector.probability(shown):.2f} (score >= {shown:.3g})"
     _summary(results, work.output(out) if out is not None else None, save_dir, shown, threshold, coco=not work.shard.active)
     n = max(len(results) - resumed, 1)  # the images detected in this run
     per_stage = ", ".join(f"{1000 * timings[s] / n:.1f}ms {s}" for s in STAGES)
     if rcnn:
-        where = f"R-CNN: {windows} warped window(s) of {len(results)} image(s) through the network on {device}"
+        where = f"R-CNN: {windows} warped window(s) of {len(results) - resumed} image(s) through the network on {device}"
         where += f", proposals of {from_cache} from the cache" if cache is not None and proposal_set is None else ""
     else:
         where = f"{computed} image(s) through the network on {device}, {from_cache} from the cache"
@@ -412,6 +411,15 @@ def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: l
             continue
         drawn = draw_detections(image, result["detections"], min_score=min_score)
         atomic_write_bytes(target, encode(drawn, target.suffix))
+
+
+def _image_entry(source, width: int, height: int) -> dict:
+    """A detections file's fields of an image besides its detections: id, path, size, COCO id."""
+    entry = {"id": source.image_id, "path": str(source.path), "width": int(width), "height": int(height)}
+    record = source.record
+    if record is not None and getattr(record, "coco_id", None) is not None:
+        entry["coco_id"] = record.coco_id
+    return entry
 
 
 def _detection_json(detector, detection) -> dict:

@@ -12,7 +12,7 @@ from spp_cli import ui
 from spp_cli.data.registry import dataset_files
 from spp_cli.errors import SPPError, UsageError
 from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_stamp
-from spp_cli.journal import journal_path, load_journal, open_journal
+from spp_cli.journal import Journaled, journal_path, load_journal, open_journal
 from spp_cli.proposals import (
     DEFAULT_STRATEGY,
     ImageProposals,
@@ -78,10 +78,11 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     bad: list[tuple[Path | str, str]] = list(sources.bad or [])
 
     wanted = {str(s.path) for s in items}
-    journaled = {path: e for path, e in _load_partial(journal_path(target), params).items() if path in wanted}
+    journal_read = _load_partial(journal_path(target), params)
+    journaled = {path: e for path, e in journal_read.entries.items() if path in wanted}
     reused = {path: e for path, e in _unchanged_entries(target, params).items() if path in wanted and path not in journaled}
     handed = {path: e for path, e in (searched or {}).items() if path in wanted and path not in journaled and path not in reused}
-    done = {**handed, **reused, **journaled}
+    done = {**handed, **reused, **{path: entry for path, (entry, _) in journaled.items()}}
     tasks = [ProposalTask(s.image_id, str(s.path)) for s in items if str(s.path) not in done]
     if reused:
         ui.console.print(f"Reusing {len(reused)} of {len(items)} images' boxes from {target} "
@@ -96,7 +97,8 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     # resumed run trusts the line only while the file still has them (see _load_partial).
     stamps = {task.path: file_stamp(task.path) for task in tasks}
     start = time.perf_counter()
-    with open_journal(journal_path(target), _settings(params), fresh=not journaled) as journal, ui.progress() as bar:
+    resume_at = journal_read.end if journaled else None
+    with open_journal(journal_path(target), "propose", _settings(params), resume_at) as journal, ui.progress() as bar:
         task_id = bar.add_task("propose", total=len(items), completed=len(items) - len(tasks), rate="")
         finished = 0
         for result in (learned.run(tasks) if learned is not None else run_proposals(tasks, params, workers)):
@@ -237,18 +239,19 @@ def _unchanged_entries(target: Path, params) -> dict[str, ImageProposals]:
     return unchanged
 
 
-def _load_partial(path: Path, params) -> dict[str, ImageProposals]:
+def _load_partial(path: Path, params) -> Journaled[ImageProposals]:
     """Images finished by an interrupted run with the same settings whose files are as they were
     (:func:`spp_cli.journal.load_journal`); each keeps the stamp its line recorded."""
     def parse(line: dict) -> ImageProposals:
-        return ImageProposals(line["id"], line["path"], line["width"], line["height"],
-                              np.asarray(line["boxes"], np.float32).reshape(-1, 4), line.get("seconds", 0.0))
+        boxes = np.asarray(line["boxes"], np.float32).reshape(-1, 4)
+        if not np.isfinite(boxes).all():
+            raise ValueError("a box coordinate that is not a finite number")
+        return ImageProposals(str(line["id"]), line["path"], int(line["width"]), int(line["height"]), boxes, float(line.get("seconds", 0.0)))
 
-    done = {}
-    for image, (entry, recorded) in load_journal(path, _settings(params), "propose", parse).items():
+    journaled = load_journal(path, _settings(params), "propose", parse)
+    for entry, recorded in journaled.entries.values():
         entry.file = recorded  # kept in the finished file
-        done[image] = entry
-    return done
+    return journaled
 
 
 def _print_report(sources, ordered: list[ImageProposals]) -> None:
