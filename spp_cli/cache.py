@@ -279,6 +279,8 @@ class FeatureCache:
         """
         root = Path(root)
         header = root / HEADER
+        if not root.exists():
+            raise CacheError(f"{root}: no such folder; build a feature cache there with `spp cache ... --cache {root}`")
         if not header.is_file():
             raise CacheError(f"{root}: not a feature cache (no {HEADER}); build one with `spp cache ... --cache {root}`")
         doc = read_versioned_json(header, CACHE_FORMAT, CACHE_VERSION, "cache header", "rebuild the cache", CacheError)

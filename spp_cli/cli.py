@@ -496,7 +496,10 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
       spp detect --data ../shared/data/raccoon --split test --model raccoon.safetensors --out dets.json
     """
     from spp_cli.commands.train import run_train_command
+    from spp_cli.errors import UsageError
 
+    if val_split is not None and click.get_current_context().get_parameter_source("val_fraction") is not click.core.ParameterSource.DEFAULT:
+        raise UsageError("--val-split names the validation images; --val-fraction draws them from --split: give one")
     sys.exit(run_train_command(data, split, out, val_split, val_fraction, work, cache_dir, features, scales, backbone, epochs, negatives, gpu, refit, proposals,
                                positive_iou))
 

@@ -104,12 +104,12 @@ class DetectConfig:
 # Here rather than in spp_cli.features (which imports torch): `spp train` reads --scales first.
 def parse_scales(text: str) -> tuple[int, ...]:
     """``"688"`` or ``"480,576,688,864,1200"`` -> sorted distinct short sides."""
-    from spp_cli.errors import SPPError
+    from spp_cli.errors import UsageError
 
     try:
         values = sorted({int(v) for v in text.replace(" ", "").split(",") if v})
     except ValueError:
-        raise SPPError(f"--scales: '{text}' is not a comma-separated list of pixel sizes (e.g. 688 or 480,576,688,864,1200)") from None
+        raise UsageError(f"--scales: '{text}' is not a comma-separated list of pixel sizes (e.g. 688 or 480,576,688,864,1200)") from None
     if not values or any(v < 32 or v > 4000 for v in values):
-        raise SPPError(f"--scales: '{text}': each short side must be between 32 and 4000 pixels")
+        raise UsageError(f"--scales: '{text}': each short side must be between 32 and 4000 pixels")
     return tuple(values)

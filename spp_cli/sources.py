@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from spp_cli.errors import SPPError
+from spp_cli.errors import SPPError, UsageError
 
 
 @dataclass
@@ -46,13 +46,13 @@ def resolve_sources(inputs: tuple[str, ...] | list[str], data: str | None, split
     """Turn ``INPUT...`` or ``--data/--split`` into :class:`Sources`.
 
     Raises:
-        SPPError: both or neither were given, a path does not exist, or the
-            dataset cannot be opened.
+        UsageError: both or neither were given (exit code 2 on the command line).
+        SPPError: a path does not exist, or the dataset cannot be opened.
     """
     if inputs and data:
-        raise SPPError("give image INPUTs or --data, not both")
+        raise UsageError("give image INPUTs or --data, not both")
     if split and not data:
-        raise SPPError("--split needs --data")
+        raise UsageError("--split needs --data")
     if data:
         from spp_cli.data import open_dataset
 
@@ -62,7 +62,7 @@ def resolve_sources(inputs: tuple[str, ...] | list[str], data: str | None, split
             raise SPPError(f"{data}: no images in split '{split or 'all'}'")
         return Sources(items, dataset, list(dataset.bad), list(dataset.warnings))
     if not inputs:
-        raise SPPError("no input: give image files, folders, globs or a .txt list, or --data SPEC")
+        raise UsageError("no input: give image files, folders, globs or a .txt list, or --data SPEC")
     from spp_cli.images import expand_inputs
 
     paths, skipped = expand_inputs(list(inputs))

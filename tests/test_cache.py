@@ -216,7 +216,7 @@ def test_a_writer_puts_back_the_header_a_run_that_wrote_nothing_removed(tmp_path
 def test_unknown_backbone(small_set, tmp_path):
     data, props = small_set
     result = invoke("cache", "--data", data, "--props", props, "--cache", tmp_path / "f", "--backbone", "resnet50")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a bad option value
     assert result.stderr.strip() == "Error: unknown backbone 'resnet50' (valid: efficientnet_lite0, efficientnet_lite0_b4, efficientnet_lite0_b46, efficientnet_lite1, efficientnet_lite2, alexnet, vgg16, zf5)"
 
 
@@ -253,6 +253,9 @@ def test_cache_info_on_a_non_cache(tmp_path):
     result = invoke("cache-info", tmp_path)
     assert result.exit_code == 1
     assert result.stderr.strip() == f"Error: {tmp_path}: not a feature cache (no cache.json); build one with `spp cache ... --cache {tmp_path}`"
+    result = invoke("cache-info", tmp_path / "nope")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {tmp_path / 'nope'}: no such folder; build a feature cache there with `spp cache ... --cache {tmp_path / 'nope'}`"
 
 
 def test_killed_run_resumes_and_verifies(tmp_path):

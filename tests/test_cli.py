@@ -245,11 +245,13 @@ def test_existing_output_survives_a_failed_run(tmp_path):
         (["--split", "test", "x.jpg"], "Error: --split needs --data"),
         (["x.jpg", "--report"], "Error: --report needs ground truth: use --data SPEC"),
         (["x.jpg", "--strategy", "magic"], "Error: unknown proposal strategy 'magic' (valid: original-fast-fine, original-fast, original-fast-opencv-rank, opencv-fast, opencv-quality)"),
+        (["x.jpg", "--mode", "quality", "--strategy", "original-fast"], "Error: --mode and --strategy both choose the search: give one"),
     ],
 )
 def test_propose_usage_errors(tmp_path, args, message):
+    # Options that are missing, do not go together, or name nothing: exit code 2, as click's own usage errors.
     result = invoke("propose", *args, "--out", tmp_path / "p.json")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.strip() == message
 
 

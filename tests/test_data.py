@@ -55,6 +55,19 @@ def test_voc_layout(voc_dataset):
     assert len(open_dataset(f"voc:{voc_dataset}")) == 2
 
 
+def test_a_prefix_that_names_the_wrong_kind_of_path_says_what_it_takes(voc_dataset, coco_dataset):
+    cases = [
+        (f"coco:{voc_dataset}", f"{voc_dataset}: is a folder; coco: takes a COCO .json file"),
+        (f"yolo:{voc_dataset}", f"{voc_dataset}: is a folder; yolo: takes a YOLO data.yaml file"),
+        (f"voc:{coco_dataset}", f"{coco_dataset}: is a file; voc: takes a dataset folder"),
+        (f"xml:{coco_dataset}", f"{coco_dataset}: is a file; xml: takes a dataset folder"),
+    ]
+    for spec, message in cases:
+        with pytest.raises(DatasetError) as info:
+            open_dataset(spec)
+        assert str(info.value) == message
+
+
 def test_coco(coco_dataset):
     ds = open_dataset(coco_dataset)
     assert ds.format == "coco" and ds.classes == ["cat", "dog"]  # sorted by category id

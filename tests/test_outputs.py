@@ -99,6 +99,12 @@ def test_a_run_where_every_image_failed_keeps_the_earlier_output(tmp_path):
             f"Nothing written: no image could be read ({out} is unchanged).",
         ]
         assert out.read_bytes() == before
+        # With no earlier file there is nothing to call unchanged.
+        out.unlink()
+        result = invoke(command, empty, "--out", out, *extra)
+        assert result.exit_code == 1
+        assert result.stderr.strip().splitlines()[-1] == "Nothing written: no image could be read."
+        assert not out.exists()
 
 
 def test_out_under_a_file_is_one_line(tmp_path):

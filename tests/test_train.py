@@ -401,6 +401,20 @@ def test_under_torchrun_it_says_to_run_the_steps(tmp_path):
                              "train-svm) as in docs/scale-out.md\n")
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--backbone", "resnet"], "Error: unknown backbone 'resnet' (valid: efficientnet_lite0, efficientnet_lite0_b4, efficientnet_lite0_b46, "
+                               "efficientnet_lite1, efficientnet_lite2, alexnet, vgg16, zf5)"),
+    (["--scales", "big"], "Error: --scales: 'big' is not a comma-separated list of pixel sizes (e.g. 688 or 480,576,688,864,1200)"),
+    (["--val-split", "val", "--val-fraction", "0.2"], "Error: --val-split names the validation images; --val-fraction draws them from --split: give one"),
+])
+def test_a_bad_option_value_is_a_usage_error_before_any_step(tmp_path, extra, message):
+    out = tmp_path / "m.safetensors"
+    result = CliRunner().invoke(cli, ["train", "--data", str(tmp_path), "--split", "train", "--out", str(out), *extra])
+    assert result.exit_code == 2  # as click's own usage errors
+    assert result.output == message + "\n"
+    assert not out.exists() and not (tmp_path / "m.work").exists()
+
+
 def test_a_work_folder_that_cannot_be_created_is_one_line(tmp_path):
     # A regular file in the way: no folder can be made there, root or not (a mode would not stop root).
     (tmp_path / "m.work").write_text("not a folder")  # where --out m.safetensors puts its work folder

@@ -21,14 +21,17 @@ from spp_cli.cache import (
     proposals_digest,
 )
 from spp_cli.config import parse_scales
-from spp_cli.errors import SPPError, UsageError
+from spp_cli.errors import ModelError, SPPError, UsageError
 from spp_cli.features import feature_pyramid
 from spp_cli.memory import PeriodicTrim, heap_for_scales
 from spp_cli.sources import Sources, resolve_sources
 
 
 def settings_for(backbone: str, weights: str | None, scales: str, max_side: int, dtype: str) -> CacheSettings:
-    spec = backbones.get_spec(backbone)
+    try:
+        spec = backbones.get_spec(backbone)
+    except ModelError as exc:  # an unknown --backbone: a bad option value
+        raise UsageError(str(exc)) from None
     return CacheSettings(
         backbone=spec.name,
         weights_sha256=backbones.weights_digest(spec, weights),

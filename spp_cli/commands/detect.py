@@ -352,7 +352,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
             journal.path.unlink(missing_ok=True)
         ui.print_bad(bad)
         if out is not None:
-            ui.console.print(f"Nothing written: no image could be read ({out} is unchanged).")
+            ui.console.print(f"Nothing written: no image could be read{f' ({out} is unchanged)' if out.exists() else ''}.")
         return 1
     if out is not None and work.shard.active:
         from spp_cli.merge import part_document

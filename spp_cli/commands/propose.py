@@ -28,14 +28,19 @@ from spp_cli.sources import Sources, resolve_sources
 
 def make_params(mode: str, strategy: str | None, max_side: int | None, top: int | None, min_size: int | None) -> ProposalParams:
     """Settings from the command line; unset options take the library defaults."""
+    if strategy is not None and mode != "fast":
+        raise UsageError("--mode and --strategy both choose the search: give one")
     defaults = ProposalParams()
     name = strategy or (DEFAULT_STRATEGY if mode == "fast" else "opencv-quality")
-    return ProposalParams(
-        strategy=name,
-        max_side=defaults.max_side if max_side is None else max_side,
-        top=defaults.top if top is None else top,
-        min_size=defaults.min_size if min_size is None else min_size,
-    )
+    try:
+        return ProposalParams(
+            strategy=name,
+            max_side=defaults.max_side if max_side is None else max_side,
+            top=defaults.top if top is None else top,
+            min_size=defaults.min_size if min_size is None else min_size,
+        )
+    except SPPError as exc:  # an unknown --strategy: a bad option value
+        raise UsageError(str(exc)) from None
 
 
 def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, min_size, workers: int, report: bool,
@@ -55,7 +60,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     from spp_cli.merge import part_document
 
     if report and not data:
-        raise SPPError("--report needs ground truth: use --data SPEC")
+        raise UsageError("--report needs ground truth: use --data SPEC")
     learned = None
     if method == "learned":
         if model_path is None:
@@ -121,7 +126,7 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
         # Every image failed: an earlier, good file stays as it was.
         journal_path(target).unlink(missing_ok=True)
         ui.print_bad(bad)
-        ui.console.print(f"Nothing written: no image could be read ({target} is unchanged).")
+        ui.console.print(f"Nothing written: no image could be read{f' ({target} is unchanged)' if target.exists() else ''}.")
         return 1
     document = proposals_document(params, ordered)
     if work.shard.active:

@@ -56,6 +56,11 @@ def _detect(spec: str) -> tuple[str, Path]:
         path = Path(rest)
         if not path.exists():
             raise DatasetError(f"{path}: no such file or folder")
+        if prefix in ("coco", "yolo") and path.is_dir():
+            wanted = "a COCO .json file" if prefix == "coco" else "a YOLO data.yaml file"
+            raise DatasetError(f"{path}: is a folder; {prefix}: takes {wanted}")
+        if prefix in ("voc", "xml") and not path.is_dir():
+            raise DatasetError(f"{path}: is a file; {prefix}: takes a dataset folder")
         return prefix, path
     path = Path(spec)
     if not path.exists():
