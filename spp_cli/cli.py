@@ -318,21 +318,24 @@ def cache_info(cache_dir, verify) -> None:
     metavar="X",
     help="Only draw detections with score >= X (SVM scores, not probabilities: typically -1.5..3).",
 )
-def draw(detections, images_root, out_dir, conf) -> None:
+@click.option("--min-prob", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None, metavar="P",
+              help="Only draw detections whose probability of being right is at least P (detections of a model from spp train; "
+                   "instead of --conf). Default: 0.5 where every detection has a probability (as spp detect shows them), else every detection.")
+def draw(detections, images_root, out_dir, conf, min_prob) -> None:
     """Draw the boxes of a detections file (from `spp detect`) on their images.
 
     Each box is outlined in its class colour (the same colour for a class in
-    every run) with a "class score" tag. Unreadable images are skipped,
-    listed at the end, and the exit code is 1.
+    every run) with a "class score" tag (its probability, where it has one).
+    Unreadable images are skipped, listed at the end, and the exit code is 1.
 
     \b
     Examples:
       spp draw dets.json --out annotated/
-      spp draw dets.json --images ../shared/data/raccoon/images --out annotated/ --conf 0.5
+      spp draw dets.json --images ../shared/data/raccoon/images --out annotated/ --min-prob 0.8
     """
     from spp_cli.commands.draw import run_draw
 
-    sys.exit(run_draw(detections, images_root, out_dir, conf))
+    sys.exit(run_draw(detections, images_root, out_dir, conf, min_prob))
 
 
 @cli.command()
@@ -360,7 +363,7 @@ def finetune(cache_dir, out, data, split, classes, epochs, lr, batch, fg_fractio
     \b
     Example:
       spp finetune --cache feats/ --data raccoon/ --split train --out head.safetensors
-      spp train-svm --cache feats/ --features fc7 --head head.safetensors --out model.safetensors
+      spp train-svm --cache feats/ --data raccoon/ --split train --features fc7 --head head.safetensors --out model.safetensors
     """
     from spp_cli.commands.finetune import run_finetune
 
@@ -439,9 +442,9 @@ def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_pa
 
     \b
     Examples:
-      spp train-svm --cache feats/ --out model.safetensors
-      spp cache backgrounds/ --cache feats/ && spp train-svm --cache feats/ --negatives backgrounds/ --out model.safetensors
-      spp train-svm --cache feats/ --out rcnn.safetensors --mode rcnn
+      spp train-svm --cache feats/ --data raccoon/ --split train --out model.safetensors
+      spp cache backgrounds/ --cache feats/ && spp train-svm --cache feats/ --data raccoon/ --split train --negatives backgrounds/ --out model.safetensors
+      spp train-svm --cache feats/ --data raccoon/ --split train --out rcnn.safetensors --mode rcnn
     """
     from spp_cli.commands.train_svm import run_train_svm
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFont
 
-from conftest import REPO, invoke, write_image
+from conftest import REPO, invoke, one_line, write_image
 from spp_cli import draw as draw_lib
 from spp_cli.draw import class_colour, draw_detections, line_width, text_colour
 
@@ -217,6 +217,34 @@ def test_draw_writes_one_image_per_entry_and_honours_conf(tmp_path, monkeypatch)
     result = invoke("draw", dets, "--out", out)
     assert result.exit_code == 0
     assert Image.open(out / "a.png").convert("RGB").getpixel((10, 80)) == class_colour("cat")
+
+
+def test_draw_shows_what_spp_detect_shows_of_a_calibrated_model_by_default(tmp_path):
+    # spp detect --data writes everything above -1.5 for spp eval; drawn, only probability >= 0.5 by default.
+    write_grey(tmp_path / "a.png")
+    sure, unsure = dict(det([40, 50, 160, 130], score=1.5), probability=0.9), dict(det([10, 20, 30, 140], "cat", score=-0.7, class_id=1), probability=0.2)
+    dets = write_detections(tmp_path / "dets.json", [entry(tmp_path / "a.png", [sure, unsure])])
+    out = tmp_path / "drawn"
+    for options, message, cat_drawn in [
+        ([], "the 1 detection(s) at probability >= 0.50 of 2", False),
+        (["--min-prob", "0.1"], "the 2 detection(s) at probability >= 0.10 of 2", True),
+        (["--conf", "0"], "the 1 detection(s) at score >= 0 of 2", False),
+    ]:
+        result = invoke("draw", dets, "--out", out, *options)
+        assert result.exit_code == 0, result.output
+        assert f"Wrote 1 annotated image(s) to {out}: {message}" in result.stderr
+        assert (Image.open(out / "a.png").convert("RGB").getpixel((10, 80)) == class_colour("cat")) == cat_drawn
+    result = invoke("draw", dets, "--out", out, "--conf", "0", "--min-prob", "0.5")
+    assert result.exit_code == 2
+    assert one_line(result) == "Error: --conf and --min-prob both set a threshold: give one"
+
+
+def test_draw_min_prob_needs_probabilities(tmp_path):
+    write_grey(tmp_path / "a.png")
+    dets = write_detections(tmp_path / "dets.json", [entry(tmp_path / "a.png", [det([40, 50, 160, 130])])])
+    result = invoke("draw", dets, "--out", tmp_path / "drawn", "--min-prob", "0.5")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {dets}: not every detection has a probability (a model without calibration); use --conf"
 
 
 def test_draw_resolves_relative_paths_under_images_root(tmp_path):

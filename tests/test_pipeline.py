@@ -616,6 +616,23 @@ def test_a_detector_carries_its_proposal_network_and_detect_uses_it(pipeline, ca
     assert "proposal network" not in result.stderr
 
 
+def test_propose_learned_takes_a_detector_that_carries_its_proposal_network(pipeline, carrying, tmp_path):
+    assert carrying.train.exit_code == 0, carrying.train.output
+    boxes = {}
+    for name, model in (("alone", carrying.props_model), ("carried", carrying.model)):
+        out = tmp_path / f"{name}.json"
+        result = invoke("propose", "--data", pipeline.data, "--split", "train", "--method", "learned", "--model", model,
+                        "--cache", pipeline.cache, "--out", out)
+        assert result.exit_code == 0, result.output
+        boxes[name] = [im["boxes"] for im in json.loads(out.read_text())["images"]]
+    assert boxes["carried"] == boxes["alone"]  # the network the detector carries is the one it was trained with
+    result = invoke("propose", "--data", pipeline.data, "--split", "train", "--method", "learned", "--model", pipeline.model,
+                    "--cache", pipeline.cache, "--out", tmp_path / "none.json")
+    assert result.exit_code == 1
+    assert one_line(result) == (f"Error: {pipeline.model}: a detector that carries no proposal network; give a proposal model from "
+                                "`spp train-proposals`, or a detector from `spp train` that proposes with one")
+
+
 def test_learned_proposals_need_a_model_that_carries_them(pipeline, carrying, tmp_path):
     result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", pipeline.model, "--proposals", "learned")
     assert result.exit_code == 1

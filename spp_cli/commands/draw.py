@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -11,8 +12,9 @@ from PIL import Image
 from spp_cli import ui
 from spp_cli.detections import DetectionsImage, read_detections
 from spp_cli.draw import draw_detections
-from spp_cli.errors import ImageError, SPPError
+from spp_cli.errors import ImageError, SPPError, UsageError
 from spp_cli.fileio import atomic_write_bytes, check_not_input
+from spp_cli.calibration import DISPLAY_PROBABILITY
 from spp_cli.images import load_image
 
 
@@ -57,8 +59,17 @@ def encode(image: Image.Image, suffix: str) -> bytes:
     return buf.getvalue()
 
 
-def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, conf: float | None) -> int:
+def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, conf: float | None, min_prob: float | None = None) -> int:
+    if conf is not None and min_prob is not None:
+        raise UsageError("--conf and --min-prob both set a threshold: give one")
     doc = read_detections(detections_file)
+    every = [d for entry in doc.images for d in entry.detections]
+    calibrated = bool(every) and all(d.get("probability") is not None for d in every)
+    if min_prob is not None and not calibrated:
+        raise SPPError(f"{detections_file}: not every detection has a probability (a model without calibration); use --conf")
+    if conf is None and min_prob is None and calibrated:
+        min_prob = DISPLAY_PROBABILITY  # what spp detect shows of a model from spp train
+    shown = _threshold(conf, min_prob)
     if images_root is not None and not images_root.is_dir():
         raise SPPError(f"{images_root}: no such folder (--images)")
     sources = [image_path(entry.path, images_root) for entry in doc.images]
@@ -67,7 +78,7 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
     check_not_input(outs, sources + [detections_file])
 
     bad: list[tuple[Path | str, str]] = []
-    written = 0
+    written = drawn = 0
     start = time.perf_counter()
     with ui.progress() as bar:
         task_id = bar.add_task("draw", total=len(doc.images), rate="")
@@ -78,14 +89,27 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
                 bad.append((src, str(exc)))
             else:
                 warnings.extend(_size_warning(entry, src, image))
-                atomic_write_bytes(out, encode(draw_detections(image, entry.detections, conf), out.suffix))
+                kept = [d for d in entry.detections if shown(d)]
+                atomic_write_bytes(out, encode(draw_detections(image, kept), out.suffix))
                 written += 1
+                drawn += len(kept)
             bar.update(task_id, advance=1, rate=f"{done / (time.perf_counter() - start):.1f} img/s")
 
     ui.print_warnings(warnings)
-    ui.console.print(f"Wrote {written} annotated image(s) to {out_dir}")
+    which = ("every detection" if conf is None and min_prob is None
+             else f"the {drawn} detection(s) at {f'score >= {conf:g}' if conf is not None else f'probability >= {min_prob:.2f}'}")
+    ui.console.print(f"Wrote {written} annotated image(s) to {out_dir}: {which} of {len(every)}")
     ui.print_bad(bad)
     return 1 if bad else 0
+
+
+def _threshold(conf: float | None, min_prob: float | None) -> Callable[[dict], bool]:
+    """Whether a detection is drawn: its score at least ``conf``, its probability at least ``min_prob``, or any."""
+    if conf is not None:
+        return lambda det: det["score"] >= conf
+    if min_prob is not None:
+        return lambda det: det["probability"] >= min_prob
+    return lambda det: True
 
 
 def _size_warning(entry: DetectionsImage, src: Path, image: Image.Image) -> list[str]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from spp_cli import ui
 from spp_cli.data.registry import dataset_files
-from spp_cli.errors import SPPError, UsageError
+from spp_cli.errors import ModelError, SPPError, UsageError
 from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_stamp
 from spp_cli.journal import Journaled, journal_path, load_journal, open_journal
 from spp_cli.proposals import (
@@ -161,9 +161,19 @@ class LearnedProposer:
         from spp_cli import backbones
         from spp_cli.cache import FeatureCache
         from spp_cli.fileio import file_sha256
+        from spp_cli.fileio import read_safetensors
+        from spp_cli.model import MODEL_FORMAT, Detector
         from spp_cli.rpn import ProposalModel
 
-        self.model = ProposalModel.load(model_path)
+        meta, _ = read_safetensors(model_path, "proposal model", ModelError, tensors=False)
+        if isinstance(meta, dict) and meta.get("format") == MODEL_FORMAT:
+            # A detector from `spp train` carries the proposal network it detects with: propose with it.
+            self.model = Detector.load(model_path).proposal_model
+            if self.model is None:
+                raise ModelError(f"{model_path}: a detector that carries no proposal network; give a proposal model "
+                                 "from `spp train-proposals`, or a detector from `spp train` that proposes with one")
+        else:
+            self.model = ProposalModel.load(model_path)
         self.model_path = model_path
         self.device = backbones.select_device(gpu)
         self.cache = FeatureCache.open(cache_dir) if cache_dir is not None else None
