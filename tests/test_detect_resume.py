@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO, invoke
 
 import spp_cli.api
-import spp_cli.draw
+import spp_cli.commands.detect
 from spp_cli.errors import SPPError
 from spp_cli.journal import load_journal, open_journal
 
@@ -117,14 +117,13 @@ def test_resumed_images_take_this_runs_ids_and_coco_ids(tmp_path, photos, monkey
 
 def test_an_interrupt_while_drawing_keeps_the_journal(tmp_path, photos, monkeypatch):
     out, drawn = tmp_path / "dets.json", tmp_path / "drawn"
-    real = spp_cli.draw.draw_detections
 
     def stopped(*args, **kwargs):
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt  # as Ctrl-C while --save-dir's images are drawn, after the files are written
 
-    monkeypatch.setattr(spp_cli.draw, "draw_detections", stopped)
-    assert detect(photos, out, "--save-dir", drawn).exit_code == 130
-    monkeypatch.setattr(spp_cli.draw, "draw_detections", real)
+    with monkeypatch.context() as patch:
+        patch.setattr(spp_cli.commands.detect, "_save_drawings", stopped)
+        assert detect(photos, out, "--save-dir", drawn).exit_code == 130
     calls = interrupt_after(monkeypatch, 99)
     result = detect(photos, out, "--save-dir", drawn)
     assert result.exit_code == 0
