@@ -105,6 +105,19 @@ def test_propose_resumes_from_partial_journal(tmp_path):
     assert not journal.exists()
 
 
+def test_propose_resume_names_images_as_this_runs_inputs_do(tmp_path):
+    # A journal line keeps its boxes; the image id in props.json is the one this run's inputs give it.
+    out, full = propose_three_images(tmp_path)
+    journal = tmp_path / "p.json.partial"
+    first = dict(full["images"][0], id="a-stale-id", seconds=0.1)
+    journal.write_text(json.dumps({"params": full["params"]}) + "\n" + json.dumps(first) + "\n")
+    out.unlink()
+    result = invoke("propose", tmp_path / "imgs", "--out", out, "--workers", "1")
+    assert result.exit_code == 0
+    assert "Resuming: 1 of 3 images already done." in result.stderr
+    assert json.loads(out.read_text())["images"] == full["images"]
+
+
 def test_propose_resume_searches_again_an_image_replaced_since_the_journal(tmp_path, monkeypatch):
     # A run interrupted after two images; then image 0 is replaced by image 2's bytes, as
     # `cp -p` does it (an mtime older than the journal's): its journaled boxes are not reused.

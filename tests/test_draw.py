@@ -213,9 +213,10 @@ def test_draw_writes_one_image_per_entry_and_honours_conf(tmp_path, monkeypatch)
     b = Image.open(out / "b.jpg")
     assert b.format == "JPEG" and b.size == (200, 150)
 
-    # Without --conf every detection is drawn, the negative one included.
+    # Without --conf every detection is drawn, the negative one included (these have no probabilities).
     result = invoke("draw", dets, "--out", out)
     assert result.exit_code == 0
+    assert f"Wrote 2 annotated image(s) to {out}: all 3 detection(s)" in result.stderr
     assert Image.open(out / "a.png").convert("RGB").getpixel((10, 80)) == class_colour("cat")
 
 

@@ -64,7 +64,7 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
         raise UsageError("--conf and --min-prob both set a threshold: give one")
     doc = read_detections(detections_file)
     every = [d for entry in doc.images for d in entry.detections]
-    calibrated = bool(every) and all(d.get("probability") is not None for d in every)
+    calibrated = all(d.get("probability") is not None for d in every)  # (a file without detections: nothing to draw either way)
     if min_prob is not None and not calibrated:
         raise SPPError(f"{detections_file}: not every detection has a probability (a model without calibration); use --conf")
     if conf is None and min_prob is None and calibrated:
@@ -96,9 +96,9 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
             bar.update(task_id, advance=1, rate=f"{done / (time.perf_counter() - start):.1f} img/s")
 
     ui.print_warnings(warnings)
-    which = ("every detection" if conf is None and min_prob is None
-             else f"the {drawn} detection(s) at {f'score >= {conf:g}' if conf is not None else f'probability >= {min_prob:.2f}'}")
-    ui.console.print(f"Wrote {written} annotated image(s) to {out_dir}: {which} of {len(every)}")
+    which = (f"all {drawn} detection(s)" if conf is None and min_prob is None
+             else f"the {drawn} detection(s) at {f'score >= {conf:g}' if conf is not None else f'probability >= {min_prob:.2f}'} of {len(every)}")
+    ui.console.print(f"Wrote {written} annotated image(s) to {out_dir}: {which}")
     ui.print_bad(bad)
     return 1 if bad else 0
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +121,8 @@ def run_propose(inputs, data, split, out: Path, mode, strategy, max_side, top, m
     wall = time.perf_counter() - start
 
     kept = [(order, s) for order, s in zip(work.orders, items) if str(s.path) in results]
-    ordered = [results[str(s.path)] for _, s in kept]
+    # Boxes journaled, reused or handed over keep this run's image ids (its inputs name them).
+    ordered = [replace(results[str(s.path)], image_id=s.image_id) for _, s in kept]
     if not ordered and bad and not work.shard.active:
         # Every image failed: an earlier, good file stays as it was.
         journal_path(target).unlink(missing_ok=True)
