@@ -536,6 +536,10 @@ def detect(inputs, data, split, model_path, cache_dir, props, proposals, conf, m
     `train-svm --mode rcnn` runs the network on every warped window instead
     (the R-CNN baseline); its "conv" time is that network time.
 
+    With --out, each finished image is journaled beside it (<out>.partial):
+    interrupted, the same command resumes, keeping the images not modified
+    since.
+
     \b
     Examples:
       spp detect examples/raccoon.jpg --save-dir runs/ --out dets.json
