@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spp_cli.errors import ModelError
+from spp_cli.errors import ModelError, UsageError
 from spp_cli.fileio import file_sha256
 from spp_cli.spp import Alignment
 
@@ -421,6 +421,15 @@ def get_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise ModelError(f"unknown backbone '{name}' (valid: {', '.join(BACKBONES)})")
     return BACKBONES[name]
+
+
+def option_spec(name: str) -> BackboneSpec:
+    """``--backbone NAME``'s registry entry: an unknown name is a bad option value (a UsageError,
+    exit code 2), where one read from a model or cache file is a ModelError."""
+    try:
+        return get_spec(name)
+    except ModelError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _load_state_dict(path: Path) -> dict:

@@ -21,17 +21,14 @@ from spp_cli.cache import (
     proposals_digest,
 )
 from spp_cli.config import parse_scales
-from spp_cli.errors import ModelError, SPPError, UsageError
+from spp_cli.errors import SPPError, UsageError
 from spp_cli.features import feature_pyramid
 from spp_cli.memory import PeriodicTrim, heap_for_scales
 from spp_cli.sources import Sources, resolve_sources
 
 
 def settings_for(backbone: str, weights: str | None, scales: str, max_side: int, dtype: str) -> CacheSettings:
-    try:
-        spec = backbones.get_spec(backbone)
-    except ModelError as exc:  # an unknown --backbone: a bad option value
-        raise UsageError(str(exc)) from None
+    spec = backbones.option_spec(backbone)
     return CacheSettings(
         backbone=spec.name,
         weights_sha256=backbones.weights_digest(spec, weights),

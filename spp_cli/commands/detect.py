@@ -69,7 +69,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
             shard_of_job = resolve_shard(shard)
             target = shard_of_job.part_path(out) if shard_of_job.active else out
             journal = Journal(journal_path(target), settings, _load_detected(journal_path(target), settings))
-    finished = journal.finished.entries if journal is not None else {}
+    finished = journal.finished.entries if journal is not None else None
     # Selective search of the first images starts before torch loads (spp_cli.prefetch).
     ahead, resolved = _start_prefetch(inputs, data, split, shard, model_path, cache_dir, props, proposals, finished) if prefetch else (None, None)
     try:
@@ -88,7 +88,7 @@ def _journal_settings(model_path: Path, cache_dir: Path | None, props: Path | No
     try:
         model_sha256 = file_sha256(model_path)
         props_file = None if props is None else {"path": str(Path(props).resolve()), "file": file_stamp(props)}
-    except (OSError, ValueError):  # ValueError: a NUL character in the path
+    except OSError:
         return None
     return {
         "model_sha256": model_sha256, "props": props_file, "cache": None if cache_dir is None else str(Path(cache_dir).resolve()),
@@ -133,8 +133,9 @@ def _journal_open(journal: Journal | None, resumed: bool):
 
 
 def _start_prefetch(inputs, data, split, shard, model_path: Path, cache_dir: Path | None, props: Path | None, proposals: str | None,
-                    finished: dict):
-    """A :class:`~spp_cli.prefetch.ProposalPrefetch` of the job's images (less the ``finished`` ones),
+                    finished: dict | None):
+    """A :class:`~spp_cli.prefetch.ProposalPrefetch` of the job's images (less the ``finished`` ones
+    of a journaled run; ``None``: no journal, so no file stamps either),
     and their sources and share, where every image takes selective search computed here (no cache,
     no props.json, no proposal network) and a second core is free; else ``(None, None)``. Reads the
     model's header only: `Detector.load` checks the rest."""
@@ -155,8 +156,9 @@ def _start_prefetch(inputs, data, split, shard, model_path: Path, cache_dir: Pat
         work = parts.share(sources, shard)
     except (SPPError, TypeError):  # TypeError: unknown proposal settings in a damaged header
         return None, None  # said properly, in order, by the run itself
-    todo = [source.path for source in work.items if str(source.path) not in finished]
-    stamps = {str(path): file_stamp(path) for path in todo}  # before the first is read: see _run_detect
+    todo = [source.path for source in work.items if str(source.path) not in (finished or {})]
+    # The stamps a journal records, taken before the search thread reads the first image (_run_detect).
+    stamps = None if finished is None else {str(path): file_stamp(path) for path in todo}
     return ProposalPrefetch(todo, params, lambda path: load_image(path, warn=ui.warn)), (sources, work, stamps)
 
 

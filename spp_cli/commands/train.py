@@ -12,15 +12,11 @@ def run_train_command(data: str, split: str, out: Path, val_split: str | None, v
                       refit: bool = False, proposals: str = "auto", positive_iou: float = 0.7) -> int:
     from rich.table import Table
 
-    from spp_cli.backbones import get_spec
+    from spp_cli.backbones import option_spec
     from spp_cli.config import DetectConfig, parse_scales
-    from spp_cli.errors import ModelError, UsageError
     from spp_cli.pipeline import TrainPlan, run_train
 
-    try:
-        get_spec(backbone)
-    except ModelError as exc:  # an unknown --backbone: a bad option value, said before any work
-        raise UsageError(str(exc)) from None
+    option_spec(backbone)  # an unknown --backbone is said before any work
     for alternative in [] if scales == "auto" else scales.split("/"):
         parse_scales(alternative)  # a bad --scales is said before any work, the dataset's problems included
     plan = TrainPlan(data=data, split=split, val_split=val_split, val_fraction=val_fraction, scales=scales,
