@@ -110,7 +110,10 @@ def interrupted_message(command: str | None) -> str:
         return "Interrupted. Finished work is kept; run the same command again to resume."
     if command == "detect":
         return "Interrupted. The images finished are kept beside --out; run the same command again to resume (without --out, nothing was written)."
-    if command in ("train-svm", "eval", "merge"):
+    if command == "train-svm":
+        return ("Interrupted. Hard-negative mining is saved beside --out once a minute; run the same command again to "
+                "resume from the last save (a run stopped in its first minute starts over).")
+    if command in ("eval", "merge"):
         # Their files are written (atomically) once all the work is done, so a stop before
         # that leaves an earlier --out as it was, and a rerun does everything again.
         return f"Interrupted. `spp {command}` does not resume: its output is written only when it finishes; run the same command again to start over."

@@ -8,20 +8,41 @@ half-written file where a good one was.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
 import re
+import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    import numpy as np
 
 from spp_cli.errors import SPPError
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, creating parent folders."""
+def atomic_write_bytes(path: str | Path, data: bytes, sole_writer: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically, creating parent folders (``sole_writer``: see
+    :func:`atomic_write_with`)."""
+    atomic_write_with(path, lambda file: file.write(data), sole_writer)
+
+
+def atomic_write_with(path: str | Path, write: Callable[[BinaryIO], object], sole_writer: bool = False) -> None:
+    """Call ``write`` with a binary file that replaces ``path`` atomically once it returns
+    (creating parent folders); an exception or interrupt in ``write`` leaves ``path`` as it was.
+
+    ``sole_writer``: no other process writes ``path`` (a model, a checkpoint), so temporary
+    files of earlier writes of it are a killed run's (SIGKILL leaves them; a checkpoint's can
+    be GBs) and are removed first. Files that several processes may write (a shared cache's
+    entries) keep theirs."""
     path = Path(path)
+    if sole_writer:
+        remove_stale_writes(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -29,7 +50,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise SPPError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates 0600; give the file the mode open() would (0666 - umask).
@@ -41,6 +62,63 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if isinstance(exc, OSError):
             raise SPPError(f"{path}: cannot write ({exc.strerror or exc})") from None
         raise
+
+
+def remove_stale_writes(path: str | Path) -> None:
+    """Remove the temporary files that interrupted atomic writes of ``path`` left beside it."""
+    path = Path(path)
+    with contextlib.suppress(OSError):  # a folder that cannot be listed: the write itself will say why
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            with contextlib.suppress(OSError):  # gone already, or not ours to remove: the write goes on
+                stale.unlink()
+
+
+@dataclass(frozen=True)
+class StreamedTensor:
+    """A tensor written block by block (rows along its first axis): ``blocks()`` yields
+    arrays of ``dtype`` whose rows add up to ``shape``. For state too large to copy into
+    one array beside itself (the SVMs' store of hard negatives: GBs with many classes)."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    blocks: Callable[[], Iterable[np.ndarray]]
+
+
+_SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32", "float64": "F64", "int64": "I64", "int32": "I32", "uint8": "U8"}
+
+
+def atomic_write_safetensors(path: str | Path, tensors: dict[str, np.ndarray | StreamedTensor], metadata: dict[str, str],
+                             sole_writer: bool = False) -> None:
+    """Write ``tensors`` as a safetensors file, atomically, without an in-memory copy of the
+    file: the format is a little-endian u64 header length, the JSON header (each tensor's
+    dtype, shape and byte range) and the tensors' bytes back to back, which
+    ``safetensors.safe_open`` reads (memory-mapped)."""
+    import numpy as np
+
+    specs = {name: t if isinstance(t, StreamedTensor) else StreamedTensor(t.dtype, t.shape, lambda t=t: [t])
+             for name, t in tensors.items()}
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for name, spec in specs.items():
+        size = int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[np.dtype(spec.dtype).name], "shape": list(spec.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the tensors start 8-byte aligned, as safetensors writes them
+
+    def write(file) -> None:
+        file.write(struct.pack("<Q", len(text)) + text)
+        for name, spec in specs.items():
+            written = 0
+            for block in spec.blocks():
+                block = np.ascontiguousarray(block, dtype=spec.dtype)
+                file.write(block.data)
+                written += block.nbytes
+            begin, end = header[name]["data_offsets"]  # type: ignore[index]
+            if written != end - begin:  # the header would misplace every later tensor
+                raise ValueError(f"{name}: {written} bytes written, {end - begin} declared")
+
+    atomic_write_with(path, write, sole_writer)
 
 
 def read_safetensors(path: str | Path, what: str, error: type[SPPError] = SPPError, tensors: bool = True, remedy: str = ""):

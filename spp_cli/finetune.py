@@ -416,7 +416,7 @@ def write_checkpoint(path: Path, identity: str, state, network: torch.nn.Module,
         for name, value in slots.items():
             tensors[f"opt.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
     meta = {"format": kind, "identity": identity, "state": asdict(state), "param_groups": opt["param_groups"]}
-    atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}))
+    atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}), sole_writer=True)
 
 
 def check_checkpoint(path: Path, identity: str, kind: str = CHECKPOINT_FORMAT, what: str = "fine-tuning checkpoint") -> None:

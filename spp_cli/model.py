@@ -173,7 +173,7 @@ class Detector:
             meta["calibration"] = self.calibration.to_json()
         if self.proposal_model is not None:  # absent without one, as for the calibration
             meta["proposal_model"] = self.proposal_model.metadata()
-        atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}))
+        atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}), sole_writer=True)
 
     @classmethod
     def load(cls, path: str | Path) -> "Detector":

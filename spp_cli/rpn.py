@@ -240,7 +240,7 @@ class ProposalModel:
 
         tensors = self.tensors()
         meta = {"format": PROPOSAL_FORMAT, "version": PROPOSAL_VERSION, **self.metadata(), "digest": tensor_digest(tensors)}
-        atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}))
+        atomic_write_bytes(path, save(tensors, metadata={"spp": json.dumps(meta)}), sole_writer=True)
 
     @classmethod
     def from_parts(cls, meta: dict, tensors: dict[str, torch.Tensor], source: str, prefix: str = "") -> "ProposalModel":

@@ -34,6 +34,7 @@ import torch
 
 from spp_cli import boxes as box_ops
 from spp_cli.config import SVMConfig
+from spp_cli.fileio import StreamedTensor
 
 
 @dataclass
@@ -506,6 +507,46 @@ class HardNegativeMiner:
                 self._retrain(name)
         w, b = self._weights()
         return LinearSVMs(self.classes, w, b, feature_scale)
+
+    def export_state(self) -> tuple[dict[str, np.ndarray | StreamedTensor], list[dict]]:
+        """The state mining has built (not the positives: they come before mining, from the
+        same cache): tensors for :func:`~spp_cli.fileio.atomic_write_safetensors` (the store's
+        rows each class still holds, streamed from the store, and per class ``k`` its rows'
+        numbers ``negatives.k``, model ``weight.k`` and solver ``scores.k``) and per class
+        its bias and counters. :meth:`import_state` takes them back; the rows keep their order,
+        so the retrains that follow solve the same problems as they would have without the stop."""
+        holders = [self.state[name].negatives for name in self.classes]
+        live = np.unique(np.concatenate(holders)) if holders else np.zeros(0, np.int64)
+        tensors: dict[str, np.ndarray | StreamedTensor] = {
+            "store": StreamedTensor(np.dtype(np.float16), (len(live), self.dim), lambda: self.store.blocks(live, 4096)),
+        }
+        counters = []
+        for k, name in enumerate(self.classes):
+            st = self.state[name]
+            tensors[f"negatives.{k}"] = np.searchsorted(live, st.negatives).astype(np.int64)
+            if st.weight is not None:
+                tensors[f"weight.{k}"] = st.weight
+            if st.scores is not None:
+                tensors[f"scores.{k}"] = st.scores
+            counters.append({"bias": st.bias, "retrains": st.retrains, "new_since_retrain": st.new_since_retrain})
+        return tensors, counters
+
+    def import_state(self, read: Callable[[str], np.ndarray | None], store_rows: Iterable[np.ndarray], counters: list[dict]) -> None:
+        """Take back what :meth:`export_state` gave, into a miner that holds its positives
+        and nothing mined yet: ``read(name)`` gives a tensor (None where it was not written),
+        ``store_rows`` the store's rows in blocks."""
+        for rows in store_rows:
+            self.store.add(rows)
+        for k, name in enumerate(self.classes):
+            st = self.state[name]
+            st.negatives = read(f"negatives.{k}")
+            st.weight, st.scores = read(f"weight.{k}"), read(f"scores.{k}")
+            st.bias, st.retrains, st.new_since_retrain = counters[k]["bias"], counters[k]["retrains"], counters[k]["new_since_retrain"]
+
+    def forget_mining(self) -> None:
+        """Back to the state before mining: the positives only."""
+        self.store = NegativeStore(self.dim, spill=self.store.spill, memory_rows=self.store.memory_rows)
+        self.state = {name: _ClassState(positives=self.state[name].positives) for name in self.classes}
 
     def untrained(self) -> list[str]:
         """Classes without positives (no classifier can be trained)."""

@@ -8,8 +8,11 @@ Shape letters: R windows, N ground truths, D feature length, K classes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,6 +25,7 @@ from spp_cli.bbox_reg import BoxRegressors, IoURegressors, encode, fit_ridge
 from spp_cli.cache import CacheEntry, FeatureCache
 from spp_cli.config import BBoxRegConfig, DetectConfig, SVMConfig
 from spp_cli.errors import DatasetError, ModelError
+from spp_cli.fileio import StreamedTensor, atomic_write_safetensors, remove_stale_writes
 from spp_cli.head import Head
 from spp_cli.model import Detector
 from spp_cli.spp import DEFAULT_LEVELS, output_dim
@@ -151,6 +155,99 @@ def negative_keys(cache: FeatureCache, paths: list) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
+# How often hard-negative mining's state is written (at least): a run shorter than this
+# writes nothing. Each write also waits until it would take at most a tenth of the time
+# since the last one (the state reaches GBs with many classes: coco128's 3 GB store takes
+# ~50 s to reach the disk of a VM that writes 63 MB/s with fsync), so writing costs at most
+# a tenth of the training time and a kill loses at most ~ten times a write.
+MINING_CHECKPOINT_SECONDS = 60.0
+MINING_CHECKPOINT_SHARE = 0.1
+ASSUMED_WRITE_BYTES_PER_S = 100e6  # until a first write measures the disk
+
+
+class MiningCheckpoint:
+    """The mining epoch's state in one safetensors file, so that a stopped `spp train-svm`
+    (Ctrl-C, SIGTERM, SIGKILL, a lost node) resumes after the last image it saved.
+
+    The file holds the miner's state (:meth:`HardNegativeMiner.export_state`: the hard
+    negatives each class holds, its model and solver scores), box regression's and the
+    localisation term's samples so far, the number of images of the mining order done, and
+    a fingerprint of everything that decides the result (settings, classes, the images in
+    order, the feature scales measured on the cache). The positives are not in it: they
+    are computed again from the cache before mining, as in any run. A file whose
+    fingerprint differs (other settings or images, or a changed cache) is not used.
+    """
+
+    def __init__(self, path: Path, fingerprint: dict, seconds: float):
+        self.path, self.fingerprint, self.seconds = Path(path), fingerprint, seconds
+        self.cursor = 0  # images of the mining order whose work the miner holds
+        self.last = time.perf_counter()
+        self.bytes_per_s = ASSUMED_WRITE_BYTES_PER_S
+
+    def load(self, miner: HardNegativeMiner, samples: dict[str, dict[str, list[np.ndarray]]], log: Callable[[str], None]) -> int:
+        """Restore a matching checkpoint into ``miner`` (holding its positives only) and
+        ``samples`` (empty); the images done (0 where there is none to take)."""
+        remove_stale_writes(self.path)  # a write cut by a kill, GBs perhaps: before this run's mining
+        if not self.path.exists():
+            return 0
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.path), framework="numpy") as file:
+                meta = json.loads((file.metadata() or {}).get("spp", "null"))
+                if not isinstance(meta, dict) or meta.get("fingerprint") != json.loads(json.dumps(self.fingerprint)):
+                    log(f"warning: {self.path}: left by a run with other settings, images or cache; hard-negative mining starts over")
+                    return 0
+                names = set(file.keys())
+
+                def read(name: str) -> np.ndarray | None:
+                    return file.get_tensor(name) if name in names else None
+
+                store = file.get_slice("store")
+                rows = store.get_shape()[0]
+                miner.import_state(read, (store[at : min(at + 4096, rows)] for at in range(0, rows, 4096)), meta["classes"])
+                for kind, per_class in samples.items():
+                    for k, name in enumerate(miner.classes):
+                        block = read(f"{kind}.{k}")
+                        per_class[name] = [block] if block is not None else []
+        except Exception as exc:  # a file cut short by a full disk, or not safetensors: mining starts over
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            log(f"warning: {self.path}: not a readable checkpoint ({reason}); hard-negative mining starts over")
+            miner.forget_mining()  # whatever was taken before the problem
+            for per_class in samples.values():
+                for name in per_class:
+                    per_class[name] = []
+            return 0
+        self.cursor = int(meta["cursor"])
+        return self.cursor
+
+    def maybe_save(self, done: int, miner: HardNegativeMiner, samples: dict[str, dict[str, list[np.ndarray]]]) -> None:
+        """Write the state after ``done`` images once ``seconds`` have passed since the last
+        write and the write would take at most ``MINING_CHECKPOINT_SHARE`` of that time
+        (``seconds`` 0: after every image, whatever it costs)."""
+        since = time.perf_counter() - self.last
+        if since < self.seconds:
+            return
+        if self.seconds > 0:
+            # An upper bound of the bytes, without a pass over the rows: the store holds rows no class
+            # keeps any more until it compacts (at most as many as the live ones).
+            size = 2 * miner.store.count * miner.dim + sum(block.nbytes for per_class in samples.values() for blocks in per_class.values() for block in blocks)
+            if size / self.bytes_per_s > MINING_CHECKPOINT_SHARE * since:
+                return
+        began = time.perf_counter()
+        tensors, counters = miner.export_state()
+        for kind, per_class in samples.items():
+            for k, name in enumerate(miner.classes):
+                blocks = per_class[name]
+                if blocks:
+                    shape = (sum(len(b) for b in blocks), *blocks[0].shape[1:])
+                    tensors[f"{kind}.{k}"] = StreamedTensor(blocks[0].dtype, shape, lambda blocks=blocks: blocks)
+        meta = {"fingerprint": self.fingerprint, "cursor": done, "classes": counters}
+        atomic_write_safetensors(self.path, tensors, {"spp": json.dumps(meta)}, sole_writer=True)
+        self.last = time.perf_counter()
+        self.bytes_per_s = self.path.stat().st_size / max(self.last - began, 1e-3)
+
+
 def check_head(head: Head, cache: FeatureCache, levels: tuple[int, ...] = DEFAULT_LEVELS) -> None:
     """Refuse a head fine-tuned on other features than ``cache`` holds.
 
@@ -177,6 +274,9 @@ def train_detector(
     log: Callable[[str], None] = lambda _: None,
     featurizer=None,
     head: Head | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_key: dict | None = None,
+    checkpoint_seconds: float = MINING_CHECKPOINT_SECONDS,
 ) -> Detector:
     """Train SVMs (and box regressors) on cached features.
 
@@ -186,6 +286,12 @@ def train_detector(
     :class:`~spp_cli.windows.SPPFeaturizer`, SPP pooling of the cached maps;
     :class:`~spp_cli.rcnn.RCNNFeaturizer` for R-CNN's warped windows). Its
     ``mode`` is recorded in the model, so detection computes features the same way.
+
+    With ``checkpoint`` (a file path), the mining epoch's state is written there every
+    ``checkpoint_seconds`` or more (0: after every image; see :class:`MiningCheckpoint`), and a run of the same
+    settings and images picks up from it: the same detector as a run without the stop.
+    ``checkpoint_key``: what else decides the result that the cache does not name (the
+    files of a head or a proposal model, by their hashes); a checkpoint is taken only where it matches.
 
     Raises:
         ModelError: ``head`` was fine-tuned on other features than the cache's.
@@ -259,7 +365,23 @@ def train_detector(
     mined = list(data.keys) + [k for k in data.negative_keys if k not in set(data.keys)]
     background = set(mined[len(data.keys):])
     order = rng.permutation(len(mined))
+    samples = {"reg_feats": reg_feats, "reg_deltas": reg_deltas, "iou_feats": iou_feats, "iou_targets": iou_targets}
+    saver = None
+    if checkpoint is not None:
+        fingerprint = {
+            "svm": asdict(svm_config), "bbox_regression": asdict(bbox_config) if bbox_config else None, "levels": list(levels),
+            "classes": list(data.classes), "features": settings.describe(), "mode": featurizer.mode, "dim": dim,
+            "scale": scale, "pool5_scale": pool5_scale,
+            "images": hashlib.sha256(json.dumps(mined).encode()).hexdigest(),  # the mining order's images, in the cache's order
+            **(checkpoint_key or {}),
+        }
+        saver = MiningCheckpoint(checkpoint, fingerprint, checkpoint_seconds)
+        resumed = saver.load(miner, samples, log)
+        if resumed:
+            log(f"resuming hard-negative mining after {resumed} of {len(order)} images ({checkpoint})")
     for n, i in enumerate(order, 1):
+        if saver is not None and n <= saver.cursor:
+            continue
         entry = cache.read(mined[i])
         windows = entry.proposals[featurizer.distinct(entry, entry.proposals)]
         pool5 = featurizer.features(entry, windows)
@@ -279,6 +401,8 @@ def train_detector(
         feats = pool5.mul_(scale) if head is None else classifier_input(pool5) * scale
         miner.add_image(feats, candidates)
         progress("mining", n, len(order))
+        if saver is not None:
+            saver.maybe_save(n, miner, samples)
     svms = miner.finish(scale)
     # A class without positives has no classifier: it must not be in the
     # model at all (a zero weight vector would score 0 on every window).

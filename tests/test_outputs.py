@@ -115,6 +115,20 @@ def test_out_under_a_file_is_one_line(tmp_path):
     assert one_line(result) == f"Error: {out}: {image} is a file, not a folder"
 
 
+def test_a_sole_writers_write_removes_what_a_killed_write_left(tmp_path):
+    from spp_cli.fileio import atomic_write_bytes
+
+    model = tmp_path / "model.safetensors"
+    left = tmp_path / ".model.safetensors.k3x9.tmp"  # SIGKILL in a write leaves the temporary file
+    other = tmp_path / ".other.safetensors.k3x9.tmp"
+    left.write_bytes(b"half")
+    other.write_bytes(b"half")
+    atomic_write_bytes(model, b"new")
+    assert left.exists()  # files several processes may write keep theirs
+    atomic_write_bytes(model, b"newer", sole_writer=True)
+    assert model.read_bytes() == b"newer" and not left.exists() and other.exists()
+
+
 @pytest.mark.parametrize("journal", [b"[1]\n", b"\xff\xfe binary", None])
 def test_propose_starts_afresh_over_a_journal_it_cannot_use(tmp_path, journal):
     image = write_image(tmp_path / "photo.jpg", 80, 60)

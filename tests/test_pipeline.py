@@ -886,3 +886,116 @@ def test_the_objectness_weight_adds_its_share_of_each_windows_log_objectness_to_
     # No logits (proposals from elsewhere) or no weight: the SVM scores alone.
     assert scores(config=replace(config, objectness_weight=0.5)) == plain
     assert scores(config=config, objectness=logits) == plain
+
+
+# ---------------------------------------------------------------- mining checkpoints
+
+
+class _StopAtImage(Exception):
+    pass
+
+
+def _train_stopping(data, config, checkpoint, stop_at=None, log=None):
+    """train_detector with a checkpoint written after every image; ``stop_at``: interrupt
+    (as Ctrl-C does) once that many images of the mining epoch are done."""
+    from spp_cli import train
+
+    def progress(stage, done, total):
+        if stage == "mining" and done == stop_at:
+            raise KeyboardInterrupt
+
+    return train.train_detector(data, svm_config=config, progress=progress, log=log or (lambda _: None),
+                                checkpoint=checkpoint, checkpoint_seconds=0.0)
+
+
+def _same_detector(a, b) -> None:
+    assert a.classes == b.classes
+    np.testing.assert_array_equal(a.svms.weight, b.svms.weight)
+    np.testing.assert_array_equal(a.svms.bias, b.svms.bias)
+    np.testing.assert_array_equal(a.regressors.weight, b.regressors.weight)
+    np.testing.assert_array_equal(a.localisation.weight, b.localisation.weight)
+
+
+def test_mining_stopped_and_resumed_from_its_checkpoint_trains_the_same_svms(pipeline, tmp_path):
+    # Retrains every 60 hard negatives (a class's count carried over a checkpoint decides when it
+    # retrains next), so the checkpoints hold models, solver scores and the store's rows
+    # renumbered; stopped after image 2, then after image 3 of 4.
+    from spp_cli import train
+    from spp_cli.config import SVMConfig
+
+    data = train.training_set(FeatureCache.open(pipeline.cache))
+    config = SVMConfig(retrain_every=60, positive_iou=0.7)
+    whole = train.train_detector(data, svm_config=config)
+    checkpoint = tmp_path / "model.safetensors.partial"
+    lines = []
+    for stop in (2, 3):
+        with pytest.raises(KeyboardInterrupt):
+            _train_stopping(data, config, checkpoint, stop_at=stop, log=lines.append)
+        assert checkpoint.is_file()
+    with safe_open(str(checkpoint), framework="numpy") as file:
+        meta = json.loads(file.metadata()["spp"])
+        assert meta["cursor"] == 2  # the stop comes after image 3's mining, before its write
+        assert any(c["retrains"] for c in meta["classes"]) and "weight.0" in file.keys() and "scores.0" in file.keys()
+    resumed = _train_stopping(data, config, checkpoint, log=lines.append)
+    assert lines.count("resuming hard-negative mining after 1 of 4 images (" + str(checkpoint) + ")") == 1
+    assert lines.count("resuming hard-negative mining after 2 of 4 images (" + str(checkpoint) + ")") == 1
+    _same_detector(resumed, whole)
+
+
+def test_a_checkpoint_of_other_settings_or_a_damaged_one_is_not_taken(pipeline, tmp_path):
+    from spp_cli import train
+    from spp_cli.config import SVMConfig
+
+    data = train.training_set(FeatureCache.open(pipeline.cache))
+    config = SVMConfig(retrain_every=20)
+    checkpoint = tmp_path / "model.safetensors.partial"
+    with pytest.raises(KeyboardInterrupt):
+        _train_stopping(data, replace(config, C=1.0), checkpoint, stop_at=3)
+    lines = []
+    other = _train_stopping(data, config, checkpoint, log=lines.append)
+    assert f"warning: {checkpoint}: left by a run with other settings, images or cache; hard-negative mining starts over" in lines
+    _same_detector(other, train.train_detector(data, svm_config=config))
+
+    checkpoint.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # cut short
+    lines.clear()
+    again = _train_stopping(data, config, checkpoint, log=lines.append)
+    assert any(line.startswith(f"warning: {checkpoint}: not a readable checkpoint (") and line.endswith("); hard-negative mining starts over")
+               for line in lines), lines
+    _same_detector(again, other)
+
+
+def test_a_checkpoint_that_fails_part_way_through_leaves_nothing_of_it_in_the_run(pipeline, tmp_path):
+    # Its store's rows are taken before its per-class counters are found missing: the run
+    # must start over from the positives alone, as without the file. A kill's temporary
+    # file of a write is removed.
+    from safetensors.numpy import load_file, save_file as save_numpy
+
+    from spp_cli import train
+    from spp_cli.config import SVMConfig
+
+    data = train.training_set(FeatureCache.open(pipeline.cache))
+    config = SVMConfig(retrain_every=60)
+    checkpoint = tmp_path / "model.safetensors.partial"
+    with pytest.raises(KeyboardInterrupt):
+        _train_stopping(data, config, checkpoint, stop_at=3)
+    with safe_open(str(checkpoint), framework="numpy") as file:
+        meta = json.loads(file.metadata()["spp"])
+    assert len(load_file(str(checkpoint))["store"])
+    save_numpy(load_file(str(checkpoint)), str(checkpoint), {"spp": json.dumps({**meta, "classes": []})})
+    stale = tmp_path / ".model.safetensors.partial.x1y2.tmp"
+    stale.write_bytes(b"half a write")
+    lines = []
+    again = _train_stopping(data, config, checkpoint, log=lines.append)
+    assert any(line.startswith(f"warning: {checkpoint}: not a readable checkpoint (") for line in lines), lines
+    assert not stale.exists()
+    _same_detector(again, train.train_detector(data, svm_config=config))
+
+
+def test_train_svm_removes_its_checkpoint_once_the_model_is_written(pipeline, tmp_path):
+    out = tmp_path / "model.safetensors"
+    checkpoint = tmp_path / "model.safetensors.partial"
+    checkpoint.write_bytes(b"not a checkpoint")
+    result = invoke("train-svm", "--cache", pipeline.cache, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"warning: {checkpoint}: not a readable checkpoint (" in result.stderr
+    assert out.is_file() and not checkpoint.exists()

@@ -13,7 +13,7 @@ from spp_cli import ui
 from spp_cli.cache import FeatureCache, proposals_digest
 from spp_cli.config import BBoxRegConfig, SVMConfig
 from spp_cli.errors import CacheError, DatasetError, UsageError
-from spp_cli.fileio import check_not_input, check_writable
+from spp_cli.fileio import check_not_input, check_writable, file_sha256
 
 
 def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, C: float, bbox_reg: bool,
@@ -123,8 +123,16 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
 
             featurizer = RCNNFeaturizer(extractor, dtype=cache.settings.dtype, folder=folder, on_image=on_image)
 
+        # Mining's state, written every minute or more beside --out (one file per rank): a rerun resumes from it.
+        checkpoint = out.with_name(f"{out.name}.rank-{ranks[0]}-of-{ranks[1]}.partial" if ranks else f"{out.name}.partial")
+        checkpoint_key = {
+            "cache": str(cache_dir), "windows": windows,
+            **{name: file_sha256(path) for name, path in (("head", head_path), ("proposal_model", proposal_model_path)) if path is not None},
+        }
         detector = None if not data.classes else train_detector(
             data,
+            checkpoint=checkpoint,
+            checkpoint_key=checkpoint_key,
             svm_config=SVMConfig(C=C, solver=solver, positive_iou=positive_iou),
             bbox_config=BBoxRegConfig() if bbox_reg else None,
             progress=progress,
@@ -134,6 +142,7 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         )
     if ranks is not None:
         detector = _assemble_on_rank_0(detector, all_classes, out, *ranks)
+        checkpoint.unlink(missing_ok=True)  # this rank's classes are in the assembled model (on rank 0)
         if detector is None:
             return 0  # another rank's model: rank 0 writes it
     elif not detector.classes:  # e.g. a COCO file whose categories no annotation uses
@@ -159,6 +168,7 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         }
         how = f", R-CNN features ({featurizer.windows_computed} windows through the network)"
     detector.save(out)
+    checkpoint.unlink(missing_ok=True)
     ui.console.print(
         f"Wrote {out}: {len(detector.classes)} class(es), box regression {'on' if bbox_reg else 'off'}{how}, {time.perf_counter() - start:.1f} s",
     )
