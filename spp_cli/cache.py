@@ -50,6 +50,8 @@ CACHE_FORMAT = "spp-feature-cache"
 CACHE_VERSION = 1
 HEADER = "cache.json"
 FOLDER_LOCK = ".spp-cache.lock"
+# What every entry's metadata holds (a CacheEntry's fields besides its tensors, and their digest).
+ENTRY_FIELDS = frozenset({"image_id", "path", "width", "height", "factors", "digest"})
 CLAIM_SUFFIX = ".claim"
 # A temporary file this old belongs to no live writer (an entry is written in
 # well under a minute); younger ones may be another process's write in flight.
@@ -338,9 +340,15 @@ class FeatureCache:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-            return json.loads(meta["spp"])
+                names = set(f.keys())
+            meta = json.loads(meta["spp"])
         except Exception as exc:
             raise CacheError(f"{path}: damaged cache entry ({_reason(exc)}); delete it and run `spp cache` again") from None
+        # Another file of spp's in its place (a model, a head: their metadata has a digest too).
+        factors = meta.get("factors") if isinstance(meta, dict) else None
+        if not isinstance(factors, list) or not ENTRY_FIELDS <= meta.keys() or not {"proposals", *(f"map_{s}" for s in range(len(factors)))} <= names:
+            raise CacheError(f"{path}: damaged cache entry (not one that `spp cache` writes); delete it and run `spp cache` again")
+        return meta
 
     def holds_box(self, key: str) -> bool:
         """Whether an entry's ground truth holds a box (of any kind), read without its maps: an

@@ -183,6 +183,28 @@ def check_writable(path: str | Path) -> None:
         raise SPPError(f"{path}: folder {existing} is not writable")
 
 
+def check_writable_folder(path: str | Path) -> None:
+    """Fail early, before long work, if files cannot be written into the folder ``path``
+    (missing folders are created)."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise SPPError(f"{path}: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise SPPError(f"{path}: folder {existing} is not writable")
+
+
+def check_not_in_cache(out: str | Path, cache_dir: str | Path, option: str = "--out") -> None:
+    """Fail before any work if ``out`` lies inside the feature cache ``cache_dir`` that the
+    command reads: it would replace an entry (or the cache's header) with a file of another kind.
+
+    Raises:
+        SPPError: ``"{out}: inside the cache {cache_dir}, which this command reads; choose another {option}"``.
+    """
+    if Path(out).resolve().is_relative_to(Path(cache_dir).resolve()):
+        raise SPPError(f"{out}: inside the cache {cache_dir}, which this command reads; choose another {option}")
+
+
 def check_not_input(outputs: str | Path | Iterable[str | Path], inputs: Iterable[str | Path], option: str = "--out") -> None:
     """Fail before any work if writing one of ``outputs`` would replace one of the command's input files.
 

@@ -29,7 +29,7 @@ from spp_cli import __version__, ui
 from spp_cli.calibration import Calibration
 from spp_cli.data.registry import dataset_files
 from spp_cli.errors import DatasetError, SPPError, UsageError
-from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_stamp
+from spp_cli.fileio import atomic_write_json, check_not_in_cache, check_not_input, check_writable, file_stamp
 
 STATE_FORMAT = "spp-train-state"
 # Version 2 holds part of --negatives out for validation; a version-1 state's steps were
@@ -532,6 +532,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     except OSError as exc:  # as FeatureCache says of a --cache folder it cannot create
         raise SPPError(f"{work}: cannot create work folder ({exc.strerror or exc})") from None
     cache_dir = cache_dir if cache_dir is not None else work / "feats"
+    check_not_in_cache(out, cache_dir)
 
     # Only the training split (and a validation split, when named) is opened: never the test split.
     train_set = open_dataset(plan.data, plan.split)

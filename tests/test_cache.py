@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import invoke, write_image
+from conftest import REPO, invoke, write_image
 from spp_cli import backbones
 from spp_cli.cache import FeatureCache
 from spp_cli.errors import CacheError
@@ -105,7 +105,7 @@ def test_a_stray_file_among_the_entries_is_named_not_read_as_one(small_set, tmp_
     assert "verified: 3 entries, 1 damaged" in result.stdout
 
 
-@pytest.mark.parametrize("damage", ["truncate", "bitflip"])
+@pytest.mark.parametrize("damage", ["truncate", "bitflip", "model"])
 def test_damaged_entry_is_reported_and_rebuilt(small_set, tmp_path, damage):
     data, props = small_set
     feats = tmp_path / "feats"
@@ -114,12 +114,16 @@ def test_damaged_entry_is_reported_and_rebuilt(small_set, tmp_path, damage):
     raw = bytearray(path.read_bytes())
     if damage == "truncate":
         raw = raw[: len(raw) // 2]
-    else:
+    elif damage == "bitflip":
         raw[-100] ^= 0x10  # inside the tensor data, past the JSON header
+    else:  # another file of spp's in its place: its own digest holds, its metadata is a model's
+        raw = (REPO / "weights" / "default.safetensors").read_bytes()
     path.write_bytes(bytes(raw))
     result = invoke("cache-info", feats, "--verify")
     assert result.exit_code == 1
     assert f"damaged: {path}: damaged cache entry" in result.stdout
+    if damage == "model":
+        assert f"damaged: {path}: damaged cache entry (not one that `spp cache` writes); delete it and run `spp cache` again" in result.stdout
     assert "verified: 3 entries, 1 damaged" in result.stdout
     with pytest.raises(CacheError, match=r"damaged cache entry"):
         FeatureCache.open(feats).read(path.stem)
@@ -353,3 +357,16 @@ def test_settings_take_scales_as_a_list_and_keep_a_tuple():
     settings = CacheSettings("synthetic", "random:0", "map", 16, 7.5, 4, [480, 688], 2000)
     assert settings.scales == (480, 688)
     assert hash(settings) == hash(CacheSettings("synthetic", "random:0", "map", 16, 7.5, 4, (480, 688), 2000))
+
+
+@pytest.mark.parametrize("command", [["train-svm"], ["finetune"], ["train-proposals"]])
+def test_an_out_inside_the_cache_it_reads_is_refused_before_any_work(small_set, tmp_path, command):
+    data, props = small_set
+    feats = tmp_path / "feats"
+    assert invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96").exit_code == 0
+    entry = _entry_file(feats)
+    before = entry.read_bytes()
+    result = invoke(*command, "--cache", feats, "--out", entry)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {entry}: inside the cache {feats}, which this command reads; choose another --out"
+    assert entry.read_bytes() == before

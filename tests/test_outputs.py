@@ -115,6 +115,36 @@ def test_out_under_a_file_is_one_line(tmp_path):
     assert one_line(result) == f"Error: {out}: {image} is a file, not a folder"
 
 
+def test_detect_and_draw_check_their_drawing_folder_and_detect_its_coco_file_before_any_work(tmp_path, monkeypatch):
+    # Each refused before an image is read (detection would otherwise run first, then fail to draw or
+    # to write the COCO file beside a dets.json it had already replaced).
+    import spp_cli.commands.draw  # before the patch: its own name for load_image is patched too, and restored
+    import spp_cli.images
+
+    def no_reading(*_, **__):
+        raise AssertionError("an image was read")
+
+    image = write_image(tmp_path / "photo.jpg", 80, 60)
+    dets = tmp_path / "dets.json"
+    (tmp_path / "dets.coco.json").mkdir()
+    monkeypatch.setattr(spp_cli.images, "load_image", no_reading)
+    monkeypatch.setattr(spp_cli.commands.draw, "load_image", no_reading)
+    result = invoke("detect", image, "--out", dets)
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {tmp_path / 'dets.coco.json'}: is a folder; give a file name"
+
+    drawings = image / "drawn"
+    result = invoke("detect", image, "--save-dir", drawings)
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {drawings}: {image} is a file, not a folder"
+
+    dets.write_text(json.dumps({"format": "spp-detections", "version": 1, "classes": ["raccoon"],
+                                "images": [{"id": "photo", "path": str(image), "width": 80, "height": 60, "detections": []}]}))
+    result = invoke("draw", dets, "--out", drawings)
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {drawings}: {image} is a file, not a folder"
+
+
 def test_a_sole_writers_write_removes_what_a_killed_write_left(tmp_path):
     from spp_cli.fileio import atomic_write_bytes
 

@@ -16,7 +16,7 @@ from typing import NamedTuple
 from spp_cli import ui
 from spp_cli.data.registry import dataset_files
 from spp_cli.errors import ModelError, SPPError, UsageError
-from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, file_sha256, file_stamp
+from spp_cli.fileio import atomic_write_json, check_not_input, check_writable, check_writable_folder, file_sha256, file_stamp
 from spp_cli.detections import read_image_entry
 from spp_cli.journal import Journaled, journal_path, load_journal, open_journal
 from spp_cli.sources import resolve_sources
@@ -53,7 +53,12 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
         if model_path is None:
             raise ModelError("no --model given and no default detector is installed (weights/default.safetensors)")
     if out is not None:
+        from spp_cli.detections import coco_results_path
+
         check_writable(out)
+        check_writable(coco_results_path(out))  # written beside it: both, or neither
+    if save_dir is not None:
+        check_writable_folder(save_dir)
     device = "cpu"
     if gpu:  # no CUDA: say so before any work starts (torch loads here only with --gpu)
         from spp_cli.backbones import select_device

@@ -13,7 +13,7 @@ from spp_cli import ui
 from spp_cli.detections import DetectionsImage, read_detections
 from spp_cli.draw import draw_detections
 from spp_cli.errors import ImageError, SPPError, UsageError
-from spp_cli.fileio import atomic_write_bytes, check_not_input
+from spp_cli.fileio import atomic_write_bytes, check_not_input, check_writable_folder
 from spp_cli.calibration import DISPLAY_PROBABILITY
 from spp_cli.images import load_image
 
@@ -76,6 +76,7 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
     outs, warnings = output_paths(sources, out_dir)
     # `--out` pointed at the image folder must not replace the photos.
     check_not_input(outs, sources + [detections_file])
+    check_writable_folder(out_dir)
 
     bad: list[tuple[Path | str, str]] = []
     written = drawn = 0

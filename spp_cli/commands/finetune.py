@@ -9,7 +9,7 @@ from pathlib import Path
 from spp_cli import backbones, ui
 from spp_cli.cache import FeatureCache
 from spp_cli.errors import UsageError
-from spp_cli.fileio import check_not_input, check_writable
+from spp_cli.fileio import check_not_in_cache, check_not_input, check_writable
 
 
 def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, epochs: int, lr: float, batch: int,
@@ -27,6 +27,7 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
 
     check_writable(out)
     check_not_input(out, [proposal_model_path] if proposal_model_path is not None else [])
+    check_not_in_cache(out, cache_dir)
     device = backbones.select_device(gpu)
     cache = FeatureCache.open(cache_dir)
     if proposal_model_path is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from spp_cli import backbones, ui
 from spp_cli.errors import DatasetError
-from spp_cli.fileio import check_writable
+from spp_cli.fileio import check_not_in_cache, check_writable
 
 
 def run_train_proposals(cache_dir: Path, out: Path, data: str | None, split: str | None, epochs: int, top: int, gpu: bool,
@@ -22,6 +22,7 @@ def run_train_proposals(cache_dir: Path, out: Path, data: str | None, split: str
     from spp_cli.train import split_keys
 
     check_writable(out)
+    check_not_in_cache(out, cache_dir)
     device = backbones.select_device(gpu)
     cache = FeatureCache.open(cache_dir)
     if split and not data:

@@ -13,7 +13,7 @@ from spp_cli import ui
 from spp_cli.cache import FeatureCache, proposals_digest
 from spp_cli.config import BBoxRegConfig, SVMConfig
 from spp_cli.errors import CacheError, DatasetError, UsageError
-from spp_cli.fileio import check_not_input, check_writable, file_sha256
+from spp_cli.fileio import check_not_in_cache, check_not_input, check_writable, file_sha256
 
 
 def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | None, classes: str | None, C: float, bbox_reg: bool,
@@ -39,6 +39,7 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         raise UsageError("--head is used with --features fc7")
     check_writable(out)
     check_not_input(out, [path for path in (head_path, proposal_model_path) if path is not None])
+    check_not_in_cache(out, cache_dir)
     head = Head.load(head_path) if head_path is not None else None
     cache = FeatureCache.open(cache_dir)
     wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
