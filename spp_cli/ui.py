@@ -64,11 +64,11 @@ def print_warnings(lines: list[str], limit: int = 10) -> None:
         warn(f"... and {len(lines) - limit} more warnings like these")
 
 
-def print_bad(bad: list[tuple[Path | str, str]]) -> None:
+def print_bad(bad: list[tuple[Path | str, str]], heading: str = "input(s) skipped", verb: str = "skipped") -> None:
     """List skipped inputs at the end of a batch: one line each, naming the file."""
     if not bad:
         return
-    console.print(Text(f"{len(bad)} input(s) skipped:", style="red"))
+    console.print(Text(f"{len(bad)} {heading}:", style="red"))
     for path, problem in bad:
         text = problem if problem.startswith(str(path)) else f"{path}: {problem}"
-        console.print("  skipped " + text)
+        console.print(f"  {verb} " + text)

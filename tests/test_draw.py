@@ -349,3 +349,21 @@ def test_draw_missing_images_root_is_an_error(tmp_path):
     result = invoke("draw", dets, "--images", tmp_path / "nope", "--out", tmp_path / "out")
     assert result.exit_code == 1
     assert result.stderr.strip() == f"Error: {tmp_path / 'nope'}: no such folder (--images)"
+
+
+def test_detect_names_an_image_that_went_before_its_drawing_as_not_drawn_not_skipped(tmp_path):
+    # Its detections are in the output; only the drawing is missing (the image was deleted after detection).
+    from spp_cli import ui
+    from spp_cli.commands.detect import _save_drawings
+
+    kept, gone = write_image(tmp_path / "kept.jpg", 80, 60), tmp_path / "gone.jpg"
+    results = [{"path": str(p), "detections": [{"box": [1, 1, 20, 20], "class": "raccoon", "class_id": 0, "score": 1.0}]} for p in (kept, gone)]
+    undrawn = []
+    _save_drawings(results, tmp_path / "drawn", 0.0, undrawn, [0, 1], [kept, gone])
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["kept.jpg"]
+    assert [path for path, _ in undrawn] == [gone]
+    with ui.console.capture() as captured:
+        ui.print_bad(undrawn, "image(s) detected but not drawn (their detections are in the output)", "not drawn")
+    lines = captured.get().strip().splitlines()
+    assert lines[0] == "1 image(s) detected but not drawn (their detections are in the output):"
+    assert lines[1].startswith(f"  not drawn {gone}: ")

@@ -370,12 +370,13 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     elif out is not None:
         atomic_write_json(out, detections_document(detector.classes, results))
         atomic_write_json(coco_results_path(out), coco_results(results))
+    undrawn: list[tuple[Path, str]] = []  # detected, but gone (or changed) before its drawing
     if save_dir is not None:
         # File names chosen over all inputs (same-named images get -2, -3, ...
         # in input order), so that every shard names an image as one process does.
         everyone = [s.path for s in sources.items]
         place = {str(path): k for k, path in enumerate(everyone)}
-        _save_drawings(results, save_dir, shown, bad, [place[r["path"]] for r in results], everyone)
+        _save_drawings(results, save_dir, shown, undrawn, [place[r["path"]] for r in results], everyone)
     if journal is not None:
         journal.path.unlink(missing_ok=True)  # the output (and the drawings) hold every finished image now
     threshold = f"score >= {shown:g}" if detector.calibration is None else f"probability >= {detector.probability(shown):.2f} (score >= {shown:.3g})"
@@ -392,13 +393,15 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     wall = f"{1000 * (time.perf_counter() - start) / n:.1f}ms per image in all"
     ui.console.print(f"Speed: {per_stage} per image ({where}); {wall}")
     ui.print_bad(bad)
+    ui.print_bad(undrawn, "image(s) detected but not drawn (their detections are in the output)", "not drawn")
     if out is not None:
-        return parts.finish("dets", work, out, len(bad))
-    return parts.exit_code_of_rank(work, len(bad))
+        return parts.finish("dets", work, out, len(bad) + len(undrawn))
+    return parts.exit_code_of_rank(work, len(bad) + len(undrawn))
 
 
-def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: list, positions: list[int], everyone: list[Path]) -> None:
-    """Annotated images of ``results``, named as ``output_paths`` names ``everyone`` (result k is input ``positions[k]``)."""
+def _save_drawings(results: list[dict], save_dir: Path, min_score: float, undrawn: list, positions: list[int], everyone: list[Path]) -> None:
+    """Annotated images of ``results``, named as ``output_paths`` names ``everyone`` (result k is input ``positions[k]``);
+    an image that cannot be read again goes to ``undrawn`` with its problem."""
     from PIL import Image
 
     from spp_cli.commands.draw import encode, output_paths
@@ -414,7 +417,7 @@ def _save_drawings(results: list[dict], save_dir: Path, min_score: float, bad: l
             # A truncated file was warned of when it was read for detection (or caching).
             image = Image.fromarray(load_image(source, warn=lambda _: None))
         except SPPError as exc:
-            bad.append((source, str(exc)))
+            undrawn.append((source, str(exc)))
             continue
         drawn = draw_detections(image, result["detections"], min_score=min_score)
         atomic_write_bytes(target, encode(drawn, target.suffix))
