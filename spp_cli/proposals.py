@@ -34,6 +34,8 @@ than its small objects gain; that is unmeasured.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -457,18 +459,29 @@ class TaskFailure:
     message: str
 
 
-def _pool_worker_init() -> None:
+def _pool_worker_init(parent_pid: int) -> None:
     """A pool worker leaves interrupts to the parent, which stops the pool.
 
     Ctrl-C reaches the whole process group; a worker that raised
     KeyboardInterrupt too would print its own traceback. SIGTERM (the pool's
     terminate, or a fork of a parent that turns it into KeyboardInterrupt)
-    just ends the worker.
+    just ends the worker. On Linux a worker also gets SIGTERM when its parent
+    dies (SIGKILL, the OOM killer): without that it would finish its image and
+    print a BrokenPipeError traceback from its pipe to the dead parent.
     """
     import signal
+    import sys
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        with contextlib.suppress(OSError, AttributeError):  # no prctl: the traceback case above remains
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:  # the parent died before the call: nothing would signal it
+            os._exit(0)
     _worker_init()
 
 
@@ -516,7 +529,7 @@ def run_proposals(
     # ran the network, a script using the API) its thread pools may be
     # running, and a forked child can hang on their locks: start afresh then.
     ctx = mp.get_context("spawn" if "torch" in sys.modules else "fork")
-    with ctx.Pool(processes=min(workers, len(tasks)), initializer=_pool_worker_init) as pool:
+    with ctx.Pool(processes=min(workers, len(tasks)), initializer=_pool_worker_init, initargs=(os.getpid(),)) as pool:
         yield from pool.imap(_run_task, [(t, params) for t in tasks], chunksize=1)
 
 
