@@ -156,9 +156,10 @@ class TrainState:
             try:
                 doc = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                doc = {}
-            if not isinstance(doc, dict):
-                doc = {}
+                doc = None
+            if not isinstance(doc, dict) or doc.get("format") != STATE_FORMAT:
+                ui.warn(f"{path}: not a readable spp train state (damaged, or another file); its finished steps are redone")
+                return cls(path, plan, replaced=True)
             if doc.get("format") == STATE_FORMAT and doc.get("version") == STATE_VERSION and doc.get("plan") == plan:
                 return cls(path, plan, dict(doc.get("steps", {})))
             old = doc.get("plan")

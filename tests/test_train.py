@@ -546,3 +546,16 @@ def test_the_learned_flow_runs_no_selective_search_and_detect_can_still(tmp_path
     assert "0 image(s) through the network on cpu, 4 from the cache" in speed and "proposal network" not in speed
     assert float(speed.split("Speed: ")[1].split("ms proposals")[0]) > 0
     assert all(image["detections"] for image in json.loads(dets.read_text())["images"])
+
+
+@pytest.mark.parametrize("content", [b'{"format": "spp-train-st', b"[1, 2]", b'{"format": "spp-cache"}'])
+def test_a_state_file_that_cannot_be_read_is_named_as_such_and_its_steps_redone(tmp_path, content):
+    from spp_cli import ui
+    from spp_cli.pipeline import TrainState
+
+    path = tmp_path / "train-state.json"
+    path.write_bytes(content)
+    with ui.console.capture() as captured:
+        state = TrainState.load_or_new(path, {"data": "d"})
+    assert state.replaced and state.steps == {}
+    assert captured.get().strip() == f"warning: {path}: not a readable spp train state (damaged, or another file); its finished steps are redone"
