@@ -111,8 +111,8 @@ def interrupted_message(command: str | None) -> str:
     if command == "detect":
         return "Interrupted. The images finished are kept beside --out; run the same command again to resume (without --out, nothing was written)."
     if command == "train-svm":
-        return ("Interrupted. Hard-negative mining is saved beside --out once a minute; run the same command again to "
-                "resume from the last save (a run stopped in its first minute starts over).")
+        return ("Interrupted. Hard-negative mining's state is saved beside --out as it goes (a minute apart at least); run the "
+                "same command again to resume from the last save (a run stopped before one starts over).")
     if command in ("eval", "merge"):
         # Their files are written (atomically) once all the work is done, so a stop before
         # that leaves an earlier --out as it was, and a rerun does everything again.

@@ -15,6 +15,7 @@ import os
 import re
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +37,10 @@ def atomic_write_with(path: str | Path, write: Callable[[BinaryIO], object], sol
     """Call ``write`` with a binary file that replaces ``path`` atomically once it returns
     (creating parent folders); an exception or interrupt in ``write`` leaves ``path`` as it was.
 
-    ``sole_writer``: no other process writes ``path`` (a model, a checkpoint), so temporary
-    files of earlier writes of it are a killed run's (SIGKILL leaves them; a checkpoint's can
-    be GBs) and are removed first. Files that several processes may write (a shared cache's
-    entries) keep theirs."""
+    ``sole_writer``: one process at a time writes ``path`` (a model, a checkpoint), so
+    temporary files of earlier writes of it, untouched for a minute, are a killed run's
+    (SIGKILL leaves them; a checkpoint's can be GBs) and are removed first. A shared cache's
+    entries have their own rule (:meth:`~spp_cli.cache.FeatureCache.remove_stale_temporaries`)."""
     path = Path(path)
     if sole_writer:
         remove_stale_writes(path)
@@ -64,13 +65,22 @@ def atomic_write_with(path: str | Path, write: Callable[[BinaryIO], object], sol
         raise
 
 
-def remove_stale_writes(path: str | Path) -> None:
-    """Remove the temporary files that interrupted atomic writes of ``path`` left beside it."""
+# A temporary file of a write untouched this long is a killed run's: a write in flight
+# (even of GBs on a slow disk) touches its file every few seconds.
+STALE_WRITE_SECONDS = 60
+
+
+def remove_stale_writes(path: str | Path, older_than: float = STALE_WRITE_SECONDS) -> None:
+    """Remove the temporary files (``mkstemp``'s names: ``.NAME.XXXXXXXX.tmp``) that interrupted
+    atomic writes of ``path`` left beside it, those untouched for ``older_than`` seconds."""
     path = Path(path)
+    ours = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    now = time.time()
     with contextlib.suppress(OSError):  # a folder that cannot be listed: the write itself will say why
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
             with contextlib.suppress(OSError):  # gone already, or not ours to remove: the write goes on
-                stale.unlink()
+                if ours.fullmatch(stale.name) and now - stale.lstat().st_mtime >= older_than:
+                    stale.unlink()
 
 
 @dataclass(frozen=True)
@@ -111,7 +121,9 @@ def atomic_write_safetensors(path: str | Path, tensors: dict[str, np.ndarray | S
         for name, spec in specs.items():
             written = 0
             for block in spec.blocks():
-                block = np.ascontiguousarray(block, dtype=spec.dtype)
+                if np.dtype(block.dtype) != np.dtype(spec.dtype):  # no silent cast (float32 -> fp16 can overflow)
+                    raise ValueError(f"{name}: a block of {block.dtype}, declared {np.dtype(spec.dtype)}")
+                block = np.ascontiguousarray(block)
                 file.write(block.data)
                 written += block.nbytes
             begin, end = header[name]["data_offsets"]  # type: ignore[index]
@@ -201,7 +213,11 @@ def check_not_in_cache(out: str | Path, cache_dir: str | Path, option: str = "--
     Raises:
         SPPError: ``"{out}: inside the cache {cache_dir}, which this command reads; choose another {option}"``.
     """
-    if Path(out).resolve().is_relative_to(Path(cache_dir).resolve()):
+    try:
+        inside = Path(out).resolve().is_relative_to(Path(cache_dir).resolve())
+    except (OSError, RuntimeError):  # a symlink loop: compare the paths as written (the write will say what is wrong)
+        inside = Path(os.path.abspath(out)).is_relative_to(os.path.abspath(cache_dir))
+    if inside:
         raise SPPError(f"{out}: inside the cache {cache_dir}, which this command reads; choose another {option}")
 
 

@@ -534,14 +534,28 @@ class HardNegativeMiner:
     def import_state(self, read: Callable[[str], np.ndarray | None], store_rows: Iterable[np.ndarray], counters: list[dict]) -> None:
         """Take back what :meth:`export_state` gave, into a miner that holds its positives
         and nothing mined yet: ``read(name)`` gives a tensor (None where it was not written),
-        ``store_rows`` the store's rows in blocks."""
+        ``store_rows`` the store's rows in blocks.
+
+        Raises:
+            ValueError: the parts do not fit together or with this miner's positives (a file
+                written for other data); the miner then holds part of it (see :meth:`forget_mining`).
+        """
         for rows in store_rows:
+            if rows.shape[1:] != (self.dim,):
+                raise ValueError(f"store rows of {rows.shape[1:]} values, not ({self.dim},)")
             self.store.add(rows)
+        if len(counters) != len(self.classes):
+            raise ValueError(f"{len(counters)} classes' counters for {len(self.classes)} classes")
         for k, name in enumerate(self.classes):
             st = self.state[name]
             st.negatives = read(f"negatives.{k}")
             st.weight, st.scores = read(f"weight.{k}"), read(f"scores.{k}")
             st.bias, st.retrains, st.new_since_retrain = counters[k]["bias"], counters[k]["retrains"], counters[k]["new_since_retrain"]
+            positives = sum(len(rows) for rows in st.positives)
+            if st.negatives is None or (len(st.negatives) and not 0 <= st.negatives.min() <= st.negatives.max() < self.store.count):
+                raise ValueError(f"class {name}: negatives missing or outside the store")
+            if st.scores is not None and len(st.scores) != positives + len(st.negatives):
+                raise ValueError(f"class {name}: {len(st.scores)} row scores for {positives} positives and {len(st.negatives)} negatives")
 
     def forget_mining(self) -> None:
         """Back to the state before mining: the positives only."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -24,7 +25,7 @@ from spp_cli import boxes as box_ops
 from spp_cli.bbox_reg import BoxRegressors, IoURegressors, encode, fit_ridge
 from spp_cli.cache import CacheEntry, FeatureCache
 from spp_cli.config import BBoxRegConfig, DetectConfig, SVMConfig
-from spp_cli.errors import DatasetError, ModelError
+from spp_cli.errors import DatasetError, ModelError, SPPError
 from spp_cli.fileio import StreamedTensor, atomic_write_safetensors, remove_stale_writes
 from spp_cli.head import Head
 from spp_cli.model import Detector
@@ -178,13 +179,13 @@ class MiningCheckpoint:
     fingerprint differs (other settings or images, or a changed cache) is not used.
     """
 
-    def __init__(self, path: Path, fingerprint: dict, seconds: float):
-        self.path, self.fingerprint, self.seconds = Path(path), fingerprint, seconds
+    def __init__(self, path: Path, fingerprint: dict, seconds: float, log: Callable[[str], None]):
+        self.path, self.fingerprint, self.seconds, self.log = Path(path), fingerprint, seconds, log
         self.cursor = 0  # images of the mining order whose work the miner holds
         self.last = time.perf_counter()
         self.bytes_per_s = ASSUMED_WRITE_BYTES_PER_S
 
-    def load(self, miner: HardNegativeMiner, samples: dict[str, dict[str, list[np.ndarray]]], log: Callable[[str], None]) -> int:
+    def load(self, miner: HardNegativeMiner, samples: dict[str, dict[str, list[np.ndarray]]]) -> int:
         """Restore a matching checkpoint into ``miner`` (holding its positives only) and
         ``samples`` (empty); the images done (0 where there is none to take)."""
         remove_stale_writes(self.path)  # a write cut by a kill, GBs perhaps: before this run's mining
@@ -196,7 +197,7 @@ class MiningCheckpoint:
             with safe_open(str(self.path), framework="numpy") as file:
                 meta = json.loads((file.metadata() or {}).get("spp", "null"))
                 if not isinstance(meta, dict) or meta.get("fingerprint") != json.loads(json.dumps(self.fingerprint)):
-                    log(f"warning: {self.path}: left by a run with other settings, images or cache; hard-negative mining starts over")
+                    self.log(f"warning: {self.path}: left by a run with other settings, images or cache; hard-negative mining starts over")
                     return 0
                 names = set(file.keys())
 
@@ -212,7 +213,7 @@ class MiningCheckpoint:
                         per_class[name] = [block] if block is not None else []
         except Exception as exc:  # a file cut short by a full disk, or not safetensors: mining starts over
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            log(f"warning: {self.path}: not a readable checkpoint ({reason}); hard-negative mining starts over")
+            self.log(f"warning: {self.path}: not a readable checkpoint ({reason}); hard-negative mining starts over")
             miner.forget_mining()  # whatever was taken before the problem
             for per_class in samples.values():
                 for name in per_class:
@@ -243,7 +244,12 @@ class MiningCheckpoint:
                     shape = (sum(len(b) for b in blocks), *blocks[0].shape[1:])
                     tensors[f"{kind}.{k}"] = StreamedTensor(blocks[0].dtype, shape, lambda blocks=blocks: blocks)
         meta = {"fingerprint": self.fingerprint, "cursor": done, "classes": counters}
-        atomic_write_safetensors(self.path, tensors, {"spp": json.dumps(meta)}, sole_writer=True)
+        try:
+            atomic_write_safetensors(self.path, tensors, {"spp": json.dumps(meta)}, sole_writer=True)
+        except SPPError as exc:  # a full disk: the training itself goes on, without saves
+            self.log(f"warning: {exc}; training goes on without saving mining's state")
+            self.seconds = math.inf
+            return
         self.last = time.perf_counter()
         self.bytes_per_s = self.path.stat().st_size / max(self.last - began, 1e-3)
 
@@ -373,10 +379,12 @@ def train_detector(
             "classes": list(data.classes), "features": settings.describe(), "mode": featurizer.mode, "dim": dim,
             "scale": scale, "pool5_scale": pool5_scale,
             "images": hashlib.sha256(json.dumps(mined).encode()).hexdigest(),  # the mining order's images, in the cache's order
+            # and their entries' contents (`spp cache` rewrites an entry in place when its boxes or labels change)
+            "contents": hashlib.sha256(json.dumps([cache.metadata(key).get("digest") for key in mined]).encode()).hexdigest(),
             **(checkpoint_key or {}),
         }
-        saver = MiningCheckpoint(checkpoint, fingerprint, checkpoint_seconds)
-        resumed = saver.load(miner, samples, log)
+        saver = MiningCheckpoint(checkpoint, fingerprint, checkpoint_seconds, log)
+        resumed = saver.load(miner, samples)
         if resumed:
             log(f"resuming hard-negative mining after {resumed} of {len(order)} images ({checkpoint})")
     for n, i in enumerate(order, 1):

@@ -429,8 +429,8 @@ RESUMES = "Interrupted. Finished work is kept; run the same command again to res
     (["detect", "photos", "--out", "dets.json"], "detect", "run_detect",
      "Interrupted. The images finished are kept beside --out; run the same command again to resume (without --out, nothing was written)."),
     (["train-svm", "--cache", "cache", "--out", "model.safetensors"], "train_svm", "run_train_svm",
-     "Interrupted. Hard-negative mining is saved beside --out once a minute; run the same command again to resume from the last save "
-     "(a run stopped in its first minute starts over)."),
+     "Interrupted. Hard-negative mining's state is saved beside --out as it goes (a minute apart at least); run the same command again "
+     "to resume from the last save (a run stopped before one starts over)."),
 ])
 def test_interrupt_says_whether_the_command_resumes(monkeypatch, args, module, function, message):
     import importlib

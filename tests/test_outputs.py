@@ -146,17 +146,24 @@ def test_detect_and_draw_check_their_drawing_folder_and_detect_its_coco_file_bef
 
 
 def test_a_sole_writers_write_removes_what_a_killed_write_left(tmp_path):
+    import os
+    import time
+
     from spp_cli.fileio import atomic_write_bytes
 
     model = tmp_path / "model.safetensors"
-    left = tmp_path / ".model.safetensors.k3x9.tmp"  # SIGKILL in a write leaves the temporary file
-    other = tmp_path / ".other.safetensors.k3x9.tmp"
-    left.write_bytes(b"half")
-    other.write_bytes(b"half")
+    left = tmp_path / ".model.safetensors.k3x9_0ab.tmp"  # SIGKILL in a write leaves mkstemp's file
+    in_flight = tmp_path / ".model.safetensors.zz91ab2c.tmp"  # touched a moment ago: another write's
+    others = [tmp_path / ".model.safetensors.v2.k3x9_0ab.tmp", tmp_path / ".other.safetensors.k3x9_0ab.tmp"]
+    for path in (left, in_flight, *others):
+        path.write_bytes(b"half")
+    for path in (left, *others):
+        os.utime(path, (time.time() - 120, time.time() - 120))
     atomic_write_bytes(model, b"new")
     assert left.exists()  # files several processes may write keep theirs
     atomic_write_bytes(model, b"newer", sole_writer=True)
-    assert model.read_bytes() == b"newer" and not left.exists() and other.exists()
+    assert model.read_bytes() == b"newer" and not left.exists()
+    assert in_flight.exists() and all(path.exists() for path in others)
 
 
 @pytest.mark.parametrize("journal", [b"[1]\n", b"\xff\xfe binary", None])

@@ -7,7 +7,9 @@ and feed each command bad input.
 """
 
 import json
+import os
 import re
+import time
 from dataclasses import replace
 import shutil
 from pathlib import Path
@@ -913,7 +915,9 @@ def _same_detector(a, b) -> None:
     np.testing.assert_array_equal(a.svms.weight, b.svms.weight)
     np.testing.assert_array_equal(a.svms.bias, b.svms.bias)
     np.testing.assert_array_equal(a.regressors.weight, b.regressors.weight)
+    np.testing.assert_array_equal(a.regressors.bias, b.regressors.bias)
     np.testing.assert_array_equal(a.localisation.weight, b.localisation.weight)
+    np.testing.assert_array_equal(a.localisation.bias, b.localisation.bias)
 
 
 def test_mining_stopped_and_resumed_from_its_checkpoint_trains_the_same_svms(pipeline, tmp_path):
@@ -964,6 +968,49 @@ def test_a_checkpoint_of_other_settings_or_a_damaged_one_is_not_taken(pipeline, 
     _same_detector(again, other)
 
 
+def test_a_checkpoint_of_a_cache_whose_entries_changed_since_is_not_taken(pipeline, tmp_path):
+    # `spp cache` rewrites an entry in place (same key) when its boxes or labels change: a
+    # checkpoint of the entries before would resume on mined rows of other ground truth.
+    from spp_cli import train
+    from spp_cli.config import SVMConfig
+
+    feats = tmp_path / "feats"
+    shutil.copytree(pipeline.cache, feats)
+    cache = FeatureCache.open(feats)
+    data = train.training_set(cache)
+    config = SVMConfig(retrain_every=60)
+    checkpoint = tmp_path / "model.safetensors.partial"
+    with pytest.raises(KeyboardInterrupt):
+        _train_stopping(data, config, checkpoint, stop_at=3)
+    key = data.keys[0]
+    entry = cache.read(key)
+    entry.gt_labels = 1 - entry.gt_labels  # red <-> blue
+    cache.write(entry)
+    lines = []
+    again = _train_stopping(data, config, checkpoint, log=lines.append)
+    assert f"warning: {checkpoint}: left by a run with other settings, images or cache; hard-negative mining starts over" in lines
+    _same_detector(again, train.train_detector(data, svm_config=config))
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_the_training_going(pipeline, tmp_path, monkeypatch):
+    from spp_cli import train
+    from spp_cli.config import SVMConfig
+    from spp_cli.errors import SPPError
+
+    data = train.training_set(FeatureCache.open(pipeline.cache))
+    config = SVMConfig(retrain_every=60)
+    checkpoint = tmp_path / "model.safetensors.partial"
+
+    def full_disk(path, *_, **__):
+        raise SPPError(f"{path}: cannot write (No space left on device)")
+
+    monkeypatch.setattr(train, "atomic_write_safetensors", full_disk)
+    lines = []
+    model = _train_stopping(data, config, checkpoint, log=lines.append)
+    assert lines.count(f"warning: {checkpoint}: cannot write (No space left on device); training goes on without saving mining's state") == 1
+    _same_detector(model, train.train_detector(data, svm_config=config))
+
+
 def test_a_checkpoint_that_fails_part_way_through_leaves_nothing_of_it_in_the_run(pipeline, tmp_path):
     # Its store's rows are taken before its per-class counters are found missing: the run
     # must start over from the positives alone, as without the file. A kill's temporary
@@ -982,8 +1029,9 @@ def test_a_checkpoint_that_fails_part_way_through_leaves_nothing_of_it_in_the_ru
         meta = json.loads(file.metadata()["spp"])
     assert len(load_file(str(checkpoint))["store"])
     save_numpy(load_file(str(checkpoint)), str(checkpoint), {"spp": json.dumps({**meta, "classes": []})})
-    stale = tmp_path / ".model.safetensors.partial.x1y2.tmp"
+    stale = tmp_path / ".model.safetensors.partial.x1y2z3w4.tmp"
     stale.write_bytes(b"half a write")
+    os.utime(stale, (time.time() - 120, time.time() - 120))
     lines = []
     again = _train_stopping(data, config, checkpoint, log=lines.append)
     assert any(line.startswith(f"warning: {checkpoint}: not a readable checkpoint (") for line in lines), lines

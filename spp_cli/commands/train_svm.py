@@ -143,9 +143,8 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         )
     if ranks is not None:
         detector = _assemble_on_rank_0(detector, all_classes, out, *ranks)
-        checkpoint.unlink(missing_ok=True)  # this rank's classes are in the assembled model (on rank 0)
         if detector is None:
-            return 0  # another rank's model: rank 0 writes it
+            return 0  # another rank's model: rank 0 writes it (and removes every rank's checkpoint)
     elif not detector.classes:  # e.g. a COCO file whose categories no annotation uses
         raise DatasetError(f"{cache_dir}: no class has a usable ground-truth box (difficult and crowd boxes are not); nothing to train on")
     detector.training["cache"] = str(cache_dir)
@@ -169,7 +168,9 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         }
         how = f", R-CNN features ({featurizer.windows_computed} windows through the network)"
     detector.save(out)
-    checkpoint.unlink(missing_ok=True)
+    for rank in range(ranks[1] if ranks else 1):  # every rank's mining is in the model now
+        rank_checkpoint = out.with_name(f"{out.name}.rank-{rank}-of-{ranks[1]}.partial") if ranks else checkpoint
+        rank_checkpoint.unlink(missing_ok=True)
     ui.console.print(
         f"Wrote {out}: {len(detector.classes)} class(es), box regression {'on' if bbox_reg else 'off'}{how}, {time.perf_counter() - start:.1f} s",
     )
