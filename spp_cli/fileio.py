@@ -98,11 +98,11 @@ _SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32", "float64": "F64", "in
 
 
 def atomic_write_safetensors(path: str | Path, tensors: dict[str, np.ndarray | StreamedTensor], metadata: dict[str, str],
-                             sole_writer: bool = False) -> None:
+                             sole_writer: bool = False) -> int:
     """Write ``tensors`` as a safetensors file, atomically, without an in-memory copy of the
     file: the format is a little-endian u64 header length, the JSON header (each tensor's
     dtype, shape and byte range) and the tensors' bytes back to back, which
-    ``safetensors.safe_open`` reads (memory-mapped)."""
+    ``safetensors.safe_open`` reads (memory-mapped). The file's size in bytes."""
     import numpy as np
 
     specs = {name: t if isinstance(t, StreamedTensor) else StreamedTensor(t.dtype, t.shape, lambda t=t: [t])
@@ -131,6 +131,7 @@ def atomic_write_safetensors(path: str | Path, tensors: dict[str, np.ndarray | S
                 raise ValueError(f"{name}: {written} bytes written, {end - begin} declared")
 
     atomic_write_with(path, write, sole_writer)
+    return 8 + len(text) + offset
 
 
 def read_safetensors(path: str | Path, what: str, error: type[SPPError] = SPPError, tensors: bool = True, remedy: str = ""):

@@ -160,7 +160,7 @@ def negative_keys(cache: FeatureCache, paths: list) -> list[str]:
 # writes nothing. Each write also waits until it would take at most a tenth of the time
 # since the last one (the state reaches GBs with many classes: coco128's 3 GB store takes
 # ~50 s to reach the disk of a VM that writes 63 MB/s with fsync), so writing costs at most
-# a tenth of the training time and a kill loses at most ~ten times a write.
+# a tenth of the training time; a kill loses the work since the last write.
 MINING_CHECKPOINT_SECONDS = 60.0
 MINING_CHECKPOINT_SHARE = 0.1
 ASSUMED_WRITE_BYTES_PER_S = 100e6  # until a first write measures the disk
@@ -174,7 +174,7 @@ class MiningCheckpoint:
     negatives each class holds, its model and solver scores), box regression's and the
     localisation term's samples so far, the number of images of the mining order done, and
     a fingerprint of everything that decides the result (settings, classes, the images in
-    order, the feature scales measured on the cache). The positives are not in it: they
+    order and their entries' digests, the feature scales measured on the cache). The positives are not in it: they
     are computed again from the cache before mining, as in any run. A file whose
     fingerprint differs (other settings or images, or a changed cache) is not used.
     """
@@ -245,13 +245,13 @@ class MiningCheckpoint:
                     tensors[f"{kind}.{k}"] = StreamedTensor(blocks[0].dtype, shape, lambda blocks=blocks: blocks)
         meta = {"fingerprint": self.fingerprint, "cursor": done, "classes": counters}
         try:
-            atomic_write_safetensors(self.path, tensors, {"spp": json.dumps(meta)}, sole_writer=True)
+            written = atomic_write_safetensors(self.path, tensors, {"spp": json.dumps(meta)}, sole_writer=True)
         except SPPError as exc:  # a full disk: the training itself goes on, without saves
             self.log(f"warning: {exc}; training goes on without saving mining's state")
             self.seconds = math.inf
             return
         self.last = time.perf_counter()
-        self.bytes_per_s = self.path.stat().st_size / max(self.last - began, 1e-3)
+        self.bytes_per_s = written / max(self.last - began, 1e-3)
 
 
 def check_head(head: Head, cache: FeatureCache, levels: tuple[int, ...] = DEFAULT_LEVELS) -> None:

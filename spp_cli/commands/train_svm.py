@@ -124,7 +124,7 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
 
             featurizer = RCNNFeaturizer(extractor, dtype=cache.settings.dtype, folder=folder, on_image=on_image)
 
-        # Mining's state, written every minute or more beside --out (one file per rank): a rerun resumes from it.
+        # Mining's state, written from time to time beside --out (one file per rank): a rerun resumes from it.
         checkpoint = out.with_name(f"{out.name}.rank-{ranks[0]}-of-{ranks[1]}.partial" if ranks else f"{out.name}.partial")
         checkpoint_key = {
             "cache": str(cache_dir), "windows": windows,
