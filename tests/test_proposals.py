@@ -212,9 +212,9 @@ def test_fine_runs_add_only_small_boxes(monkeypatch):
     assert out <= coarse | only_fine_small
 
 
-def test_the_workers_end_quietly_with_a_parent_killed_by_sigkill(tmp_path):
-    """SIGKILL (the OOM killer, a lost job) reaches only the parent: its workers end too, at once,
-    without finishing their images into the dead parent's pipe (a BrokenPipeError traceback each)."""
+def _propose_mid_run(tmp_path, images: int):
+    """`spp propose` over ``images`` generated photos with 2 workers, once 2 images are journaled:
+    the process, its workers, its command, --out and the journal."""
     import subprocess
     import sys
     import time
@@ -223,17 +223,25 @@ def test_the_workers_end_quietly_with_a_parent_killed_by_sigkill(tmp_path):
 
     from conftest import write_image
 
-    images = tmp_path / "imgs"
-    for i in range(40):
-        write_image(images / f"{i:02d}.jpg", 640, 480, seed=i)
+    folder = tmp_path / "imgs"
+    for i in range(images):
+        write_image(folder / f"{i:02d}.jpg", 640, 480, seed=i)
     out = tmp_path / "props.json"
-    cmd = [sys.executable, "-m", "spp_cli", "propose", str(images), "--out", str(out), "--workers", "2"]
+    cmd = [sys.executable, "-m", "spp_cli", "propose", str(folder), "--out", str(out), "--workers", "2"]
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     journal = out.with_name("props.json.partial")
     deadline = time.time() + 120
     while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < 3):
         time.sleep(0.02)
-    workers = psutil.Process(process.pid).children(recursive=True)
+    return process, psutil.Process(process.pid).children(recursive=True), cmd, out, journal
+
+
+def test_the_workers_end_quietly_with_a_parent_killed_by_sigkill(tmp_path):
+    """SIGKILL (the OOM killer, a lost job) reaches only the parent: its workers end too, at once,
+    without finishing their images into the dead parent's pipe (a BrokenPipeError traceback each)."""
+    import psutil
+
+    process, workers, _, _, _ = _propose_mid_run(tmp_path, 40)
     process.kill()  # SIGKILL
     _, stderr = process.communicate(timeout=60)  # until every writer of the pipe, the workers too, is gone
     assert len(workers) == 2
@@ -245,24 +253,10 @@ def test_the_workers_end_quietly_with_a_parent_killed_by_sigkill(tmp_path):
 def test_sigterm_stops_the_workers_and_keeps_the_finished_images(tmp_path):
     """`kill PID` ends a run as Ctrl-C does: one line, code 130, no orphaned worker, resumable."""
     import subprocess
-    import sys
-    import time
 
     import psutil
 
-    from conftest import write_image
-
-    images = tmp_path / "imgs"
-    for i in range(60):
-        write_image(images / f"{i:02d}.jpg", 640, 480, seed=i)
-    out = tmp_path / "props.json"
-    cmd = [sys.executable, "-m", "spp_cli", "propose", str(images), "--out", str(out), "--workers", "2"]
-    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    journal = out.with_name("props.json.partial")
-    deadline = time.time() + 120
-    while time.time() < deadline and (not journal.exists() or journal.read_text().count("\n") < 3):
-        time.sleep(0.02)
-    workers = psutil.Process(process.pid).children(recursive=True)
+    process, workers, cmd, out, journal = _propose_mid_run(tmp_path, 60)
     process.terminate()  # SIGTERM
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
