@@ -27,9 +27,9 @@ def run_finetune(cache_dir: Path, out: Path, data: str | None, split: str | None
 
     check_writable(out)
     check_not_input(out, [proposal_model_path] if proposal_model_path is not None else [])
-    check_not_in_cache(out, cache_dir)
     device = backbones.select_device(gpu)
     cache = FeatureCache.open(cache_dir)
+    check_not_in_cache(out, cache_dir)  # once it is a cache: another folder is named as not one
     if proposal_model_path is not None:
         from spp_cli.rpn import LearnedWindows, ProposalModel
 

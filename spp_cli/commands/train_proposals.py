@@ -22,9 +22,9 @@ def run_train_proposals(cache_dir: Path, out: Path, data: str | None, split: str
     from spp_cli.train import split_keys
 
     check_writable(out)
-    check_not_in_cache(out, cache_dir)
     device = backbones.select_device(gpu)
     cache = FeatureCache.open(cache_dir)
+    check_not_in_cache(out, cache_dir)  # once it is a cache: another folder is named as not one
     if split and not data:
         raise UsageError("--split needs --data SPEC (the dataset the split belongs to)")
     if keys is None:

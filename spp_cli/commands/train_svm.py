@@ -39,9 +39,9 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         raise UsageError("--head is used with --features fc7")
     check_writable(out)
     check_not_input(out, [path for path in (head_path, proposal_model_path) if path is not None])
-    check_not_in_cache(out, cache_dir)
     head = Head.load(head_path) if head_path is not None else None
     cache = FeatureCache.open(cache_dir)
+    check_not_in_cache(out, cache_dir)  # once it is a cache: another folder is named as not one
     wanted = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     if split and not data:
         raise UsageError("--split needs --data SPEC (the dataset the split belongs to)")
