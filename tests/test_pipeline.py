@@ -1043,7 +1043,11 @@ def test_train_svm_removes_its_checkpoint_once_the_model_is_written(pipeline, tm
     out = tmp_path / "model.safetensors"
     checkpoint = tmp_path / "model.safetensors.partial"
     checkpoint.write_bytes(b"not a checkpoint")
+    of_ranks = tmp_path / "model.safetensors.rank-1-of-4.partial"  # a stopped torchrun of 4 ranks
+    of_ranks.write_bytes(b"mining")
+    other = tmp_path / "other.safetensors.rank-1-of-4.partial"
+    other.write_bytes(b"mining")
     result = invoke("train-svm", "--cache", pipeline.cache, "--out", out)
     assert result.exit_code == 0, result.output
     assert f"warning: {checkpoint}: not a readable checkpoint (" in result.stderr
-    assert out.is_file() and not checkpoint.exists()
+    assert out.is_file() and not checkpoint.exists() and not of_ranks.exists() and other.exists()

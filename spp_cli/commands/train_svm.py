@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import tempfile
 import time
 from pathlib import Path
@@ -168,9 +169,10 @@ def run_train_svm(cache_dir: Path, out: Path, data: str | None, split: str | Non
         }
         how = f", R-CNN features ({featurizer.windows_computed} windows through the network)"
     detector.save(out)
-    for rank in range(ranks[1] if ranks else 1):  # every rank's mining is in the model now
-        rank_checkpoint = out.with_name(f"{out.name}.rank-{rank}-of-{ranks[1]}.partial") if ranks else checkpoint
-        rank_checkpoint.unlink(missing_ok=True)
+    # Every rank's mining is in the model now; a run of this --out over another number of
+    # ranks that stopped left its own files, which nothing would take (GBs perhaps).
+    for left in [out.with_name(f"{out.name}.partial"), *out.parent.glob(f"{glob.escape(out.name)}.rank-*-of-*.partial")]:
+        left.unlink(missing_ok=True)
     ui.console.print(
         f"Wrote {out}: {len(detector.classes)} class(es), box regression {'on' if bbox_reg else 'off'}{how}, {time.perf_counter() - start:.1f} s",
     )
