@@ -71,7 +71,7 @@ STALE_WRITE_SECONDS = 60
 
 
 def remove_stale_writes(path: str | Path, older_than: float = STALE_WRITE_SECONDS) -> None:
-    """Remove the temporary files (``mkstemp``'s names: ``.NAME.XXXXXXXX.tmp``) that interrupted
+    """Remove the temporary files (``mkstemp``'s names: ``.NAME.<8 random characters>.tmp``) that interrupted
     atomic writes of ``path`` left beside it, those untouched for ``older_than`` seconds."""
     path = Path(path)
     ours = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
@@ -186,25 +186,25 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 def check_writable(path: str | Path) -> None:
     """Fail early, before long work, if ``path`` cannot be written."""
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
     if path.is_dir():
         raise SPPError(f"{path}: is a folder; give a file name")
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)  # missing folders are created
-    if existing is not None and not existing.is_dir():
-        raise SPPError(f"{path}: {existing} is a file, not a folder")
-    if existing is not None and not os.access(existing, os.W_OK):
-        raise SPPError(f"{path}: folder {existing} is not writable")
+    _check_folder(path, path.parent if str(path.parent) else Path("."))
 
 
 def check_writable_folder(path: str | Path) -> None:
     """Fail early, before long work, if files cannot be written into the folder ``path``
     (missing folders are created)."""
-    path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    _check_folder(Path(path), Path(path))
+
+
+def _check_folder(named: Path, folder: Path) -> None:
+    """``folder``, or the nearest of its parents that exists (missing ones are created),
+    is a writable folder; the error names ``named``."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     if existing is not None and not existing.is_dir():
-        raise SPPError(f"{path}: {existing} is a file, not a folder")
+        raise SPPError(f"{named}: {existing} is a file, not a folder")
     if existing is not None and not os.access(existing, os.W_OK):
-        raise SPPError(f"{path}: folder {existing} is not writable")
+        raise SPPError(f"{named}: folder {existing} is not writable")
 
 
 def check_not_in_cache(out: str | Path, cache_dir: str | Path, option: str = "--out") -> None:
