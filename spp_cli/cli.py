@@ -173,11 +173,18 @@ def workers_option(func):
     "1 keeps a run steady when other jobs share the cores.",
 )
 def cli(threads: int | None) -> None:
-    """SPPnet object detection: selective search, one conv pass per image, SVMs.
+    """SPPnet object detection: region proposals, one conv pass per image, SVMs.
 
     \b
-    Typical run:
-      spp propose --data VOCdevkit/VOC2007 --split test --out props.json --report
+    Typical runs:
+      spp detect photo.jpg --save-dir runs/         # the shipped raccoon detector
+      spp train --data VOCdevkit/VOC2007 --split trainval --out model.safetensors
+      spp detect --data VOCdevkit/VOC2007 --split test --model model.safetensors --out dets.json
+      spp eval dets.json --data VOCdevkit/VOC2007 --split test
+
+    \b
+    Step by step (one command per step, sharing a feature cache):
+      propose -> cache -> train-proposals / finetune -> train-svm -> detect -> eval, draw
     """
     if threads is not None:
         set_cpu_threads(threads)
