@@ -81,19 +81,21 @@ class Detector:
 
     def __call__(self, image, conf: float | None = None, nms: float = 0.3, max_det: int = 100,
                  bbox_reg: bool = True, vote: bool = True, warn: Callable[[str], None] | None = None,
-                 min_prob: float | None = None, proposals: str | None = None) -> list[Detection]:
+                 min_prob: float | None = None, proposals: str | None = None, classes: Iterable[str] | None = None) -> list[Detection]:
         """Detections in one image, best first, scoring at least ``conf`` or with a
         probability of at least ``min_prob`` (default: the model's display
         threshold, as ``spp detect`` shows them). ``proposals``: ``learned`` (the
         default where the model carries a proposal network) or ``selective-search``,
-        as ``spp detect --proposals``."""
+        as ``spp detect --proposals``. ``classes``: only these class names, as
+        ``spp detect --classes`` (a name the model lacks raises ModelError)."""
         self._check_proposals(proposals)
+        class_ids = self._class_ids(classes)
         pixels, name = _pixels(image, warn)
-        return self._detect(pixels, name, None, conf, nms, max_det, bbox_reg, vote, warn, min_prob, proposals)
+        return self._detect(pixels, name, None, conf, nms, max_det, bbox_reg, vote, warn, min_prob, proposals, class_ids)
 
     def detect_many(self, images: Iterable, conf: float | None = None, nms: float = 0.3, max_det: int = 100,
                     bbox_reg: bool = True, vote: bool = True, warn: Callable[[str], None] | None = None,
-                    min_prob: float | None = None, proposals: str | None = None) -> list[list[Detection]]:
+                    min_prob: float | None = None, proposals: str | None = None, classes: Iterable[str] | None = None) -> list[list[Detection]]:
         """Detections in each of ``images``, in order, with the options of a call. Where
         selective search runs, it runs on a second thread ahead of the network, as in
         ``spp detect`` (:mod:`spp_cli.prefetch`): the same boxes, and the network on one
@@ -102,11 +104,12 @@ class Detector:
         from spp_cli.proposals import ProposalParams
 
         self._check_proposals(proposals)
+        class_ids = self._class_ids(classes)
         items = list(images)
         options = (conf, nms, max_det, bbox_reg, vote, warn, min_prob, proposals)
         learned = self.model.proposal_model is not None and proposals != "selective-search"
         if learned or len(items) < 2 or not second_core_free():
-            return [self(item, *options) for item in items]
+            return [self._detect(*_pixels(item, warn), None, *options, class_ids) for item in items]
         import torch
 
         params = ProposalParams(**self.model.proposals) if self.model.proposals else ProposalParams()
@@ -118,7 +121,7 @@ class Detector:
                     pixels, boxes, _ = ahead.take(index)
                     torch.set_num_threads(ahead.network_threads(index, threads))
                     name = str(item) if isinstance(item, (str, Path)) else "image"
-                    results.append(self._detect(pixels, name, boxes, *options))
+                    results.append(self._detect(pixels, name, boxes, *options, class_ids))
         finally:
             torch.set_num_threads(threads)
         return results
@@ -129,14 +132,20 @@ class Detector:
         if proposals == "learned" and self.model.proposal_model is None:
             raise ModelError(f"{self.path}: carries no proposal network (proposals='learned')")
 
+    def _class_ids(self, classes: Iterable[str] | None) -> tuple[int, ...] | None:
+        if isinstance(classes, str):  # one name, not its letters
+            classes = [classes]
+        return None if classes is None else self.model.class_indices(classes, str(self.path))
+
     def _detect(self, pixels: np.ndarray, name: str, boxes: np.ndarray | None, conf, nms, max_det, bbox_reg, vote, warn, min_prob,
-                proposals) -> list[Detection]:
+                proposals, class_ids: tuple[int, ...] | None = None) -> list[Detection]:
         if min_prob is not None:
             if conf is not None:
                 raise ValueError("conf and min_prob both set a threshold: give one")
             conf = self.model.margin_at_probability(min_prob, str(self.path))
         threshold = self.model.detect.display_threshold if conf is None else conf
-        config = self.model.detect_config(score_threshold=threshold, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote)
+        config = self.model.detect_config(score_threshold=threshold, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote,
+                                          classes=class_ids)
         learned = self.model.proposal_model is not None and proposals != "selective-search"
         found = detect_pixels(self.model, self.extractor, pixels, config, boxes, name=name, warn=warn or (lambda _: None), learned=learned)
         return [Detection(tuple(d.box), self.model.classes[d.class_id], d.class_id, d.score, self.model.probability(d.score)) for d in found]

@@ -529,6 +529,7 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
               help="Keep detections whose calibrated probability of being right is at least P (models from spp train; instead of --conf).")
 @click.option("--nms", type=FiniteFloat(0, 1), default=0.3, show_default=True, help="Per-class NMS IoU.")
 @click.option("--max-det", type=click.IntRange(min=1), default=100, show_default=True, help="Detections per image.")
+@click.option("--classes", "class_names", metavar="NAMES", help="Detect only these classes of the model (comma-separated names, e.g. person,car); --max-det counts them alone.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write detections JSON here (and COCO results beside it as *.coco.json).")
 @click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path), help="Write annotated images here (detections scoring >= --conf, or the display threshold).")
 @click.option("--bbox-reg/--no-bbox-reg", default=True, show_default=True, help="Refine boxes with the model's regressors (if it has them).")
@@ -537,7 +538,8 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
               help="Run selective search on a second thread, ahead of the network (the same boxes; off with one core or spp --threads 1).")
 @gpu_option
 @shard_option
-def detect(inputs, data, split, model_path, cache_dir, props, proposals, conf, min_prob, nms, max_det, out, save_dir, bbox_reg, vote, prefetch, gpu, shard) -> None:
+def detect(inputs, data, split, model_path, cache_dir, props, proposals, conf, min_prob, nms, max_det, class_names, out, save_dir, bbox_reg, vote, prefetch, gpu,
+           shard) -> None:
     """Detect objects: proposals, one conv pass per image per scale, SPP, SVMs, NMS, box voting.
 
     Ends with a timing line: ms per image by stage, then the wall-clock ms
@@ -554,12 +556,19 @@ def detect(inputs, data, split, model_path, cache_dir, props, proposals, conf, m
     Examples:
       spp detect examples/raccoon.jpg --save-dir runs/ --out dets.json
       spp detect photos/ --model model.safetensors --gpu --out dets.json
+      spp detect photos/ --model coco.safetensors --classes person,dog --save-dir runs/
       spp detect --data ../shared/data/raccoon --split test --model model.safetensors --out dets.json
     """
     from spp_cli.commands.detect import run_detect
+    from spp_cli.errors import UsageError
 
+    classes = None
+    if class_names is not None:
+        classes = tuple(dict.fromkeys(name.strip() for name in class_names.split(",") if name.strip()))
+        if not classes:
+            raise UsageError(f"--classes: '{class_names}' names no class (give names separated by commas, e.g. person,car)")
     sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg, vote, shard, min_prob, proposals,
-                        prefetch))
+                        prefetch, classes))
 
 
 @cli.command()

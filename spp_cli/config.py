@@ -99,6 +99,9 @@ class DetectConfig:
     # Head.compressed). Its validation mAP at least the full layer's on raccoon, bccd and coco128,
     # coco128's classification 1.4x faster.
     fc6_rank: int = 512
+    # Only these class indices are detected (`spp detect --classes`); None: every class. A run's
+    # choice, never stored in a model (Detector.save leaves it out).
+    classes: tuple[int, ...] | None = None
 
 
 # Here rather than in spp_cli.features (which imports torch): `spp train` reads --scales first.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -164,7 +165,7 @@ class Detector:
             "feature_scale": self.svms.feature_scale,
             "regression_scale": self.pool5_scale,
             "head": self.head.metadata() if self.head is not None else None,
-            "detect": asdict(self.detect),
+            "detect": {k: v for k, v in asdict(self.detect).items() if k != "classes"},  # a run's filter, not the model's
             "proposals": self.proposals,
             "training": self.training,
             "digest": tensor_digest(tensors),
@@ -281,6 +282,19 @@ class Detector:
         what belongs to the model and no flag sets (its objectness weight) is carried."""
         return replace(self.detect, **settings)
 
+    def class_indices(self, names: Iterable[str], source: str) -> tuple[int, ...]:
+        """The indices of the classes ``names`` (a run's detection filter, ``DetectConfig.classes``).
+
+        Raises:
+            ModelError: ``"{source}: has no class 'X' (its classes: ...)"``, naming each missing one.
+        """
+        names = list(names)
+        missing = [name for name in names if name not in self.classes]
+        if missing:
+            shown = ", ".join(self.classes[:10]) + (f", ... ({len(self.classes)} in all)" if len(self.classes) > 10 else "")
+            raise ModelError(f"{source}: has no class {', '.join(repr(name) for name in missing)} (its classes: {shown})")
+        return tuple(sorted({self.classes.index(name) for name in names}))
+
     def margin_at_probability(self, probability: float, source: str) -> float:
         """The SVM margin a detection needs to reach ``probability``: a probability threshold
         as a margin threshold (the same detections pass either)."""
@@ -393,6 +407,12 @@ class Detector:
             classify_seconds += time.perf_counter() - t1
         if prior is not None:
             scores += prior[:, None]
+        if config.classes is not None:
+            # The other classes take no part: NMS and voting are per class, so the asked classes'
+            # detections are those of a run over all, except that max_detections counts them alone.
+            others = torch.ones(len(self.classes), dtype=torch.bool)
+            others[list(config.classes)] = False
+            scores[:, others] = -torch.inf
         t1 = time.perf_counter()
         # With voting, the candidates reach below --conf: boxes then do not
         # depend on it (NMS keeps the same boxes above it either way).

@@ -24,11 +24,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import spp_cli
 from spp_cli import backbones
 from spp_cli.cache import FeatureCache
 from spp_cli.cli import cli
 from spp_cli.commands.detect import STAGES, parse_speed_line, parse_wall_ms
 from spp_cli.config import DetectConfig
+from spp_cli.errors import ModelError
 from spp_cli.model import Detector
 from spp_cli.spp import DEFAULT_LEVELS
 
@@ -227,6 +229,43 @@ def test_box_voting_moves_boxes_not_scores_and_ignores_conf(pipeline, tmp_path):
     strict = detections("strict", "--conf", "0")
     assert strict and all(k[2] > 0 for k in strict) and all(voted[k] == box for k, box in strict.items())
 
+
+def test_detect_classes_keeps_the_asked_classes_as_a_run_over_all_finds_them(pipeline, tmp_path):
+    common = ["--data", pipeline.data, "--split", "test", "--model", pipeline.model, "--cache", pipeline.cache, "--props", pipeline.props]
+
+    def detections(name, *flags):
+        result = invoke("detect", *common, "--out", tmp_path / f"{name}.json", *flags)
+        assert result.exit_code == 0, result.output
+        return {im["id"]: [(d["class"], d["score"], d["box"]) for d in im["detections"]] for im in json.loads((tmp_path / f"{name}.json").read_text())["images"]}
+
+    every, red = detections("every"), detections("red", "--classes", " red ,red")
+    assert any(c == "blue" for found in every.values() for c, _, _ in found)
+    for image_id, found in red.items():
+        assert found and all(c == "red" for c, _, _ in found)
+        # Per-class NMS and voting: the run over all classes has the same red detections, the best
+        # of them where its --max-det left room for fewer.
+        theirs = [d for d in every[image_id] if d[0] == "red"]
+        assert found[: len(theirs)] == theirs
+    # --max-det counts the asked classes alone; the Python API filters the same way.
+    two = detections("two", "--classes", "red", "--max-det", "2")
+    assert {image_id: found[:2] for image_id, found in red.items()} == two
+    detector, image = spp_cli.Detector.load(pipeline.model), pipeline.data / "images" / f"{TEST[0]}.jpg"
+    theirs = [d for d in detector(image, conf=-1.5) if d.class_name == "red"]
+    found = detector(image, conf=-1.5, classes="red")
+    assert theirs and found[: len(theirs)] == theirs and all(d.class_name == "red" for d in found)
+
+
+def test_detect_classes_the_model_lacks_are_named_before_any_work(pipeline, tmp_path):
+    out = tmp_path / "dets.json"
+    result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", pipeline.model, "--out", out, "--classes", "red,green,cat")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {pipeline.model}: has no class 'green', 'cat' (its classes: blue, red)"
+    result = invoke("detect", "--data", pipeline.data, "--split", "test", "--model", pipeline.model, "--out", out, "--classes", " , ")
+    assert result.exit_code == 2
+    assert one_line(result) == "Error: --classes: ' , ' names no class (give names separated by commas, e.g. person,car)"
+    assert not out.exists() and not (tmp_path / "dets.json.partial").exists()
+    with pytest.raises(ModelError, match=r"has no class 'green' \(its classes: blue, red\)"):
+        spp_cli.Detector.load(pipeline.model)(pipeline.data / "images" / f"{TEST[0]}.jpg", classes=["green"])
 
 def test_train_svm_reads_only_the_cache(pipeline, tmp_path):
     assert pipeline.train_forwards == 0

@@ -45,7 +45,7 @@ def parse_wall_ms(output: str) -> float | None:
 def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
                conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool,
                bbox_reg: bool = True, vote: bool = True, shard: str | None = None, min_prob: float | None = None,
-               proposals: str | None = None, prefetch: bool = True) -> int:
+               proposals: str | None = None, prefetch: bool = True, classes: tuple[str, ...] | None = None) -> int:
     from spp_cli.commands.models import default_model_path
 
     if model_path is None:
@@ -67,7 +67,7 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     # Images an interrupted run with the same settings finished: kept, not detected again.
     journal = None
     if out is not None:
-        settings = _journal_settings(model_path, cache_dir, props, conf, min_prob, nms, max_det, bbox_reg, vote, proposals, data, device)
+        settings = _journal_settings(model_path, cache_dir, props, conf, min_prob, nms, max_det, bbox_reg, vote, proposals, data, device, classes)
         if settings is not None:
             from spp_cli.shard import resolve_shard
 
@@ -79,14 +79,15 @@ def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | N
     ahead, resolved = _start_prefetch(inputs, data, split, shard, model_path, cache_dir, props, proposals, finished) if prefetch else (None, None)
     try:
         return _run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, device,
-                           bbox_reg, vote, shard, min_prob, proposals, ahead, resolved, journal)
+                           bbox_reg, vote, shard, min_prob, proposals, ahead, resolved, journal, classes)
     finally:
         if ahead is not None:
             ahead.close()
 
 
 def _journal_settings(model_path: Path, cache_dir: Path | None, props: Path | None, conf: float | None, min_prob: float | None,
-                      nms: float, max_det: int, bbox_reg: bool, vote: bool, proposals: str | None, data, device: str) -> dict | None:
+                      nms: float, max_det: int, bbox_reg: bool, vote: bool, proposals: str | None, data, device: str,
+                      classes: tuple[str, ...] | None = None) -> dict | None:
     """What an image's detections depend on besides the image: the model's bytes and the run's
     options (a journal left by a run with others is not resumed); None where the model or the
     props.json cannot be read (the run itself says why)."""
@@ -101,6 +102,7 @@ def _journal_settings(model_path: Path, cache_dir: Path | None, props: Path | No
         # With --data the default threshold is lower. The device's kind, not its index: a relaunched
         # torchrun rank may land on another GPU of the node.
         "vote": vote, "dataset": data is not None, "device": device.split(":")[0],
+        **({} if classes is None else {"classes": sorted(classes)}),  # absent without --classes: earlier journals stay valid
     }
 
 
@@ -169,7 +171,8 @@ def _start_prefetch(inputs, data, split, shard, model_path: Path, cache_dir: Pat
 
 def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, props: Path | None, conf: float | None, nms: float,
                 max_det: int, out: Path | None, save_dir: Path | None, device: str, bbox_reg: bool, vote: bool, shard: str | None,
-                min_prob: float | None, proposals: str | None, ahead, resolved, journal: Journal | None) -> int:
+                min_prob: float | None, proposals: str | None, ahead, resolved, journal: Journal | None,
+                classes: tuple[str, ...] | None = None) -> int:
     import torch
 
     from spp_cli import backbones
@@ -200,7 +203,9 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
         shown = detector.detect.display_threshold
     else:
         shown = conf
-    config = detector.detect_config(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote)
+    class_ids = None if classes is None else detector.class_indices(classes, str(model_path))
+    config = detector.detect_config(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote,
+                                    classes=class_ids)
     if config.objectness_weight and not learned:
         ui.warn(f"{model_path}: its scores add its proposal network's objectness ({config.objectness_weight:g} x log sigmoid); "
                 "with other proposals they are the SVM margins alone, higher than its thresholds and probabilities expect")
