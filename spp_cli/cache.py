@@ -203,20 +203,27 @@ def gt_digest(gt: dict[str, np.ndarray] | None, classes: list[str]) -> str | Non
 
 
 class FeatureCache:
-    """A cache folder with a fixed :class:`CacheSettings`."""
+    """A cache folder with a fixed :class:`CacheSettings`.
 
-    def __init__(self, root: Path, settings: CacheSettings):
+    ``read_only``: opened for writing on a folder that cannot be written (a complete cache on a
+    read-only mount): its entries serve as they are, and a write raises :class:`CacheError`.
+    """
+
+    def __init__(self, root: Path, settings: CacheSettings, read_only: bool = False):
         self.root = Path(root)
         self.settings = settings
+        self.read_only = read_only
 
     # ---------------------------------------------------------------- opening
 
     @classmethod
     def create_or_open(cls, root: str | Path, settings: CacheSettings) -> "FeatureCache":
-        """Open ``root`` for writing with ``settings``, creating it if new.
+        """Open ``root`` for writing with ``settings``, creating it if new; a cache with
+        ``settings`` in a folder that cannot be written opens ``read_only`` (a run that finds
+        every entry there writes nothing).
 
         Raises:
-            CacheError: the folder cannot be written, or holds a cache built
+            CacheError: the folder cannot be written and holds no cache, or holds a cache built
                 with other settings (the message says how to proceed).
         """
         root = Path(root)
@@ -227,7 +234,11 @@ class FeatureCache:
         except OSError as exc:
             raise CacheError(f"{root}: cannot create cache folder ({exc.strerror or exc})") from None
         if not os.access(root, os.W_OK | os.X_OK):
-            raise CacheError(f"{root}: cache folder is not writable")
+            if not (root / HEADER).is_file():
+                raise CacheError(f"{root}: cache folder is not writable")
+            existing = cls.open(root)
+            existing._check_settings(settings)
+            return cls(root, settings, read_only=True)
         with _locked(root / FOLDER_LOCK, wait=True):
             return cls._with_header(root, settings, new_folder=True)
 
@@ -238,16 +249,29 @@ class FeatureCache:
         header = root / HEADER
         if header.exists():
             existing = cls.open(root)
-            if existing.settings != settings:
-                raise CacheError(
-                    f"{root}: cache was built with {existing.settings.describe()}; this run asks for "
-                    f"{settings.describe()}. Use another --cache folder, or the same settings"
-                )
+            existing._check_settings(settings)
             return existing
         if new_folder and any(p.name != FOLDER_LOCK for p in root.iterdir()):
             raise CacheError(f"{root}: folder is not empty and holds no {HEADER}; choose an empty or new --cache folder")
         atomic_write_json(header, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": asdict(settings)}, indent=2)
         return cls(root, settings)
+
+    def _check_settings(self, settings: CacheSettings) -> None:
+        if self.settings != settings:
+            raise CacheError(
+                f"{self.root}: cache was built with {self.settings.describe()}; this run asks for "
+                f"{settings.describe()}. Use another --cache folder, or the same settings"
+            )
+
+    def check_writable(self, need: str) -> None:
+        """Before work whose result an entry would hold: fail if this cache cannot take it.
+
+        Raises:
+            CacheError: ``"{root}: cache folder is not writable, and {need}"``, where ``need``
+                says why the run would write (``"photo.jpg is not cached in it"``).
+        """
+        if self.read_only:
+            raise CacheError(f"{self.root}: cache folder is not writable, and {need}")
 
     @staticmethod
     def discard_if_unused(root: str | Path) -> bool:
@@ -312,6 +336,9 @@ class FeatureCache:
         files). Where the file system has no locks, every claim is granted
         (atomic writes still keep each entry whole).
         """
+        if self.read_only:  # no writer of its own, no lock file to make: entries are read as they are
+            yield True
+            return
         path = self.entry_path(key)
         with _locked(path.with_name(path.stem + CLAIM_SUFFIX), wait, remove=True) as held:
             if held:
@@ -366,6 +393,7 @@ class FeatureCache:
         """Store an entry atomically (maps cast to the cache's dtype, on the CPU)."""
         from safetensors.torch import save
 
+        self.check_writable(f"{entry.path} cannot be cached in it")
         dtype = DTYPES[self.settings.dtype]
         tensors: dict[str, torch.Tensor] = {
             f"map_{s}": m.detach().to("cpu", dtype).contiguous() for s, m in enumerate(entry.maps)
@@ -465,6 +493,8 @@ class FeatureCache:
         """
         count = 0
         now = time.time()
+        if self.read_only:
+            return count
         for tmp in self.root.rglob(".*.tmp"):
             with contextlib.suppress(OSError):
                 if now - tmp.stat().st_mtime > older_than:

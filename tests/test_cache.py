@@ -233,25 +233,87 @@ def test_gpu_without_cuda(small_set, tmp_path, monkeypatch):
     assert not (tmp_path / "f").exists()
 
 
-def test_read_only_cache_folder(small_set, tmp_path, monkeypatch):
+def mount_read_only(folder, monkeypatch) -> None:
+    """Make ``folder`` behave as on a read-only mount for this process: os.access reports it
+    unwritable and every open for writing (or creating) under it fails, as root too (root ignores
+    permission bits, so a chmod would not do)."""
+    real_access, real_open, inside = os.access, os.open, str(folder)
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if str(p) == inside and mode & os.W_OK else real_access(p, mode, **kw))
+
+    def guarded_open(path, flags, *args, **kwargs):
+        writes = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+        if writes and os.path.abspath(path).startswith(inside + os.sep):
+            raise OSError(30, "Read-only file system", str(path))  # EROFS
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+
+
+def test_a_complete_cache_on_a_read_only_mount_serves_as_it_is(small_set, tmp_path, monkeypatch):
     data, props = small_set
     feats = tmp_path / "feats"
     assert invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96").exit_code == 0
-    before = sorted(p.name for p in feats.rglob("*"))
-    if os.geteuid() == 0:
-        # root ignores permission bits: simulate what os.access reports on a read-only mount.
-        real_access = os.access
-        monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(feats) and mode & os.W_OK else real_access(p, mode))
-    else:
-        feats.chmod(0o500)
-    try:
-        result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96")
-    finally:
-        feats.chmod(0o700)
-    assert result.exit_code == 1
-    assert result.stderr.strip() == f"Error: {feats}: cache folder is not writable"
-    assert sorted(p.name for p in feats.rglob("*")) == before
+    before = {p: p.stat().st_mtime_ns for p in feats.rglob("*")}
+    mount_read_only(feats, monkeypatch)
+    forwards = backbones.FORWARD_CALLS
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96")
+    assert result.exit_code == 0, result.output
+    assert f"{feats}: 0 image(s) computed, 0 updated, 3 already cached, 0 duplicate(s); 0 forward pass(es)." in result.stderr
+    assert backbones.FORWARD_CALLS == forwards
+    assert {p: p.stat().st_mtime_ns for p in feats.rglob("*")} == before
 
+
+def test_a_read_only_cache_that_lacks_an_image_is_named_before_its_work(small_set, tmp_path, monkeypatch):
+    data, props = small_set
+    feats = tmp_path / "feats"
+    assert invoke("cache", "--data", data, "--split", "train", "--props", props, "--cache", feats, "--scales", "96").exit_code == 0
+    before = {p: p.stat().st_mtime_ns for p in feats.rglob("*")}
+    mount_read_only(feats, monkeypatch)
+    forwards = backbones.FORWARD_CALLS
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == f"Error: {feats}: cache folder is not writable, and {data / 'images' / 'c.jpg'} is not cached in it"
+    assert backbones.FORWARD_CALLS == forwards
+    # Other settings are named as in a writable folder; an empty folder that cannot be written as before.
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "128")
+    assert result.exit_code == 1 and "cache was built with" in result.stderr and "this run asks for" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in feats.rglob("*")} == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    mount_read_only(empty, monkeypatch)
+    result = invoke("cache", "--data", data, "--props", props, "--cache", empty, "--scales", "96")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {empty}: cache folder is not writable"
+    assert not any(empty.iterdir())
+
+
+def test_a_read_only_cache_whose_labels_changed_says_so(small_set, tmp_path, monkeypatch):
+    data, props = small_set
+    feats = tmp_path / "feats"
+    assert invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96").exit_code == 0
+    xml = data / "annotations" / "c.xml"
+    xml.write_text(xml.read_text().replace("<xmin>30</xmin>", "<xmin>31</xmin>"))
+    mount_read_only(feats, monkeypatch)
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: {feats}: cache folder is not writable, and the labels of {data / 'images' / 'c.jpg'} changed since it was cached")
+
+
+def test_a_damaged_entry_of_a_read_only_cache_is_named_not_rebuilt(small_set, tmp_path, monkeypatch):
+    data, props = small_set
+    feats = tmp_path / "feats"
+    assert invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96").exit_code == 0
+    cache = FeatureCache.open(feats)
+    damaged = next(k for k in cache.keys() if cache.metadata(k)["image_id"] == "a")
+    raw = bytearray(cache.entry_path(damaged).read_bytes())
+    raw[-1] ^= 0xFF
+    cache.entry_path(damaged).write_bytes(bytes(raw))
+    mount_read_only(feats, monkeypatch)
+    result = invoke("cache", "--data", data, "--props", props, "--cache", feats, "--scales", "96")
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines()[-1] == (f"Error: {feats}: cache folder is not writable, and the entry of {data / 'images' / 'a.jpg'} is damaged "
+                                     f"(`spp cache-info {feats} --verify` names the problem)")
 
 def test_cache_info_on_a_non_cache(tmp_path):
     result = invoke("cache-info", tmp_path)
