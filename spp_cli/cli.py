@@ -190,6 +190,18 @@ def cli(threads: int | None) -> None:
         set_cpu_threads(threads)
 
 
+def parse_class_names(text: str | None) -> tuple[str, ...] | None:
+    """``--classes``: ``"person, car"`` -> ``("person", "car")`` (each once); None without the option."""
+    from spp_cli.errors import UsageError
+
+    if text is None:
+        return None
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise UsageError(f"--classes: '{text}' names no class (give names separated by commas, e.g. person,car)")
+    return names
+
+
 def set_cpu_threads(threads: int) -> None:
     """Limit torch's intra-op threads (and OpenMP/BLAS pools) to ``threads``.
 
@@ -331,7 +343,8 @@ def cache_info(cache_dir, verify) -> None:
 @click.option("--min-prob", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None, metavar="P",
               help="Only draw detections whose probability of being right is at least P (detections of a model from spp train; "
                    "instead of --conf). Default: 0.5 where every detection has a probability (as spp detect shows them), else every detection.")
-def draw(detections, images_root, out_dir, conf, min_prob) -> None:
+@click.option("--classes", "class_names", metavar="NAMES", help="Only draw detections of these classes (comma-separated names, e.g. person,car).")
+def draw(detections, images_root, out_dir, conf, min_prob, class_names) -> None:
     """Draw the boxes of a detections file (from `spp detect`) on their images.
 
     Each box is outlined in its class colour (the same colour for a class in
@@ -345,7 +358,7 @@ def draw(detections, images_root, out_dir, conf, min_prob) -> None:
     """
     from spp_cli.commands.draw import run_draw
 
-    sys.exit(run_draw(detections, images_root, out_dir, conf, min_prob))
+    sys.exit(run_draw(detections, images_root, out_dir, conf, min_prob, parse_class_names(class_names)))
 
 
 @cli.command()
@@ -560,15 +573,9 @@ def detect(inputs, data, split, model_path, cache_dir, props, proposals, conf, m
       spp detect --data ../shared/data/raccoon --split test --model model.safetensors --out dets.json
     """
     from spp_cli.commands.detect import run_detect
-    from spp_cli.errors import UsageError
 
-    classes = None
-    if class_names is not None:
-        classes = tuple(dict.fromkeys(name.strip() for name in class_names.split(",") if name.strip()))
-        if not classes:
-            raise UsageError(f"--classes: '{class_names}' names no class (give names separated by commas, e.g. person,car)")
     sys.exit(run_detect(inputs, data, split, model_path, cache_dir, props, conf, nms, max_det, out, save_dir, gpu, bbox_reg, vote, shard, min_prob, proposals,
-                        prefetch, classes))
+                        prefetch, parse_class_names(class_names)))
 
 
 @cli.command()

@@ -31,3 +31,15 @@ class ModelError(SPPError):
 
 class UsageError(SPPError):
     """Options that do not go together."""
+
+
+def check_class_names(names: list[str], classes: list[str], source: str, error: type[SPPError] = SPPError) -> None:
+    """A run's class filter (``--classes``) against the classes ``source`` holds.
+
+    Raises:
+        error: ``"{source}: has no class 'x', 'y' (its classes: a, b, ...)"``, naming each missing one.
+    """
+    missing = [name for name in names if name not in classes]
+    if missing:
+        shown = ", ".join(classes[:10]) + (f", ... ({len(classes)} in all)" if len(classes) > 10 else "")
+        raise error(f"{source}: has no class {', '.join(repr(name) for name in missing)} (its classes: {shown})")

@@ -29,7 +29,7 @@ from spp_cli.boxes import top_batched_nms, vote_boxes
 from spp_cli.cache import CacheSettings, tensor_digest
 from spp_cli.calibration import Calibration
 from spp_cli.config import DetectConfig
-from spp_cli.errors import ModelError
+from spp_cli.errors import ModelError, check_class_names
 from spp_cli.fileio import atomic_write_bytes, read_safetensors
 from spp_cli.head import Head
 from spp_cli.spp import Alignment, PyramidPooler, output_dim
@@ -289,10 +289,7 @@ class Detector:
             ModelError: ``"{source}: has no class 'X' (its classes: ...)"``, naming each missing one.
         """
         names = list(names)
-        missing = [name for name in names if name not in self.classes]
-        if missing:
-            shown = ", ".join(self.classes[:10]) + (f", ... ({len(self.classes)} in all)" if len(self.classes) > 10 else "")
-            raise ModelError(f"{source}: has no class {', '.join(repr(name) for name in missing)} (its classes: {shown})")
+        check_class_names(names, self.classes, source, ModelError)
         return tuple(sorted({self.classes.index(name) for name in names}))
 
     def margin_at_probability(self, probability: float, source: str) -> float:

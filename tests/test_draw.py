@@ -240,6 +240,20 @@ def test_draw_shows_what_spp_detect_shows_of_a_calibrated_model_by_default(tmp_p
     assert one_line(result) == "Error: --conf and --min-prob both set a threshold: give one"
 
 
+def test_draw_classes_draws_those_classes_only(tmp_path):
+    write_grey(tmp_path / "a.png")
+    dets = write_detections(tmp_path / "dets.json", [entry(tmp_path / "a.png", [det([40, 50, 160, 130], score=1.5),
+                                                                               det([10, 20, 30, 140], "cat", score=-0.7, class_id=1)])])
+    out = tmp_path / "drawn"
+    result = invoke("draw", dets, "--out", out, "--classes", "cat")
+    assert result.exit_code == 0, result.output
+    assert f"Wrote 1 annotated image(s) to {out}: all 1 detection(s) (class cat)" in result.stderr
+    drawn = Image.open(out / "a.png").convert("RGB")
+    assert drawn.getpixel((10, 80)) == class_colour("cat") and drawn.getpixel((40, 90)) == GREY
+    result = invoke("draw", dets, "--out", out, "--classes", "cat,dog")
+    assert result.exit_code == 1
+    assert one_line(result) == f"Error: {dets}: has no class 'dog' (its classes: raccoon, cat)"
+
 def test_draw_min_prob_needs_probabilities(tmp_path):
     write_grey(tmp_path / "a.png")
     dets = write_detections(tmp_path / "dets.json", [entry(tmp_path / "a.png", [det([40, 50, 160, 130])])])

@@ -12,7 +12,7 @@ from PIL import Image
 from spp_cli import ui
 from spp_cli.detections import DetectionsImage, read_detections
 from spp_cli.draw import draw_detections
-from spp_cli.errors import ImageError, SPPError, UsageError
+from spp_cli.errors import ImageError, SPPError, UsageError, check_class_names
 from spp_cli.fileio import atomic_write_bytes, check_not_input, check_writable_folder
 from spp_cli.calibration import DISPLAY_PROBABILITY
 from spp_cli.images import load_image
@@ -59,10 +59,13 @@ def encode(image: Image.Image, suffix: str) -> bytes:
     return buf.getvalue()
 
 
-def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, conf: float | None, min_prob: float | None = None) -> int:
+def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, conf: float | None, min_prob: float | None = None,
+             classes: tuple[str, ...] | None = None) -> int:
     if conf is not None and min_prob is not None:
         raise UsageError("--conf and --min-prob both set a threshold: give one")
     doc = read_detections(detections_file)
+    if classes is not None:
+        check_class_names(list(classes), doc.classes, str(detections_file))
     every = [d for entry in doc.images for d in entry.detections]
     calibrated = all(d.get("probability") is not None for d in every)  # (a file without detections: nothing to draw either way)
     if min_prob is not None and not calibrated:
@@ -90,7 +93,7 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
                 bad.append((src, str(exc)))
             else:
                 warnings.extend(_size_warning(entry, src, image))
-                kept = [d for d in entry.detections if shown(d)]
+                kept = [d for d in entry.detections if shown(d) and (classes is None or d["class"] in classes)]
                 atomic_write_bytes(out, encode(draw_detections(image, kept), out.suffix))
                 written += 1
                 drawn += len(kept)
@@ -99,6 +102,8 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
     ui.print_warnings(warnings)
     which = (f"all {drawn} detection(s)" if conf is None and min_prob is None
              else f"the {drawn} detection(s) at {f'score >= {conf:g}' if conf is not None else f'probability >= {min_prob:.2f}'} of {len(every)}")
+    if classes is not None:
+        which += f" (class{'es' if len(classes) > 1 else ''} {', '.join(classes)})"
     ui.console.print(f"Wrote {written} annotated image(s) to {out_dir}: {which}")
     ui.print_bad(bad)
     return 1 if bad else 0
