@@ -6,8 +6,12 @@ Two files are written side by side:
   "images": [{"id", "path", "width", "height", "coco_id"?, "detections":
   [{"box": [x1, y1, x2, y2], "class", "class_id", "score"}]}]}`` with boxes
   ``xyxy`` in continuous pixels of the original image and raw SVM scores;
-- ``dets.coco.json``: the COCO results format (``image_id``, ``category_id``
-  = class index + 1, ``bbox`` ``[x, y, w, h]``, ``score``).
+- ``dets.coco.json``: the COCO results format (``image_id``, ``category_id``,
+  ``bbox`` ``[x, y, w, h]``, ``score``). Detections of a COCO JSON dataset
+  (``--data``) carry its image and category ids (``dets.json`` records the
+  categories as ``"coco_categories"``: class name -> id), so the file scores
+  against that JSON; otherwise images are numbered in order and
+  ``category_id`` is the class index + 1.
 
 Standard library only, so reading needs no torch.
 """
@@ -31,22 +35,30 @@ def coco_results_path(path: str | Path) -> Path:
     return path.with_name(path.stem + ".coco.json")
 
 
-def detections_document(classes: list[str], images: list[dict]) -> dict:
-    """The versioned per-image document; ``images`` as described above."""
-    return {"format": DETECTIONS_FORMAT, "version": DETECTIONS_VERSION, "classes": list(classes), "images": images}
+def detections_document(classes: list[str], images: list[dict], coco_categories: dict | None = None) -> dict:
+    """The versioned per-image document; ``images`` as described above; ``coco_categories``
+    (class name -> category id) where the images come from a COCO JSON."""
+    doc = {"format": DETECTIONS_FORMAT, "version": DETECTIONS_VERSION, "classes": list(classes), "images": images}
+    if coco_categories is not None:
+        doc["coco_categories"] = dict(coco_categories)
+    return doc
 
 
-def coco_results(images: list[dict]) -> list[dict]:
-    """COCO results list; ``image_id`` is the entry's ``coco_id`` or its index."""
+def coco_results(images: list[dict], coco_categories: dict | None = None) -> list[dict]:
+    """COCO results list; ``image_id`` is the entry's ``coco_id`` or its index, ``category_id``
+    the class's id in ``coco_categories`` (a detection of a class missing there is left out: the
+    JSON could not score it), or without them the class index + 1."""
     out = []
     for n, image in enumerate(images):
         image_id = image.get("coco_id", n)
         for det in image["detections"]:
+            if coco_categories is not None and det["class"] not in coco_categories:
+                continue
             x1, y1, x2, y2 = det["box"]
             out.append(
                 {
                     "image_id": image_id,
-                    "category_id": det["class_id"] + 1,
+                    "category_id": det["class_id"] + 1 if coco_categories is None else coco_categories[det["class"]],
                     "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
                     "score": det["score"],
                 }

@@ -108,5 +108,5 @@ def write_merged(kind: str, paths: list[Path], out: Path) -> dict:
     if kind == "dets":
         from spp_cli.detections import coco_results, coco_results_path
 
-        atomic_write_json(coco_results_path(out), coco_results(merged["images"]))
+        atomic_write_json(coco_results_path(out), coco_results(merged["images"], merged.get("coco_categories")))
     return merged

@@ -158,6 +158,39 @@ def test_train_detect_eval(pipeline, tmp_path):
     assert 0 < metrics["mAP"] <= metrics["AP50"] <= 1
 
 
+def test_coco_results_of_a_coco_dataset_carry_its_ids_and_score_with_pycocotools_as_spp_eval_does(pipeline, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    # The shapes' test images as a COCO JSON whose ids are not 1..K: red 17, blue 4, a class the model lacks 9.
+    (tmp_path / "images").symlink_to(pipeline.data / "images")
+    ids = {"red": 17, "blue": 4}
+    doc = {"images": [], "annotations": [], "categories": [{"id": 17, "name": "red"}, {"id": 4, "name": "blue"}, {"id": 9, "name": "green"}]}
+    for n, image_id in enumerate(TEST):
+        doc["images"].append({"id": 100 + n, "file_name": f"{image_id}.jpg", "width": 160, "height": 120})
+        for name, (x1, y1, x2, y2) in ground_truth(pipeline.data, image_id):
+            doc["annotations"].append({"id": len(doc["annotations"]) + 1, "image_id": 100 + n, "category_id": ids[name],
+                                       "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+    gt_path = tmp_path / "instances.json"
+    gt_path.write_text(json.dumps(doc))
+    dets = tmp_path / "dets.json"
+    result = invoke("detect", "--data", gt_path, "--model", pipeline.model, "--cache", pipeline.cache, "--props", pipeline.props, "--out", dets)
+    assert result.exit_code == 0, result.output
+    assert json.loads(dets.read_text())["coco_categories"] == {"red": 17, "blue": 4, "green": 9}
+    flat = [(100 + n, d) for n, im in enumerate(json.loads(dets.read_text())["images"]) for d in im["detections"]]
+    coco = json.loads((tmp_path / "dets.coco.json").read_text())
+    assert [(row["image_id"], row["category_id"]) for row in coco] == [(image_id, ids[d["class"]]) for image_id, d in flat]
+
+    truth = COCO(str(gt_path))
+    scored = COCOeval(truth, truth.loadRes(str(tmp_path / "dets.coco.json")), "bbox")
+    scored.evaluate(), scored.accumulate(), scored.summarize()
+    metrics = tmp_path / "metrics.json"
+    result = invoke("eval", dets, "--data", gt_path, "--metric", "coco", "--out", metrics)
+    assert result.exit_code == 0, result.output
+    assert scored.stats[0] > 0.3  # the detector finds the rectangles
+    # pycocotools averages over the categories with ground truth; spp eval over the model's classes with it: the same two.
+    assert json.loads(metrics.read_text())["mAP"] == pytest.approx(scored.stats[0], abs=1e-4)
+
 def test_model_file_is_safetensors_with_json_metadata(pipeline):
     raw = pipeline.model.read_bytes()
     # safetensors: 8-byte little-endian header length, a JSON header, then raw

@@ -366,15 +366,17 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
         if out is not None:
             ui.console.print(f"Nothing written: no image could be read{f' ({out} is unchanged)' if out.exists() else ''}.")
         return 1
+    categories = sources.dataset.category_ids if sources.dataset is not None else None  # a COCO JSON's: its results score against it
     if out is not None and work.shard.active:
         from spp_cli.merge import part_document
 
         # The COCO results file numbers images by their place in the whole
         # job: it is written with the merged file.
-        atomic_write_json(work.output(out), part_document(detections_document(detector.classes, results), work.shard, orders, work.total, work.run, len(bad)))
+        atomic_write_json(work.output(out), part_document(detections_document(detector.classes, results, categories), work.shard, orders, work.total,
+                                                          work.run, len(bad)))
     elif out is not None:
-        atomic_write_json(out, detections_document(detector.classes, results))
-        atomic_write_json(coco_results_path(out), coco_results(results))
+        atomic_write_json(out, detections_document(detector.classes, results, categories))
+        atomic_write_json(coco_results_path(out), coco_results(results, categories))
     undrawn: list[tuple[Path, str]] = []  # detected, but gone (or changed) before its drawing
     if save_dir is not None:
         # File names chosen over all inputs (same-named images get -2, -3, ...

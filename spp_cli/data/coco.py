@@ -89,7 +89,8 @@ def read_coco(json_path: Path, split: str | None) -> Dataset:
             warnings,
         )
         records.append(record)
-    return Dataset(root=json_path, format="coco", classes=classes, records=records, bad=bad, warnings=warnings)
+    return Dataset(root=json_path, format="coco", classes=classes, records=records, bad=bad, warnings=warnings,
+                   category_ids={str(c["name"]): c["id"] for c in categories})
 
 
 # What a field may hold: ids are numbers (the COCO format) or strings (some exporters); names are strings.

@@ -55,6 +55,7 @@ class Dataset:
         bad: ``(file, problem)`` for images whose annotation could not be
             used; commands skip them and list them at the end.
         warnings: one line each, e.g. boxes clipped to the image.
+        category_ids: a COCO JSON's category id of each class name (its results use them).
     """
 
     root: Path
@@ -63,6 +64,7 @@ class Dataset:
     records: list[ImageRecord]
     bad: list[tuple[Path, str]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    category_ids: dict[str, int | str] | None = None
 
     def __len__(self) -> int:
         return len(self.records)
