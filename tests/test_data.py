@@ -125,6 +125,28 @@ def test_yolo_class_id_out_of_range_skips_image(yolo_dataset):
     assert ds.bad == [(label, "line 2: class id 5 out of range (data.yaml names 2 classes)")]
 
 
+def test_yolo_segmentation_lines_are_their_polygons_bounding_boxes(yolo_dataset):
+    # p.jpg is 100 x 50; ultralytics' -seg labels: class, then the polygon's x y pairs.
+    label = yolo_dataset.parent / "labels" / "train" / "p.txt"
+    label.write_text("0 0.4 0.3 0.6 0.3 0.55 0.7\n1 0.1 0.1 0.2 0.1 0.2 0.3 0.1 0.3\n")
+    p = open_dataset(yolo_dataset).records[0]
+    np.testing.assert_allclose(p.boxes, [[40, 15, 60, 35], [10, 5, 20, 15]], atol=1e-4)
+    np.testing.assert_array_equal(p.labels, [0, 1])
+    # Pose labels (kpt_shape in the yaml): the box that leads each line, its keypoints after it.
+    label.write_text("0 0.5 0.5 0.2 0.4 0.45 0.4 2 0.55 0.6 2\n")
+    yolo_dataset.write_text(yolo_dataset.read_text() + "kpt_shape: [2, 3]\n")
+    np.testing.assert_allclose(open_dataset(yolo_dataset).records[0].boxes, [[40, 15, 60, 35]], atol=1e-4)
+
+
+@pytest.mark.parametrize("line", ["0 0.5 0.5 0.2 0.4 0.9", "0 0.1 0.1 0.2 0.1 0.2 0.3 0.1", "0 0.1 0.1"])
+def test_yolo_line_neither_box_nor_polygon_skips_its_image(yolo_dataset, line):
+    label = yolo_dataset.parent / "labels" / "train" / "p.txt"
+    label.write_text(line + "\n")
+    ds = open_dataset(yolo_dataset)
+    assert [r.image_id for r in ds.records] == ["q"]
+    fields = len(line.split())
+    assert ds.bad == [(label, f"line 1: expected 'class cx cy w h' or a polygon 'class x1 y1 x2 y2 x3 y3 ...', got {fields} fields")]
+
 def test_yolo_unknown_split(yolo_dataset):
     with pytest.raises(DatasetError, match=r"data\.yaml: no split 'test' \(splits: train, val\)"):
         open_dataset(yolo_dataset, "test")

@@ -2,7 +2,10 @@
 
 Label lines are ``class cx cy w h`` normalised to [0, 1]; a label file is
 found by replacing the last ``images`` folder of the image path with
-``labels`` and the suffix with ``.txt`` (the ultralytics convention).
+``labels`` and the suffix with ``.txt`` (the ultralytics convention). As
+ultralytics reads them, a segmentation line ``class x1 y1 x2 y2 x3 y3 ...``
+(more than 5 fields) is its polygon's bounding box, and a pose dataset's
+lines (``kpt_shape`` in the yaml) are a box followed by its keypoints.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ def read_yolo(yaml_path: Path, split: str | None) -> Dataset:
     if not isinstance(config, dict) or "names" not in config:
         raise DatasetError(f"{yaml_path}: missing key 'names'")
     classes = _names(yaml_path, config["names"])
+    keypoints = "kpt_shape" in config  # a pose dataset: each line a box, then its keypoints
     root = config.get("path") or "."
     if not isinstance(root, str):
         raise DatasetError(f"{yaml_path}: 'path' is {root!r}, not a folder")
@@ -67,7 +71,7 @@ def read_yolo(yaml_path: Path, split: str | None) -> Dataset:
     for image_path in images:
         label_path = label_path_for(image_path)
         try:
-            rows = _read_labels(label_path, len(classes))
+            rows = _read_labels(label_path, len(classes), keypoints)
         except LabelError as exc:
             bad.append((label_path, str(exc)))
             continue
@@ -125,7 +129,9 @@ def _split_images(yaml_path: Path, base: Path, key: str, value: object, required
     return out
 
 
-def _read_labels(path: Path, num_classes: int) -> list[tuple[int, float, float, float, float]]:
+def _read_labels(path: Path, num_classes: int, keypoints: bool = False) -> list[tuple[int, float, float, float, float]]:
+    """``(class, cx, cy, w, h)`` normalised, one per label line: a box line's own, a polygon's
+    bounding box; with ``keypoints`` (a pose dataset) the box that leads each line."""
     if not path.exists():
         return []  # YOLO convention: no label file = no objects
     rows = []
@@ -133,13 +139,19 @@ def _read_labels(path: Path, num_classes: int) -> list[tuple[int, float, float, 
         fields = line.split()
         if not fields:
             continue
-        if len(fields) < 5:
-            raise LabelError(f"line {n}: expected 'class cx cy w h', got {len(fields)} fields")
+        polygon = len(fields) > 5 and not keypoints
+        if len(fields) < 5 or (polygon and (len(fields) % 2 == 0 or len(fields) < 7)):
+            raise LabelError(f"line {n}: expected 'class cx cy w h' or a polygon 'class x1 y1 x2 y2 x3 y3 ...', got {len(fields)} fields")
         try:
             cls = int(fields[0])
-            cx, cy, w, h = (float(v) for v in fields[1:5])
+            values = [float(v) for v in fields[1:]]
         except ValueError:
             raise LabelError(f"line {n}: not numbers: {line.strip()!r}") from None
+        if polygon:
+            xs, ys = values[0::2], values[1::2]
+            cx, cy, w, h = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)
+        else:
+            cx, cy, w, h = values[:4]
         if not 0 <= cls < num_classes:
             raise LabelError(f"line {n}: class id {cls} out of range (data.yaml names {num_classes} classes)")
         rows.append((cls, cx, cy, w, h))
