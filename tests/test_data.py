@@ -198,6 +198,28 @@ def test_an_xml_file_that_cannot_be_read_skips_its_image(tmp_path, monkeypatch):
     assert ds.records == [] and ds.bad == [(path, "cannot read (Permission denied)")]
 
 
+def test_split_file_ids_keep_their_spaces_and_lose_a_byte_order_mark(tmp_path):
+    from spp_cli.data.registry import read_id_list
+
+    path = tmp_path / "ids.txt"
+    path.write_bytes("\ufeffraccoon-31\nwith space\n  # a comment\n\nñandú ü \n".encode("utf-8"))
+    assert read_id_list(path) == ["raccoon-31", "with space", "ñandú ü"]
+    # VOC's per-class files (ImageSets/Main/<class>_<split>.txt): every line an id and -1, 0 or 1.
+    path.write_text("000005 -1\n000007  1\n000009 0\n")
+    assert read_id_list(path) == ["000005", "000007", "000009"]
+
+
+def test_coco_and_yolo_split_ids_that_match_no_image_are_listed(coco_dataset, yolo_dataset, tmp_path):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("one\ntypo_id\n2\n")
+    ds = open_dataset(coco_dataset, str(ids))
+    assert [r.image_id for r in ds.records] == ["one", "two"]
+    assert ds.bad == [(ids, f"'typo_id' is no image of {coco_dataset} (neither a file name's stem nor an image id)")]
+    ids.write_text("p\ntypo_id\n")
+    ds = open_dataset(yolo_dataset, str(ids))
+    assert [r.image_id for r in ds.records] == ["p"]
+    assert ds.bad == [(ids, f"'typo_id' is no image of {yolo_dataset}'s splits")]
+
 def test_a_split_or_list_file_that_cannot_be_read_is_one_line(tmp_path):
     from spp_cli.data.registry import read_id_list
     from spp_cli.errors import SPPError

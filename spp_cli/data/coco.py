@@ -52,11 +52,15 @@ def read_coco(json_path: Path, split: str | None) -> Dataset:
     root = json_path.parent.parent if json_path.parent.name == "annotations" else json_path.parent
     image_dir = _find_image_dir(json_path, root, images)
 
+    unknown_ids: list[tuple[Path, str]] = []
     if split is not None:
-        wanted = set(read_id_list(split_file(split, root, json_path)))
-        images = [im for im in images if Path(im["file_name"]).stem in wanted or str(im["id"]) in wanted]
+        listed_in = split_file(split, root, json_path)
+        wanted = read_id_list(listed_in)
+        images = [im for im in images if Path(im["file_name"]).stem in set(wanted) or str(im["id"]) in set(wanted)]
         if not images:
             raise DatasetError(f"{json_path}: split '{split}' selects no image of this file")
+        known = {Path(im["file_name"]).stem for im in images} | {str(im["id"]) for im in images}
+        unknown_ids = [(listed_in, f"'{i}' is no image of {json_path} (neither a file name's stem nor an image id)") for i in dict.fromkeys(wanted) if i not in known]
 
     by_image = defaultdict(list)
     orphans = []
@@ -66,7 +70,7 @@ def read_coco(json_path: Path, split: str | None) -> Dataset:
         else:
             orphans.append(ann["image_id"])
 
-    records, warnings, bad = [], [], []
+    records, warnings, bad = [], [], list(unknown_ids)
     if orphans:
         what = "1 annotation has an image_id" if len(orphans) == 1 else f"{len(orphans)} annotations have an image_id"
         warnings.append(f"{json_path}: {what} that is in no image (e.g. {json.dumps(orphans[0])}); ignored")

@@ -88,18 +88,21 @@ def _detect(spec: str) -> tuple[str, Path]:
 
 
 def read_id_list(path: Path) -> list[str]:
-    """Image ids from a split file: one per line, blank lines and ``#`` comments skipped.
+    """Image ids from a split file: one per line (spaces inside an id kept), blank lines and
+    ``#`` comments skipped, a byte-order mark (Windows editors) ignored.
 
-    VOC's ``ImageSets/Main/<class>_<split>.txt`` form (``id  1``) is accepted:
-    only the first column is used.
+    VOC's ``ImageSets/Main/<class>_<split>.txt`` form (``id  1``: every line an id and
+    -1, 0 or 1) is accepted: only the first column is used.
     """
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise DatasetError(f"{path}: split file is not UTF-8 text") from None
     except OSError as exc:  # unreadable (permissions), a folder, gone since it was found
         raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    ids = [line.split()[0] for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    voc_class_file = all(len(f := line.split()) == 2 and f[1] in ("-1", "0", "1") for line in listed)
+    ids = [line.split()[0] for line in listed] if voc_class_file else listed
     if not ids:
         raise DatasetError(f"{path}: split file lists no image ids")
     return ids

@@ -51,7 +51,7 @@ def read_yolo(yaml_path: Path, split: str | None) -> Dataset:
     id_filter = None
     if split is None or (split.endswith(".txt") and Path(split).is_file()):
         if split is not None:
-            id_filter = set(read_id_list(Path(split)))
+            id_filter = read_id_list(Path(split))
         keys = split_keys
     elif split in config and config[split]:
         keys = [split]
@@ -62,12 +62,15 @@ def read_yolo(yaml_path: Path, split: str | None) -> Dataset:
     for key in keys:
         images.extend(_split_images(yaml_path, base, key, config[key], required=(split is not None and id_filter is None)))
     images = list(dict.fromkeys(images))
+    unknown_ids: list[tuple[Path, str]] = []
     if id_filter is not None:
-        images = [p for p in images if p.stem in id_filter]
+        images = [p for p in images if p.stem in set(id_filter)]
+        found = {p.stem for p in images}
+        unknown_ids = [(Path(split), f"'{i}' is no image of {yaml_path}'s splits") for i in dict.fromkeys(id_filter) if i not in found]
     if not images:
         raise DatasetError(f"{yaml_path}: no images found for split '{split or 'all'}'")
 
-    records, warnings, bad = [], [], []
+    records, warnings, bad = [], [], list(unknown_ids)
     for image_path in images:
         label_path = label_path_for(image_path)
         try:
