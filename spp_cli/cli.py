@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from spp_cli import __version__
-from spp_cli.config import SVMConfig
+from spp_cli.config import SVMConfig, cpu_budget
 
 
 class FiniteFloat(click.FloatRange):
@@ -156,8 +156,8 @@ def workers_option(func):
     return click.option(
         "--workers",
         type=click.IntRange(min=1),
-        default=lambda: os.cpu_count() or 1,
-        show_default="all cores",
+        default=lambda: cpu_budget(),
+        show_default="all cores, or spp --threads N",
         help="Worker processes (one image each).",
     )(func)
 
@@ -169,8 +169,8 @@ def workers_option(func):
     type=click.IntRange(min=1),
     envvar="SPP_THREADS",
     metavar="N",
-    help="CPU threads for the network and linear algebra (default: one per core; env SPP_THREADS). "
-    "1 keeps a run steady when other jobs share the cores.",
+    help="Cores a run keeps busy: threads for the network and linear algebra, selective search's worker processes "
+    "(default: every core; env SPP_THREADS). 1 keeps a run steady when other jobs share the cores.",
 )
 def cli(threads: int | None) -> None:
     """SPPnet object detection: region proposals, one conv pass per image, SVMs.

@@ -5,7 +5,20 @@ Frozen dataclasses: a run's settings are recorded in the model file.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+
+def cpu_budget() -> int:
+    """The cores a run may keep busy: ``spp --threads N`` (which sets OMP_NUM_THREADS, as a
+    batch system may) where given, else every core. Selective search's worker processes
+    and the second thread beside the network keep to it, as torch's threads do."""
+    cores = os.cpu_count() or 1
+    try:
+        asked = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        asked = 0
+    return min(cores, asked) if asked > 0 else cores
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from spp_cli import __version__, ui
 from spp_cli.calibration import Calibration
+from spp_cli.config import cpu_budget
 from spp_cli.data.registry import dataset_files
 from spp_cli.errors import DatasetError, SPPError, UsageError
 from spp_cli.fileio import atomic_write_json, check_not_in_cache, check_not_input, check_writable, file_stamp
@@ -329,7 +329,7 @@ def choose_proposals(cache, proposal_model: Path, val_records: list, searched: d
     pending = [record for record, _ in val_records if str(record.path) not in searched]
     tasks = [ProposalTask(record.image_id, str(record.path)) for record in pending]
     stamps = {task.path: file_stamp(task.path) for task in tasks}  # as `spp propose` records them in props.json
-    for found, record in zip(run_proposals(tasks, ProposalParams(), os.cpu_count() or 1), pending):  # in task order
+    for found, record in zip(run_proposals(tasks, ProposalParams(), cpu_budget()), pending):  # in task order
         if isinstance(found, TaskFailure):
             raise DatasetError(found.message)
         found.file = stamps[found.path]
@@ -618,7 +618,7 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     searched_val: dict = {}
 
     def search_all() -> int:
-        return run_propose((), None, None, props, "fast", None, None, None, None, os.cpu_count() or 1, False, shard="0/1", sources=sources(),
+        return run_propose((), None, None, props, "fast", None, None, None, None, cpu_budget(), False, shard="0/1", sources=sources(),
                            searched=searched_val)
 
     if not learned:

@@ -20,13 +20,13 @@ the same time can be seen half-initialised by one of them).
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
+from spp_cli.config import cpu_budget
 from spp_cli.proposals import ProposalParams, rank_runs, search_runs
 
 # How many images the search may run ahead of the network: one keeps both
@@ -107,5 +107,5 @@ def second_core_free() -> bool:
     """Whether a search thread beside the network has a core of its own: not on
     one core, and not under ``spp --threads 1`` (OMP_NUM_THREADS=1), which
     asks spp to keep to one."""
-    return (os.cpu_count() or 1) > 1 and os.environ.get("OMP_NUM_THREADS") != "1"
+    return cpu_budget() > 1
 

@@ -451,3 +451,16 @@ def test_every_command_has_an_interrupt_note():
     for command in COMMANDS:
         resumes = interrupted_message(command) == RESUMES
         assert resumes == (command in RESUMING), command
+
+
+def test_threads_also_caps_selective_searchs_worker_processes(tmp_path, monkeypatch):
+    # `spp --threads N` (OMP_NUM_THREADS, as a batch system may set it) is the run's share of the cores.
+    monkeypatch.setenv("OMP_NUM_THREADS", "unset-by-test")  # restored after the test
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    images = [write_image(tmp_path / f"{n}.jpg", seed=n) for n in range(3)]
+    result = invoke("--threads", "2", "propose", *images, "--out", tmp_path / "p.json")
+    assert result.exit_code == 0, result.output
+    assert "s/image wall with 2 worker(s)" in result.stderr
+    result = invoke("--threads", "1", "propose", *images, "--out", tmp_path / "p.json", "--workers", "3")
+    assert result.exit_code == 0, result.output
+    assert "s/image wall with 3 worker(s)" in result.stderr  # asked for: as given

@@ -1,6 +1,7 @@
 """Selective search ahead of the network (spp_cli.prefetch): the same boxes, in order, errors in place."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def test_one_core_or_threads_1_searches_on_the_main_thread(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert not prefetch.second_core_free()
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
-    monkeypatch.setattr(prefetch.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
     assert not prefetch.second_core_free()
 
 
