@@ -109,7 +109,8 @@ def interrupted_message(command: str | None) -> str:
     if command in RESUMING:
         return "Interrupted. Finished work is kept; run the same command again to resume."
     if command == "detect":
-        return "Interrupted. The images finished are kept beside --out; run the same command again to resume (without --out, nothing was written)."
+        return ("Interrupted. The images finished are kept beside --out and in --save-dir; run the same command again to resume "
+                "(without --out, it starts over).")
     if command == "train-svm":
         return ("Interrupted. Hard-negative mining's state is saved beside --out as it goes (a minute apart at least); run the "
                 "same command again to resume from the last save (a run stopped before one starts over).")

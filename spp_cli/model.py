@@ -296,7 +296,7 @@ class Detector:
         """The SVM margin a detection needs to reach ``probability``: a probability threshold
         as a margin threshold (the same detections pass either)."""
         if self.calibration is None:
-            raise ModelError(f"{source}: has no calibrated probabilities (models from `spp train` have them); threshold the SVM margin (--conf) instead")
+            raise ModelError(f"{source}: has no calibrated probabilities (`spp train` fits them where its validation part gives enough detections); threshold the SVM margin (--conf) instead")
         return self.calibration.margin_at(probability)
 
     # ---------------------------------------------------------------- inference

@@ -132,7 +132,7 @@ def test_probability_thresholds_need_a_calibrated_model(calibrated, uncalibrated
     runner = CliRunner()
     result = runner.invoke(cli, ["detect", str(PHOTO), "--model", str(uncalibrated), "--min-prob", "0.5"])
     assert result.exit_code == 1
-    assert result.stderr.strip() == (f"Error: {uncalibrated}: has no calibrated probabilities (models from `spp train` have them); "
+    assert result.stderr.strip() == (f"Error: {uncalibrated}: has no calibrated probabilities (`spp train` fits them where its validation part gives enough detections); "
                                      "threshold the SVM margin (--conf) instead")
     result = runner.invoke(cli, ["detect", str(PHOTO), "--model", str(calibrated), "--min-prob", "0.5", "--conf", "0"])
     assert result.exit_code == 2

@@ -427,7 +427,8 @@ RESUMES = "Interrupted. Finished work is kept; run the same command again to res
 @pytest.mark.parametrize("args, module, function, message", [
     (["propose", "photos", "--out", "props.json"], "propose", "run_propose", RESUMES),
     (["detect", "photos", "--out", "dets.json"], "detect", "run_detect",
-     "Interrupted. The images finished are kept beside --out; run the same command again to resume (without --out, nothing was written)."),
+     "Interrupted. The images finished are kept beside --out and in --save-dir; run the same command again to resume (without --out, it "
+     "starts over)."),
     (["train-svm", "--cache", "cache", "--out", "model.safetensors"], "train_svm", "run_train_svm",
      "Interrupted. Hard-negative mining's state is saved beside --out as it goes (a minute apart at least); run the same command again "
      "to resume from the last save (a run stopped before one starts over)."),

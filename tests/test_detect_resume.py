@@ -117,18 +117,23 @@ def test_resumed_images_take_this_runs_ids_and_coco_ids(tmp_path, photos, monkey
 
 def test_an_interrupt_while_drawing_keeps_the_journal(tmp_path, photos, monkeypatch):
     out, drawn = tmp_path / "dets.json", tmp_path / "drawn"
+    real, drawings = spp_cli.commands.detect._save_drawing, []
 
-    def stopped(*args, **kwargs):
-        raise KeyboardInterrupt  # as Ctrl-C while --save-dir's images are drawn, after the files are written
+    def stopped_at_the_second(*args, **kwargs):
+        drawings.append(1)
+        if len(drawings) == 2:
+            raise KeyboardInterrupt  # as Ctrl-C while the second image is drawn, after its journal line
+        return real(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(spp_cli.commands.detect, "_save_drawings", stopped)
+        patch.setattr(spp_cli.commands.detect, "_save_drawing", stopped_at_the_second)
         assert detect(photos, out, "--save-dir", drawn).exit_code == 130
+    assert [p.name for p in drawn.iterdir()] == [PHOTOS[0].name]  # drawn as it went
     calls = interrupt_after(monkeypatch, 99)
     result = detect(photos, out, "--save-dir", drawn)
     assert result.exit_code == 0
-    assert "Resuming: 3 of 3 images already done." in result.output
-    assert calls == []
+    assert "Resuming: 2 of 3 images already done." in result.output
+    assert calls == [PHOTOS[2].name]
     assert sorted(p.name for p in drawn.iterdir()) == sorted(p.name for p in PHOTOS)
 
 

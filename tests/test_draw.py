@@ -368,12 +368,14 @@ def test_draw_missing_images_root_is_an_error(tmp_path):
 def test_detect_names_an_image_that_went_before_its_drawing_as_not_drawn_not_skipped(tmp_path):
     # Its detections are in the output; only the drawing is missing (the image was deleted after detection).
     from spp_cli import ui
-    from spp_cli.commands.detect import _save_drawings
+    from spp_cli.commands.detect import _save_drawing
 
     kept, gone = write_image(tmp_path / "kept.jpg", 80, 60), tmp_path / "gone.jpg"
-    results = [{"path": str(p), "detections": [{"box": [1, 1, 20, 20], "class": "raccoon", "class_id": 0, "score": 1.0}]} for p in (kept, gone)]
     undrawn = []
-    _save_drawings(results, tmp_path / "drawn", 0.0, undrawn, [0, 1], [kept, gone])
+    (tmp_path / "drawn").mkdir()
+    for path in (kept, gone):
+        result = {"path": str(path), "detections": [{"box": [1, 1, 20, 20], "class": "raccoon", "class_id": 0, "score": 1.0}]}
+        _save_drawing(result, tmp_path / "drawn" / path.name, 0.0, undrawn)
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["kept.jpg"]
     assert [path for path, _ in undrawn] == [gone]
     with ui.console.capture() as captured:
@@ -381,3 +383,24 @@ def test_detect_names_an_image_that_went_before_its_drawing_as_not_drawn_not_ski
     lines = captured.get().strip().splitlines()
     assert lines[0] == "1 image(s) detected but not drawn (their detections are in the output):"
     assert lines[1].startswith(f"  not drawn {gone}: ")
+
+
+def test_detect_draws_each_image_as_it_goes_so_an_interrupted_run_keeps_them(tmp_path, monkeypatch):
+    import spp_cli.api
+
+    for n in range(3):
+        write_image(tmp_path / "imgs" / f"{n}.jpg", 80, 60, seed=n)
+    real, calls = spp_cli.api.detect_pixels, []
+
+    def stopped_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # what Ctrl-C raises in the middle of an image
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(spp_cli.api, "detect_pixels", stopped_at_the_third)
+    result = invoke("detect", tmp_path / "imgs", "--save-dir", tmp_path / "drawn", "--conf", "-1.5")
+    assert result.exit_code == 130
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["0.jpg", "1.jpg"]
+    assert result.stderr.strip().splitlines()[-1] == ("Interrupted. The images finished are kept beside --out and in --save-dir; run the same "
+                                                      "command again to resume (without --out, it starts over).")

@@ -266,6 +266,16 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     if results:
         ui.console.print(f"Resuming: {len(results)} of {len(work.items)} images already done.")
     resumed = len(results)
+    resumed_paths = {result["path"] for result in results}
+    undrawn: list[tuple[Path, str]] = []  # detected, but gone (or changed) before its drawing
+    drawing_of: dict[str, Path] = {}
+    if save_dir is not None:
+        from spp_cli.commands.draw import output_paths
+
+        # File names chosen over all inputs (same-named images get -2, -3, ... in input order),
+        # so that every shard names an image as one process does.
+        everyone = [s.path for s in sources.items]
+        drawing_of = dict(zip(map(str, everyone), output_paths(everyone, save_dir)[0]))
     # Each image's size and mtime before it is read: its journal line records them, and a
     # resumed run takes the line only while the file still has them (spp_cli.journal).
     if journal is not None and stamps is None:
@@ -352,6 +362,8 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
                 orders.append(order)
                 if written is not None:
                     written.append({"path": str(source.path), "file": stamps.get(str(source.path)), "entry": entry_json})
+                if save_dir is not None:  # as it goes: an interrupted run keeps the drawings of the images done
+                    _save_drawing(entry_json, drawing_of[str(source.path)], shown, undrawn)
                 bar.update(task, advance=1, rate=f"{done / (time.perf_counter() - start):.2f} img/s")
     finally:
         torch.set_num_threads(network_threads)  # as it was (set lower while a search ran beside)
@@ -377,13 +389,10 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     elif out is not None:
         atomic_write_json(out, detections_document(detector.classes, results, categories))
         atomic_write_json(coco_results_path(out), coco_results(results, categories))
-    undrawn: list[tuple[Path, str]] = []  # detected, but gone (or changed) before its drawing
     if save_dir is not None:
-        # File names chosen over all inputs (same-named images get -2, -3, ...
-        # in input order), so that every shard names an image as one process does.
-        everyone = [s.path for s in sources.items]
-        place = {str(path): k for k, path in enumerate(everyone)}
-        _save_drawings(results, save_dir, shown, undrawn, [place[r["path"]] for r in results], everyone)
+        for result in results:  # an interrupted run's images, taken from its journal: drawn again
+            if result["path"] in resumed_paths:
+                _save_drawing(result, drawing_of[result["path"]], shown, undrawn)
     if journal is not None:
         journal.path.unlink(missing_ok=True)  # the output (and the drawings) hold every finished image now
     threshold = f"score >= {shown:g}" if detector.calibration is None else f"probability >= {detector.probability(shown):.2f} (score >= {shown:.3g})"
@@ -406,28 +415,25 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     return parts.exit_code_of_rank(work, len(bad) + len(undrawn))
 
 
-def _save_drawings(results: list[dict], save_dir: Path, min_score: float, undrawn: list, positions: list[int], everyone: list[Path]) -> None:
-    """Annotated images of ``results``, named as ``output_paths`` names ``everyone`` (result k is input ``positions[k]``);
-    an image that cannot be read again goes to ``undrawn`` with its problem."""
+def _save_drawing(result: dict, target: Path, min_score: float, undrawn: list) -> None:
+    """The annotated image of one detections entry at ``target`` (its detections scoring at least
+    ``min_score``); an image that cannot be read again goes to ``undrawn`` with its problem."""
     from PIL import Image
 
-    from spp_cli.commands.draw import encode, output_paths
+    from spp_cli.commands.draw import encode
     from spp_cli.draw import draw_detections
     from spp_cli.fileio import atomic_write_bytes
     from spp_cli.images import load_image
 
-    sources = [Path(r["path"]) for r in results]
-    names, _ = output_paths(everyone, save_dir)
-    targets = [names[k] for k in positions]
-    for result, source, target in zip(results, sources, targets):
-        try:
-            # A truncated file was warned of when it was read for detection (or caching).
-            image = Image.fromarray(load_image(source, warn=lambda _: None))
-        except SPPError as exc:
-            undrawn.append((source, str(exc)))
-            continue
-        drawn = draw_detections(image, result["detections"], min_score=min_score)
-        atomic_write_bytes(target, encode(drawn, target.suffix))
+    source = Path(result["path"])
+    try:
+        # A truncated file was warned of when it was read for detection (or caching).
+        image = Image.fromarray(load_image(source, warn=lambda _: None))
+    except SPPError as exc:
+        undrawn.append((source, str(exc)))
+        return
+    drawn = draw_detections(image, result["detections"], min_score=min_score)
+    atomic_write_bytes(target, encode(drawn, target.suffix))
 
 
 def _image_entry(source, width: int, height: int) -> dict:
