@@ -278,6 +278,23 @@ def test_draw_resolves_relative_paths_under_images_root(tmp_path):
     assert Image.open(out / "y.png").convert("RGB").getpixel((40, 90)) == class_colour("cat")
 
 
+def test_draw_from_another_folder_says_where_relative_paths_point(tmp_path, monkeypatch):
+    write_grey(tmp_path / "run" / "photos" / "x.png")
+    dets = write_detections(tmp_path / "run" / "dets.json", [entry("photos/x.png", [det([40, 50, 160, 130])])])
+    monkeypatch.chdir(tmp_path)  # not the folder spp detect ran in
+    result = invoke("draw", dets, "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-4:] == [
+        "Nothing drawn: no image could be read.",
+        "1 input(s) skipped:",
+        "  skipped photos/x.png: no such file",
+        f"The paths in {dets} are relative to the folder `spp detect` ran in: run `spp draw` there, or give that folder with --images DIR.",
+    ]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    result = invoke("draw", dets, "--out", tmp_path / "out", "--images", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+
 def test_draw_skips_missing_image_lists_it_and_writes_the_others(tmp_path):
     good = write_grey(tmp_path / "good.png")
     missing = tmp_path / "missing.jpg"

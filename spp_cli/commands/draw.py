@@ -104,8 +104,12 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
              else f"the {drawn} detection(s) at {f'score >= {conf:g}' if conf is not None else f'probability >= {min_prob:.2f}'} of {len(every)}")
     if classes is not None:
         which += f" (class{'es' if len(classes) > 1 else ''} {', '.join(classes)})"
-    ui.console.print(f"Wrote {written} annotated image(s) to {out_dir}: {which}")
+    ui.console.print(f"Wrote {written} annotated image(s) to {out_dir}: {which}" if written or not bad else "Nothing drawn: no image could be read.")
     ui.print_bad(bad)
+    if images_root is None and any(not src.is_absolute() and not src.exists() for src, _ in bad):
+        # spp detect writes each path as it was given: relative to the folder it ran in.
+        ui.console.print(f"The paths in {detections_file} are relative to the folder `spp detect` ran in: run `spp draw` there, "
+                         "or give that folder with --images DIR.")
     return 1 if bad else 0
 
 
