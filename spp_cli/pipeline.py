@@ -528,10 +528,6 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     # The dataset's annotation file, split lists and background lists are read again on a resume.
     check_not_input(out, [*dataset_files(plan.data, plan.split), *([plan.val_split] if plan.val_split else []), *plan.negatives])
     work = work if work is not None else out.with_name(out.stem + ".work")
-    try:
-        work.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # as FeatureCache says of a --cache folder it cannot create
-        raise SPPError(f"{work}: cannot create work folder ({exc.strerror or exc})") from None
     cache_dir = cache_dir if cache_dir is not None else work / "feats"
     check_not_in_cache(out, cache_dir)
 
@@ -543,6 +539,10 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     if not any(len(record.boxes) for record in train_set.records):  # found here, not by its fourth step
         where = f" of split '{plan.split}'" if plan.split else ""
         raise DatasetError(f"{plan.data}: the {len(train_set.records)} image(s){where} hold no ground-truth box; nothing to train on")
+    try:  # made once the data is found usable: a run refused for its data leaves no empty folder
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # as FeatureCache says of a --cache folder it cannot create
+        raise SPPError(f"{work}: cannot create work folder ({exc.strerror or exc})") from None
     background: list[Path] = []
     if plan.negatives:
         from spp_cli.train import negative_images
