@@ -128,7 +128,7 @@ def input_options(func):
     func = click.option(
         "--split",
         metavar="NAME",
-        help="Dataset split: a name (train, test, val...) or a .txt file of image ids. Default: all images.",
+        help="Dataset split: a name (train, test, val...), all, or a .txt file of image ids. Default: all images.",
     )(func)
     func = click.option(
         "--data",
@@ -478,7 +478,7 @@ def train_svm(cache_dir, out, data, split, classes, C, solver, features, head_pa
 
 @cli.command()
 @click.option("--data", required=True, metavar="SPEC", help="The dataset to train on: VOC folder, XML-beside-images folder, COCO .json or YOLO data.yaml.")
-@click.option("--split", default="train", show_default=True, metavar="NAME", help="The training split (a name or a .txt of image ids). No other split is read, unless --val-split names one.")
+@click.option("--split", default="train", show_default=True, metavar="NAME", help="The training split (a name, all, or a .txt of image ids; a COCO JSON: all). No other split is read, unless --val-split names one.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Model file to write (.safetensors).")
 @click.option("--val-split", metavar="NAME", help="Make the choices on this split (default: a --val-fraction of the training split).")
 @click.option("--val-fraction", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=0.1, show_default=True, help="Share of the training split held out for the choices (stable: by sha256 of each image id); the model is the candidate fitted on the rest (see --refit).")

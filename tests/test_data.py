@@ -80,6 +80,15 @@ def test_coco(coco_dataset):
     assert ds.num_boxes == 2  # crowd boxes are not counted
 
 
+def test_split_all_is_every_image_and_a_coco_file_without_split_lists_says_so(coco_dataset, voc_dataset):
+    assert [r.image_id for r in open_dataset(coco_dataset, "all").records] == ["one", "two"]
+    assert [r.image_id for r in open_dataset(voc_dataset, "all").records] == ["000001", "000002"]
+    with pytest.raises(DatasetError) as info:
+        open_dataset(coco_dataset, "train")
+    root = coco_dataset.parent.parent
+    assert str(info.value) == (f"{coco_dataset}: no split 'train' (looked for {root / 'train.txt'}); --split all takes every image of the file, "
+                               "--split FILE.txt those whose ids it lists")
+
 def test_coco_found_from_its_folder(coco_dataset):
     assert open_dataset(coco_dataset.parent.parent).format == "coco"
 

@@ -17,6 +17,9 @@ _HELP = (
 )
 
 
+ALL_IMAGES = "all"  # --split all: every image of the dataset, whatever its split files
+
+
 def open_dataset(spec: str | Path, split: str | None = None) -> Dataset:
     """Open a dataset, optionally one split of it.
 
@@ -26,13 +29,16 @@ def open_dataset(spec: str | Path, split: str | None = None) -> Dataset:
             ``yolo:data.yaml``.
         split: a split name (``train``, ``test``, ...) looked up the way the
             format keeps its id lists, or the path of a ``.txt`` file of image
-            ids (one per line). ``None`` means every image.
+            ids (one per line). ``None`` or ``"all"`` means every image (a COCO
+            JSON is one split: ``all`` trains on the whole file).
 
     Raises:
         DatasetError: the layout is not recognised, or a split or annotation
             file that the whole dataset depends on is missing or malformed.
     """
     fmt, path = _detect(str(spec))
+    if split == ALL_IMAGES:
+        split = None
     if fmt == "voc":
         from spp_cli.data.voc import read_voc
 
@@ -136,4 +142,6 @@ def split_file(split: str, default_dir: Path, dataset: Path) -> Path:
         raise DatasetError(f"{split}: split file not found")
     available = sorted(p.stem for p in default_dir.glob("*.txt")) if default_dir.is_dir() else []
     hint = f"; available: {', '.join(available)}" if available else ""
+    if dataset.suffix == ".json":  # a COCO file is one split already
+        hint += f"; --split {ALL_IMAGES} takes every image of the file, --split FILE.txt those whose ids it lists"
     raise DatasetError(f"{dataset}: no split '{split}' (looked for {candidate}){hint}")
