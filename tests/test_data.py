@@ -1,4 +1,5 @@
 import json
+import shutil
 import warnings
 
 import numpy as np
@@ -23,6 +24,18 @@ def test_xml_beside_images_all_and_splits(xml_dataset):
     assert [r.image_id for r in open_dataset(xml_dataset, "train").records] == ["a", "b"]
     assert [r.image_id for r in open_dataset(xml_dataset, "test").records] == ["c"]
 
+
+def test_labelimg_layout_each_xml_beside_its_image_in_one_folder(xml_dataset, tmp_path):
+    side = tmp_path / "side"
+    side.mkdir()
+    for path in [*(xml_dataset / "images").iterdir(), *(xml_dataset / "annotations").iterdir(), xml_dataset / "train.txt"]:
+        shutil.copy(path, side / path.name)
+    for spec in (side, f"xml:{side}"):
+        ds = open_dataset(spec)
+        assert ds.format == "xml" and ds.classes == ["cat", "dog"]
+        assert [(r.image_id, r.path) for r in ds.records] == [(i, side / f"{i}.jpg") for i in ("a", "b", "c")]
+        np.testing.assert_allclose(ds.records[0].boxes, [[10, 10, 30, 30], [0, 0, 64, 48]])
+    assert [r.image_id for r in open_dataset(side, "train").records] == ["a", "b"]
 
 def test_split_as_id_file(xml_dataset, tmp_path):
     ids = tmp_path / "mine.txt"

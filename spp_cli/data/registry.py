@@ -13,7 +13,7 @@ FORMATS = ("voc", "xml", "coco", "yolo")
 
 _HELP = (
     "expected a VOC folder (Annotations/, JPEGImages/), an XML-beside-images folder "
-    "(images/, annotations/), a COCO .json file, or a YOLO data.yaml"
+    "(images/ and annotations/, or each .xml beside its image), a COCO .json file, or a YOLO data.yaml"
 )
 
 
@@ -90,6 +90,8 @@ def _detect(spec: str) -> tuple[str, Path]:
         if len(jsons) > 1:
             names = ", ".join(j.name for j in jsons)
             raise DatasetError(f"{path}: several COCO files in annotations/ ({names}); pass one with --data FILE.json")
+    if not (path / "annotations").is_dir() and not (path / "images").is_dir() and any(path.glob("*.xml")):
+        return "xml", path  # LabelImg's layout: each image's .xml beside it in one folder
     raise DatasetError(f"{path}: dataset layout not recognised ({_HELP})")
 
 

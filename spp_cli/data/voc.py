@@ -28,7 +28,10 @@ def read_voc(root: Path, split: str | None) -> Dataset:
 
 
 def read_xml_beside_images(root: Path, split: str | None) -> Dataset:
-    """``root/annotations/<id>.xml``, ``root/images/<id>.jpg``, ``root/<split>.txt``."""
+    """``root/annotations/<id>.xml``, ``root/images/<id>.jpg``, ``root/<split>.txt``; or, without
+    those two folders, LabelImg's layout: ``root/<id>.xml`` beside ``root/<id>.jpg``."""
+    if not (root / "annotations").is_dir() and not (root / "images").is_dir() and any(root.glob("*.xml")):
+        return _read(root, "xml", root, root, root, split)
     return _read(root, "xml", root / "annotations", root / "images", root, split)
 
 
