@@ -181,9 +181,27 @@ def _font(size: int) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, int]
     return font, max(1, round(size / _BITMAP_FONT_PX))
 
 
+# Fonts of wide coverage that Linux (DejaVu, Noto), macOS and Windows install, found by name in
+# their font folders. Pillow's bundled font draws ASCII only: "ñandú" came out as "□and□".
+_WIDE_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "arial.ttf")
+
+
+@functools.lru_cache(maxsize=16)
+def _wide_font(size: int) -> ImageFont.FreeTypeFont | None:
+    """A system font for text beyond ASCII at ``size`` px, or None where none is installed."""
+    for name in _WIDE_FONTS:
+        try:
+            return ImageFont.truetype(name, size)
+        except OSError:
+            continue
+    return None
+
+
 def _label_tag(text: str, fill: tuple[int, int, int], size: int) -> Image.Image:
-    """A filled rectangle in ``fill`` with ``text`` on it in black or white."""
-    font, scale = _font(size)
+    """A filled rectangle in ``fill`` with ``text`` on it in black or white (a class name
+    beyond ASCII in a system font of wide coverage where one is installed)."""
+    wide = None if text.isascii() else _wide_font(size)
+    font, scale = (wide, 1) if wide is not None else _font(size)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     # The height spans a reference with an ascender and a descender, so tags
     # are the same height whatever letters a class name happens to have.

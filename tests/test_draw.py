@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageFont
 
@@ -170,6 +171,13 @@ def test_labels_stay_readable_with_only_the_bitmap_font(monkeypatch):
     finally:
         draw_lib._font.cache_clear()
 
+
+def test_a_class_name_beyond_ascii_is_drawn_with_its_letters_where_a_wide_font_is_installed():
+    if draw_lib._wide_font(30) is None:
+        pytest.skip("no font of wide coverage installed (DejaVu, Noto, Arial)")
+    # Each letter its own glyph, not the missing-glyph box that the bundled font draws for all four.
+    tags = [np.asarray(draw_lib._label_tag(f"mapache {letter}", (0, 0, 128), 30)) for letter in "ñüé中"]
+    assert all(a.shape != b.shape or (a != b).any() for i, a in enumerate(tags) for b in tags[i + 1:])
 
 def test_class_colour_is_stable_across_processes_and_tells_classes_apart():
     names = ["raccoon", "cat", "person", "car", "bird"]
