@@ -351,8 +351,11 @@ def train_detector(
             for name in data.classes:
                 miner.add_positives(name, feats[box_names == name])
         progress("positives", n, len(data.keys))
-    for name in miner.untrained():
-        log(f"warning: class {name} has no usable positive in the cache; it is left out of the model")
+    untrained = list(miner.untrained())
+    if len(untrained) == 1:
+        log(f"warning: class {untrained[0]} has no usable positive in the cache; it is left out of the model")
+    elif untrained:  # one line: a COCO subset may name 80 classes and hold 30
+        log(f"warning: {len(untrained)} classes have no usable positive in the cache; they are left out of the model: {', '.join(untrained)}")
 
     # 3. One epoch of hard-negative mining over the images in random order,
     #    collecting box-regression samples on the way.

@@ -504,7 +504,9 @@ def test_classes_without_positives_are_left_out_of_the_model(coco_dataset, tmp_p
     (a zero weight vector would score 0 on every window and flood the detections)."""
     from spp_cli.model import Detector
 
-    # Image "one" has a cat and a crowd dog: dogs have no usable positive.
+    # Image "one" has a cat and a crowd dog: dogs have no usable positive; no image has a bird.
+    doc = json.loads(coco_dataset.read_text())
+    coco_dataset.write_text(json.dumps({**doc, "categories": [*doc["categories"], {"id": 9, "name": "bird"}]}))
     split = tmp_path / "one.txt"
     split.write_text("one\n")
     runner = CliRunner()
@@ -514,8 +516,11 @@ def test_classes_without_positives_are_left_out_of_the_model(coco_dataset, tmp_p
     assert runner.invoke(cli, ["cache", *args, "--props", str(props), "--cache", str(feats), "--scales", "96"]).exit_code == 0
     result = runner.invoke(cli, ["train-svm", "--cache", str(feats), "--out", str(model)])
     assert result.exit_code == 0, result.output
-    assert "class dog has no usable positive in the cache; it is left out of the model" in result.stderr
+    assert "warning: 2 classes have no usable positive in the cache; they are left out of the model: dog, bird" in result.stderr
     assert Detector.load(model).classes == ["cat"]
+    result = runner.invoke(cli, ["train-svm", "--cache", str(feats), "--out", str(model), "--classes", "cat,dog"])
+    assert result.exit_code == 0, result.output
+    assert "warning: class dog has no usable positive in the cache; it is left out of the model" in result.stderr
 
 
 def test_bit_flip_in_model_tensors_is_detected(pipeline, tmp_path):

@@ -111,6 +111,8 @@ def test_a_finished_run_run_again_does_no_step_twice(trained, tmp_path):
     assert "Wrote " not in again.output.replace(f"Wrote {out}", "")  # no step command ran its summary
     assert "Fine-tuning fc6/fc7" not in again.output
     assert "Training on" not in again.output  # no SVM is trained again: the model is the validated candidate
+    # The steps' times are the first run's; this run says its own.
+    assert re.search(r"; \d+ s in all \(this run \d+ s\)$", again.output.strip().splitlines()[-1]), again.output
 
 
 def test_refit_trains_the_chosen_kind_again_on_the_whole_split(tmp_path):
