@@ -308,6 +308,8 @@ class FeatureCache:
         if not root.exists():
             raise CacheError(f"{root}: no such folder; build a feature cache there with `spp cache ... --cache {root}`")
         if not header.is_file():
+            if (root / "feats" / HEADER).is_file():  # an `spp train` work folder given for its cache
+                raise CacheError(f"{root}: not a feature cache (no {HEADER}); its feats/ is one: --cache {root / 'feats'}")
             raise CacheError(f"{root}: not a feature cache (no {HEADER}); build one with `spp cache ... --cache {root}`")
         doc = read_versioned_json(header, CACHE_FORMAT, CACHE_VERSION, "cache header", "rebuild the cache", CacheError)
         try:

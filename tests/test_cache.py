@@ -315,6 +315,14 @@ def test_a_damaged_entry_of_a_read_only_cache_is_named_not_rebuilt(small_set, tm
     assert result.stderr.strip().splitlines()[-1] == (f"Error: {feats}: cache folder is not writable, and the entry of {data / 'images' / 'a.jpg'} is damaged "
                                      f"(`spp cache-info {feats} --verify` names the problem)")
 
+def test_a_work_folder_given_for_its_cache_names_the_cache_inside(small_set, tmp_path):
+    data, props = small_set
+    work = tmp_path / "model.work"
+    assert invoke("cache", "--data", data, "--props", props, "--cache", work / "feats", "--scales", "96").exit_code == 0
+    result = invoke("cache-info", work)
+    assert result.exit_code == 1
+    assert result.stderr.strip() == f"Error: {work}: not a feature cache (no cache.json); its feats/ is one: --cache {work / 'feats'}"
+
 def test_cache_info_on_a_non_cache(tmp_path):
     result = invoke("cache-info", tmp_path)
     assert result.exit_code == 1
