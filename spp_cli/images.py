@@ -264,6 +264,10 @@ def _expand_one(item: str) -> list[Path]:
     if p.is_dir():
         found = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
+            deeper = next((q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES), None)
+            if deeper is not None:  # a folder's own images only, as ultralytics reads one: say how to reach the rest
+                raise SPPError(f"{p}: folder contains no images itself, but its subfolders do (e.g. {deeper}); "
+                               f"give \"{p / '**' / ('*' + deeper.suffix)}\" to take those")
             raise SPPError(f"{p}: folder contains no images ({', '.join(IMAGE_SUFFIXES[:4])}, ...)")
         return found
     if p.is_file() and p.suffix.lower() == ".txt":

@@ -171,6 +171,15 @@ def test_expand_inputs_reports_each_input_that_yields_no_image(tmp_path):
     ]
 
 
+def test_a_folder_whose_images_are_in_subfolders_says_how_to_take_them(tmp_path):
+    deep, top = write_image(tmp_path / "nested" / "day1" / "a.jpg"), write_image(tmp_path / "b.jpg")
+    paths, skipped = expand_inputs([str(tmp_path / "nested"), str(top)])
+    assert paths == [top]
+    pattern = tmp_path / "nested" / "**" / "*.jpg"
+    assert skipped == [(str(tmp_path / "nested"), f"{tmp_path / 'nested'}: folder contains no images itself, but its subfolders do "
+                                                  f"(e.g. {deep}); give \"{pattern}\" to take those")]
+    assert expand_inputs([str(pattern)]) == ([deep], [])
+
 def cut_jpeg(source: Path, target: Path, keep: int) -> Path:
     """``source``'s first ``keep`` bytes (negative: all but the last ``-keep``)."""
     target.write_bytes(source.read_bytes()[:keep])
