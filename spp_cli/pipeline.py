@@ -572,11 +572,13 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         if val_backgrounds:
             split = dataclasses.replace(split, how=f"{split.how}, with {len(val_backgrounds)} of the {len(background)} background image(s)")
     bad = list(train_set.bad) + (list(val_set.bad) if val_set is not None else [])
-    warnings = list(train_set.warnings) + (list(val_set.warnings) if val_set is not None else [])
+    # The dataset's warnings (boxes clipped, dropped) once, here: each step would say them again.
+    ui.print_warnings(list(train_set.warnings) + (list(val_set.warnings) if val_set is not None else []))
 
     def sources() -> Sources:
-        # A fresh object per step: a step may rewrite its list of problems.
-        return Sources(list(items), train_set, list(bad), list(warnings))
+        # A fresh object per step: a step may rewrite its list of problems (the skipped inputs are
+        # listed by each step that skips them, for its exit code).
+        return Sources(list(items), train_set, list(bad), [])
 
     if plan.proposals not in PROPOSAL_CHOICES:
         raise UsageError(f"--proposals must be one of {', '.join(PROPOSAL_CHOICES)}")

@@ -449,10 +449,15 @@ def test_a_skipped_input_is_named_at_its_step_and_again_beside_the_exit_code(tmp
     (data / "annotations" / "broken.xml").write_text("<annotation><object>")
     write_image(data / "images" / "broken.jpg", seed=5)
     (data / "train.txt").write_text((data / "train.txt").read_text() + "broken\n")
+    # A box beyond its image: clipped, with a warning said once, not again at each step.
+    first = data / "annotations" / f"{TRAIN[0]}.xml"
+    first.write_text(first.read_text().replace("</annotation>", "<object><name>red</name><bndbox><xmin>150</xmin><ymin>100</ymin>"
+                                                                "<xmax>170</xmax><ymax>119</ymax></bndbox></object></annotation>"))
     out = tmp_path / "m.safetensors"
     result = CliRunner().invoke(cli, train_args(data, out, "--features", "pool5"))
     assert result.exit_code == 1, result.output
     assert f"skipped {data / 'annotations' / 'broken.xml'}: " in result.output
+    assert result.output.count(f"warning: {first}: box") == 1, result.output
     # Where selective search is chosen, its step skips the input too (and the cache still takes the others' boxes).
     closing = re.search(r"\nwarning: input\(s\) were skipped at step\(s\) cache(, proposals)? \(listed there\) and the model "
                         r"trained without them; exit code 1\n$", result.output)
