@@ -135,6 +135,10 @@ class Detector:
     def _class_ids(self, classes: Iterable[str] | None) -> tuple[int, ...] | None:
         if isinstance(classes, str):  # one name, not its letters
             classes = [classes]
+        if classes is not None:
+            classes = list(classes)
+            if not classes:
+                raise ValueError("classes names no class (give names, or None for every class)")
         return None if classes is None else self.model.class_indices(classes, str(self.path))
 
     def _detect(self, pixels: np.ndarray, name: str, boxes: np.ndarray | None, conf, nms, max_det, bbox_reg, vote, warn, min_prob,

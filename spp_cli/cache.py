@@ -252,7 +252,8 @@ class FeatureCache:
             existing._check_settings(settings)
             return existing
         if new_folder and any(p.name != FOLDER_LOCK for p in root.iterdir()):
-            raise CacheError(f"{root}: folder is not empty and holds no {HEADER}; choose an empty or new --cache folder")
+            inside = f" ({root / 'feats'} is an `spp train` work folder's cache)" if (root / "feats" / HEADER).is_file() else ""
+            raise CacheError(f"{root}: folder is not empty and holds no {HEADER}; choose an empty or new --cache folder{inside}")
         atomic_write_json(header, {"format": CACHE_FORMAT, "version": CACHE_VERSION, "settings": asdict(settings)}, indent=2)
         return cls(root, settings)
 
@@ -309,7 +310,7 @@ class FeatureCache:
             raise CacheError(f"{root}: no such folder; build a feature cache there with `spp cache ... --cache {root}`")
         if not header.is_file():
             if (root / "feats" / HEADER).is_file():  # an `spp train` work folder given for its cache
-                raise CacheError(f"{root}: not a feature cache (no {HEADER}); its feats/ is one: --cache {root / 'feats'}")
+                raise CacheError(f"{root}: not a feature cache (no {HEADER}); {root / 'feats'} is one (an `spp train` work folder's)")
             raise CacheError(f"{root}: not a feature cache (no {HEADER}); build one with `spp cache ... --cache {root}`")
         doc = read_versioned_json(header, CACHE_FORMAT, CACHE_VERSION, "cache header", "rebuild the cache", CacheError)
         try:

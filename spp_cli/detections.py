@@ -35,12 +35,16 @@ def coco_results_path(path: str | Path) -> Path:
     return path.with_name(path.stem + ".coco.json")
 
 
-def detections_document(classes: list[str], images: list[dict], coco_categories: dict | None = None) -> dict:
+def detections_document(classes: list[str], images: list[dict], coco_categories: dict | None = None,
+                        class_filter: list[str] | None = None) -> dict:
     """The versioned per-image document; ``images`` as described above; ``coco_categories``
-    (class name -> category id) where the images come from a COCO JSON."""
+    (class name -> category id) where the images come from a COCO JSON; ``class_filter`` the
+    classes a ``spp detect --classes`` run detected (`spp eval` scores those alone)."""
     doc = {"format": DETECTIONS_FORMAT, "version": DETECTIONS_VERSION, "classes": list(classes), "images": images}
     if coco_categories is not None:
         doc["coco_categories"] = dict(coco_categories)
+    if class_filter is not None:
+        doc["class_filter"] = list(class_filter)
     return doc
 
 
@@ -81,6 +85,7 @@ class DetectionsImage:
 class DetectionsFile:
     classes: list[str]
     images: list[DetectionsImage]
+    class_filter: list[str] | None = None  # `spp detect --classes`: the only classes detected
 
 
 def read_detections(path: str | Path) -> DetectionsFile:
@@ -105,7 +110,10 @@ def read_detections(path: str | Path) -> DetectionsFile:
     classes = doc.get("classes")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
         raise SPPError(f"{path}: \"classes\" is not a list of class names")
-    return DetectionsFile(classes=list(classes), images=images)
+    class_filter = doc.get("class_filter")
+    if class_filter is not None and (not isinstance(class_filter, list) or not all(isinstance(c, str) for c in class_filter)):
+        raise SPPError(f"{path}: \"class_filter\" is not a list of class names")
+    return DetectionsFile(classes=list(classes), images=images, class_filter=class_filter)
 
 
 def read_image_entry(path: Path, n: int, entry) -> DetectionsImage:

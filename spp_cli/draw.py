@@ -192,7 +192,7 @@ def _wide_font(size: int) -> ImageFont.FreeTypeFont | None:
     for name in _WIDE_FONTS:
         try:
             return ImageFont.truetype(name, size)
-        except OSError:
+        except (OSError, ImportError):  # ImportError: a Pillow built without FreeType
             continue
     return None
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from spp_cli import __version__, ui
 from spp_cli.calibration import Calibration
 from spp_cli.config import cpu_budget
-from spp_cli.data.registry import dataset_files
+from spp_cli.data.registry import ALL_IMAGES, dataset_files
 from spp_cli.errors import DatasetError, SPPError, UsageError
 from spp_cli.fileio import atomic_write_json, check_not_in_cache, check_not_input, check_writable, file_stamp
 
@@ -536,6 +536,8 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
     val_set = open_dataset(plan.data, plan.val_split) if plan.val_split else None
     if not train_set.records:
         raise DatasetError(f"{plan.data}: no usable images in split '{plan.split}'")
+    if plan.split == ALL_IMAGES and train_set.format != "coco":  # a COCO JSON is one split; the others hold their test split
+        ui.warn(f"--split {ALL_IMAGES}: training on every image of {plan.data}, its test split's too; score the model on other images")
     if not any(len(record.boxes) for record in train_set.records):  # found here, not by its fourth step
         where = f" of split '{plan.split}'" if plan.split else ""
         raise DatasetError(f"{plan.data}: the {len(train_set.records)} image(s){where} hold no ground-truth box; nothing to train on")

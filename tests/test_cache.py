@@ -321,7 +321,7 @@ def test_a_work_folder_given_for_its_cache_names_the_cache_inside(small_set, tmp
     assert invoke("cache", "--data", data, "--props", props, "--cache", work / "feats", "--scales", "96").exit_code == 0
     result = invoke("cache-info", work)
     assert result.exit_code == 1
-    assert result.stderr.strip() == f"Error: {work}: not a feature cache (no cache.json); its feats/ is one: --cache {work / 'feats'}"
+    assert result.stderr.strip() == f"Error: {work}: not a feature cache (no cache.json); {work / 'feats'} is one (an `spp train` work folder's)"
 
 def test_cache_info_on_a_non_cache(tmp_path):
     result = invoke("cache-info", tmp_path)

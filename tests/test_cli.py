@@ -458,10 +458,16 @@ def test_threads_also_caps_selective_searchs_worker_processes(tmp_path, monkeypa
     # `spp --threads N` (OMP_NUM_THREADS, as a batch system may set it) is the run's share of the cores.
     monkeypatch.setenv("OMP_NUM_THREADS", "unset-by-test")  # restored after the test
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    import torch
+
     images = [write_image(tmp_path / f"{n}.jpg", seed=n) for n in range(3)]
-    result = invoke("--threads", "2", "propose", *images, "--out", tmp_path / "p.json")
-    assert result.exit_code == 0, result.output
-    assert "s/image wall with 2 worker(s)" in result.stderr
-    result = invoke("--threads", "1", "propose", *images, "--out", tmp_path / "p.json", "--workers", "3")
-    assert result.exit_code == 0, result.output
-    assert "s/image wall with 3 worker(s)" in result.stderr  # asked for: as given
+    threads = torch.get_num_threads()
+    try:
+        result = invoke("--threads", "2", "propose", *images, "--out", tmp_path / "p.json")
+        assert result.exit_code == 0, result.output
+        assert "s/image wall with 2 worker(s)" in result.stderr
+        result = invoke("--threads", "1", "propose", *images, "--out", tmp_path / "p.json", "--workers", "3")
+        assert result.exit_code == 0, result.output
+        assert "s/image wall with 3 worker(s)" in result.stderr  # asked for: as given
+    finally:
+        torch.set_num_threads(threads)  # spp --threads told the torch of this process

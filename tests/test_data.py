@@ -36,6 +36,11 @@ def test_labelimg_layout_each_xml_beside_its_image_in_one_folder(xml_dataset, tm
         assert [(r.image_id, r.path) for r in ds.records] == [(i, side / f"{i}.jpg") for i in ("a", "b", "c")]
         np.testing.assert_allclose(ds.records[0].boxes, [[10, 10, 30, 30], [0, 0, 64, 48]])
     assert [r.image_id for r in open_dataset(side, "train").records] == ["a", "b"]
+    # A VOC Annotations/ folder given by mistake holds no image beside its .xml: not this layout.
+    shutil.rmtree(side)
+    shutil.copytree(xml_dataset / "annotations", side)
+    with pytest.raises(DatasetError, match="dataset layout not recognised"):
+        open_dataset(side)
 
 def test_split_as_id_file(xml_dataset, tmp_path):
     ids = tmp_path / "mine.txt"
@@ -96,11 +101,24 @@ def test_coco(coco_dataset):
 def test_split_all_is_every_image_and_a_coco_file_without_split_lists_says_so(coco_dataset, voc_dataset):
     assert [r.image_id for r in open_dataset(coco_dataset, "all").records] == ["one", "two"]
     assert [r.image_id for r in open_dataset(voc_dataset, "all").records] == ["000001", "000002"]
+    # A split file named all is that split.
+    (voc_dataset / "ImageSets" / "Main" / "all.txt").write_text("000002\n")
+    assert [r.image_id for r in open_dataset(voc_dataset, "all").records] == ["000002"]
     with pytest.raises(DatasetError) as info:
         open_dataset(coco_dataset, "train")
     root = coco_dataset.parent.parent
     assert str(info.value) == (f"{coco_dataset}: no split 'train' (looked for {root / 'train.txt'}); --split all takes every image of the file, "
                                "--split FILE.txt those whose ids it lists")
+
+def test_coco_categories_that_share_a_name_are_one_class(coco_dataset):
+    doc = coco_document()
+    doc["categories"].append({"id": 99, "name": "dog"})
+    doc["annotations"].append({"id": 13, "image_id": 2, "category_id": 99, "bbox": [1, 1, 10, 10], "iscrowd": 0})
+    coco_dataset.write_text(json.dumps(doc))
+    ds = open_dataset(coco_dataset)
+    assert ds.classes == ["cat", "dog"] and ds.category_ids == {"cat": 3, "dog": 7}
+    np.testing.assert_array_equal(ds.records[1].labels, [1, 1])
+    assert ds.warnings == [f"{coco_dataset}: categories 7, 99 share the name 'dog': one class (its results carry id 7)"]
 
 def test_coco_found_from_its_folder(coco_dataset):
     assert open_dataset(coco_dataset.parent.parent).format == "coco"
@@ -150,24 +168,32 @@ def test_yolo_class_id_out_of_range_skips_image(yolo_dataset):
 def test_yolo_segmentation_lines_are_their_polygons_bounding_boxes(yolo_dataset):
     # p.jpg is 100 x 50; ultralytics' -seg labels: class, then the polygon's x y pairs.
     label = yolo_dataset.parent / "labels" / "train" / "p.txt"
-    label.write_text("0 0.4 0.3 0.6 0.3 0.55 0.7\n1 0.1 0.1 0.2 0.1 0.2 0.3 0.1 0.3\n")
+    # The test is per file, as ultralytics makes it: a 2-point line among polygons is a polygon too.
+    label.write_text("0 0.4 0.3 0.6 0.3 0.55 0.7\n1 0.1 0.1 0.2 0.1 0.2 0.3 0.1 0.3\n1 0.1 0.1 0.3 0.5\n")
     p = open_dataset(yolo_dataset).records[0]
-    np.testing.assert_allclose(p.boxes, [[40, 15, 60, 35], [10, 5, 20, 15]], atol=1e-4)
-    np.testing.assert_array_equal(p.labels, [0, 1])
+    np.testing.assert_allclose(p.boxes, [[40, 15, 60, 35], [10, 5, 20, 15], [10, 5, 30, 25]], atol=1e-4)
+    np.testing.assert_array_equal(p.labels, [0, 1, 1])
     # Pose labels (kpt_shape in the yaml): the box that leads each line, its keypoints after it.
     label.write_text("0 0.5 0.5 0.2 0.4 0.45 0.4 2 0.55 0.6 2\n")
     yolo_dataset.write_text(yolo_dataset.read_text() + "kpt_shape: [2, 3]\n")
     np.testing.assert_allclose(open_dataset(yolo_dataset).records[0].boxes, [[40, 15, 60, 35]], atol=1e-4)
+    label.write_text("0 0.5 0.5 0.2 0.4 0.45 0.4 2\n")
+    assert [bad for bad in open_dataset(yolo_dataset).bad if bad[0] == label] == [
+        (label, "line 1: expected 'class cx cy w h' and the keypoints of data.yaml's kpt_shape (5 + 6 fields), got 8 fields")]
 
 
-@pytest.mark.parametrize("line", ["0 0.5 0.5 0.2 0.4 0.9", "0 0.1 0.1 0.2 0.1 0.2 0.3 0.1", "0 0.1 0.1"])
-def test_yolo_line_neither_box_nor_polygon_skips_its_image(yolo_dataset, line):
+@pytest.mark.parametrize("lines, message", [
+    ("0 0.5 0.5 0.2 0.4 0.9", "line 1: expected 'class cx cy w h', got 6 fields (a confidence column, as `yolo predict save_conf=True` writes?)"),
+    ("0 0.1 0.1", "line 1: expected 'class cx cy w h', got 3 fields"),
+    ("0 0.1 0.1 0.2 0.1 0.2 0.3 0.1", "line 1: expected a polygon 'class x1 y1 x2 y2 ...' as on the file's other lines, got 8 fields"),
+    ("0 0.4 0.3 0.6 0.3 0.55 0.7\n0 0.1 0.1 0.2 0.1 0.2 0.3 0.1", "line 2: expected a polygon 'class x1 y1 x2 y2 ...' as on the file's other lines, got 8 fields"),
+])
+def test_yolo_line_neither_box_nor_polygon_skips_its_image(yolo_dataset, lines, message):
     label = yolo_dataset.parent / "labels" / "train" / "p.txt"
-    label.write_text(line + "\n")
+    label.write_text(lines + "\n")
     ds = open_dataset(yolo_dataset)
     assert [r.image_id for r in ds.records] == ["q"]
-    fields = len(line.split())
-    assert ds.bad == [(label, f"line 1: expected 'class cx cy w h' or a polygon 'class x1 y1 x2 y2 x3 y3 ...', got {fields} fields")]
+    assert ds.bad == [(label, message)]
 
 def test_yolo_unknown_split(yolo_dataset):
     with pytest.raises(DatasetError, match=r"data\.yaml: no split 'test' \(splits: train, val\)"):
@@ -226,9 +252,12 @@ def test_split_file_ids_keep_their_spaces_and_lose_a_byte_order_mark(tmp_path):
     path = tmp_path / "ids.txt"
     path.write_bytes("\ufeffraccoon-31\nwith space\n  # a comment\n\nñandú ü \n".encode("utf-8"))
     assert read_id_list(path) == ["raccoon-31", "with space", "ñandú ü"]
-    # VOC's per-class files (ImageSets/Main/<class>_<split>.txt): every line an id and -1, 0 or 1.
+    # VOC's per-class files (ImageSets/Main/<class>_<split>.txt): every line an id and -1, 0 or 1;
+    # ImageNet's DET lists: an id and its index.
     path.write_text("000005 -1\n000007  1\n000009 0\n")
     assert read_id_list(path) == ["000005", "000007", "000009"]
+    path.write_text("ILSVRC2012_val_00000001 1\nILSVRC2012_val_00000002 2\nILSVRC2012_val_00000003 13\n")
+    assert read_id_list(path) == ["ILSVRC2012_val_00000001", "ILSVRC2012_val_00000002", "ILSVRC2012_val_00000003"]
 
 
 def test_coco_and_yolo_split_ids_that_match_no_image_are_listed(coco_dataset, yolo_dataset, tmp_path):

@@ -429,3 +429,23 @@ def test_detect_draws_each_image_as_it_goes_so_an_interrupted_run_keeps_them(tmp
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["0.jpg", "1.jpg"]
     assert result.stderr.strip().splitlines()[-1] == ("Interrupted. The images finished are kept beside --out and in --save-dir; run the same "
                                                       "command again to resume (without --out, it starts over).")
+
+
+def test_a_drawing_that_cannot_be_written_is_listed_and_detection_goes_on(tmp_path, monkeypatch):
+    import spp_cli.fileio
+    from spp_cli.errors import SPPError
+
+    for n in range(3):
+        write_image(tmp_path / "imgs" / f"{n}.jpg", 80, 60, seed=n)
+    real = spp_cli.fileio.atomic_write_bytes
+
+    def full_disk_for_the_second(path, data):
+        if Path(path).name == "1.jpg":
+            raise SPPError(f"{path}: cannot write (No space left on device)")
+        return real(path, data)
+
+    monkeypatch.setattr(spp_cli.fileio, "atomic_write_bytes", full_disk_for_the_second)
+    result = invoke("detect", tmp_path / "imgs", "--save-dir", tmp_path / "drawn", "--conf", "-1.5")
+    assert result.exit_code == 1
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["0.jpg", "2.jpg"]
+    assert f"  not drawn {tmp_path / 'imgs' / '1.jpg'}: {tmp_path / 'drawn' / '1.jpg'}: cannot write (No space left on device)" in result.stderr

@@ -279,6 +279,14 @@ def test_detect_classes_keeps_the_asked_classes_as_a_run_over_all_finds_them(pip
         # of them where its --max-det left room for fewer.
         theirs = [d for d in every[image_id] if d[0] == "red"]
         assert found[: len(theirs)] == theirs
+    # spp eval scores the asked classes alone: red's AP as in the run over all classes, blue left out and said so.
+    scored = {}
+    for name in ("every", "red"):
+        result = invoke("eval", tmp_path / f"{name}.json", "--data", pipeline.data, "--split", "test", "--out", tmp_path / f"{name}.metrics.json")
+        assert result.exit_code == 0, result.output
+        scored[name] = json.loads((tmp_path / f"{name}.metrics.json").read_text())
+    assert "not evaluated (not detected: `spp detect --classes` asked for red): blue" in result.stderr
+    assert scored["red"]["mAP"] == scored["every"]["per_class"]["red"] and "blue" not in scored["red"]["per_class"]
     # --max-det counts the asked classes alone; the Python API filters the same way.
     two = detections("two", "--classes", "red", "--max-det", "2")
     assert {image_id: found[:2] for image_id, found in red.items()} == two
@@ -299,6 +307,8 @@ def test_detect_classes_the_model_lacks_are_named_before_any_work(pipeline, tmp_
     assert not out.exists() and not (tmp_path / "dets.json.partial").exists()
     with pytest.raises(ModelError, match=r"has no class 'green' \(its classes: blue, red\)"):
         spp_cli.Detector.load(pipeline.model)(pipeline.data / "images" / f"{TEST[0]}.jpg", classes=["green"])
+    with pytest.raises(ValueError, match="classes names no class"):
+        spp_cli.Detector.load(pipeline.model)(pipeline.data / "images" / f"{TEST[0]}.jpg", classes=[])
 
 def test_train_svm_reads_only_the_cache(pipeline, tmp_path):
     assert pipeline.train_forwards == 0

@@ -225,7 +225,7 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
 
 
 def _readable_metadata(cache: FeatureCache, key: str, quiet: bool = False, full: bool = True) -> dict | None:
-    """An existing entry's metadata; ``None`` if absent or damaged (then it is rebuilt).
+    """An existing entry's metadata; ``None`` if absent or damaged (then it is rebuilt, where the cache can be written).
 
     ``full`` checks every byte against the entry's digest (about 1 ms per MB),
     so that a damaged entry is rebuilt instead of trusted.

@@ -204,6 +204,8 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     else:
         shown = conf
     class_ids = None if classes is None else detector.class_indices(classes, str(model_path))
+    if class_ids is not None and len(class_ids) == len(detector.classes):
+        class_ids = None  # every class: the run without --classes (its journal too)
     config = detector.detect_config(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote,
                                     classes=class_ids)
     if config.objectness_weight and not learned:
@@ -379,15 +381,16 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
             ui.console.print(f"Nothing written: no image could be read{f' ({out} is unchanged)' if out.exists() else ''}.")
         return 1
     categories = sources.dataset.category_ids if sources.dataset is not None else None  # a COCO JSON's: its results score against it
+    filtered = None if config.classes is None else [detector.classes[k] for k in config.classes]
     if out is not None and work.shard.active:
         from spp_cli.merge import part_document
 
         # The COCO results file numbers images by their place in the whole
         # job: it is written with the merged file.
-        atomic_write_json(work.output(out), part_document(detections_document(detector.classes, results, categories), work.shard, orders, work.total,
-                                                          work.run, len(bad)))
+        atomic_write_json(work.output(out), part_document(detections_document(detector.classes, results, categories, filtered), work.shard, orders,
+                                                          work.total, work.run, len(bad)))
     elif out is not None:
-        atomic_write_json(out, detections_document(detector.classes, results, categories))
+        atomic_write_json(out, detections_document(detector.classes, results, categories, filtered))
         atomic_write_json(coco_results_path(out), coco_results(results, categories))
     if save_dir is not None:
         for result in results:  # an interrupted run's images, taken from its journal: drawn again
@@ -417,7 +420,8 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
 
 def _save_drawing(result: dict, target: Path, min_score: float, undrawn: list) -> None:
     """The annotated image of one detections entry at ``target`` (its detections scoring at least
-    ``min_score``); an image that cannot be read again goes to ``undrawn`` with its problem."""
+    ``min_score``); an image that cannot be read again, or whose drawing cannot be written (a
+    full disk), goes to ``undrawn`` with its problem: the detections go on."""
     from PIL import Image
 
     from spp_cli.commands.draw import encode
@@ -433,7 +437,10 @@ def _save_drawing(result: dict, target: Path, min_score: float, undrawn: list) -
         undrawn.append((source, str(exc)))
         return
     drawn = draw_detections(image, result["detections"], min_score=min_score)
-    atomic_write_bytes(target, encode(drawn, target.suffix))
+    try:
+        atomic_write_bytes(target, encode(drawn, target.suffix))
+    except SPPError as exc:
+        undrawn.append((source, str(exc)))
 
 
 def _image_entry(source, width: int, height: int) -> dict:

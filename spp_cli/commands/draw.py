@@ -66,7 +66,7 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
     doc = read_detections(detections_file)
     if classes is not None:
         check_class_names(list(classes), doc.classes, str(detections_file))
-    every = [d for entry in doc.images for d in entry.detections]
+    every = [d for entry in doc.images for d in entry.detections if classes is None or d["class"] in classes]
     calibrated = all(d.get("probability") is not None for d in every)  # (a file without detections: nothing to draw either way)
     if min_prob is not None and not calibrated:
         raise SPPError(f"{detections_file}: not every detection has a probability (a model without calibration); use --conf")

@@ -24,7 +24,7 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
     dets = read_detections(detections_file)
     dataset = open_dataset(data, split)
     ui.print_warnings(dataset.warnings)
-    shared = [c for c in dataset.classes if c in dets.classes]
+    shared = [c for c in dataset.classes if c in dets.classes and (dets.class_filter is None or c in dets.class_filter)]
     if not dataset.records and dataset.bad:
         ui.print_bad(list(dataset.bad))
         raise DatasetError(f"{data}: no image of split '{split or 'all'}' has usable annotations (the files above)")
@@ -51,6 +51,9 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
     skipped = [c for c in dataset.classes if c not in dets.classes]
     if skipped:
         ui.warn(f"not evaluated (no such class in the detections): {', '.join(skipped)}")
+    unasked = [c for c in dataset.classes if c in dets.classes and c not in shared]
+    if unasked:
+        ui.warn(f"not evaluated (not detected: `spp detect --classes` asked for {', '.join(dets.class_filter)}): {', '.join(unasked)}")
     scores = [d["score"] for e in dets.images for d in e.detections]
     if metric != "coco" and scores and min(scores) >= 0:
         ui.console.print("note: no detection scores below 0; AP counts only what was kept (`spp detect --conf -1.5` keeps the full ranking)")

@@ -17,7 +17,7 @@ _HELP = (
 )
 
 
-ALL_IMAGES = "all"  # --split all: every image of the dataset, whatever its split files
+ALL_IMAGES = "all"  # --split all: every image of the dataset, where it has no split of that name
 
 
 def open_dataset(spec: str | Path, split: str | None = None) -> Dataset:
@@ -29,16 +29,15 @@ def open_dataset(spec: str | Path, split: str | None = None) -> Dataset:
             ``yolo:data.yaml``.
         split: a split name (``train``, ``test``, ...) looked up the way the
             format keeps its id lists, or the path of a ``.txt`` file of image
-            ids (one per line). ``None`` or ``"all"`` means every image (a COCO
-            JSON is one split: ``all`` trains on the whole file).
+            ids (one per line). ``None`` means every image, and so does ``"all"``
+            where the dataset has no split of that name (a COCO JSON is one
+            split: ``all`` takes the whole file).
 
     Raises:
         DatasetError: the layout is not recognised, or a split or annotation
             file that the whole dataset depends on is missing or malformed.
     """
     fmt, path = _detect(str(spec))
-    if split == ALL_IMAGES:
-        split = None
     if fmt == "voc":
         from spp_cli.data.voc import read_voc
 
@@ -90,7 +89,9 @@ def _detect(spec: str) -> tuple[str, Path]:
         if len(jsons) > 1:
             names = ", ".join(j.name for j in jsons)
             raise DatasetError(f"{path}: several COCO files in annotations/ ({names}); pass one with --data FILE.json")
-    if not (path / "annotations").is_dir() and not (path / "images").is_dir() and any(path.glob("*.xml")):
+    from spp_cli.data.voc import is_labelimg_folder
+
+    if is_labelimg_folder(path):
         return "xml", path  # LabelImg's layout: each image's .xml beside it in one folder
     raise DatasetError(f"{path}: dataset layout not recognised ({_HELP})")
 
@@ -99,8 +100,9 @@ def read_id_list(path: Path) -> list[str]:
     """Image ids from a split file: one per line (spaces inside an id kept), blank lines and
     ``#`` comments skipped, a byte-order mark (Windows editors) ignored.
 
-    VOC's ``ImageSets/Main/<class>_<split>.txt`` form (``id  1``: every line an id and
-    -1, 0 or 1) is accepted: only the first column is used.
+    Files whose every line is an id and a number take the first column: VOC's
+    ``ImageSets/Main/<class>_<split>.txt`` (``id  1``), ImageNet's ``ImageSets/DET`` lists
+    (``id  index``).
     """
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
@@ -109,8 +111,8 @@ def read_id_list(path: Path) -> list[str]:
     except OSError as exc:  # unreadable (permissions), a folder, gone since it was found
         raise DatasetError(f"{path}: cannot read ({exc.strerror or exc})") from None
     listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    voc_class_file = all(len(f := line.split()) == 2 and f[1] in ("-1", "0", "1") for line in listed)
-    ids = [line.split()[0] for line in listed] if voc_class_file else listed
+    numbered = all(len(f := line.split()) == 2 and f[1].lstrip("-").isdigit() for line in listed)
+    ids = [line.split()[0] for line in listed] if numbered else listed
     if not ids:
         raise DatasetError(f"{path}: split file lists no image ids")
     return ids

@@ -13,7 +13,7 @@ from defusedxml import ElementTree as SafeET
 
 from spp_cli.boxes import from_voc
 from spp_cli.data.records import Dataset, ImageRecord, sanitise
-from spp_cli.data.registry import read_id_list, split_file
+from spp_cli.data.registry import ALL_IMAGES, read_id_list, split_file
 from spp_cli.errors import DatasetError
 from spp_cli.images import IMAGE_SUFFIXES
 
@@ -30,12 +30,22 @@ def read_voc(root: Path, split: str | None) -> Dataset:
 def read_xml_beside_images(root: Path, split: str | None) -> Dataset:
     """``root/annotations/<id>.xml``, ``root/images/<id>.jpg``, ``root/<split>.txt``; or, without
     those two folders, LabelImg's layout: ``root/<id>.xml`` beside ``root/<id>.jpg``."""
-    if not (root / "annotations").is_dir() and not (root / "images").is_dir() and any(root.glob("*.xml")):
+    if is_labelimg_folder(root):
         return _read(root, "xml", root, root, root, split)
     return _read(root, "xml", root / "annotations", root / "images", root, split)
 
 
+def is_labelimg_folder(root: Path) -> bool:
+    """LabelImg's layout: no ``annotations/`` or ``images/`` folder, and an ``.xml`` with its
+    image beside it (a VOC ``Annotations/`` folder given by mistake holds no image)."""
+    if (root / "annotations").is_dir() or (root / "images").is_dir():
+        return False
+    return any(_image_path(root, xml.stem).exists() for xml in root.glob("*.xml"))
+
+
 def _read(root: Path, fmt: str, ann_dir: Path, img_dir: Path, split_dir: Path, split: str | None) -> Dataset:
+    if split == ALL_IMAGES and not (split_dir / f"{ALL_IMAGES}.txt").is_file():  # a split file named all is that split
+        split = None
     if split is None:
         ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
         if not ids:

@@ -16,7 +16,7 @@ import yaml
 
 from spp_cli.boxes import from_cxcywh_normalised
 from spp_cli.data.records import Dataset, ImageRecord, sanitise
-from spp_cli.data.registry import read_id_list
+from spp_cli.data.registry import ALL_IMAGES, read_id_list
 from spp_cli.errors import DatasetError
 from spp_cli.images import IMAGE_SUFFIXES, image_size
 
@@ -40,7 +40,7 @@ def read_yolo(yaml_path: Path, split: str | None) -> Dataset:
     if not isinstance(config, dict) or "names" not in config:
         raise DatasetError(f"{yaml_path}: missing key 'names'")
     classes = _names(yaml_path, config["names"])
-    keypoints = "kpt_shape" in config  # a pose dataset: each line a box, then its keypoints
+    keypoints = _keypoint_numbers(config.get("kpt_shape")) if "kpt_shape" in config else None  # a pose dataset
     root = config.get("path") or "."
     if not isinstance(root, str):
         raise DatasetError(f"{yaml_path}: 'path' is {root!r}, not a folder")
@@ -48,6 +48,8 @@ def read_yolo(yaml_path: Path, split: str | None) -> Dataset:
     base = base if base.is_absolute() else yaml_path.parent / base
 
     split_keys = [k for k in ("train", "val", "test") if config.get(k)]
+    if split == ALL_IMAGES and not config.get(ALL_IMAGES):  # a key named all is that split
+        split = None
     id_filter = None
     if split is None or (split.endswith(".txt") and Path(split).is_file()):
         if split is not None:
@@ -64,7 +66,8 @@ def read_yolo(yaml_path: Path, split: str | None) -> Dataset:
     images = list(dict.fromkeys(images))
     unknown_ids: list[tuple[Path, str]] = []
     if id_filter is not None:
-        images = [p for p in images if p.stem in set(id_filter)]
+        listed = set(id_filter)
+        images = [p for p in images if p.stem in listed]
         found = {p.stem for p in images}
         unknown_ids = [(Path(split), f"'{i}' is no image of {yaml_path}'s splits") for i in dict.fromkeys(id_filter) if i not in found]
     if not images:
@@ -132,25 +135,35 @@ def _split_images(yaml_path: Path, base: Path, key: str, value: object, required
     return out
 
 
-def _read_labels(path: Path, num_classes: int, keypoints: bool = False) -> list[tuple[int, float, float, float, float]]:
-    """``(class, cx, cy, w, h)`` normalised, one per label line: a box line's own, a polygon's
-    bounding box; with ``keypoints`` (a pose dataset) the box that leads each line."""
+def _read_labels(path: Path, num_classes: int, keypoints: int | None = None) -> list[tuple[int, float, float, float, float]]:
+    """``(class, cx, cy, w, h)`` normalised, one per label line: a box line's own or, in a file
+    where a line holds more than 6 fields (ultralytics' test, per file), each line's polygon's
+    bounding box; with ``keypoints`` (a pose dataset: the numbers each line's keypoints take,
+    -1 where ``kpt_shape`` cannot be read) the box that leads each line."""
     if not path.exists():
         return []  # YOLO convention: no label file = no objects
+    lines = [(n, line.split()) for n, line in enumerate(_read_text(path, LabelError, name=False).splitlines(), start=1)]
+    lines = [(n, fields) for n, fields in lines if fields]
+    polygons = keypoints is None and any(len(fields) > 6 for _, fields in lines)
     rows = []
-    for n, line in enumerate(_read_text(path, LabelError, name=False).splitlines(), start=1):
-        fields = line.split()
-        if not fields:
-            continue
-        polygon = len(fields) > 5 and not keypoints
-        if len(fields) < 5 or (polygon and (len(fields) % 2 == 0 or len(fields) < 7)):
-            raise LabelError(f"line {n}: expected 'class cx cy w h' or a polygon 'class x1 y1 x2 y2 x3 y3 ...', got {len(fields)} fields")
+    for n, fields in lines:
+        line = " ".join(fields)
+        if keypoints is not None:
+            if len(fields) < 5 or (keypoints >= 0 and len(fields) != 5 + keypoints):
+                wanted = f"5 + {keypoints}" if keypoints >= 0 else "at least 5"
+                raise LabelError(f"line {n}: expected 'class cx cy w h' and the keypoints of data.yaml's kpt_shape ({wanted} fields), got {len(fields)} fields")
+        elif polygons:
+            if len(fields) < 5 or len(fields) % 2 == 0:
+                raise LabelError(f"line {n}: expected a polygon 'class x1 y1 x2 y2 ...' as on the file's other lines, got {len(fields)} fields")
+        elif len(fields) != 5:
+            likely = " (a confidence column, as `yolo predict save_conf=True` writes?)" if len(fields) == 6 else ""
+            raise LabelError(f"line {n}: expected 'class cx cy w h', got {len(fields)} fields{likely}")
         try:
             cls = int(fields[0])
             values = [float(v) for v in fields[1:]]
         except ValueError:
-            raise LabelError(f"line {n}: not numbers: {line.strip()!r}") from None
-        if polygon:
+            raise LabelError(f"line {n}: not numbers: {line!r}") from None
+        if polygons:
             xs, ys = values[0::2], values[1::2]
             cx, cy, w, h = (min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)
         else:
@@ -159,6 +172,14 @@ def _read_labels(path: Path, num_classes: int, keypoints: bool = False) -> list[
             raise LabelError(f"line {n}: class id {cls} out of range (data.yaml names {num_classes} classes)")
         rows.append((cls, cx, cy, w, h))
     return rows
+
+
+def _keypoint_numbers(kpt_shape: object) -> int:
+    """The numbers a pose label line holds after its box: ``kpt_shape`` ``[k, d]`` -> ``k * d``;
+    -1 where it is not two counts (the lines are then taken as a box and anything after it)."""
+    if isinstance(kpt_shape, list) and len(kpt_shape) == 2 and all(isinstance(v, int) and v > 0 for v in kpt_shape):
+        return kpt_shape[0] * kpt_shape[1]
+    return -1
 
 
 def _read_text(path: Path, error: type[Exception], name: bool = True) -> str:
