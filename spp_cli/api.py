@@ -79,7 +79,7 @@ class Detector:
     def classes(self) -> list[str]:
         return list(self.model.classes)
 
-    def __call__(self, image, conf: float | None = None, nms: float = 0.3, max_det: int = 100,
+    def __call__(self, image, conf: float | None = None, nms: float = 0.3, max_det: int | None = None,
                  bbox_reg: bool = True, vote: bool = True, warn: Callable[[str], None] | None = None,
                  min_prob: float | None = None, proposals: str | None = None, classes: Iterable[str] | None = None) -> list[Detection]:
         """Detections in one image, best first, scoring at least ``conf`` or with a
@@ -93,7 +93,7 @@ class Detector:
         pixels, name = _pixels(image, warn)
         return self._detect(pixels, name, None, conf, nms, max_det, bbox_reg, vote, warn, min_prob, proposals, class_ids)
 
-    def detect_many(self, images: Iterable, conf: float | None = None, nms: float = 0.3, max_det: int = 100,
+    def detect_many(self, images: Iterable, conf: float | None = None, nms: float = 0.3, max_det: int | None = None,
                     bbox_reg: bool = True, vote: bool = True, warn: Callable[[str], None] | None = None,
                     min_prob: float | None = None, proposals: str | None = None, classes: Iterable[str] | None = None) -> list[list[Detection]]:
         """Detections in each of ``images``, in order, with the options of a call. Where
@@ -148,8 +148,8 @@ class Detector:
                 raise ValueError("conf and min_prob both set a threshold: give one")
             conf = self.model.margin_at_probability(min_prob, str(self.path))
         threshold = self.model.detect.display_threshold if conf is None else conf
-        config = self.model.detect_config(score_threshold=threshold, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote,
-                                          classes=class_ids)
+        config = self.model.detect_config(score_threshold=threshold, nms_iou=nms, max_detections=max_det or self.model.detect.max_detections,
+                                          bbox_regression=bbox_reg, box_voting=vote, classes=class_ids)
         learned = self.model.proposal_model is not None and proposals != "selective-search"
         found = detect_pixels(self.model, self.extractor, pixels, config, boxes, name=name, warn=warn or (lambda _: None), learned=learned)
         return [Detection(tuple(d.box), self.model.classes[d.class_id], d.class_id, d.score, self.model.probability(d.score)) for d in found]

@@ -542,7 +542,8 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
 @click.option("--min-prob", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None, metavar="P",
               help="Keep detections whose calibrated probability of being right is at least P (models from spp train; instead of --conf).")
 @click.option("--nms", type=FiniteFloat(0, 1), default=0.3, show_default=True, help="Per-class NMS IoU.")
-@click.option("--max-det", type=click.IntRange(min=1), default=100, show_default=True, help="Detections per image.")
+@click.option("--max-det", type=click.IntRange(min=1), default=None,
+              help="Detections per image (default: the model's: 100, or twice the most objects of one of its training images where that is more).")
 @click.option("--classes", "class_names", metavar="NAMES", help="Detect only these classes of the model (comma-separated names, e.g. person,car); --max-det counts them alone.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write detections JSON here (and COCO results beside it as *.coco.json).")
 @click.option("--save-dir", type=click.Path(file_okay=False, path_type=Path), help="Write annotated images here (detections scoring >= --conf, or the display threshold).")

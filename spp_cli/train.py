@@ -24,7 +24,7 @@ import torch
 from spp_cli import boxes as box_ops
 from spp_cli.bbox_reg import BoxRegressors, IoURegressors, encode, fit_ridge
 from spp_cli.cache import CacheEntry, FeatureCache
-from spp_cli.config import BBoxRegConfig, DetectConfig, SVMConfig
+from spp_cli.config import BBoxRegConfig, DetectConfig, SVMConfig, detections_cap
 from spp_cli.errors import DatasetError, ModelError, SPPError
 from spp_cli.fileio import StreamedTensor, atomic_write_safetensors, remove_stale_writes
 from spp_cli.head import Head
@@ -334,12 +334,14 @@ def train_detector(
     # 2. Positives: ground-truth boxes (not difficult, not crowd) and, with positive_iou,
     #    the windows that overlap one of them that much (as the box's class).
     images_with_boxes = class_images = 0  # for the budgets of the regression and localisation samples
+    most_objects = 0  # in one image: the model's detections per image (config.detections_cap)
     trained_classes = set(data.classes)
     for n, key in enumerate(data.keys, 1):
         entry = cache.read(key)
         names = np.array(_gt_names(entry))
         usable = ~entry.gt_difficult & ~entry.gt_iscrowd
         images_with_boxes += bool((~entry.gt_iscrowd).any())
+        most_objects = max(most_objects, int((~entry.gt_iscrowd).sum()))
         class_images += len(set(names[usable]) & trained_classes)
         if usable.any():
             boxes, box_names = entry.gt_boxes[usable], names[usable]
@@ -456,7 +458,7 @@ def train_detector(
         localisation=localisation,
         head=head,
         regression_scale=pool5_scale,
-        detect=DetectConfig(),
+        detect=DetectConfig(max_detections=detections_cap(most_objects)),
         proposals={},
         mode=featurizer.mode,
         training={

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TEST, TRAIN, invoke, one_line, write_image, write_shapes
+from conftest import TEST, TRAIN, invoke, one_line, voc_xml, write_image, write_shapes
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -190,6 +190,31 @@ def test_coco_results_of_a_coco_dataset_carry_its_ids_and_score_with_pycocotools
     assert scored.stats[0] > 0.3  # the detector finds the rectangles
     # pycocotools averages over the categories with ground truth; spp eval over the model's classes with it: the same two.
     assert json.loads(metrics.read_text())["mAP"] == pytest.approx(scored.stats[0], abs=1e-4)
+
+def test_a_model_of_dense_images_detects_twice_their_most_objects_per_image(tmp_path):
+    from spp_cli.config import DetectConfig, detections_cap
+
+    assert detections_cap(3) == detections_cap(50) == DetectConfig.max_detections == 100 and detections_cap(60) == 120
+    # 64 dots in one 160 x 120 image, 2 in another: the model's cap is 128, spp detect's default.
+    root = tmp_path / "dots"
+    (root / "annotations").mkdir(parents=True)
+    for image_id, n in (("many", 64), ("few", 2)):
+        pixels = np.full((120, 160, 3), 240, np.uint8)
+        boxes = [(4 + 19 * (k % 8), 4 + 14 * (k // 8), 14 + 19 * (k % 8), 14 + 14 * (k // 8)) for k in range(n)]
+        for x1, y1, x2, y2 in boxes:
+            pixels[y1:y2, x1:x2] = (200, 30, 30)
+        write_image(root / "images" / f"{image_id}.jpg")  # the folder, then the dots over it
+        Image.fromarray(pixels).save(root / "images" / f"{image_id}.jpg", quality=95)
+        (root / "annotations" / f"{image_id}.xml").write_text(voc_xml(f"{image_id}.jpg", 160, 120, [("dot", *b) for b in boxes]))
+    props, cache, model = tmp_path / "p.json", tmp_path / "feats", tmp_path / "m.safetensors"
+    assert invoke("propose", "--data", root, "--out", props, "--workers", "1").exit_code == 0
+    assert invoke("cache", "--data", root, "--props", props, "--cache", cache, "--scales", SCALE, "--backbone", BACKBONE).exit_code == 0
+    assert invoke("train-svm", "--cache", cache, "--out", model).exit_code == 0
+    assert Detector.load(model).detect.max_detections == 128
+    out = tmp_path / "dets.json"
+    result = invoke("detect", root / "images" / "many.jpg", "--model", model, "--cache", cache, "--props", props, "--conf", "-9", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert 100 < len(json.loads(out.read_text())["images"][0]["detections"]) <= 128
 
 def test_model_file_is_safetensors_with_json_metadata(pipeline):
     raw = pipeline.model.read_bytes()

@@ -43,7 +43,7 @@ def parse_wall_ms(output: str) -> float | None:
 
 
 def run_detect(inputs, data, split, model_path: Path | None, cache_dir: Path | None, props: Path | None,
-               conf: float | None, nms: float, max_det: int, out: Path | None, save_dir: Path | None, gpu: bool,
+               conf: float | None, nms: float, max_det: int | None, out: Path | None, save_dir: Path | None, gpu: bool,
                bbox_reg: bool = True, vote: bool = True, shard: str | None = None, min_prob: float | None = None,
                proposals: str | None = None, prefetch: bool = True, classes: tuple[str, ...] | None = None) -> int:
     from spp_cli.commands.models import default_model_path
@@ -206,8 +206,8 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     class_ids = None if classes is None else detector.class_indices(classes, str(model_path))
     if class_ids is not None and len(class_ids) == len(detector.classes):
         class_ids = None  # every class: the run without --classes (its journal too)
-    config = detector.detect_config(score_threshold=conf, nms_iou=nms, max_detections=max_det, bbox_regression=bbox_reg, box_voting=vote,
-                                    classes=class_ids)
+    config = detector.detect_config(score_threshold=conf, nms_iou=nms, max_detections=max_det or detector.detect.max_detections,
+                                    bbox_regression=bbox_reg, box_voting=vote, classes=class_ids)
     if config.objectness_weight and not learned:
         ui.warn(f"{model_path}: its scores add its proposal network's objectness ({config.objectness_weight:g} x log sigmoid); "
                 "with other proposals they are the SVM margins alone, higher than its thresholds and probabilities expect")
