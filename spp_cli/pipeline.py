@@ -198,6 +198,16 @@ class TrainResult:
     skipped_at: tuple[str, ...] = ()  # the steps that skipped inputs (each listed them), this run or the one it resumes
 
 
+def classes_held_out(classes: list[str], fit: list, val: list) -> list[str]:
+    """The classes with a usable box (neither difficult nor crowd) in the validation records
+    ``val`` and none in the fit records ``fit``: the SVMs get no positive of them."""
+    def usable(records) -> set[str]:
+        return {classes[label] for r in records for label, hard, crowd in zip(r.labels, r.difficult, r.iscrowd) if not hard and not crowd}
+
+    in_fit = usable(fit)
+    return [name for name in classes if name in usable(val) and name not in in_fit]
+
+
 def contents_fingerprint(train_set, val_set=None, backgrounds: list[Path] = ()) -> dict:
     """What the run trains and validates on, as train-state.json records it (a resume must match
     it): the image count and a sha256 over each record of the training split (and of a named
@@ -563,6 +573,10 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
         records.update({r.image_id: (_relabel(r, val_set.classes, train_set.classes), train_set.classes)
                         for r in val_set.records if r.image_id in held})
     items = [Source(i, records[i][0].path, records[i][0]) for i in split.fit_ids + split.val_ids]
+    held_only = classes_held_out(train_set.classes, [records[i][0] for i in split.fit_ids], [records[i][0] for i in split.val_ids])
+    if held_only and not plan.refit:
+        ui.warn(f"class(es) {', '.join(held_only)}: every box is in the held-out validation images, so the model will not detect them "
+                "(--refit trains on every image)")
     fit_backgrounds: tuple[str, ...] = ()  # --negatives the models are trained with
     val_backgrounds: list[Path] = []  # and those held out with the validation images
     if plan.negatives:

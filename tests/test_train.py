@@ -566,3 +566,17 @@ def test_a_state_file_that_cannot_be_read_is_named_as_such_and_its_steps_redone(
         state = TrainState.load_or_new(path, {"data": "d"})
     assert state.replaced and state.steps == {}
     assert captured.get().strip() == f"warning: {path}: not a readable spp train state (damaged, or another file); its finished steps are redone"
+
+
+def test_a_class_whose_every_box_is_held_out_for_validation_is_named():
+    from types import SimpleNamespace
+
+    from spp_cli.pipeline import classes_held_out
+
+    def record(labels, difficult=None):
+        return SimpleNamespace(labels=labels, difficult=difficult or [False] * len(labels), iscrowd=[False] * len(labels))
+
+    classes = ["RBC", "WBC", "Platelets"]
+    fit = [record([0, 1]), record([0, 2], difficult=[False, True])]  # a difficult platelet gives no positive
+    assert classes_held_out(classes, fit, [record([2]), record([1])]) == ["Platelets"]
+    assert classes_held_out(classes, fit + [record([2])], [record([2])]) == []
