@@ -42,6 +42,16 @@ def test_labelimg_layout_each_xml_beside_its_image_in_one_folder(xml_dataset, tm
     with pytest.raises(DatasetError, match="dataset layout not recognised"):
         open_dataset(side)
 
+def test_a_listed_image_without_an_xml_is_an_image_without_objects(xml_dataset):
+    # LabelImg writes no .xml for an image without objects; an id with neither is still missing.
+    write_image(xml_dataset / "images" / "empty.jpg")
+    (xml_dataset / "train.txt").write_text("a\nempty\nnowhere\n")
+    ds = open_dataset(xml_dataset, "train")
+    assert [(r.image_id, len(r.boxes)) for r in ds.records] == [("a", 2), ("empty", 0)]
+    assert ds.bad == [(xml_dataset / "annotations" / "nowhere.xml", "annotation file not found")]
+    assert ds.warnings == [f"1 image(s) of the split have no .xml in {xml_dataset / 'annotations'} (e.g. {xml_dataset / 'images' / 'empty.jpg'}): "
+                           "taken as images without objects"]
+
 def test_split_as_id_file(xml_dataset, tmp_path):
     ids = tmp_path / "mine.txt"
     ids.write_text("c\na\n")

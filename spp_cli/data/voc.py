@@ -54,8 +54,13 @@ def _read(root: Path, fmt: str, ann_dir: Path, img_dir: Path, split_dir: Path, s
         ids = read_id_list(split_file(split, split_dir, root))
     parsed = []
     bad: list[tuple[Path, str]] = []
+    unlabelled: list[Path] = []  # listed images without an .xml: images without objects, as LabelImg leaves them
     for image_id in ids:
         xml_path = ann_dir / f"{image_id}.xml"
+        if not xml_path.exists() and _image_path(img_dir, image_id).exists():
+            unlabelled.append(_image_path(img_dir, image_id))
+            parsed.append((image_id, xml_path, []))
+            continue
         try:
             objects = parse_voc_xml(xml_path)
         except AnnotationError as exc:
@@ -65,6 +70,8 @@ def _read(root: Path, fmt: str, ann_dir: Path, img_dir: Path, split_dir: Path, s
     classes = sorted({name for _, _, objects in parsed for name, *_ in objects})
     index = {name: i for i, name in enumerate(classes)}
     records, warnings = [], []
+    if unlabelled:
+        warnings.append(f"{len(unlabelled)} image(s) of the split have no .xml in {ann_dir} (e.g. {unlabelled[0]}): taken as images without objects")
     for image_id, xml_path, objects in parsed:
         record = ImageRecord(image_id=image_id, path=_image_path(img_dir, image_id))
         sanitise(
