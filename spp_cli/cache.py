@@ -264,7 +264,7 @@ class FeatureCache:
                 f"{settings.describe()}. Use another --cache folder, or the same settings"
             )
 
-    def check_writable(self, need: str) -> None:
+    def require_writable(self, need: str) -> None:
         """Before work whose result an entry would hold: fail if this cache cannot take it.
 
         Raises:
@@ -396,7 +396,7 @@ class FeatureCache:
         """Store an entry atomically (maps cast to the cache's dtype, on the CPU)."""
         from safetensors.torch import save
 
-        self.check_writable(f"{entry.path} cannot be cached in it")
+        self.require_writable(f"{entry.path} cannot be cached in it")
         dtype = DTYPES[self.settings.dtype]
         tensors: dict[str, torch.Tensor] = {
             f"map_{s}": m.detach().to("cpu", dtype).contiguous() for s, m in enumerate(entry.maps)

@@ -574,6 +574,10 @@ def run_train(plan: TrainPlan, out: Path, work: Path | None, cache_dir: Path | N
                         for r in val_set.records if r.image_id in held})
     items = [Source(i, records[i][0].path, records[i][0]) for i in split.fit_ids + split.val_ids]
     held_only = classes_held_out(train_set.classes, [records[i][0] for i in split.fit_ids], [records[i][0] for i in split.val_ids])
+    if val_set is not None:  # its boxes of a class the training split lacks are dropped (_relabel): say which
+        outside = [name for name in val_set.classes if name not in train_set.classes]
+        if outside:
+            ui.warn(f"class(es) {', '.join(outside)} of --val-split {plan.val_split} are in no training image: not trained, not validated")
     if held_only and not plan.refit:
         ui.warn(f"class(es) {', '.join(held_only)}: every box is in the held-out validation images, so the model will not detect them "
                 "(--refit trains on every image)")

@@ -580,3 +580,15 @@ def test_a_class_whose_every_box_is_held_out_for_validation_is_named():
     fit = [record([0, 1]), record([0, 2], difficult=[False, True])]  # a difficult platelet gives no positive
     assert classes_held_out(classes, fit, [record([2]), record([1])]) == ["Platelets"]
     assert classes_held_out(classes, fit + [record([2])], [record([2])]) == []
+
+
+def test_a_class_of_the_validation_split_that_no_training_image_holds_is_named(tmp_path):
+    data = write_shapes(tmp_path / "shapes")
+    held = data / "annotations" / f"{TEST[0]}.xml"
+    held.write_text(held.read_text().replace("</annotation>", "<object><name>green</name><bndbox><xmin>2</xmin><ymin>2</ymin>"
+                                                              "<xmax>30</xmax><ymax>30</ymax></bndbox></object></annotation>"))
+    args = ["train", "--data", str(data), "--split", "train", "--out", str(tmp_path / "m.safetensors"), *OPTIONS[:-2], "--features", "pool5",
+            "--val-split", "test"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "warning: class(es) green of --val-split test are in no training image: not trained, not validated" in result.output

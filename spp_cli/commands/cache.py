@@ -112,13 +112,13 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
         gt = _gt(source.record)
         meta = _readable_metadata(cache, key, quiet=cache.read_only)  # read-only: a damaged entry is not rebuilt
         if meta is None and cache.has(key):
-            cache.check_writable(f"the entry of {source.path} is damaged (`spp cache-info {cache.root} --verify` names the problem)")
+            cache.require_writable(f"the entry of {source.path} is damaged (`spp cache-info {cache.root} --verify` names the problem)")
         if meta is not None:
             new_props = entry_props is not None and meta.get("proposals_sha256") != proposals_digest(entry_props)
             new_gt = gt is not None and meta.get("gt_sha256") != gt_digest(gt, classes)
             if not (new_props or new_gt):
                 return "reused"
-            cache.check_writable(f"the {'proposals' if new_props else 'labels'} of {source.path} changed since it was cached")
+            cache.require_writable(f"the {'proposals' if new_props else 'labels'} of {source.path} changed since it was cached")
             # Same image, new proposals or labels: keep the maps, no forward pass.
             entry = cache.read(key)
             if new_props:
@@ -135,14 +135,14 @@ def _build_cache(inputs, data, split, cache_dir: Path, props: Path | None, backb
             bad.append((source.path, problem))
             unreadable[key] = problem.removeprefix(f"{source.path}: ")
             return "bad"
-        cache.check_writable(f"{source.path} is not cached in it")  # an image that cannot be read is listed, as on any cache
+        cache.require_writable(f"{source.path} is not cached in it")  # an image that cannot be read is listed, as on any cache
         if entry_props is None:
             entry_props = propose(image, proposal_params) if selective_search else np.zeros((0, 4), np.float32)
         if extractor is None:
             extractor = backbones.FeatureExtractor(backbones.get_spec(backbone), weights, device)
         also = finer is not None and not finer.has(key)
         if also:
-            finer.check_writable(f"{source.path} is not cached in it")
+            finer.require_writable(f"{source.path} is not cached in it")
         with extractor.tapping(finer_layer) if also else nullcontext([]) as taken:
             maps, factors, seconds = feature_pyramid(extractor, image, settings.scales, settings.max_side, warn=ui.warn, name=str(source.path))
         conv_seconds.append(sum(seconds))
