@@ -216,6 +216,22 @@ def test_a_model_of_dense_images_detects_twice_their_most_objects_per_image(tmp_
     assert result.exit_code == 0, result.output
     assert 100 < len(json.loads(out.read_text())["images"][0]["detections"]) <= 128
 
+def test_eval_scores_a_class_the_model_never_learned_as_ap_0(pipeline, tmp_path):
+    # As the VOC devkit and pycocotools do: the mAP is over the dataset's classes, not the model's.
+    data = tmp_path / "shapes"
+    shutil.copytree(pipeline.data, data)
+    xml = data / "annotations" / f"{TEST[0]}.xml"
+    xml.write_text(xml.read_text().replace("</annotation>", "<object><name>green</name><bndbox><xmin>2</xmin><ymin>2</ymin>"
+                                                            "<xmax>30</xmax><ymax>30</ymax></bndbox></object></annotation>"))
+    dets, metrics = tmp_path / "dets.json", tmp_path / "metrics.json"
+    assert invoke("detect", "--data", data, "--split", "test", "--model", pipeline.model, "--out", dets).exit_code == 0
+    result = invoke("eval", dets, "--data", data, "--split", "test", "--out", metrics)
+    assert result.exit_code == 0, result.output
+    assert "warning: AP 0 (no such class in the detections; the split holds their boxes): green" in result.stderr
+    scored = json.loads(metrics.read_text())
+    assert scored["per_class"]["green"] == 0.0 and scored["ground_truth"]["green"] == 1
+    assert scored["mAP"] == pytest.approx((scored["per_class"]["blue"] + scored["per_class"]["red"]) / 3, abs=1e-6)
+
 def test_model_file_is_safetensors_with_json_metadata(pipeline):
     raw = pipeline.model.read_bytes()
     # safetensors: 8-byte little-endian header length, a JSON header, then raw

@@ -24,13 +24,17 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
     dets = read_detections(detections_file)
     dataset = open_dataset(data, split)
     ui.print_warnings(dataset.warnings)
-    shared = [c for c in dataset.classes if c in dets.classes and (dets.class_filter is None or c in dets.class_filter)]
+    detected = [c for c in dataset.classes if c in dets.classes]
+    # Every class of the dataset is scored, as the VOC devkit and pycocotools score them: one the
+    # detections lack (a model that never learned it) has AP 0 where the split holds its boxes.
+    # A `spp detect --classes` run is scored on the classes it asked for.
+    shared = [c for c in dataset.classes if dets.class_filter is None or c in dets.class_filter]
     if not dataset.records and dataset.bad:
         ui.print_bad(list(dataset.bad))
         raise DatasetError(f"{data}: no image of split '{split or 'all'}' has usable annotations (the files above)")
     if not dataset.records:
         raise DatasetError(f"{data}: no images in split '{split or 'all'}'")
-    if not shared:
+    if not detected:
         raise DatasetError(
             f"{data}: none of the dataset's classes ({', '.join(dataset.classes[:6])}) is among the detections' classes "
             f"({', '.join(dets.classes[:6])}); was the model trained on another dataset?"
@@ -48,9 +52,6 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
                            "were the detections made on another split?")
     if missing:
         ui.warn(f"{missing} of {len(dataset.records)} image(s) have no entry in {detections_file}; counted as without detections")
-    skipped = [c for c in dataset.classes if c not in dets.classes]
-    if skipped:
-        ui.warn(f"not evaluated (no such class in the detections): {', '.join(skipped)}")
     unasked = [c for c in dataset.classes if c in dets.classes and c not in shared]
     if unasked:
         ui.warn(f"not evaluated (not detected: `spp detect --classes` asked for {', '.join(dets.class_filter)}): {', '.join(unasked)}")
@@ -59,6 +60,9 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
         ui.console.print("note: no detection scores below 0; AP counts only what was kept (`spp detect --conf -1.5` keeps the full ranking)")
 
     result = evaluate_coco(pairs, shared) if metric == "coco" else evaluate_voc(pairs, shared, metric)
+    unknown = [c for c in shared if c not in dets.classes and result.counts.get(c)]
+    if unknown:
+        ui.warn(f"AP 0 (no such class in the detections; the split holds their boxes): {', '.join(unknown)}")
     title = {"voc07": "VOC07 11-point AP (IoU 0.5)", "voc": "VOC area AP (IoU 0.5)", "coco": "COCO AP@[.5:.95]"}[metric]
     table = Table(title=f"{title}: {len(dataset.records)} image(s)")
     table.add_column("class")
