@@ -148,7 +148,7 @@ class Detector:
                 raise ValueError("conf and min_prob both set a threshold: give one")
             conf = self.model.margin_at_probability(min_prob, str(self.path))
         threshold = self.model.detect.display_threshold if conf is None else conf
-        config = self.model.detect_config(score_threshold=threshold, nms_iou=nms, max_detections=max_det or self.model.detect.max_detections,
+        config = self.model.detect_config(score_threshold=threshold, nms_iou=nms, max_detections=max_det,
                                           bbox_regression=bbox_reg, box_voting=vote, classes=class_ids)
         learned = self.model.proposal_model is not None and proposals != "selective-search"
         found = detect_pixels(self.model, self.extractor, pixels, config, boxes, name=name, warn=warn or (lambda _: None), learned=learned)

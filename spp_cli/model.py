@@ -279,8 +279,9 @@ class Detector:
 
     def detect_config(self, **settings) -> DetectConfig:
         """The model's own detection settings with ``settings`` (a caller's thresholds) replaced:
-        what belongs to the model and no flag sets (its objectness weight) is carried."""
-        return replace(self.detect, **settings)
+        what belongs to the model and no flag sets (its objectness weight) is carried, and so is
+        a setting given as None (``max_detections``: a caller that sets no cap keeps the model's)."""
+        return replace(self.detect, **{name: value for name, value in settings.items() if value is not None})
 
     def class_indices(self, names: Iterable[str], source: str) -> tuple[int, ...]:
         """The indices of the classes ``names`` (a run's detection filter, ``DetectConfig.classes``).

@@ -204,8 +204,8 @@ def classes_held_out(classes: list[str], fit: list, val: list) -> list[str]:
     def usable(records) -> set[str]:
         return {classes[label] for r in records for label, hard, crowd in zip(r.labels, r.difficult, r.iscrowd) if not hard and not crowd}
 
-    in_fit = usable(fit)
-    return [name for name in classes if name in usable(val) and name not in in_fit]
+    in_fit, in_val = usable(fit), usable(val)
+    return [name for name in classes if name in in_val and name not in in_fit]
 
 
 def contents_fingerprint(train_set, val_set=None, backgrounds: list[Path] = ()) -> dict:
@@ -302,7 +302,7 @@ def validation_results(model_path: Path, cache_dir: Path, records: list, backgro
 
     detector = Detector.load(model_path)
     cache = FeatureCache.open(cache_dir)
-    config = detector.detect_config() if objectness_weight is None else detector.detect_config(objectness_weight=objectness_weight)
+    config = detector.detect_config(objectness_weight=objectness_weight)
 
     def detections(path: Path) -> list[dict]:
         entry = cache.read(image_key(path))

@@ -206,7 +206,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     class_ids = None if classes is None else detector.class_indices(classes, str(model_path))
     if class_ids is not None and len(class_ids) == len(detector.classes):
         class_ids = None  # every class: the run without --classes (its journal too)
-    config = detector.detect_config(score_threshold=conf, nms_iou=nms, max_detections=max_det or detector.detect.max_detections,
+    config = detector.detect_config(score_threshold=conf, nms_iou=nms, max_detections=max_det,
                                     bbox_regression=bbox_reg, box_voting=vote, classes=class_ids)
     if config.objectness_weight and not learned:
         ui.warn(f"{model_path}: its scores add its proposal network's objectness ({config.objectness_weight:g} x log sigmoid); "

@@ -66,7 +66,8 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
     doc = read_detections(detections_file)
     if classes is not None:
         check_class_names(list(classes), doc.classes, str(detections_file))
-    every = [d for entry in doc.images for d in entry.detections if classes is None or d["class"] in classes]
+    asked = (lambda det: True) if classes is None else (lambda det: det["class"] in classes)
+    every = [d for entry in doc.images for d in entry.detections if asked(d)]
     calibrated = all(d.get("probability") is not None for d in every)  # (a file without detections: nothing to draw either way)
     if min_prob is not None and not calibrated:
         raise SPPError(f"{detections_file}: not every detection has a probability (a model without calibration); use --conf")
@@ -93,7 +94,7 @@ def run_draw(detections_file: Path, images_root: Path | None, out_dir: Path, con
                 bad.append((src, str(exc)))
             else:
                 warnings.extend(_size_warning(entry, src, image))
-                kept = [d for d in entry.detections if shown(d) and (classes is None or d["class"] in classes)]
+                kept = [d for d in entry.detections if asked(d) and shown(d)]
                 atomic_write_bytes(out, encode(draw_detections(image, kept), out.suffix))
                 written += 1
                 drawn += len(kept)

@@ -10,7 +10,7 @@ import numpy as np
 
 from spp_cli.boxes import from_xywh
 from spp_cli.data.records import Dataset, ImageRecord, sanitise
-from spp_cli.data.registry import ALL_IMAGES, read_id_list, split_file
+from spp_cli.data.registry import read_id_list, split_file
 from spp_cli.errors import DatasetError
 
 
@@ -49,20 +49,18 @@ def read_coco(json_path: Path, split: str | None) -> Dataset:
     categories = sorted(categories, key=lambda c: c["id"])
     # A class is a name (models keep names): categories that share one are one class, whose
     # results carry the first one's id.
-    classes = list(dict.fromkeys(str(c["name"]) for c in categories))
-    class_index = {c["id"]: classes.index(str(c["name"])) for c in categories}
-    category_ids: dict[str, int | str] = {}
+    ids_of: dict[str, list] = {}
     for c in categories:
-        category_ids.setdefault(str(c["name"]), c["id"])
-    shared_names = [name for name in classes if sum(str(c["name"]) == name for c in categories) > 1]
+        ids_of.setdefault(str(c["name"]), []).append(c["id"])
+    classes = list(ids_of)
+    class_index = {category: k for k, ids in enumerate(ids_of.values()) for category in ids}
+    category_ids = {name: ids[0] for name, ids in ids_of.items()}
     root = json_path.parent.parent if json_path.parent.name == "annotations" else json_path.parent
     image_dir = _find_image_dir(json_path, root, images)
 
     unknown_ids: list[tuple[Path, str]] = []
-    if split == ALL_IMAGES and not (root / f"{ALL_IMAGES}.txt").is_file():  # a split file named all is that split
-        split = None
-    if split is not None:
-        listed_in = split_file(split, root, json_path)
+    listed_in = None if split is None else split_file(split, root, json_path)
+    if listed_in is not None:  # else every image (no split, or all)
         wanted = read_id_list(listed_in)
         listed = set(wanted)
         images = [im for im in images if Path(im["file_name"]).stem in listed or str(im["id"]) in listed]
@@ -80,9 +78,10 @@ def read_coco(json_path: Path, split: str | None) -> Dataset:
             orphans.append(ann["image_id"])
 
     records, warnings, bad = [], [], list(unknown_ids)
-    for name in shared_names:
-        ids = ", ".join(json.dumps(c["id"]) for c in categories if str(c["name"]) == name)
-        warnings.append(f"{json_path}: categories {ids} share the name {name!r}: one class (its results carry id {json.dumps(category_ids[name])})")
+    for name, ids in ids_of.items():
+        if len(ids) > 1:
+            warnings.append(f"{json_path}: categories {', '.join(map(json.dumps, ids))} share the name {name!r}: one class "
+                            f"(its results carry id {json.dumps(ids[0])})")
     if orphans:
         what = "1 annotation has an image_id" if len(orphans) == 1 else f"{len(orphans)} annotations have an image_id"
         warnings.append(f"{json_path}: {what} that is in no image (e.g. {json.dumps(orphans[0])}); ignored")

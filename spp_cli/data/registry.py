@@ -133,14 +133,17 @@ def dataset_files(spec: str | Path | None, split: str | Path | None) -> list[Pat
     return files
 
 
-def split_file(split: str, default_dir: Path, dataset: Path) -> Path:
-    """The id-list file for ``split``: an explicit ``.txt`` path, or ``default_dir/<split>.txt``."""
+def split_file(split: str, default_dir: Path, dataset: Path) -> Path | None:
+    """The id-list file for ``split``: an explicit ``.txt`` path, or ``default_dir/<split>.txt``;
+    None for ``all`` where no such file exists (every image)."""
     as_path = Path(split)
     if as_path.suffix == ".txt" and as_path.is_file():
         return as_path
     candidate = default_dir / f"{split}.txt"
     if candidate.is_file():
         return candidate
+    if split == ALL_IMAGES:
+        return None
     if as_path.suffix == ".txt" or "/" in split or os.sep in split:
         # A path, not a split name: say so, not that <path>.txt is missing.
         raise DatasetError(f"{split}: split file not found")

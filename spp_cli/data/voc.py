@@ -13,7 +13,7 @@ from defusedxml import ElementTree as SafeET
 
 from spp_cli.boxes import from_voc
 from spp_cli.data.records import Dataset, ImageRecord, sanitise
-from spp_cli.data.registry import ALL_IMAGES, read_id_list, split_file
+from spp_cli.data.registry import read_id_list, split_file
 from spp_cli.errors import DatasetError
 from spp_cli.images import IMAGE_SUFFIXES
 
@@ -44,14 +44,13 @@ def is_labelimg_folder(root: Path) -> bool:
 
 
 def _read(root: Path, fmt: str, ann_dir: Path, img_dir: Path, split_dir: Path, split: str | None) -> Dataset:
-    if split == ALL_IMAGES and not (split_dir / f"{ALL_IMAGES}.txt").is_file():  # a split file named all is that split
-        split = None
-    if split is None:
+    listed_in = None if split is None else split_file(split, split_dir, root)
+    if listed_in is None:  # every image (no split, or all)
         ids = sorted(p.stem for p in ann_dir.glob("*.xml"))
         if not ids:
             raise DatasetError(f"{ann_dir}: no .xml annotation files")
     else:
-        ids = read_id_list(split_file(split, split_dir, root))
+        ids = read_id_list(listed_in)
     parsed = []
     bad: list[tuple[Path, str]] = []
     unlabelled: list[Path] = []  # listed images without an .xml: images without objects, as LabelImg leaves them
