@@ -17,7 +17,9 @@ Per dataset, both trained on its training split and scored by `spp eval
     in its time).
 
 Prints a table (dataset x {Faster R-CNN mAP, train s, test s/img; spp mAP,
-train s, detect s/img}) and a last line of JSON, whose rows also hold the
+train s, detect s/img; the mAP gain and its 95% interval over test splits
+resampled from the test split, `paired_bootstrap.py`}) and a last line of
+JSON, whose rows also hold the
 recall of Faster R-CNN's own proposals on the test split (its region proposal
 network's top 300 / 1000 boxes, IoU 0.5 / 0.7); the trained Faster R-CNN is
 kept as ``<work>/<dataset>/frcnn.pt``. Not a test: about an hour per dataset
@@ -266,7 +268,24 @@ def run_dataset(name: str, work: Path, epochs: int, skip: set[str], log, spp_tra
         log(f"  faster r-cnn: mAP {row['frcnn_map']:.3f}")
         row["frcnn_rpn_recall"] = rpn_recall(model, test_records, list(test_set.classes))
         log(f"  faster r-cnn's own proposals on the test split: {row['frcnn_rpn_recall']}")
+    if "spp_map" in row and "frcnn_map" in row:
+        row["gain_interval95"] = gain_interval(work / "spp-dets.json", work / "frcnn-dets.json", data, test_split)
     return row
+
+
+def gain_interval(spp_dets: Path, frcnn_dets: Path, data: str, split: str, resamples: int = 2000) -> list[float]:
+    """95% interval of spp's mAP minus Faster R-CNN's over test splits resampled from this one
+    (``paired_bootstrap.py``: the same resample for both)."""
+    from paired_bootstrap import score_file, weighted_map
+    from spp_cli.data import open_dataset
+
+    test_set = open_dataset(data, split)
+    (a, _), (b, _) = score_file(spp_dets, test_set), score_file(frcnn_dets, test_set)
+    n = len(test_set.records)
+    rng = np.random.default_rng(0)
+    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(np.float64)
+    diff = weighted_map(a, weights) - weighted_map(b, weights)
+    return [float(v) for v in np.percentile(diff, [2.5, 97.5])]
 
 
 def main() -> None:
@@ -299,13 +318,15 @@ def main() -> None:
     def cell(row: dict, key: str, fmt: str) -> str:
         return format(row[key], fmt) if key in row else format("-", ">" + fmt.split(".")[0])
 
-    header = f"{'dataset':10} {'FRCNN mAP':>9} {'train s':>8} {'test s/img':>10} | {'spp mAP':>7} {'train s':>8} {'detect s/img':>12} | {'mAP gain':>8} {'train ratio':>11}"
+    header = (f"{'dataset':10} {'FRCNN mAP':>9} {'train s':>8} {'test s/img':>10} | {'spp mAP':>7} {'train s':>8} {'detect s/img':>12} | "
+              f"{'mAP gain':>8} {'95% interval':>16} {'train ratio':>11}")
     print(header)
     for row in rows:
         gain = f"{row['spp_map'] - row['frcnn_map']:+.3f}" if "spp_map" in row and "frcnn_map" in row else "-"
         ratio = f"{row['spp_train_s'] / row['frcnn_train_s']:.2f}" if "spp_train_s" in row and "frcnn_train_s" in row else "-"
+        interval = "[{:+.3f}, {:+.3f}]".format(*row["gain_interval95"]) if "gain_interval95" in row else "-"
         print(f"{row['dataset']:10} {cell(row, 'frcnn_map', '9.3f')} {cell(row, 'frcnn_train_s', '8.0f')} {cell(row, 'frcnn_test_s_per_img', '10.3f')} | "
-              f"{cell(row, 'spp_map', '7.3f')} {cell(row, 'spp_train_s', '8.0f')} {cell(row, 'spp_detect_s_per_img', '12.3f')} | {gain:>8} {ratio:>11}")
+              f"{cell(row, 'spp_map', '7.3f')} {cell(row, 'spp_train_s', '8.0f')} {cell(row, 'spp_detect_s_per_img', '12.3f')} | {gain:>8} {interval:>16} {ratio:>11}")
     print(json.dumps({"epochs": args.epochs, "rows": rows}))
 
 

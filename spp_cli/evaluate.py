@@ -6,6 +6,7 @@ Shape letters: R proposals, N ground truths, K classes.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -208,6 +209,30 @@ class GroundTruthImage:
     def from_record(cls, record, classes: list[str]) -> "GroundTruthImage":
         """From a :class:`spp_cli.data.ImageRecord` and its dataset's class list."""
         return cls(record.boxes, [classes[int(i)] for i in record.labels], record.difficult, record.iscrowd, record.width, record.height)
+
+
+def pair_with_detections(records, classes: list[str], detection_images) -> tuple[list[tuple[GroundTruthImage, list[dict]]], int]:
+    """Each dataset image's ground truth beside its detections, as :func:`evaluate_voc` takes them.
+
+    An image's entry in a detections file is found by its resolved path, else by its id
+    (a file made on another machine); an image without one has no detections.
+
+    Args:
+        records: the split's :class:`spp_cli.data.ImageRecord` list.
+        classes: the dataset's class names (records' labels index them).
+        detection_images: a detections file's entries (``path``, ``id``, ``detections``).
+
+    Returns:
+        ``(pairs, missing)``: one pair per record in its order; how many records had no entry.
+    """
+    by_path = {str(Path(e.path).resolve()): e for e in detection_images}
+    by_id = {e.id: e for e in detection_images}
+    pairs, missing = [], 0
+    for record in records:
+        entry = by_path.get(str(Path(record.path).resolve())) or by_id.get(record.image_id)
+        missing += entry is None
+        pairs.append((GroundTruthImage.from_record(record, classes), entry.detections if entry else []))
+    return pairs, missing
 
 
 @dataclass

@@ -233,3 +233,49 @@ def test_coco_matches_pycocotools_run_directly():
         assert result.per_class[name] == pytest.approx(one[0]) and result.extra[f"AP50/{name}"] == pytest.approx(one[1])
     assert np.isnan(result.per_class["bird"]) and "AP50/bird" not in result.extra
     assert result.counts == {c: sum(1 for a in annotations if a["category_id"] == k + 1 and not a["iscrowd"]) for k, c in enumerate(classes)}
+
+
+def _random_pairs(rng: np.random.Generator, images: int, classes: list[str]) -> list:
+    pairs = []
+    for _ in range(images):
+        n = int(rng.integers(0, 4))
+        xy = rng.uniform(0, 80, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(10, 40, (n, 2))], axis=1).astype(np.float32)
+        names = [classes[int(i)] for i in rng.integers(0, len(classes), n)]
+        gt = GroundTruthImage(boxes, names, rng.random(n) < 0.15, np.zeros(n, bool))
+        dets = []
+        for _ in range(int(rng.integers(0, 6))):
+            if n and rng.random() < 0.6:  # near a box of the image, of its class or another
+                k = int(rng.integers(0, n))
+                box = boxes[k] + rng.normal(0, 4, 4)
+                name = names[k] if rng.random() < 0.8 else classes[int(rng.integers(0, len(classes)))]
+            else:
+                x, y = rng.uniform(0, 80, 2)
+                box, name = np.array([x, y, x + 20, y + 20]), classes[int(rng.integers(0, len(classes)))]
+            dets.append({"box": [float(v) for v in box], "class": name, "score": float(rng.normal())})  # no ties: copies of a tied pair may interleave
+        pairs.append((gt, dets))
+    return pairs
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paired_bootstrap_weights_equal_duplicated_images(seed):
+    """benchmarks/paired_bootstrap.py matches once and weighs images; the slow reference
+    scores a list in which each image appears as often as its weight."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from paired_bootstrap import class_matches, weighted_map
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(seed)
+    classes = ["a", "b", "c"]
+    pairs = _random_pairs(rng, 12, classes)
+    matches = [class_matches(pairs, c) for c in classes]
+    weights = rng.integers(0, 4, (5, len(pairs))).astype(np.float64)
+    weights[0] = 1
+    got = weighted_map(matches, weights)
+    for row, value in zip(weights, got):
+        duplicated = [pair for pair, times in zip(pairs, row) for _ in range(int(times))]
+        assert value == pytest.approx(evaluate_voc(duplicated, classes, "voc07").mean_ap, abs=1e-12, nan_ok=True)

@@ -16,7 +16,7 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
 
     from spp_cli.data import open_dataset
     from spp_cli.detections import read_detections
-    from spp_cli.evaluate import GroundTruthImage, evaluate_coco, evaluate_voc
+    from spp_cli.evaluate import evaluate_coco, evaluate_voc, pair_with_detections
 
     if out is not None:
         check_writable(out)
@@ -39,14 +39,7 @@ def run_eval(detections_file: Path, data: str, split: str | None, metric: str, o
             f"{data}: none of the dataset's classes ({', '.join(dataset.classes[:6])}) is among the detections' classes "
             f"({', '.join(dets.classes[:6])}); was the model trained on another dataset?"
         )
-    by_path = {str(Path(e.path).resolve()): e for e in dets.images}
-    by_id = {e.id: e for e in dets.images}
-    pairs, missing = [], 0
-    for record in dataset.records:
-        entry = by_path.get(str(Path(record.path).resolve())) or by_id.get(record.image_id)
-        if entry is None:
-            missing += 1
-        pairs.append((GroundTruthImage.from_record(record, dataset.classes), entry.detections if entry else []))
+    pairs, missing = pair_with_detections(dataset.records, dataset.classes, dets.images)
     if missing == len(dataset.records):
         raise DatasetError(f"{detections_file}: none of the {missing} image(s) of {data} (split '{split or 'all'}') has an entry; "
                            "were the detections made on another split?")
