@@ -115,12 +115,15 @@ def reliability_table(probabilities: np.ndarray, right: np.ndarray, bins: int = 
     """Predicted against observed precision per probability bin ``[k/bins, (k+1)/bins)``
     (the last bin closed): ``{"bin", "detections", "predicted", "observed"}`` for non-empty bins."""
     probabilities, right = np.asarray(probabilities, np.float64), np.asarray(right, np.float64)
-    index = np.minimum((probabilities * bins).astype(int), bins - 1)
+    # Against the edges themselves: int(0.57 * 100) is 56, so p * bins would put a
+    # probability on an edge into the bin below it.
+    index = np.clip(np.searchsorted(np.arange(bins + 1) / bins, probabilities, side="right") - 1, 0, bins - 1)
+    decimals = max(1, math.ceil(math.log10(bins)))
     rows = []
     for k in range(bins):
         members = index == k
         if members.any():
-            rows.append({"bin": f"{k / bins:.1f}-{(k + 1) / bins:.1f}", "detections": int(members.sum()),
+            rows.append({"bin": f"{k / bins:.{decimals}f}-{(k + 1) / bins:.{decimals}f}", "detections": int(members.sum()),
                          "predicted": round(float(probabilities[members].mean()), 3),
                          "observed": round(float(right[members].mean()), 3)})
     return rows

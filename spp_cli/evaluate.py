@@ -161,7 +161,14 @@ def precision_recall(tp: np.ndarray, fp: np.ndarray, num_positives: int) -> tupl
 
 
 def voc07_ap(recall: np.ndarray, precision: np.ndarray) -> float:
-    """VOC2007 11-point AP: mean over t in {0, 0.1, ..., 1} of the best precision at recall >= t."""
+    """VOC2007 11-point AP: mean over t in {0, 0.1, ..., 1} of the best precision at recall >= t.
+
+    The thresholds are the floats py-faster-rcnn's, detectron2's and mmdetection's
+    ``voc_eval`` use (``np.arange(0, 1.1, 0.1)``): 0.3, 0.6 and 0.7 come out a hair above
+    (0.30000000000000004, ...), so a recall of exactly 3/10, 6/10 or 7/10 does not reach
+    that threshold (the devkit's MATLAB ``0:0.1:1`` shares the 0.3 case). Kept so that
+    figures compare with theirs.
+    """
     ap = 0.0
     for t in np.linspace(0, 1, 11):
         mask = recall >= t
