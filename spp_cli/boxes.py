@@ -76,7 +76,10 @@ def is_degenerate(boxes: np.ndarray) -> np.ndarray:
 
 
 def iou(boxes1: np.ndarray | torch.Tensor, boxes2: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Pairwise IoU ``(R1, R2)`` of two sets of ``xyxy`` boxes (torchvision.ops)."""
+    """Pairwise IoU ``(R1, R2)`` of two sets of ``xyxy`` boxes (torchvision.ops).
+
+    Two zero-area boxes give ``nan`` (0 / 0, as torchvision's); every comparison
+    ``iou >= t`` is false for it, as for no overlap."""
     import torch
     from torchvision import ops
 
