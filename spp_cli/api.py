@@ -10,8 +10,12 @@
 
 A call runs what ``spp detect`` runs on an image (selective search, or the
 model's learned proposals where it carries a proposal network; one conv pass per scale, SPP pooling, SVM scores, box regression, NMS, box voting),
-through the same functions, so it returns the same numbers as the command.
-Images are a path, a Pillow image, or an ``(H, W, 3)`` uint8 RGB array.
+through the same functions, so it returns the same numbers as the command
+(as it does, they move in the last digits with the torch thread count).
+Images are a path, a Pillow image, or a uint8 array ``(H, W, 3)`` in RGB
+order (OpenCV's ``imread`` gives BGR: pass ``img[:, :, ::-1]``), ``(H, W)``
+or ``(H, W, 1)`` grey, or ``(H, W, 4)`` RGBA (composited onto white, as the
+loader does with transparent files).
 """
 
 from __future__ import annotations
@@ -20,6 +24,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import math
+import threading
+
 import numpy as np
 
 from spp_cli.errors import ModelError
@@ -27,9 +34,11 @@ from spp_cli.errors import ModelError
 
 @dataclass(frozen=True)
 class Detection:
-    """One detection: ``box`` ``(x1, y1, x2, y2)`` in continuous pixels of the
-    original image, the class, its score (an SVM margin; ``spp detect``
-    shows those at or above the model's display threshold) and, from a
+    """One detection, rounded as the detections file holds it: ``box`` ``(x1, y1, x2, y2)``
+    in continuous pixels of the image as it is shown (after its EXIF orientation, as
+    ``PIL.ImageOps.exif_transpose`` turns it; 2 decimals), the class, its score (4
+    decimals: the SVM margin, plus the model's localisation term where it has one;
+    ``spp detect`` shows those at or above the model's display threshold) and, from a
     calibrated model (`spp train`), its probability of being right."""
 
     box: tuple[float, float, float, float]
@@ -38,10 +47,21 @@ class Detection:
     score: float
     probability: float | None = None
 
+    def to_dict(self) -> dict:
+        """The detection as an entry of `spp detect`'s detections file (``box``, ``class``,
+        ``class_id``, ``score``, and ``probability`` where there is one): JSON-ready."""
+        entry = {"box": list(self.box), "class": self.class_name, "class_id": self.class_id, "score": self.score}
+        if self.probability is not None:
+            entry["probability"] = self.probability
+        return entry
 
-@dataclass
+
+@dataclass(eq=False, repr=False)
 class Detector:
     """A loaded detector with the network it needs.
+
+    Calls may come from several threads (the network is built once, on the first).
+    ``detect_many`` sets torch's thread count while it runs, for the whole process.
 
     Attributes:
         model: the trained :class:`spp_cli.model.Detector` (SVMs, regressors, settings).
@@ -52,7 +72,19 @@ class Detector:
     model: object
     path: Path
     device: str = "cpu"
-    _extractor: object = field(default=None, repr=False)
+    _extractor: object = field(default=None)
+    _building: threading.Lock = field(default_factory=threading.Lock)
+
+    def __repr__(self) -> str:
+        shown = ", ".join(self.classes[:5]) + (f", ... ({len(self.classes)} in all)" if len(self.classes) > 5 else "")
+        return f"Detector(path={str(self.path)!r}, classes=[{shown}], device={self.device!r})"
+
+    def __getstate__(self) -> dict:
+        """Pickled without its network or lock (rebuilt on first use after unpickling)."""
+        return {"model": self.model, "path": self.path, "device": self.device}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(**state)
 
     @classmethod
     def load(cls, path: str | Path | None = None, gpu: bool = False) -> Detector:
@@ -73,7 +105,7 @@ class Detector:
         model = Model.load(Path(path))
         if model.mode != "spp":
             raise ModelError(f"{path}: an R-CNN model; run it with `spp detect --model {path}`")
-        return cls(model, Path(path), backbones.select_device(gpu))
+        return cls(model, Path(path), backbones.select_device(gpu, "gpu=True"))
 
     @property
     def classes(self) -> list[str]:
@@ -81,21 +113,30 @@ class Detector:
 
     def __call__(self, image, conf: float | None = None, nms: float = 0.3, max_det: int | None = None,
                  bbox_reg: bool = True, vote: bool = True, warn: Callable[[str], None] | None = None,
-                 min_prob: float | None = None, proposals: str | None = None, classes: Iterable[str] | None = None) -> list[Detection]:
+                 min_prob: float | None = None, proposals: str | None = None, classes: Iterable[str | int] | None = None) -> list[Detection]:
         """Detections in one image, best first, scoring at least ``conf`` or with a
         probability of at least ``min_prob`` (default: the model's display
-        threshold, as ``spp detect`` shows them). ``proposals``: ``learned`` (the
+        threshold, as ``spp detect`` shows them). ``nms``, ``max_det`` (default: the
+        model's), ``bbox_reg`` and ``vote`` are ``spp detect``'s options of those names,
+        checked as it checks them (ValueError). ``proposals``: ``learned`` (the
         default where the model carries a proposal network) or ``selective-search``,
-        as ``spp detect --proposals``. ``classes``: only these class names, as
-        ``spp detect --classes`` (a name the model lacks raises ModelError)."""
-        self._check_proposals(proposals)
+        as ``spp detect --proposals``. ``classes``: only these classes (names, or ids
+        as ``class_id`` gives them), as ``spp detect --classes`` (one the model lacks
+        raises ModelError). ``warn``: called with each warning's line (a truncated
+        file, a GPU that ran out of memory, ...); without it they are Python warnings.
+
+        Raises:
+            ImageError: the image cannot be read, or is empty.
+            TypeError: ``image`` is not a path, Pillow image or array.
+        """
+        self._check_options(conf, nms, max_det, min_prob, proposals)
         class_ids = self._class_ids(classes)
         pixels, name = _pixels(image, warn)
         return self._detect(pixels, name, None, conf, nms, max_det, bbox_reg, vote, warn, min_prob, proposals, class_ids)
 
     def detect_many(self, images: Iterable, conf: float | None = None, nms: float = 0.3, max_det: int | None = None,
                     bbox_reg: bool = True, vote: bool = True, warn: Callable[[str], None] | None = None,
-                    min_prob: float | None = None, proposals: str | None = None, classes: Iterable[str] | None = None) -> list[list[Detection]]:
+                    min_prob: float | None = None, proposals: str | None = None, classes: Iterable[str | int] | None = None) -> list[list[Detection]]:
         """Detections in each of ``images``, in order, with the options of a call. Where
         selective search runs, it runs on a second thread ahead of the network, as in
         ``spp detect`` (:mod:`spp_cli.prefetch`): the same boxes, and the network on one
@@ -103,7 +144,9 @@ class Detector:
         from spp_cli.prefetch import ProposalPrefetch, second_core_free
         from spp_cli.proposals import ProposalParams
 
-        self._check_proposals(proposals)
+        if isinstance(images, (str, Path)):
+            raise TypeError(f"detect_many takes a list of images, not one path ({str(images)!r}): call the detector on it")
+        self._check_options(conf, nms, max_det, min_prob, proposals)
         class_ids = self._class_ids(classes)
         items = list(images)
         options = (conf, nms, max_det, bbox_reg, vote, warn, min_prob, proposals)
@@ -126,20 +169,43 @@ class Detector:
             torch.set_num_threads(threads)
         return results
 
-    def _check_proposals(self, proposals: str | None) -> None:
+    def _check_options(self, conf, nms, max_det, min_prob, proposals: str | None) -> None:
+        """What `spp detect`'s options accept: a finite ``conf``, ``nms`` in [0, 1], a whole
+        ``max_det`` of at least 1, ``min_prob`` strictly between 0 and 1."""
+        def real(value) -> bool:
+            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if conf is not None and not real(conf):
+            raise ValueError(f"conf must be a finite number (an SVM margin), not {conf!r}")
+        if not (real(nms) and 0 <= nms <= 1):
+            raise ValueError(f"nms must be an IoU from 0 to 1, not {nms!r}")
+        if max_det is not None and not (isinstance(max_det, (int, np.integer)) and not isinstance(max_det, bool) and max_det >= 1):
+            raise ValueError(f"max_det must be a whole number of at least 1 (or None: the model's), not {max_det!r}")
+        if min_prob is not None and not (real(min_prob) and 0 < min_prob < 1):
+            raise ValueError(f"min_prob must be a probability strictly between 0 and 1, not {min_prob!r}")
         if proposals not in (None, "learned", "selective-search"):
             raise ValueError(f"proposals must be 'learned' or 'selective-search', not {proposals!r}")
         if proposals == "learned" and self.model.proposal_model is None:
             raise ModelError(f"{self.path}: carries no proposal network (proposals='learned')")
 
-    def _class_ids(self, classes: Iterable[str] | None) -> tuple[int, ...] | None:
-        if isinstance(classes, str):  # one name, not its letters
+    def _class_ids(self, classes: Iterable[str | int] | None) -> tuple[int, ...] | None:
+        """Names, or class ids as ultralytics takes them (``classes=[0]``)."""
+        if isinstance(classes, (str, int, np.integer)):  # one class, not a name's letters
             classes = [classes]
-        if classes is not None:
-            classes = list(classes)
-            if not classes:
-                raise ValueError("classes names no class (give names, or None for every class)")
-        return None if classes is None else self.model.class_indices(classes, str(self.path))
+        if classes is None:
+            return None
+        classes = list(classes)
+        if not classes:
+            raise ValueError("classes names no class (give names, or None for every class)")
+        names = []
+        for c in classes:
+            if isinstance(c, (int, np.integer)) and not isinstance(c, bool):
+                if not 0 <= c < len(self.model.classes):
+                    raise ModelError(f"{self.path}: has no class id {int(c)} (its ids: 0-{len(self.model.classes) - 1})")
+                names.append(self.model.classes[int(c)])
+            else:
+                names.append(c)
+        return self.model.class_indices(names, str(self.path))
 
     def _detect(self, pixels: np.ndarray, name: str, boxes: np.ndarray | None, conf, nms, max_det, bbox_reg, vote, warn, min_prob,
                 proposals, class_ids: tuple[int, ...] | None = None) -> list[Detection]:
@@ -151,16 +217,20 @@ class Detector:
         config = self.model.detect_config(score_threshold=threshold, nms_iou=nms, max_detections=max_det,
                                           bbox_regression=bbox_reg, box_voting=vote, classes=class_ids)
         learned = self.model.proposal_model is not None and proposals != "selective-search"
-        found = detect_pixels(self.model, self.extractor, pixels, config, boxes, name=name, warn=warn or (lambda _: None), learned=learned)
+        report = warn or _python_warning
+        if config.objectness_weight and not learned:
+            report(self.model.foreign_proposals_warning(str(self.path)))
+        found = detect_pixels(self.model, self.extractor, pixels, config, boxes, name=name, warn=report, learned=learned)
         return [Detection(tuple(d.box), self.model.classes[d.class_id], d.class_id, d.score, self.model.probability(d.score)) for d in found]
 
     @property
     def extractor(self):
-        """The backbone, built on first use."""
-        if self._extractor is None:
-            from spp_cli import backbones
+        """The backbone, built on first use (once, whatever the threads calling)."""
+        with self._building:
+            if self._extractor is None:
+                from spp_cli import backbones
 
-            self._extractor = backbones.extractor_for(self.model.features, str(self.path), self.device)
+                self._extractor = backbones.extractor_for(self.model.features, str(self.path), self.device)
         return self._extractor
 
 
@@ -225,6 +295,13 @@ def learned_proposals(model, maps, factors, width: int, height: int, timings: di
     return boxes, logits
 
 
+def _python_warning(message: str) -> None:
+    """Without ``warn=``, a run's warnings are Python warnings (shown once per place, filterable)."""
+    import warnings
+
+    warnings.warn(message, UserWarning, stacklevel=4)
+
+
 def _pixels(image, warn: Callable[[str], None] | None) -> tuple[np.ndarray, str]:
     """``(H, W, 3)`` uint8 RGB pixels of a path, Pillow image or array, and a name for messages."""
     from spp_cli.errors import ImageError
@@ -232,16 +309,47 @@ def _pixels(image, warn: Callable[[str], None] | None) -> tuple[np.ndarray, str]
     if isinstance(image, (str, Path)):
         from spp_cli.images import load_image
 
-        return load_image(image, warn=warn), str(image)
-    if hasattr(image, "convert") and hasattr(image, "size"):  # a Pillow image: as the loader converts files
+        pixels, name = load_image(image, warn=warn), str(image)
+    elif hasattr(image, "convert") and hasattr(image, "size"):  # a Pillow image: as the loader converts files
         from PIL import ImageOps
 
-        from spp_cli.images import _to_rgb
+        from spp_cli.images import _is_truncation, _reason, _to_rgb
 
-        return np.asarray(_to_rgb(ImageOps.exif_transpose(image))), "image"
-    array = np.asarray(image)
+        name = str(getattr(image, "filename", "") or "image")
+        try:
+            pixels = np.asarray(_to_rgb(ImageOps.exif_transpose(image)))
+        except OSError as exc:
+            if _is_truncation(exc):
+                raise ImageError(f"{name}: truncated file (its data ends early); pass its path to decode what is there") from None
+            raise ImageError(f"{name}: cannot decode image ({_reason(exc)})") from None
+        except (ValueError, SyntaxError) as exc:
+            raise ImageError(f"{name}: cannot decode image ({_reason(exc)})") from None
+    elif isinstance(image, np.ndarray) or hasattr(image, "__array__"):
+        pixels, name = _array_pixels(np.asarray(image)), "image"
+    else:
+        hint = " (a list of images: detect_many)" if isinstance(image, (list, tuple)) else ""
+        raise TypeError(f"an image is a path, a Pillow image or a uint8 array, not {type(image).__name__}{hint}")
+    if pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise ImageError(f"{name}: empty image ({pixels.shape[1]} x {pixels.shape[0]} pixels)")
+    return pixels, name
+
+
+def _array_pixels(array: np.ndarray) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB from an array the API takes (see the module's docstring)."""
+    from PIL import Image
+
+    from spp_cli.errors import ImageError
+    from spp_cli.images import _to_rgb
+
+    if array.dtype != np.uint8:
+        hint = " (scale to 0-255 and .astype(np.uint8))" if np.issubdtype(array.dtype, np.number) else ""
+        raise ImageError(f"an image array must be uint8, not {array.dtype}{hint}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
-        raise ImageError(f"an image array must be (H, W, 3) uint8 RGB (got {array.shape} {array.dtype})")
-    return np.ascontiguousarray(array), "image"
+    elif array.ndim == 3 and array.shape[2] == 4 and array.size:
+        array = np.asarray(_to_rgb(Image.fromarray(np.ascontiguousarray(array), "RGBA")))
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ImageError(f"an image array must be (H, W, 3) RGB, (H, W) grey or (H, W, 4) RGBA (got shape {array.shape})")
+    return np.ascontiguousarray(array)

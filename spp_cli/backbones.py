@@ -665,8 +665,9 @@ def extractor_for(settings, source: str, device: str = "cpu", remedy: str = "") 
     return FeatureExtractor(spec, weights, device)
 
 
-def select_device(gpu: bool) -> str:
-    """``cuda`` when ``--gpu`` and CUDA works, ``cpu`` without ``--gpu``; else a clear error.
+def select_device(gpu: bool, option: str = "--gpu") -> str:
+    """``cuda`` when ``--gpu`` and CUDA works, ``cpu`` without ``--gpu``; else a clear error
+    naming ``option`` (the API's is ``gpu=True``).
 
     Under torchrun (``LOCAL_RANK`` set) each rank takes its own GPU,
     ``cuda:LOCAL_RANK`` (modulo the GPUs visible), as torchrun's ranks do.
@@ -674,7 +675,7 @@ def select_device(gpu: bool) -> str:
     if not gpu:
         return "cpu"
     if not torch.cuda.is_available():
-        raise ModelError("--gpu: CUDA is not available on this machine (torch.cuda.is_available() is False); run without --gpu to use the CPU")
+        raise ModelError(f"{option}: CUDA is not available on this machine (torch.cuda.is_available() is False); run without {option} to use the CPU")
     local_rank = os.environ.get("LOCAL_RANK")
     if local_rank is not None and local_rank.isdigit():
         return f"cuda:{int(local_rank) % torch.cuda.device_count()}"

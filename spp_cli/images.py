@@ -160,6 +160,7 @@ def _open(path: Path) -> Image.Image:
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
     limit = max_pixels()
+    previous = Image.MAX_IMAGE_PIXELS  # Pillow's setting is the process's: restored for the caller's own opens
     Image.MAX_IMAGE_PIXELS = limit
     try:
         with warnings.catch_warnings():
@@ -173,6 +174,8 @@ def _open(path: Path) -> Image.Image:
         raise ImageError(f"{path}: not an image file Pillow can read") from None
     except OSError as exc:
         raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
     if im.size[0] * im.size[1] > limit:
         im.close()
         raise ImageError(f"{path}: image has more than {limit:,} pixels (set SPP_MAX_PIXELS to allow it)")

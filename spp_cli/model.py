@@ -293,6 +293,12 @@ class Detector:
         check_class_names(names, self.classes, source, ModelError)
         return tuple(sorted({self.classes.index(name) for name in names}))
 
+    def foreign_proposals_warning(self, source: str) -> str:
+        """What to tell a run that scores other proposals than this model's network's, where
+        its scores add that network's objectness (``DetectConfig.objectness_weight``)."""
+        return (f"{source}: its scores add its proposal network's objectness ({self.detect.objectness_weight:g} x log sigmoid); "
+                "with other proposals they are the SVM margins alone, higher than its thresholds and probabilities expect")
+
     def margin_at_probability(self, probability: float, source: str) -> float:
         """The SVM margin a detection needs to reach ``probability``: a probability threshold
         as a margin threshold (the same detections pass either)."""

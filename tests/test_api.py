@@ -64,8 +64,20 @@ def test_path_pillow_image_and_array_are_the_same_image(detector):
 
 
 def test_bad_inputs_are_clear_errors(detector, tmp_path):
-    with pytest.raises(ImageError, match=r"an image array must be \(H, W, 3\) uint8 RGB \(got \(4, 4, 3\) float64\)"):
+    with pytest.raises(ImageError, match=r"^an image array must be uint8, not float64 \(scale to 0-255 and \.astype\(np\.uint8\)\)$"):
         detector(np.zeros((4, 4, 3)))
+    with pytest.raises(ImageError, match=r"^an image array must be \(H, W, 3\) RGB, \(H, W\) grey or \(H, W, 4\) RGBA \(got shape \(4, 4, 2\)\)$"):
+        detector(np.zeros((4, 4, 2), np.uint8))
+    for empty in (np.zeros((0, 0, 3), np.uint8), np.zeros((0, 10, 3), np.uint8), Image.new("RGB", (10, 0))):
+        with pytest.raises(ImageError, match=r"^image: empty image \(\d+ x 0 pixels\)$|^image: empty image \(0 x \d+ pixels\)$"):
+            detector(empty)
+    for thing, named in ((None, "NoneType"), (5, "int"), (b"\xff\xd8", "bytes")):
+        with pytest.raises(TypeError, match=rf"^an image is a path, a Pillow image or a uint8 array, not {named}$"):
+            detector(thing)
+    with pytest.raises(TypeError, match=r"not list \(a list of images: detect_many\)$"):
+        detector([PHOTO, PHOTO])
+    with pytest.raises(TypeError, match=r"^detect_many takes a list of images, not one path"):
+        detector.detect_many(str(PHOTO))
     with pytest.raises(ImageError, match=r"nope\.jpg: no such file"):
         detector(tmp_path / "nope.jpg")
     import spp_cli
@@ -108,3 +120,94 @@ def test_detect_many_gives_the_numbers_of_spp_detect_on_a_folder(detector, tmp_p
         assert len(alone) == len(ours) and all(abs(a.score - b.score) < 1e-3 for a, b in zip(alone, ours))
     with pytest.raises(ImageError, match=r"nope\.jpg: no such file"):
         detector.detect_many([photos[0], tmp_path / "nope.jpg"])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"max_det": 0}, r"^max_det must be a whole number of at least 1 \(or None: the model's\), not 0$"),
+    ({"max_det": -1}, r"not -1$"),
+    ({"max_det": 1.5}, r"not 1\.5$"),
+    ({"nms": -1}, r"^nms must be an IoU from 0 to 1, not -1$"),
+    ({"nms": 2}, r"not 2$"),
+    ({"nms": float("nan")}, r"not nan$"),
+    ({"conf": float("nan")}, r"^conf must be a finite number \(an SVM margin\), not nan$"),
+    ({"conf": "0.5"}, r"not '0\.5'$"),
+    ({"min_prob": 1}, r"^min_prob must be a probability strictly between 0 and 1, not 1$"),
+])
+def test_options_are_checked_as_spp_detect_checks_them(detector, options, message):
+    """spp detect refuses these values (exit 2); a call raises rather than return fewer detections."""
+    with pytest.raises(ValueError, match=message):
+        detector(PHOTO, **options)
+    with pytest.raises(ValueError, match=message):
+        detector.detect_many([PHOTO], **options)
+
+
+def test_arrays_in_other_layouts_are_the_images_pillow_would_make(detector):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (48, 64), dtype=np.uint8)
+    assert detector(grey[:, :, None], conf=-1.5) == detector(grey, conf=-1.5) == detector(Image.fromarray(grey), conf=-1.5)
+    rgba = rng.integers(0, 256, (48, 64, 4), dtype=np.uint8)
+    assert detector(rgba, conf=-1.5) == detector(Image.fromarray(rgba, "RGBA"), conf=-1.5)
+
+
+def test_loading_a_file_leaves_pillows_limit_as_it_was(detector, monkeypatch):
+    before = Image.MAX_IMAGE_PIXELS
+    monkeypatch.setenv("SPP_MAX_PIXELS", "1000")
+    with pytest.raises(ImageError, match=r"raccoon\.jpg: image has more than 1,000 pixels"):
+        detector(PHOTO)
+    assert Image.MAX_IMAGE_PIXELS == before
+    Image.open(PHOTO).load()  # the caller's own open, under Pillow's own limit
+
+
+def test_a_truncated_pillow_image_is_an_image_error(detector, tmp_path):
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(PHOTO.read_bytes()[:5000])
+    with pytest.raises(ImageError, match=r"cut\.jpg: truncated file \(its data ends early\); pass its path to decode what is there$"):
+        detector(Image.open(cut))
+
+
+def test_a_detection_is_a_detections_file_entry(detector, tmp_path):
+    assert [d.to_dict() for d in detector(PHOTO, conf=-1.5)] == cli_detections(tmp_path, PHOTO, "--conf", "-1.5")
+    json.dumps([d.to_dict() for d in detector(PHOTO)])
+
+
+def test_classes_by_id_as_ultralytics_takes_them(detector):
+    assert detector(PHOTO, conf=-1.5, classes=[0]) == detector(PHOTO, conf=-1.5, classes=["raccoon"]) == detector(PHOTO, conf=-1.5, classes=0)
+    with pytest.raises(ModelError, match=r"default\.safetensors: has no class id 3 \(its ids: 0-0\)$"):
+        detector(PHOTO, classes=[3])
+
+
+def test_a_detector_prints_compares_and_pickles_as_an_object(detector):
+    import pickle
+
+    import spp_cli
+
+    assert repr(detector) == f"Detector(path={str(detector.path)!r}, classes=[raccoon], device='cpu')"
+    assert detector == detector and detector != spp_cli.Detector.load()
+    detector(PHOTO)  # the network built: a pickle leaves it out
+    again = pickle.loads(pickle.dumps(detector))
+    assert again._extractor is None and again(PHOTO) == detector(PHOTO)
+    assert {"Detector", "Detection"} <= set(dir(spp_cli))
+
+
+def test_scores_that_need_the_models_own_proposals_say_so(detector):
+    from dataclasses import replace
+
+    import spp_cli
+
+    mixed = spp_cli.Detector(replace(detector.model, detect=replace(detector.model.detect, objectness_weight=0.5)), detector.path)
+    said = []
+    mixed(np.zeros((32, 32, 3), np.uint8), proposals="selective-search", warn=said.append)
+    assert said == [f"{detector.path}: its scores add its proposal network's objectness (0.5 x log sigmoid); "
+                    "with other proposals they are the SVM margins alone, higher than its thresholds and probabilities expect"]
+    with pytest.warns(UserWarning, match="its scores add its proposal network's objectness"):
+        mixed(np.zeros((32, 32, 3), np.uint8), proposals="selective-search")
+
+
+def test_gpu_without_cuda_names_the_apis_option(monkeypatch):
+    import torch
+
+    import spp_cli
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ModelError, match=r"^gpu=True: CUDA is not available on this machine .*; run without gpu=True to use the CPU$"):
+        spp_cli.Detector.load(gpu=True)

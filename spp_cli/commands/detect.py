@@ -209,8 +209,7 @@ def _run_detect(inputs, data, split, model_path: Path, cache_dir: Path | None, p
     config = detector.detect_config(score_threshold=conf, nms_iou=nms, max_detections=max_det,
                                     bbox_regression=bbox_reg, box_voting=vote, classes=class_ids)
     if config.objectness_weight and not learned:
-        ui.warn(f"{model_path}: its scores add its proposal network's objectness ({config.objectness_weight:g} x log sigmoid); "
-                "with other proposals they are the SVM margins alone, higher than its thresholds and probabilities expect")
+        ui.warn(detector.foreign_proposals_warning(str(model_path)))
     rcnn = detector.mode == "rcnn"
     cache = None
     if cache_dir is not None:
