@@ -12,10 +12,12 @@ __version__ = "0.1.0"
 
 # MKL's AVX-512 code paths add up a product in an order that depends on the thread count, so
 # `--threads`, `torchrun`'s ranks and SLURM's tasks would train different models from the same
-# cache (SVM biases 1% apart on a CPU with AVX-512); its AVX2 paths give the same bits whatever
-# the thread count, on every CPU that has AVX2. Read by MKL at its first call; a value the user
-# set is kept.
-os.environ.setdefault("MKL_CBWR", "AVX2")
+# cache (SVM biases 1% apart on a CPU with AVX-512). Its AVX2 paths in the strict reproducible
+# mode give the same bits whatever the thread count, on every CPU that has AVX2 (without
+# STRICT, a product of many windows with a few classes' SVMs still moved with the threads; the
+# dot products MKL does not cover are svm._dot's). Read by MKL at its first call; a value the
+# user set is kept.
+os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
 
 __all__ = ["Detection", "Detector", "__version__"]
 
