@@ -236,9 +236,9 @@ def set_cpu_threads(threads: int) -> None:
     metavar="NAME",
     help="A named strategy instead of --mode (docs/proposals.md: original-fast-fine, original-fast, opencv-fast, opencv-quality, ...).",
 )
-@click.option("--max-side", type=click.IntRange(min=0), default=None, help="Downscale so the long side is at most PX before segmenting (0 = full size). Boxes are mapped back to original pixels.")
-@click.option("--top", type=click.IntRange(min=1), default=None, help="Keep at most N boxes per image.")
-@click.option("--min-size", type=click.IntRange(min=0), default=None, help="Drop boxes narrower or shorter than PX (original pixels).")
+@click.option("--max-side", type=click.IntRange(min=0), default=None, help="Downscale so the long side is at most PX before segmenting (0 = full size; default: 500). Boxes are mapped back to original pixels.")
+@click.option("--top", type=click.IntRange(min=1), default=None, help="Keep at most N boxes per image (default: 2000; a learned model's own, 300 from spp train-proposals).")
+@click.option("--min-size", type=click.IntRange(min=0), default=None, help="Drop boxes narrower or shorter than PX (original pixels; default: 0).")
 @workers_option
 @click.option("--report", is_flag=True, help="With ground truth (--data): print recall at IoU 0.5/0.7 and MABO per class.")
 @click.option("--method", type=click.Choice(["selective-search", "learned"]), default="selective-search", show_default=True,

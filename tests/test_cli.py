@@ -42,6 +42,19 @@ def test_help_never_shows_a_bound_of_none(command):
     assert "None]" not in result.output
 
 
+def test_propose_help_gives_the_defaults_the_run_takes():
+    """--max-side, --top and --min-size default to None (a learned model's top is its own): the
+    help says the numbers that selective search and spp train-proposals then take."""
+    from spp_cli.proposals import ProposalParams
+    from spp_cli.rpn import ProposalConfig
+
+    text = " ".join(invoke("propose", "--help").output.split()).replace("train- proposals", "train-proposals")  # wrapped at its hyphen
+    defaults = ProposalParams()
+    assert f"(0 = full size; default: {defaults.max_side})" in text
+    assert f"(default: {defaults.top}; a learned model's own, {ProposalConfig().top_n} from spp train-proposals)" in text
+    assert f"(original pixels; default: {defaults.min_size})" in text
+
+
 def test_console_script_and_module_entry_points():
     for argv in (["spp", "--help"], [sys.executable, "-m", "spp_cli", "--help"]):
         exe = Path(sys.executable).parent / "spp" if argv[0] == "spp" else None
