@@ -176,7 +176,7 @@ class Detector:
             return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
 
         if conf is not None and not real(conf):
-            raise ValueError(f"conf must be a finite number (an SVM margin), not {conf!r}")
+            raise ValueError(f"conf must be a finite number (a score threshold), not {conf!r}")
         if not (real(nms) and 0 <= nms <= 1):
             raise ValueError(f"nms must be an IoU from 0 to 1, not {nms!r}")
         if max_det is not None and not (isinstance(max_det, (int, np.integer)) and not isinstance(max_det, bool) and max_det >= 1):

@@ -538,7 +538,7 @@ def train(data, split, out, val_split, val_fraction, work, cache_dir, features, 
 @click.option("--props", type=click.Path(dir_okay=False, path_type=Path), help="props.json from spp propose (default: computed here).")
 @click.option("--proposals", type=click.Choice(["learned", "selective-search"]), default=None,
               help="How proposals are computed without --props: learned (the model's proposal network, on the conv maps; the default where the model carries one) or selective-search (the default otherwise; with --cache, the cached boxes).")
-@click.option("--conf", type=FiniteFloat(), default=None, help="Keep detections scoring at least X (an SVM margin; default: the model's display threshold (probability 0.5 for a model from spp train, the shipped detector included; -0.3 for one without calibration), or -1.5 with --data so that spp eval sees the whole ranking).")
+@click.option("--conf", type=FiniteFloat(), default=None, help="Keep detections scoring at least X (the SVM margin plus the model's terms that spp models lists; default: the model's display threshold (probability 0.5 for a model from spp train, the shipped detector included; -0.3 for one without calibration), or -1.5 with --data so that spp eval sees the whole ranking).")
 @click.option("--min-prob", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None, metavar="P",
               help="Keep detections whose calibrated probability of being right is at least P (models from spp train; instead of --conf).")
 @click.option("--nms", type=FiniteFloat(0, 1), default=0.3, show_default=True, help="Per-class NMS IoU.")

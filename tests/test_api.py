@@ -129,7 +129,7 @@ def test_detect_many_gives_the_numbers_of_spp_detect_on_a_folder(detector, tmp_p
     ({"nms": -1}, r"^nms must be an IoU from 0 to 1, not -1$"),
     ({"nms": 2}, r"not 2$"),
     ({"nms": float("nan")}, r"not nan$"),
-    ({"conf": float("nan")}, r"^conf must be a finite number \(an SVM margin\), not nan$"),
+    ({"conf": float("nan")}, r"^conf must be a finite number \(a score threshold\), not nan$"),
     ({"conf": "0.5"}, r"not '0\.5'$"),
     ({"min_prob": 1}, r"^min_prob must be a probability strictly between 0 and 1, not 1$"),
 ])
