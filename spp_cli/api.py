@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import math
+import operator
+import os
 import threading
 
 import numpy as np
@@ -72,8 +74,10 @@ class Detector:
     model: object
     path: Path
     device: str = "cpu"
-    _extractor: object = field(default=None)
-    _building: threading.Lock = field(default_factory=threading.Lock)
+    _extractor: object = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self._building = threading.Lock()  # not a field: asdict and replace copy fields
 
     def __repr__(self) -> str:
         shown = ", ".join(self.classes[:5]) + (f", ... ({len(self.classes)} in all)" if len(self.classes) > 5 else "")
@@ -132,6 +136,7 @@ class Detector:
         self._check_options(conf, nms, max_det, min_prob, proposals)
         class_ids = self._class_ids(classes)
         pixels, name = _pixels(image, warn)
+        self._say_foreign_scores(self.model.proposal_model is not None and proposals != "selective-search", warn)
         return self._detect(pixels, name, None, conf, nms, max_det, bbox_reg, vote, warn, min_prob, proposals, class_ids)
 
     def detect_many(self, images: Iterable, conf: float | None = None, nms: float = 0.3, max_det: int | None = None,
@@ -144,45 +149,69 @@ class Detector:
         from spp_cli.prefetch import ProposalPrefetch, second_core_free
         from spp_cli.proposals import ProposalParams
 
-        if isinstance(images, (str, Path)):
-            raise TypeError(f"detect_many takes a list of images, not one path ({str(images)!r}): call the detector on it")
+        if isinstance(images, (str, os.PathLike)) or _is_pillow(images) or (isinstance(images, np.ndarray) and images.ndim in (2, 3)):
+            raise TypeError(f"detect_many takes a list of images, not one {type(images).__name__}: call the detector on it")
         self._check_options(conf, nms, max_det, min_prob, proposals)
         class_ids = self._class_ids(classes)
         items = list(images)
         options = (conf, nms, max_det, bbox_reg, vote, warn, min_prob, proposals)
         learned = self.model.proposal_model is not None and proposals != "selective-search"
+        self._say_foreign_scores(learned, warn)
         if learned or len(items) < 2 or not second_core_free():
             return [self._detect(*_pixels(item, warn), None, *options, class_ids) for item in items]
         import torch
 
         params = ProposalParams(**self.model.proposals) if self.model.proposals else ProposalParams()
-        threads = torch.get_num_threads()
-        results = []
-        try:
-            with ProposalPrefetch(items, params, lambda item: _pixels(item, warn)[0]) as ahead:
-                for index, item in enumerate(items):
-                    pixels, boxes, _ = ahead.take(index)
-                    torch.set_num_threads(ahead.network_threads(index, threads))
-                    name = str(item) if isinstance(item, (str, Path)) else "image"
-                    results.append(self._detect(pixels, name, boxes, *options, class_ids))
-        finally:
-            torch.set_num_threads(threads)
+        # torch's thread count is the process's: two runs that overlap would restore it out of order
+        with _THREAD_COUNT:
+            threads = torch.get_num_threads()
+            results = []
+            try:
+                with ProposalPrefetch(items, params, lambda item: _pixels(item, warn)[0]) as ahead:
+                    for index, item in enumerate(items):
+                        pixels, boxes, _ = ahead.take(index)
+                        torch.set_num_threads(ahead.network_threads(index, threads))
+                        name = str(item) if isinstance(item, (str, os.PathLike)) else "image"
+                        results.append(self._detect(pixels, name, boxes, *options, class_ids))
+            finally:
+                torch.set_num_threads(threads)
         return results
 
+    def _say_foreign_scores(self, learned: bool, warn: Callable[[str], None] | None) -> None:
+        """Once per call or run, as `spp detect` says it once."""
+        if self.model.detect.objectness_weight and not learned:
+            (warn or _python_warning)(self.model.foreign_proposals_warning(str(self.path)))
+
     def _check_options(self, conf, nms, max_det, min_prob, proposals: str | None) -> None:
-        """What `spp detect`'s options accept: a finite ``conf``, ``nms`` in [0, 1], a whole
-        ``max_det`` of at least 1, ``min_prob`` strictly between 0 and 1."""
+        """What `spp detect`'s options accept: a finite ``conf``, ``nms`` in [0, 1] (None: the
+        model's), a whole ``max_det`` of at least 1, ``min_prob`` strictly between 0 and 1, not
+        both thresholds. Numbers may be numpy or torch scalars."""
         def real(value) -> bool:
-            return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) and math.isfinite(value)
+            if isinstance(value, (bool, str, bytes)):
+                return False
+            try:
+                return math.isfinite(float(value))
+            except (TypeError, ValueError):
+                return False
+
+        def whole(value) -> bool:
+            if isinstance(value, bool):
+                return False
+            try:
+                return operator.index(value) >= 1
+            except TypeError:
+                return False
 
         if conf is not None and not real(conf):
             raise ValueError(f"conf must be a finite number (a score threshold), not {conf!r}")
-        if not (real(nms) and 0 <= nms <= 1):
+        if nms is not None and not (real(nms) and 0 <= float(nms) <= 1):
             raise ValueError(f"nms must be an IoU from 0 to 1, not {nms!r}")
-        if max_det is not None and not (isinstance(max_det, (int, np.integer)) and not isinstance(max_det, bool) and max_det >= 1):
+        if max_det is not None and not whole(max_det):
             raise ValueError(f"max_det must be a whole number of at least 1 (or None: the model's), not {max_det!r}")
-        if min_prob is not None and not (real(min_prob) and 0 < min_prob < 1):
+        if min_prob is not None and not (real(min_prob) and 0 < float(min_prob) < 1):
             raise ValueError(f"min_prob must be a probability strictly between 0 and 1, not {min_prob!r}")
+        if conf is not None and min_prob is not None:
+            raise ValueError("conf and min_prob both set a threshold: give one")
         if proposals not in (None, "learned", "selective-search"):
             raise ValueError(f"proposals must be 'learned' or 'selective-search', not {proposals!r}")
         if proposals == "learned" and self.model.proposal_model is None:
@@ -210,16 +239,13 @@ class Detector:
     def _detect(self, pixels: np.ndarray, name: str, boxes: np.ndarray | None, conf, nms, max_det, bbox_reg, vote, warn, min_prob,
                 proposals, class_ids: tuple[int, ...] | None = None) -> list[Detection]:
         if min_prob is not None:
-            if conf is not None:
-                raise ValueError("conf and min_prob both set a threshold: give one")
-            conf = self.model.margin_at_probability(min_prob, str(self.path))
-        threshold = self.model.detect.display_threshold if conf is None else conf
-        config = self.model.detect_config(score_threshold=threshold, nms_iou=nms, max_detections=max_det,
-                                          bbox_regression=bbox_reg, box_voting=vote, classes=class_ids)
+            conf = self.model.margin_at_probability(float(min_prob), str(self.path))
+        threshold = self.model.detect.display_threshold if conf is None else float(conf)
+        config = self.model.detect_config(score_threshold=threshold, nms_iou=None if nms is None else float(nms),
+                                          max_detections=None if max_det is None else operator.index(max_det),
+                                          bbox_regression=bool(bbox_reg), box_voting=bool(vote), classes=class_ids)
         learned = self.model.proposal_model is not None and proposals != "selective-search"
         report = warn or _python_warning
-        if config.objectness_weight and not learned:
-            report(self.model.foreign_proposals_warning(str(self.path)))
         found = detect_pixels(self.model, self.extractor, pixels, config, boxes, name=name, warn=report, learned=learned)
         return [Detection(tuple(d.box), self.model.classes[d.class_id], d.class_id, d.score, self.model.probability(d.score)) for d in found]
 
@@ -295,6 +321,14 @@ def learned_proposals(model, maps, factors, width: int, height: int, timings: di
     return boxes, logits
 
 
+# Held while detect_many changes torch's thread count (the process's) and restores it.
+_THREAD_COUNT = threading.Lock()
+
+
+def _is_pillow(image) -> bool:
+    return hasattr(image, "convert") and hasattr(image, "size") and hasattr(image, "mode")
+
+
 def _python_warning(message: str) -> None:
     """Without ``warn=``, a run's warnings are Python warnings (shown once per place, filterable)."""
     import warnings
@@ -306,11 +340,11 @@ def _pixels(image, warn: Callable[[str], None] | None) -> tuple[np.ndarray, str]
     """``(H, W, 3)`` uint8 RGB pixels of a path, Pillow image or array, and a name for messages."""
     from spp_cli.errors import ImageError
 
-    if isinstance(image, (str, Path)):
+    if isinstance(image, (str, os.PathLike)):
         from spp_cli.images import load_image
 
         pixels, name = load_image(image, warn=warn), str(image)
-    elif hasattr(image, "convert") and hasattr(image, "size"):  # a Pillow image: as the loader converts files
+    elif _is_pillow(image):  # as the loader converts files
         from PIL import ImageOps
 
         from spp_cli.images import _is_truncation, _reason, _to_rgb

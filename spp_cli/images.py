@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -60,6 +61,12 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return width, height
 
 
+# Pillow's MAX_IMAGE_PIXELS and LOAD_TRUNCATED_IMAGES are the process's: held while one is
+# changed and restored, so that loads on two threads (selective search ahead of the network,
+# the Python API called from threads) neither see the other's value nor restore out of order.
+_PILLOW_SETTINGS = threading.RLock()
+
+
 class TruncatedImageWarning(UserWarning):
     """An image file whose data ends early; what was there was decoded."""
 
@@ -104,18 +111,19 @@ def _is_truncation(exc: OSError) -> bool:
 
 def _load_truncated(path: Path, warn: Callable[[str], None] | None) -> np.ndarray:
     """Decode what a truncated file holds (Pillow's ``LOAD_TRUNCATED_IMAGES``)."""
-    previous = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = True
-    try:
-        with _open(path) as im:
-            im.load()
-            fill = 128 if im.format == "JPEG" else 0
-            missing = _missing_fraction(np.asarray(im), fill)
-            pixels = np.asarray(_to_rgb(ImageOps.exif_transpose(im)))
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+    with _PILLOW_SETTINGS:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = True
+        try:
+            with _open(path) as im:
+                im.load()
+                fill = 128 if im.format == "JPEG" else 0
+                missing = _missing_fraction(np.asarray(im), fill)
+                pixels = np.asarray(_to_rgb(ImageOps.exif_transpose(im)))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
     if missing > 0.999:  # not even a strip of the image: nothing to detect on
         raise ImageError(f"{path}: cannot decode image (the file is truncated before any pixel data)")
     colour = "grey" if fill == 128 else "black"
@@ -160,22 +168,23 @@ def _open(path: Path) -> Image.Image:
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file (0 bytes)")
     limit = max_pixels()
-    previous = Image.MAX_IMAGE_PIXELS  # Pillow's setting is the process's: restored for the caller's own opens
-    Image.MAX_IMAGE_PIXELS = limit
-    try:
-        with warnings.catch_warnings():
-            # Pillow warns between 1x and 2x the limit and raises above; we want
-            # one rule: over the limit is an error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(path)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{path}: image has more than {limit:,} pixels (set SPP_MAX_PIXELS to allow it)") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file Pillow can read") from None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = previous
+    with _PILLOW_SETTINGS:
+        previous = Image.MAX_IMAGE_PIXELS  # restored for the caller's own opens
+        Image.MAX_IMAGE_PIXELS = limit
+        try:
+            with warnings.catch_warnings():
+                # Pillow warns between 1x and 2x the limit and raises above; we want
+                # one rule: over the limit is an error.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                im = Image.open(path)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(f"{path}: image has more than {limit:,} pixels (set SPP_MAX_PIXELS to allow it)") from None
+        except UnidentifiedImageError:
+            raise ImageError(f"{path}: not an image file Pillow can read") from None
+        except OSError as exc:
+            raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
     if im.size[0] * im.size[1] > limit:
         im.close()
         raise ImageError(f"{path}: image has more than {limit:,} pixels (set SPP_MAX_PIXELS to allow it)")

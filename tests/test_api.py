@@ -76,8 +76,11 @@ def test_bad_inputs_are_clear_errors(detector, tmp_path):
             detector(thing)
     with pytest.raises(TypeError, match=r"not list \(a list of images: detect_many\)$"):
         detector([PHOTO, PHOTO])
-    with pytest.raises(TypeError, match=r"^detect_many takes a list of images, not one path"):
-        detector.detect_many(str(PHOTO))
+    for one in (str(PHOTO), PHOTO, Image.open(PHOTO), np.zeros((4, 64, 3), np.uint8)):
+        with pytest.raises(TypeError, match=r"^detect_many takes a list of images, not one \w+: call the detector on it$"):
+            detector.detect_many(one)
+    with pytest.raises(ValueError, match=r"^conf and min_prob both set a threshold: give one$"):
+        detector.detect_many([tmp_path / "never-read.jpg"], conf=0.0, min_prob=0.5)
     with pytest.raises(ImageError, match=r"nope\.jpg: no such file"):
         detector(tmp_path / "nope.jpg")
     import spp_cli
@@ -141,6 +144,18 @@ def test_options_are_checked_as_spp_detect_checks_them(detector, options, messag
         detector.detect_many([PHOTO], **options)
 
 
+def test_numbers_may_be_numpy_or_torch_scalars_and_paths_any_pathlike(detector):
+    import torch
+
+    class Where:
+        def __fspath__(self):
+            return str(PHOTO)
+
+    expected = detector(PHOTO, conf=-1.5, max_det=5)
+    assert detector(Where(), conf=np.float32(-1.5), max_det=np.int64(5), nms=None) == expected
+    assert detector(PHOTO, conf=torch.tensor(-1.5), max_det=torch.tensor(5), nms=torch.tensor(0.3)) == expected
+
+
 def test_arrays_in_other_layouts_are_the_images_pillow_would_make(detector):
     rng = np.random.default_rng(0)
     grey = rng.integers(0, 256, (48, 64), dtype=np.uint8)
@@ -183,6 +198,10 @@ def test_a_detector_prints_compares_and_pickles_as_an_object(detector):
 
     assert repr(detector) == f"Detector(path={str(detector.path)!r}, classes=[raccoon], device='cpu')"
     assert detector == detector and detector != spp_cli.Detector.load()
+    from dataclasses import asdict, replace
+
+    assert asdict(detector)["path"] == detector.path
+    assert replace(detector, device="cpu")._extractor is None  # a copy builds its own network
     detector(PHOTO)  # the network built: a pickle leaves it out
     again = pickle.loads(pickle.dumps(detector))
     assert again._extractor is None and again(PHOTO) == detector(PHOTO)
@@ -201,6 +220,9 @@ def test_scores_that_need_the_models_own_proposals_say_so(detector):
                     "with other proposals they are the SVM margins alone, higher than its thresholds and probabilities expect"]
     with pytest.warns(UserWarning, match="its scores add its proposal network's objectness"):
         mixed(np.zeros((32, 32, 3), np.uint8), proposals="selective-search")
+    said.clear()
+    mixed.detect_many([np.zeros((32, 32, 3), np.uint8)] * 3, proposals="selective-search", warn=said.append)
+    assert len(said) == 1  # once per run, as spp detect says it
 
 
 def test_gpu_without_cuda_names_the_apis_option(monkeypatch):
