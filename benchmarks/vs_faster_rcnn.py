@@ -276,15 +276,12 @@ def run_dataset(name: str, work: Path, epochs: int, skip: set[str], log, spp_tra
 def gain_interval(spp_dets: Path, frcnn_dets: Path, data: str, split: str, resamples: int = 2000) -> list[float]:
     """95% interval of spp's mAP minus Faster R-CNN's over test splits resampled from this one
     (``paired_bootstrap.py``: the same resample for both)."""
-    from paired_bootstrap import score_file, weighted_map
+    from paired_bootstrap import bootstrap_differences, score_file
     from spp_cli.data import open_dataset
 
     test_set = open_dataset(data, split)
     (a, _), (b, _) = score_file(spp_dets, test_set), score_file(frcnn_dets, test_set)
-    n = len(test_set.records)
-    rng = np.random.default_rng(0)
-    weights = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)]).astype(np.float64)
-    diff = weighted_map(a, weights) - weighted_map(b, weights)
+    diff = bootstrap_differences(a, b, len(test_set.records), resamples)
     return [float(v) for v in np.percentile(diff, [2.5, 97.5])]
 
 

@@ -113,12 +113,16 @@ def detection_outcomes(images: list, classes: list[str], iou_threshold: float = 
 
 def reliability_table(probabilities: np.ndarray, right: np.ndarray, bins: int = 10) -> list[dict]:
     """Predicted against observed precision per probability bin ``[k/bins, (k+1)/bins)``
-    (the last bin closed): ``{"bin", "detections", "predicted", "observed"}`` for non-empty bins."""
+    (the last bin closed): ``{"bin", "detections", "predicted", "observed"}`` for non-empty bins;
+    a probability that is not a number is left out."""
     probabilities, right = np.asarray(probabilities, np.float64), np.asarray(right, np.float64)
+    finite = np.isfinite(probabilities)
+    probabilities, right = probabilities[finite], right[finite]
     # Against the edges themselves: int(0.57 * 100) is 56, so p * bins would put a
     # probability on an edge into the bin below it.
     index = np.clip(np.searchsorted(np.arange(bins + 1) / bins, probabilities, side="right") - 1, 0, bins - 1)
-    decimals = max(1, math.ceil(math.log10(bins)))
+    # The fewest decimals (1 to 3) that print every edge exactly: 4 bins are 0.25 apart.
+    decimals = next((d for d in (1, 2, 3) if all(round(k / bins, d) == k / bins for k in range(bins + 1))), 3)
     rows = []
     for k in range(bins):
         members = index == k

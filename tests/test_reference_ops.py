@@ -162,7 +162,8 @@ def test_iou_edge_cases_match_loop():
                           for q in b] for p in a])
     got = box_ops.iou(a, b).numpy()
     finite = np.isfinite(expected)
-    assert (~finite).sum() == 1  # two zero-area boxes: 0 / 0, which the docstring leaves open (torchvision: nan)
+    assert (~finite).sum() == 1  # two zero-area boxes: 0 / 0
+    assert np.isnan(got[~finite]).all()  # nan, as the docstring says (torchvision's)
     np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-6, atol=1e-7)
     assert got[0, 4] == 0.5 and got[0, 0] == 1.0 and got[1, 0] == 0.0  # exact where exact
 
@@ -671,23 +672,31 @@ def slow_reliability(probabilities, right, bins):
     for k in range(bins):
         members = [i for i, p in enumerate(probabilities) if k / bins <= p < (k + 1) / bins or (k == bins - 1 and p == 1.0)]
         if members:
-            decimals = max(1, math.ceil(math.log10(bins)))
-            rows.append({"bin": f"{k / bins:.{decimals}f}-{(k + 1) / bins:.{decimals}f}", "detections": len(members),
+            # each edge as printed: its shortest exact decimal form, at least 1 and at most 3 places
+            def edge(x):
+                for places in (1, 2, 3):
+                    if float(f"{x:.{places}f}") == x:
+                        return f"{x:.{places}f}"
+                return None
+            exact = [edge(j / bins) for j in range(bins + 1)]
+            places = 3 if None in exact else max(len(e.split(".")[1]) for e in exact)
+            rows.append({"bin": f"{k / bins:.{places}f}-{(k + 1) / bins:.{places}f}", "detections": len(members),
                          "predicted": round(sum(probabilities[i] for i in members) / len(members), 3),
                          "observed": round(sum(right[i] for i in members) / len(members), 3)})
     return rows
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("bins", [10, 5, 2])
+@pytest.mark.parametrize("bins", [10, 5, 2, 4, 8, 3, 100])
 def test_reliability_table_matches_loop(seed, bins):
     from spp_cli.calibration import reliability_table
 
     rng = np.random.default_rng(seed)
-    p = np.concatenate([rng.random(60), np.arange(11) / 10, [0.0, 1.0]])  # every edge of the bins, and both ends
+    p = np.concatenate([rng.random(60), np.arange(11) / 10, np.arange(bins + 1) / bins])  # tenths, every edge, both ends
     right = (rng.random(len(p)) < p).astype(int)
     assert reliability_table(p, right, bins) == slow_reliability(p.tolist(), right.tolist(), bins)
     assert reliability_table(np.zeros(0), np.zeros(0), bins) == []
+    assert reliability_table(np.append(p, np.nan), np.append(right, 1), bins) == reliability_table(p, right, bins)  # not a number: left out
 
 
 def test_reliability_table_bins_a_probability_on_an_edge_into_the_bin_it_opens():
