@@ -26,6 +26,11 @@ DATASETS = {
 sys.path.insert(0, str(REPO))
 
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+# Steps run in this process (svm_step, the scripts' training) do their arithmetic as the
+# training commands do; `spp` subprocesses set it themselves where they train (ENV is without it).
+from spp_cli.config import hold_reproducible_blas  # noqa: E402 (this checkout's, the path above)
+
+hold_reproducible_blas()
 
 
 def check() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from spp_cli import __version__
-from spp_cli.config import SVMConfig, cpu_budget
+from spp_cli.config import TRAINING_COMMANDS, SVMConfig, cpu_budget, hold_reproducible_blas
 
 
 class FiniteFloat(click.FloatRange):
@@ -173,7 +173,8 @@ def workers_option(func):
     help="Cores a run keeps busy: threads for the network and linear algebra, selective search's worker processes "
     "(default: every core; env SPP_THREADS). 1 keeps a run steady when other jobs share the cores.",
 )
-def cli(threads: int | None) -> None:
+@click.pass_context
+def cli(ctx: click.Context, threads: int | None) -> None:
     """SPPnet object detection: region proposals, one conv pass per image, SVMs.
 
     \b
@@ -189,6 +190,8 @@ def cli(threads: int | None) -> None:
     """
     if threads is not None:
         set_cpu_threads(threads)
+    if ctx.invoked_subcommand in TRAINING_COMMANDS:
+        hold_reproducible_blas()  # before the command's first matrix product
 
 
 def parse_class_names(text: str | None) -> tuple[str, ...] | None:

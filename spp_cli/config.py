@@ -9,6 +9,26 @@ import os
 from dataclasses import dataclass
 
 
+# The commands that train: they hold MKL to reproducible sums (hold_reproducible_blas).
+TRAINING_COMMANDS = frozenset({"train", "train-svm", "finetune", "train-proposals"})
+
+
+def hold_reproducible_blas() -> None:
+    """MKL's AVX2 kernels in their strict reproducible mode (``MKL_CBWR=AVX2,STRICT``) for this process.
+
+    The training commands call it, so that ``--threads``, torchrun's ranks and SLURM's tasks
+    train the same SVMs from one cache: MKL's own choice of kernels (AVX-512 where the CPU has
+    it) and its AVX2 kernels outside strict mode split a product's sum by thread (SVM biases
+    1% apart at 1 and 2 threads; a one-row or a many-window gemm against the classes moved
+    too); the solver's dot products are its own (``svm._dot``). It costs matrix products ~1.7x
+    on an AVX-512 CPU, so detection and a Python caller's process keep MKL's choice. MKL reads
+    the variable at its first call: a process that has multiplied matrices already keeps what
+    it had (set it before importing torch to train reproducibly from Python). A value the
+    user set is kept.
+    """
+    os.environ.setdefault("MKL_CBWR", "AVX2,STRICT")
+
+
 def cpu_budget() -> int:
     """The cores a run may keep busy: ``spp --threads N`` (which sets OMP_NUM_THREADS, as a
     batch system may) where given, else every core. Selective search's worker processes

@@ -338,7 +338,7 @@ def solve_squared_hinge(
         return 0.5 * _dot(w, w) + _dot(cost * loss, loss)
 
     # At the zero model every row has loss 1: the gradient is -2 X^T (cost * y).
-    g0 = 2 * (x.T @ (cost * y))
+    g0 = 2 * ((cost * y) @ x)
     stop = config.newton_tol * _dot(g0, g0) ** 0.5
     for _ in range(config.newton_steps):
         loss = torch.clamp(1 - y * z, min=0)
@@ -352,11 +352,11 @@ def solve_squared_hinge(
             index = torch.nonzero(active).squeeze(1)
             out = scratch.take(len(index), x.shape[1]) if scratch is not None else None
             x_active = torch.index_select(x, 0, index, out=out) if out is not None else x[index]
-            g = w - 2 * (x_active.T @ (cost * y * loss)[index])
+            g = w - 2 * ((cost * y * loss)[index] @ x_active)
             curvature = 2 * cost[index]
         else:
             x_active = x
-            g = w - 2 * (x.T @ (cost * y * loss))
+            g = w - 2 * ((cost * y * loss) @ x)
             curvature = 2 * cost * active
         g_norm = _dot(g, g) ** 0.5
         if g_norm <= stop:
@@ -367,7 +367,7 @@ def solve_squared_hinge(
         p = r.clone()
         rr = _dot(r, r)
         for _ in range(config.cg_steps):
-            hp = p + x_active.T @ (curvature * (x_active @ p))
+            hp = p + (curvature * (x_active @ p)) @ x_active
             step = rr / _dot(p, hp)
             d += step * p
             r -= step * hp
@@ -389,11 +389,13 @@ def solve_squared_hinge(
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """``a . b`` of two CPU vectors, summed in float64 by numpy's pairwise sum, one thread.
 
-    torch's ``dot`` (MKL's, even under ``MKL_CBWR``) and its sums over more than 32,768
-    elements split the sum by thread, so their last bits move with ``--threads`` and with
-    torchrun's ranks; the solver's steps and line search compare such sums, and the mining
-    that follows amplified those bits into SVM biases 3% apart (coco128: 1 thread against 2).
-    The products over the rows (BLAS's gemv and gemm) give the same bits at any thread count.
+    The solver's arithmetic gives the same bits at any thread count, so that ``--threads``
+    and torchrun's ranks train the same SVMs: torch's ``dot`` (MKL's) and its sums over
+    more than 32,768 elements split the sum by thread, and mining amplified those last bits
+    into SVM biases 3% apart (coco128: 1 thread against 2). The products over the rows are
+    ``x @ v`` and ``u @ x`` (a one-row gemm, which MKL's strict reproducible mode covers:
+    spp_cli.config.hold_reproducible_blas); ``x.T @ u``, MKL's transposed gemv, split its sum by thread at
+    some sizes (1,025-d rows from 3 threads on, 5,601-d at 16).
     """
     return float((a.numpy().astype(np.float64) * b.numpy().astype(np.float64)).sum())
 

@@ -14,6 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from spp_cli.config import hold_reproducible_blas
+
+# The tests train in this process as the training commands do: MKL's reproducible sums, set
+# before torch's first matrix product (spp_cli.config.hold_reproducible_blas).
+hold_reproducible_blas()
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 RACCOON = SHARED_DATA / "raccoon"

@@ -55,6 +55,19 @@ def test_propose_help_gives_the_defaults_the_run_takes():
     assert f"(original pixels; default: {defaults.min_size})" in text
 
 
+@pytest.mark.parametrize(("command", "held"), [("train", True), ("train-svm", True), ("finetune", True), ("train-proposals", True),
+                                               ("detect", False), ("cache", False)])
+def test_training_commands_hold_mkl_to_reproducible_sums(monkeypatch, command, held):
+    """The training commands set MKL_CBWR before their first matrix product (the group runs first);
+    detection keeps MKL's own, faster kernels."""
+    monkeypatch.delenv("MKL_CBWR", raising=False)
+    assert invoke(command, "--help").exit_code == 0
+    assert os.environ.get("MKL_CBWR") == ("AVX2,STRICT" if held else None)
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")
+    invoke(command, "--help")
+    assert os.environ["MKL_CBWR"] == "COMPATIBLE"  # the user's own value is kept
+
+
 def test_console_script_and_module_entry_points():
     for argv in (["spp", "--help"], [sys.executable, "-m", "spp_cli", "--help"]):
         exe = Path(sys.executable).parent / "spp" if argv[0] == "spp" else None

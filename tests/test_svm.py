@@ -10,8 +10,8 @@ from spp_cli.svm import HardNegativeMiner, NegativeStore
 CLASSES = ["a", "b", "c"]
 
 
-def mine(threads: int, spill=None, dim: int = 40) -> tuple[np.ndarray, np.ndarray, list]:
-    """Three classes of ``dim``-d features, 6 images of 300 windows; retrain every 100 new hard negatives.
+def mine(threads: int, spill=None, dim: int = 40, images: int = 6) -> tuple[np.ndarray, np.ndarray, list]:
+    """Three classes of ``dim``-d features, ``images`` images of 300 windows; retrain every 100 new hard negatives.
     With ``spill`` (a folder) the store keeps every row in files there."""
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (len(CLASSES), dim)).astype(np.float32)
@@ -23,7 +23,7 @@ def mine(threads: int, spill=None, dim: int = 40) -> tuple[np.ndarray, np.ndarra
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for _ in range(6):
+        for _ in range(images):
             features = torch.from_numpy(rng.normal(0, 1, (300, dim)).astype(np.float32))
             miner.add_image(features, {name: np.arange(300) for name in CLASSES})
         assert all(isinstance(chunk, np.memmap) == bool(spill) for chunk in miner.store.chunks)
@@ -33,13 +33,14 @@ def mine(threads: int, spill=None, dim: int = 40) -> tuple[np.ndarray, np.ndarra
     return svms.weight, svms.bias, log
 
 
-@pytest.mark.parametrize("dim", [40, 16000])
-def test_mining_is_reproducible_whatever_the_thread_count(dim):
-    """16,000-d as pool5 of the default cut: MKL's threaded dot and gemm (scores of a batch of
-    windows against the classes) split their sums by thread there; the solver's sums are
-    numpy's and MKL runs in its strict reproducible mode (spp_cli/__init__.py)."""
-    w1, b1, log1 = mine(threads=1, dim=dim)
-    w2, b2, log2 = mine(threads=2, dim=dim)
+@pytest.mark.parametrize(("dim", "images", "threads"), [(40, 6, 2), (16000, 6, 2), (1024, 12, 4), (512, 6, 2)])
+def test_mining_is_reproducible_whatever_the_thread_count(dim, images, threads):
+    """16,000-d as pool5 of the default cut, 1,024 as a fine-tuned fc7 (more threads than cores
+    are allowed): MKL's dot, its transposed gemv and a batch of windows' gemm against the classes
+    split their sums by thread at such sizes; the solver's sums are numpy's, its products
+    one-row gemms, and MKL runs in its strict reproducible mode (tests/conftest.py, as the training commands)."""
+    w1, b1, log1 = mine(threads=1, dim=dim, images=images)
+    w2, b2, log2 = mine(threads=threads, dim=dim, images=images)
     assert len(log1) > len(CLASSES)  # several retrains per class happened
     assert log1 == log2  # the same retrains, in class order
     assert np.array_equal(w1, w2) and np.array_equal(b1, b2)
