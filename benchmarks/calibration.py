@@ -41,7 +41,7 @@ def reliability(name: str, work: Path) -> dict:
     from spp_cli.calibration import detection_outcomes, reliability_table
     from spp_cli.data import open_dataset
     from spp_cli.detections import read_detections
-    from spp_cli.evaluate import GroundTruthImage
+    from spp_cli.evaluate import pair_with_detections
     from spp_cli.model import Detector
 
     data, train, test = DATASETS[name]
@@ -55,8 +55,7 @@ def reliability(name: str, work: Path) -> dict:
     if detector.calibration is None:
         return {"dataset": name, "calibrated": False, "test_mAP": round(float(test_map), 4)}
     dataset = open_dataset(data, test)
-    by_id = {image.id: image.detections for image in read_detections(dets).images}
-    pairs = [(GroundTruthImage.from_record(r, dataset.classes), by_id.get(r.image_id, [])) for r in dataset.records]
+    pairs, _ = pair_with_detections(dataset.records, dataset.classes, read_detections(dets).images)  # as spp eval pairs them
     margins, right = detection_outcomes(pairs, [c for c in dataset.classes if c in detector.classes])
     probabilities = detector.calibration.probability(margins)
     rows = reliability_table(probabilities, right)
