@@ -338,7 +338,7 @@ def solve_squared_hinge(
         return 0.5 * _dot(w, w) + _dot(cost * loss, loss)
 
     # At the zero model every row has loss 1: the gradient is -2 X^T (cost * y).
-    g0 = 2 * ((cost * y) @ x)
+    g0 = 2 * _transposed_product(x, cost * y)
     stop = config.newton_tol * _dot(g0, g0) ** 0.5
     for _ in range(config.newton_steps):
         loss = torch.clamp(1 - y * z, min=0)
@@ -352,11 +352,11 @@ def solve_squared_hinge(
             index = torch.nonzero(active).squeeze(1)
             out = scratch.take(len(index), x.shape[1]) if scratch is not None else None
             x_active = torch.index_select(x, 0, index, out=out) if out is not None else x[index]
-            g = w - 2 * ((cost * y * loss)[index] @ x_active)
+            g = w - 2 * _transposed_product(x_active, (cost * y * loss)[index])
             curvature = 2 * cost[index]
         else:
             x_active = x
-            g = w - 2 * ((cost * y * loss) @ x)
+            g = w - 2 * _transposed_product(x, cost * y * loss)
             curvature = 2 * cost * active
         g_norm = _dot(g, g) ** 0.5
         if g_norm <= stop:
@@ -367,7 +367,7 @@ def solve_squared_hinge(
         p = r.clone()
         rr = _dot(r, r)
         for _ in range(config.cg_steps):
-            hp = p + (curvature * (x_active @ p)) @ x_active
+            hp = p + _transposed_product(x_active, curvature * (x_active @ p))
             step = rr / _dot(p, hp)
             d += step * p
             r -= step * hp
@@ -386,6 +386,21 @@ def solve_squared_hinge(
     return weight, float(w[-1]) * B, z
 
 
+# Rows at least this wide take MKL's transposed gemv (x.T @ u): the same bits at 1-16 threads
+# for 12,801- to 17,601-d rows (pool5 of blocks.6 and of the Lite1/2 cuts; 32 threads split
+# 9,000 rows otherwise), and 2.4x faster than a one-row gemm under strict mode (9,000 x 16,001,
+# 2 threads: 20.7 against 49.0 ms; bccd's SVM step 137 -> 220 s). Narrower rows (1,025-d fc7,
+# 5,601-d pool5 of blocks.4), where the transposed gemv split its sum by thread from 2-3
+# threads on (5,601-d at 16), take the one-row gemm, which strict mode covers; they are cheap.
+WIDE_ROWS = 8192
+
+
+def _transposed_product(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``x' u`` for ``(N, D)`` rows and ``(N,)`` ``u``, the same bits at any thread count
+    this project measured (see :data:`WIDE_ROWS`)."""
+    return x.T @ u if x.shape[1] >= WIDE_ROWS else u @ x
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     """``a . b`` of two CPU vectors, summed in float64 by numpy's pairwise sum, one thread.
 
@@ -393,9 +408,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     and torchrun's ranks train the same SVMs: torch's ``dot`` (MKL's) and its sums over
     more than 32,768 elements split the sum by thread, and mining amplified those last bits
     into SVM biases 3% apart (coco128: 1 thread against 2). The products over the rows are
-    ``x @ v`` and ``u @ x`` (a one-row gemm, which MKL's strict reproducible mode covers:
-    spp_cli.config.hold_reproducible_blas); ``x.T @ u``, MKL's transposed gemv, split its sum by thread at
-    some sizes (1,025-d rows from 3 threads on, 5,601-d at 16).
+    ``x @ v`` and :func:`_transposed_product`.
     """
     return float((a.numpy().astype(np.float64) * b.numpy().astype(np.float64)).sum())
 
