@@ -20,6 +20,25 @@ from spp_cli.config import hold_reproducible_blas
 # before torch's first matrix product (spp_cli.config.hold_reproducible_blas).
 hold_reproducible_blas()
 
+
+@pytest.fixture(autouse=True)
+def _thread_count_restored():
+    """`spp --threads N` sets OMP_NUM_THREADS and torch's thread count for the process (as a
+    run should); invoked in this process by a test, it must not leave every later test, and
+    the subprocesses they start, at N threads."""
+    import sys
+
+    omp = os.environ.get("OMP_NUM_THREADS")
+    torch = sys.modules.get("torch")
+    threads = torch.get_num_threads() if torch is not None else None
+    yield
+    if omp is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = omp
+    if threads is not None and sys.modules["torch"].get_num_threads() != threads:
+        sys.modules["torch"].set_num_threads(threads)
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 RACCOON = SHARED_DATA / "raccoon"
