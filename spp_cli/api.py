@@ -344,20 +344,11 @@ def _pixels(image, warn: Callable[[str], None] | None) -> tuple[np.ndarray, str]
         from spp_cli.images import load_image
 
         pixels, name = load_image(image, warn=warn), str(image)
-    elif _is_pillow(image):  # as the loader converts files
-        from PIL import ImageOps
-
-        from spp_cli.images import _is_truncation, _reason, _to_rgb
+    elif _is_pillow(image):
+        from spp_cli.images import rgb_pixels
 
         name = str(getattr(image, "filename", "") or "image")
-        try:
-            pixels = np.asarray(_to_rgb(ImageOps.exif_transpose(image)))
-        except OSError as exc:
-            if _is_truncation(exc):
-                raise ImageError(f"{name}: truncated file (its data ends early); pass its path to decode what is there") from None
-            raise ImageError(f"{name}: cannot decode image ({_reason(exc)})") from None
-        except (ValueError, SyntaxError) as exc:
-            raise ImageError(f"{name}: cannot decode image ({_reason(exc)})") from None
+        pixels = rgb_pixels(image, name)
     elif isinstance(image, np.ndarray) or hasattr(image, "__array__"):
         pixels, name = _array_pixels(np.asarray(image)), "image"
     else:
@@ -370,10 +361,8 @@ def _pixels(image, warn: Callable[[str], None] | None) -> tuple[np.ndarray, str]
 
 def _array_pixels(array: np.ndarray) -> np.ndarray:
     """``(H, W, 3)`` uint8 RGB from an array the API takes (see the module's docstring)."""
-    from PIL import Image
-
     from spp_cli.errors import ImageError
-    from spp_cli.images import _to_rgb
+    from spp_cli.images import rgba_to_rgb
 
     if array.dtype != np.uint8:
         hint = " (scale to 0-255 and .astype(np.uint8))" if np.issubdtype(array.dtype, np.number) else ""
@@ -383,7 +372,7 @@ def _array_pixels(array: np.ndarray) -> np.ndarray:
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     elif array.ndim == 3 and array.shape[2] == 4 and array.size:
-        array = np.asarray(_to_rgb(Image.fromarray(np.ascontiguousarray(array), "RGBA")))
+        array = rgba_to_rgb(array)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ImageError(f"an image array must be (H, W, 3) RGB, (H, W) grey or (H, W, 4) RGBA (got shape {array.shape})")
     return np.ascontiguousarray(array)

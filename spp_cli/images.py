@@ -95,10 +95,30 @@ def load_image(path: str | Path, warn: Callable[[str], None] | None = None) -> n
             return _load_truncated(path, warn)
         except (ValueError, SyntaxError) as exc:
             raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
-        try:
-            return np.asarray(_to_rgb(ImageOps.exif_transpose(im)))
-        except (OSError, ValueError, SyntaxError) as exc:
-            raise ImageError(f"{path}: cannot decode image ({_reason(exc)})") from None
+        return rgb_pixels(im, str(path))
+
+
+def rgb_pixels(im: Image.Image, name: str) -> np.ndarray:
+    """``(H, W, 3)`` uint8 RGB of an open Pillow image as the loader converts files: its EXIF
+    orientation applied, any mode converted (a lazily opened image is decoded here).
+
+    Raises:
+        ImageError: naming ``name``; a truncated file's says to load it by its path, which
+            decodes what is there (:func:`load_image`).
+    """
+    try:
+        return np.asarray(_to_rgb(ImageOps.exif_transpose(im)))
+    except OSError as exc:
+        if _is_truncation(exc):
+            raise ImageError(f"{name}: truncated file (its data ends early); pass its path to decode what is there") from None
+        raise ImageError(f"{name}: cannot decode image ({_reason(exc)})") from None
+    except (ValueError, SyntaxError) as exc:
+        raise ImageError(f"{name}: cannot decode image ({_reason(exc)})") from None
+
+
+def rgba_to_rgb(array: np.ndarray) -> np.ndarray:
+    """``(H, W, 4)`` uint8 RGBA as the loader converts a transparent file: composited onto white."""
+    return np.asarray(_to_rgb(Image.fromarray(np.ascontiguousarray(array), "RGBA")))
 
 
 # What Pillow's decoders say when the data stops before the image is complete.

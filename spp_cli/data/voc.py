@@ -56,8 +56,8 @@ def _read(root: Path, fmt: str, ann_dir: Path, img_dir: Path, split_dir: Path, s
     unlabelled: list[Path] = []  # listed images without an .xml: images without objects, as LabelImg leaves them
     for image_id in ids:
         xml_path = ann_dir / f"{image_id}.xml"
-        if not xml_path.exists() and _image_path(img_dir, image_id).exists():
-            unlabelled.append(_image_path(img_dir, image_id))
+        if not xml_path.exists() and (image := _image_path(img_dir, image_id)).exists():
+            unlabelled.append(image)
             parsed.append((image_id, xml_path, []))
             continue
         try:
